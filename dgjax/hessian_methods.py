@@ -100,9 +100,11 @@ def alignment_method(make_alignment):
     obj_fn = head_objective(ctx)
 
     def update(params, opt_state, batch, step, key):
-      del key  # the probes' key lives in the transform state
       losses, grads = per_domain_value_and_grad(ctx.loss, params, batch, impl=ctx.per_domain_impl)
       mean_grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
+      # Hutchinson's probes: the transform splits the key in its state; seed it from this step's
+      # key so that runs (and vmapped restarts) with different seeds draw different probes.
+      opt_state = (opt_state[0]._replace(key=key),) + tuple(opt_state[1:])
       updates, opt_state = tx.update(mean_grads, opt_state, params, obj_fn=obj_fn,
                                      head_inputs=head_inputs_fn(ctx, batch))
       anneal = hp["penalty_anneal_iters"]

@@ -158,13 +158,14 @@ def run(cfg: IRMConfig, images: np.ndarray, labels: np.ndarray,
   def batch_of(a):
     return {"x": _colorize(grey, a["train_index"], a["train_color"]), "y": a["train_y"]}
 
-  def train_chunk(params, opt_state, a, start, length):
+  def train_chunk(params, opt_state, a, key, start, length):
     batch = batch_of(a)
 
     def body(carry, step):
       params, opt_state = carry
-      updates, opt_state, metrics = step_impl.update(params, opt_state, batch, step,
-                                                     jax.random.key(0))
+      # The method's randomness (Mixup's pairs, Hutchinson's probes): one key per restart and step.
+      step_key = jax.random.fold_in(jax.random.fold_in(key, 2), step)
+      updates, opt_state, metrics = step_impl.update(params, opt_state, batch, step, step_key)
       metrics = {k: v for k, v in metrics.items() if jnp.ndim(v) <= 1}
       return (optax.apply_updates(params, updates), opt_state), metrics
 
@@ -193,19 +194,19 @@ def run(cfg: IRMConfig, images: np.ndarray, labels: np.ndarray,
   keys = jnp.stack([jax.random.key(seed_hash(cfg.seed, r, "init")) for r in range(cfg.n_restarts)])
   if cfg.restarts_impl == "vmap":
     v_init = jax.jit(jax.vmap(init))
-    v_chunk = jax.jit(jax.vmap(train_chunk, in_axes=(0, 0, 0, None, None)), static_argnums=4)
+    v_chunk = jax.jit(jax.vmap(train_chunk, in_axes=(0, 0, 0, 0, None, None)), static_argnums=5)
     v_eval = jax.jit(jax.vmap(evaluate))
     params, opt_state = v_init(keys)
 
     def run_chunk(start, length):
       nonlocal params, opt_state
-      params, opt_state, m = v_chunk(params, opt_state, arrays, start, length)
+      params, opt_state, m = v_chunk(params, opt_state, arrays, keys, start, length)
       return m
 
     def run_eval(step):
       return v_eval(params, arrays, jax.vmap(lambda k: jax.random.fold_in(k, step))(keys))
   elif cfg.restarts_impl == "sequential":
-    s_chunk = jax.jit(train_chunk, static_argnums=4)
+    s_chunk = jax.jit(train_chunk, static_argnums=5)
     s_eval = jax.jit(evaluate)
     states = [jax.jit(init)(k) for k in keys]
 
@@ -213,7 +214,7 @@ def run(cfg: IRMConfig, images: np.ndarray, labels: np.ndarray,
       ms = []
       for r in range(cfg.n_restarts):
         a = jax.tree.map(lambda x: x[r], arrays)
-        p, o, m = s_chunk(*states[r], a, start, length)
+        p, o, m = s_chunk(*states[r], a, keys[r], start, length)
         states[r] = (p, o)
         ms.append(m)
       return jax.tree.map(lambda *xs: jnp.stack(xs), *ms)

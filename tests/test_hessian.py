@@ -192,3 +192,30 @@ def test_registered_methods_step_under_jit():
     assert float(m["penalty_weight"]) == hp["penalty_weight"]
     gap = jax.jit(ms.diagnostics)(state.params, T.sample_batch(jax.random.key(2), data, 8), jax.random.key(3))
     assert np.isfinite(float(gap["hessian_gap"])) and float(gap["hessian_gap"]) >= 0
+
+
+def test_hutchinson_method_draws_probes_from_the_step_key():
+  """The registered method seeds the probes from the train loop's per-step key, so runs (and
+  vmapped restarts) with different seeds do not share one probe sequence; same key, same step."""
+  from dgjax import hessian_methods, models
+  rng = np.random.default_rng(0)
+  batch = {"x": jnp.asarray(rng.normal(size=(2, 16, 6)), jnp.float32),
+           "y": jnp.asarray(rng.integers(0, 2, (2, 16)), jnp.int32)}
+  hp = methods.resolve_hparams("hutchinson", 0, {"hutchinson_samples": 1, "penalty_anneal_iters": 0})
+  model = models.mlp(2, hidden=(8,))
+  ctx = methods.Context(model, hp, 2)
+  ms = methods.get_method("hutchinson").build(ctx)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 6)))["params"]
+  update = jax.jit(ms.update)
+  state0 = ms.init(params)
+  _, s_a, m_a = update(params, state0, batch, 0, jax.random.key(11))
+  _, s_b, m_b = update(params, state0, batch, 0, jax.random.key(11))
+  _, _, m_c = update(params, state0, batch, 0, jax.random.key(12))
+  assert float(m_a["hessian_term"]) == float(m_b["hessian_term"])
+  assert float(m_a["hessian_term"]) != float(m_c["hessian_term"])
+  # ... and equals the transform seeded with that key, applied by hand.
+  inputs = hessian_methods.head_inputs_fn(ctx, batch)(params)
+  key, probe_key = jax.random.split(jax.random.key(11))
+  want = hessian.hutchinson_terms(hessian_methods.head_objective(ctx), params["classifier"], inputs,
+                                  probe_key, 1, True)
+  np.testing.assert_allclose(m_a["hessian_term"], want.hessian, rtol=1e-5)
