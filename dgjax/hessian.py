@@ -317,14 +317,16 @@ def _alignment_transform(terms_fn, combine, weight: Weight, head: HeadSpec,
     zero = jnp.zeros((), jnp.float32)
     return HessianAlignmentState(jnp.zeros((), jnp.int32), key, zero, zero, zero, zero)
 
-  def update_fn(updates, state, params=None, *, obj_fn=None, head_inputs=None, **extra_args):
+  def update_fn(updates, state, params=None, *, obj_fn=None, head_inputs=None, key=None,
+                **extra_args):
     del extra_args
     if params is None:
       raise ValueError("params must be given to a Hessian-alignment transform's update")
     if head_inputs is None:
       raise ValueError("head_inputs must be given (extra argument): the head's per-domain inputs, "
                        "or a function params -> inputs so that the penalty reaches the featurizer")
-    key, subkey = jax.random.split(state.key)
+    # ``key`` (extra argument, e.g. a train loop's per-step key) replaces the state's key.
+    key, subkey = jax.random.split(state.key if key is None else key)
 
     def penalty_of(p):
       inputs = head_inputs(p) if callable(head_inputs) else head_inputs
@@ -378,8 +380,8 @@ def hutchinson(alpha: float = 1.0, beta: float = 1.0, weight: Weight = 1.0, num_
   ``updates + weight * grad_params P``,
   ``P = (1/E) sum_e [alpha ||diag(H_e) - diag(H)||^2 + beta ||g_e - g||^2]`` with the diagonals
   estimated from ``num_samples`` Rademacher probes (vmapped; a fresh key per step from the
-  state, seeded by ``random_seed``). Arguments and extra arguments as
-  :func:`hessian_gradient_product`.
+  state, seeded by ``random_seed``, or from the optional extra argument ``key`` when given).
+  Other arguments and extra arguments as :func:`hessian_gradient_product`.
   """
   terms_fn = lambda obj, h, x, k: hutchinson_terms(_need_obj(obj), h, x, k, num_samples, detach_target)
   return _alignment_transform(terms_fn, lambda t: alpha * t.hessian + beta * t.gradient,

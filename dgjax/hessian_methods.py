@@ -102,11 +102,10 @@ def alignment_method(make_alignment):
     def update(params, opt_state, batch, step, key):
       losses, grads = per_domain_value_and_grad(ctx.loss, params, batch, impl=ctx.per_domain_impl)
       mean_grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
-      # Hutchinson's probes: the transform splits the key in its state; seed it from this step's
-      # key so that runs (and vmapped restarts) with different seeds draw different probes.
-      opt_state = (opt_state[0]._replace(key=key),) + tuple(opt_state[1:])
+      # Hutchinson's probes come from this step's key, so that runs (and vmapped restarts) with
+      # different seeds draw different probes.
       updates, opt_state = tx.update(mean_grads, opt_state, params, obj_fn=obj_fn,
-                                     head_inputs=head_inputs_fn(ctx, batch))
+                                     head_inputs=head_inputs_fn(ctx, batch), key=key)
       anneal = hp["penalty_anneal_iters"]
       switch = (step == anneal) & (anneal > 0) & (hp["reset_optimizer"] > 0)
       fresh = opt.init(params)
