@@ -1,7 +1,7 @@
 """Invariance penalties as pure functions of per-domain outputs, losses or gradients.
 
 Every function here is a plain differentiable ``jnp`` function: the methods in
-:mod:`dgjax.baselines` add them to the objective and JAX differentiates through them (for
+:mod:`dgjax.algorithms` add them to the objective and JAX differentiates through them (for
 IGA and Fishr that means through gradients: second order). Shapes: a leading ``D`` axis
 indexes training domains, ``B`` examples in a domain's batch, ``F`` features.
 
@@ -16,6 +16,8 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dgjax.losses import cross_entropy
 
 PyTree = Any
 
@@ -40,10 +42,9 @@ def irm_penalty(logits: jax.Array, labels: jax.Array,
     logits: ``[B, C]`` logits of one domain's batch.
     labels: ``[B]`` labels.
     loss_fn: ``loss_fn(logits, labels) -> scalar`` mean risk; default
-      :func:`dgjax.methods.cross_entropy` (softmax CE; one logit column = logistic).
+      :func:`dgjax.losses.cross_entropy` (softmax CE; one logit column = logistic).
   """
-  if loss_fn is None:
-    from dgjax.methods import cross_entropy as loss_fn  # noqa: PLC0415  (avoid an import cycle)
+  loss_fn = cross_entropy if loss_fn is None else loss_fn
 
   def scale_grad(lg, y):
     return jax.grad(lambda w: loss_fn(lg * w, y))(jnp.ones((), lg.dtype))

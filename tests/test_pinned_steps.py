@@ -36,6 +36,9 @@ OVERRIDES = {
 #: Metrics compared at every step (when the method logs them).
 KEYS = ("loss", "env_losses", "penalty", "objective", "kept_fraction", "robust_loss",
         "env0_in_acc", "env1_in_acc", "env2_out_acc")
+#: Relative tolerance per method (default 2e-5). MMD's Gaussian kernels (bandwidths up to 1000)
+#: amplify float32 rounding differences between two compiled programs to ~5e-5 after 2 steps.
+RTOL = {"mmd": 2e-4}
 PINNED_METHODS = ("erm", "and", "sand", "irm", "vrex", "coral", "mmd", "groupdro", "mixup",
                   "fish", "iga", "fishr", "hgp", "hutchinson", "cma")
 
@@ -79,7 +82,7 @@ def test_first_steps_equal_the_pinned_ones(method):
     assert set(g) == set(p), f"{method} step {step}: logged keys {sorted(g)} vs pinned {sorted(p)}"
     for k in p:
       np.testing.assert_allclose(np.asarray(g[k], np.float64), np.asarray(p[k], np.float64),
-                                 rtol=2e-5, atol=2e-6, err_msg=f"{method} step {step} {k}")
+                                 rtol=RTOL.get(method, 2e-5), atol=2e-6, err_msg=f"{method} step {step} {k}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,162 @@
+"""Hessian alignment of the classifier head across domains: ``hgp``, ``hutchinson``, ``cma``.
+
+Objective (one ``value_and_grad``, one forward and one backward pass through the featurizer)::
+
+    mean_d CE_d + w(step) * P,        P = alpha * hessian_term + beta * gradient_term
+
+with the terms of :mod:`dgjax.hessian` computed on the head from the features of the same
+forward pass (:func:`dgjax.hessian.hgp_terms`, :func:`~dgjax.hessian.hutchinson_terms`,
+:func:`~dgjax.hessian.cma_terms`). ``alpha`` always weighs the Hessian term and ``beta`` the
+gradient term (CMA's paper names them the other way round; the public transform
+:func:`dgjax.hessian.moment_alignment` keeps the paper's naming).
+
+Update rule: L2 decay, an optional rescale by ``1 / max(w, 1)`` (``rescale_loss``, as the IRM /
+Fishr / Hessian-paper Colored MNIST scripts: "to keep gradients in a reasonable range") and
+Adam, re-created one step after the switch (``reset_optimizer``; the transform fires at
+``penalty_anneal_iters + 1``, which is where these methods have always reset it).
+
+``w(step)`` is 1.0 before ``penalty_anneal_iters`` and ``penalty_weight`` from then on
+(DomainBed's IRM / V-REx schedule; Arjovsky et al.'s Colored MNIST).
+
+Logged metrics: ``loss``, ``env_losses``, ``penalty`` (alpha/beta-weighted, before ``w``),
+``hessian_term``, ``gradient_term`` (unweighted), ``penalty_weight``, ``objective``. With
+``log_hessian_gap`` the step also offers the diagnostic ``hessian_gap = max_{e,e'} ||H_e -
+H_e'||_2`` (power iteration on HVPs), computed by the engine at each evaluation.
+
+Default hyperparameters are ours: alpha = beta = 1 and DomainBed's IRM schedule (weight 100
+after 500 steps). The Hessian paper's Colored MNIST scripts use alpha = beta = 1 with the IRM
+weight 91257.18 switched on at step 190 and, for Hutchinson, 200 probes; the IRM-style task
+(:mod:`dgjax.irm_benchmark`) sets those.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dgjax import hessian
+from dgjax.core import (HParam, Method, Terms, domain_features_and_logits, env_losses_of,
+                        penalized, reset_at_step, torch_adam, annealed_weight)
+from dgjax.losses import cross_entropy
+
+
+def head_objective(ctx):
+  """``obj_fn(head, {"z", "y"})``: one domain's cross-entropy of the head on its features."""
+  return lambda head, d: cross_entropy(ctx.head_logits(head, d["z"]), d["y"])
+
+
+def alignment_terms(kind: str):
+  """``terms(ctx, params, batch, key, state)`` of HGP / Hutchinson / CMA (``kind``)."""
+
+  def terms(ctx, params, batch, key, state) -> Terms:
+    hp = ctx.hparams
+    z, logits = domain_features_and_logits(ctx, params, batch["x"])   # the one featurizer pass
+    inputs = {"z": z, "y": batch["y"]}
+    head = params[hessian.DEFAULT_HEAD]
+    if kind == "hgp":
+      t = hessian.hgp_terms(head_objective(ctx), head, inputs, bool(hp["detach_target"]))
+    elif kind == "hutchinson":
+      _, probe_key = jax.random.split(key)
+      t = hessian.hutchinson_terms(head_objective(ctx), head, inputs, probe_key,
+                                   int(hp["hutchinson_samples"]), bool(hp["detach_target"]))
+    else:
+      t = hessian.cma_terms(head, inputs)
+    penalty = hp["alpha"] * t.hessian + hp["beta"] * t.gradient
+    return Terms(env_losses_of(logits, batch["y"]), penalty,
+                 {"hessian_term": t.hessian, "gradient_term": t.gradient}, state)
+
+  return terms
+
+
+def alignment_optimizer(ctx) -> optax.GradientTransformation:
+  """L2 decay, the optional ``1 / max(w, 1)`` rescale and Adam (reset after the switch)."""
+  hp = ctx.hparams
+
+  def rescale():
+    def update(updates, state, params=None, *, step, **extra):
+      del params, extra
+      w = annealed_weight(step, hp["penalty_anneal_iters"], hp["penalty_weight"], 1.0)
+      factor = jnp.where(hp["rescale_loss"], 1.0 / jnp.maximum(w, 1.0), 1.0)
+      return jax.tree.map(lambda u: (factor * u).astype(u.dtype), updates), state
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+
+  anneal = hp["penalty_anneal_iters"]
+  adam = reset_at_step(torch_adam(hp["lr"]), jnp.where(anneal > 0, anneal + 1, 0),
+                       enabled=hp["reset_optimizer"])
+  return optax.chain(optax.add_decayed_weights(hp["weight_decay"]), rescale(), adam)
+
+
+def hessian_gap_diagnostics(ctx):
+  """The optional ``hessian_gap`` diagnostic (``log_hessian_gap``), or ``None``."""
+  hp = ctx.hparams
+  if not hp.get("log_hessian_gap"):
+    return None
+  iters = int(hp["hessian_gap_iters"])
+
+  def diagnostics(params, batch, key):
+    z, _ = domain_features_and_logits(ctx, params, batch["x"])
+    gap = hessian.hessian_difference_norm(head_objective(ctx), params[hessian.DEFAULT_HEAD],
+                                          {"z": z, "y": batch["y"]}, key, iters)
+    return {"hessian_gap": gap}
+
+  return diagnostics
+
+
+_SCHEDULE = {
+    "penalty_weight": HParam(1e2, lambda r: 10**r.uniform(-1, 5), "penalty weight after the switch",
+                             role="penalty_weight", minimum=0.0),
+    "penalty_anneal_iters": HParam(500, lambda r: int(10**r.uniform(0, 4)),
+                                   "step at which the weight switches from 1.0 to penalty_weight",
+                                   kind="int", role="anneal_iters", minimum=0),
+    "rescale_loss": HParam(False, lambda r: False, "divide the objective by the weight when > 1 "
+                           "(IRM CMNIST code)", kind="bool", role="rescale_loss"),
+    "reset_optimizer": HParam(True, lambda r: True, "re-create Adam after the switch (DomainBed)",
+                              kind="bool", role="reset_optimizer"),
+    "log_hessian_gap": HParam(False, lambda r: False, "log max_{e,e'} ||H_e - H_e'||_2 at each "
+                              "evaluation", kind="bool", structural=True),
+    "hessian_gap_iters": HParam(20, lambda r: 20, "power iterations for hessian_gap", kind="int",
+                                structural=True, minimum=1),
+}
+
+_ALPHA_BETA = {
+    "alpha": HParam(1.0, lambda r: 10**r.uniform(-2, 2), "weight of the Hessian term", minimum=0.0),
+    "beta": HParam(1.0, lambda r: 10**r.uniform(-2, 2), "weight of the gradient term", minimum=0.0),
+}
+
+_DETACH = {
+    "detach_target": HParam(True, lambda r: True, "mean targets H g / diag(H) / g are constants "
+                            "(DomainBed code)", kind="bool", structural=True),
+}
+
+
+def _alignment_method(name, kind, domainbed_name, description, extra=None):
+  return Method(
+      name=name, description=description, domainbed_name=domainbed_name,
+      hparams={**_ALPHA_BETA, **(_DETACH if kind != "cma" else {}), **_SCHEDULE, **(extra or {})},
+      gradients=penalized(alignment_terms(kind), weight="penalty_weight",
+                          anneal_iters="penalty_anneal_iters"),
+      optimizer=alignment_optimizer,
+      diagnostics=hessian_gap_diagnostics,
+  )
+
+
+HGP = _alignment_method(
+    "hgp", "hgp", "HGP",
+    "Hessian-gradient-product alignment of the head: (1/E) sum_e alpha||H_e g_e - H g||^2 "
+    "+ beta||g_e - g||^2 (Hemati et al., ICCV 2023)")
+
+HUTCHINSON = _alignment_method(
+    "hutchinson", "hutchinson", "Hutchinson",
+    "Hutchinson Hessian-diagonal alignment of the head: (1/E) sum_e alpha||diag H_e - diag H||^2 "
+    "+ beta||g_e - g||^2 (Hemati et al., ICCV 2023)",
+    {"hutchinson_samples": HParam(100, lambda r: int(10**r.uniform(1, 2.5)),
+                                  "Rademacher probes S per step", kind="int", structural=True,
+                                  minimum=1)})
+
+CMA = _alignment_method(
+    "cma", "cma", "CMA",
+    "Closed-form moment alignment of a linear head: alpha Var_e(diag Hessian) + beta Var_e(grad) "
+    "(Chen, Si, Zhang & Zhao, UAI 2025)")
+
+METHODS = (HGP, HUTCHINSON, CMA)

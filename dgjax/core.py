@@ -1,0 +1,464 @@
+"""The step protocol: what a method is, and the one way its train step is built.
+
+Layers (no module imports one above it): maths (:mod:`dgjax.losses`, :mod:`dgjax.per_domain`,
+:mod:`dgjax.masks`, :mod:`dgjax.penalties`, :mod:`dgjax.hessian`) -> this module -> one module
+per algorithm family (:mod:`dgjax.algorithms`) -> the registry (:mod:`dgjax.methods`) -> the
+engine (:mod:`dgjax.train`).
+
+A :class:`Method` is three parts, and :func:`build_step` is the only code that assembles them:
+
+* ``gradients`` (a :class:`GradientSource`): how the step gets its gradients and the terms it
+  logs. :func:`per_domain_gradients` gives per-domain gradients (leaves ``[D, ...]``) for a
+  ``combine`` transform; :func:`penalized` gives the gradient of ``mean_d loss_d + w(step) *
+  penalty`` from ONE ``value_and_grad`` (one forward and one backward through the network);
+  a family may define its own (Fish's inner loop returns a pseudo-gradient). A source may
+  carry state (Fishr's moving averages, Fish's inner optimizer).
+* ``combine`` (optional): an optax transform from per-domain gradients to one gradient (the
+  masks, GroupDRO). It receives the extra arguments ``losses`` ``[D]`` and ``step``.
+* ``optimizer``: an optax transform, by default DomainBed's ``torch.optim.Adam(lr,
+  weight_decay)`` (:func:`domainbed_adam`), with the Adam reset at a penalty switch as a
+  transform that owns its inner state (:func:`reset_at_step`).
+
+Every schedule reads one clock, the train state's ``step``, passed to the transforms as the
+extra argument ``step``. Metrics come back from the step; state that must be logged is read by
+name (:attr:`Method.logged_state`, ``optax.tree_utils.tree_get``).
+
+Hyperparameters follow DomainBed's ``hparams_registry``: each :class:`HParam` has a default
+(``hparams_seed == 0``), a random-search distribution, a kind, whether it is structural
+(changes the compiled program) and an optional role (how a benchmark maps onto it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dgjax.losses import cross_entropy
+from dgjax.per_domain import per_domain_value_and_grad
+from dgjax.seeding import seed_hash
+
+PyTree = Any
+Sampler = Callable[[np.random.RandomState], Any]
+
+#: DomainBed's ``SMALL_IMAGES``: datasets whose common hparams are the MNIST-sized ones.
+SMALL_IMAGE_DATASETS = frozenset({"ColoredMNIST", "RotatedMNIST", "ColoredFashionMNIST",
+                                  "Spirals", "Debug28"})
+
+#: Roles a benchmark may map onto (see :attr:`HParam.role`).
+ROLES = ("lr", "batch_size", "weight_decay", "penalty_weight", "anneal_iters", "rescale_loss",
+         "reset_optimizer")
+
+_KINDS = ("float", "int", "bool", "choice")
+
+
+# ----------------------------------------------------------------------------- hparams
+@dataclasses.dataclass(frozen=True)
+class HParam:
+  """One hyperparameter.
+
+  Attributes:
+    default: the value when ``hparams_seed == 0`` (small-image datasets).
+    sample: ``sample(np.random.RandomState) -> value``, the random-search distribution.
+    doc: one line for ``--help`` and the README.
+    kind: ``"float"``, ``"int"``, ``"bool"`` or ``"choice"`` (one of ``choices``).
+    structural: changes the compiled program (shapes, loop lengths, which code runs): runs
+      that differ in it cannot share one vmapped program.
+    role: what the value means to a benchmark that maps its own settings onto methods
+      (one of :data:`ROLES`), e.g. ``"penalty_weight"`` for IRM's ``irm_lambda``.
+    minimum, maximum: allowed range (inclusive; ``positive`` excludes 0).
+    large_default, large_sample: the values for DomainBed's large-image datasets, where
+      they differ.
+  """
+  default: Any
+  sample: Sampler
+  doc: str = ""
+  kind: str = "float"
+  structural: bool = False
+  role: str | None = None
+  minimum: float | None = None
+  maximum: float | None = None
+  positive: bool = False
+  choices: tuple = ()
+  large_default: Any = None
+  large_sample: Sampler | None = None
+
+  def __post_init__(self):
+    if self.kind not in _KINDS:
+      raise ValueError(f"HParam kind must be one of {_KINDS}, got {self.kind!r}")
+    if self.role is not None and self.role not in ROLES:
+      raise ValueError(f"HParam role must be one of {ROLES}, got {self.role!r}")
+
+  def for_dataset(self, dataset: str | None) -> "HParam":
+    """This hparam with the default and distribution of ``dataset`` (DomainBed's rule:
+    the small-image values for ``SMALL_IMAGE_DATASETS`` and ``None``, else the large ones)."""
+    if dataset is None or dataset in SMALL_IMAGE_DATASETS:
+      return self
+    return dataclasses.replace(
+        self, default=self.default if self.large_default is None else self.large_default,
+        sample=self.sample if self.large_sample is None else self.large_sample)
+
+  def coerce(self, name: str, value: Any) -> Any:
+    """``value`` as this hparam's kind, or a ``ValueError`` naming ``name`` and the rule."""
+    if self.kind == "bool":
+      if isinstance(value, (bool, np.bool_)) or value in (0, 1):
+        return bool(value)
+      raise ValueError(f"hparam {name!r} must be true or false (or 0/1), got {value!r}")
+    if self.kind == "choice":
+      if value not in self.choices:
+        raise ValueError(f"hparam {name!r} must be one of {list(self.choices)}, got {value!r}")
+      return value
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
+      raise ValueError(f"hparam {name!r} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+      raise ValueError(f"hparam {name!r} must be finite, got {value!r}")
+    if self.kind == "int":
+      if not value.is_integer():
+        raise ValueError(f"hparam {name!r} must be an integer, got {value!r}")
+      value = int(value)
+    if self.positive and value <= 0:
+      raise ValueError(f"hparam {name!r} must be > 0, got {value!r}")
+    if self.minimum is not None and value < self.minimum:
+      raise ValueError(f"hparam {name!r} must be >= {self.minimum}, got {value!r}")
+    if self.maximum is not None and value > self.maximum:
+      raise ValueError(f"hparam {name!r} must be <= {self.maximum}, got {value!r}")
+    return value
+
+
+def _log_uniform(lo, hi):
+  return lambda r: float(10**r.uniform(lo, hi))
+
+
+#: DomainBed's hparams shared by every method (small-image values; large-image ones beside).
+COMMON_HPARAMS: dict[str, HParam] = {
+    "lr": HParam(1e-3, _log_uniform(-4.5, -3.5), "Adam learning rate", role="lr", positive=True,
+                 large_default=5e-5, large_sample=_log_uniform(-5, -3.5)),
+    "batch_size": HParam(64, lambda r: int(2**r.uniform(3, 9)), "examples per domain per step",
+                         kind="int", structural=True, role="batch_size", minimum=1,
+                         large_default=32, large_sample=lambda r: int(2**r.uniform(3, 5.5))),
+    "weight_decay": HParam(0.0, lambda r: 0.0, "L2 weight decay added to the gradient (torch Adam)",
+                           role="weight_decay", minimum=0.0,
+                           large_default=0.0, large_sample=_log_uniform(-6, -2)),
+}
+
+
+# ----------------------------------------------------------------------------- context
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """What a method's step may use: the model, its hparams and the run's shape.
+
+  ``variables`` are the model's non-trainable collections (e.g. frozen BatchNorm's
+  ``batch_stats``), applied with the params and never differentiated.
+  """
+  model: Any                      # a flax module with ``features`` and ``head`` methods
+  hparams: Mapping[str, Any]
+  num_domains: int
+  per_domain_impl: str = "vmap"
+  variables: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  def apply(self, params, x, method=None):
+    return self.model.apply({"params": params, **self.variables}, x, method=method)
+
+  def logits(self, params, x):
+    return self.apply(params, x)
+
+  def features(self, params, x):
+    """The featurizer's output ``z`` (the head's input)."""
+    return self.apply(params, x, method="features")
+
+  def head_logits(self, head_params, z):
+    """The linear head on features ``z``, with ``head_params = params["classifier"]``."""
+    return self.model.apply({"params": {"classifier": head_params}}, z, method="head")
+
+  def loss(self, params, batch):
+    """Mean cross-entropy on one domain's batch (``F.cross_entropy``)."""
+    return cross_entropy(self.logits(params, batch["x"]), batch["y"])
+
+
+def flatten_domains(x):
+  """``[D, B, ...] -> [D * B, ...]``."""
+  return x.reshape((-1,) + x.shape[2:])
+
+
+def domain_logits(ctx: Context, params, x):
+  """Logits of every domain's batch in one forward pass: ``x [D, B, ...] -> [D, B, C]``
+  (DomainBed concatenates the minibatches the same way)."""
+  logits = ctx.logits(params, flatten_domains(x))
+  return logits.reshape(x.shape[:2] + logits.shape[1:])
+
+
+def domain_features_and_logits(ctx: Context, params, x):
+  """Featurizer output ``[D, B, F]`` and logits ``[D, B, C]`` in one forward pass."""
+  z = ctx.features(params, flatten_domains(x))
+  logits = ctx.head_logits(params["classifier"], z)
+  return z.reshape(x.shape[:2] + z.shape[1:]), logits.reshape(x.shape[:2] + logits.shape[1:])
+
+
+def env_losses_of(logits, labels):
+  """Per-domain mean cross-entropy ``[D]`` from logits ``[D, B, C]`` and labels ``[D, B]``."""
+  return jax.vmap(cross_entropy)(logits, labels)
+
+
+# ----------------------------------------------------------------------------- gradients
+class Terms(NamedTuple):
+  """What a gradient source reports besides the gradient.
+
+  ``env_losses`` ``[D]``: per-domain cross-entropy (logged as ``env_losses``, their mean as
+  ``loss`` unless ``metrics`` has its own ``loss``); ``penalty``: the scalar penalty, or
+  ``None`` for methods without one; ``metrics``: more scalars to log; ``state``: the
+  source's new state.
+  """
+  env_losses: jax.Array
+  penalty: jax.Array | None = None
+  metrics: Mapping[str, Any] = {}
+  state: Any = ()
+
+
+class GradientSource(NamedTuple):
+  """``grads(ctx, params, state, batch, step, key) -> (gradients, Terms)`` and
+  ``init(ctx, params) -> state`` (the source's own state; ``()`` when it has none)."""
+  grads: Callable[..., tuple[PyTree, Terms]]
+  init: Callable[[Context, PyTree], Any] = lambda ctx, params: ()
+
+
+def per_domain_gradients() -> GradientSource:
+  """Per-domain losses ``[D]`` and gradients (leaves ``[D, ...]``), for a ``combine``
+  transform: :func:`dgjax.per_domain_value_and_grad` of ``ctx.loss``."""
+
+  def grads(ctx, params, state, batch, step, key):
+    del step, key
+    losses, g = per_domain_value_and_grad(ctx.loss, params, batch, impl=ctx.per_domain_impl)
+    return g, Terms(losses, state=state)
+
+  return GradientSource(grads)
+
+
+def annealed_weight(step, anneal_iters, weight, before=1.0):
+  """Penalty weight ``before`` for ``step < anneal_iters``, then ``weight`` (DomainBed's IRM,
+  V-REx and Fishr schedules; ``before`` is 1.0 for IRM/V-REx and 0.0 for Fishr)."""
+  return jnp.where(step >= anneal_iters, weight, before)
+
+
+TermsFn = Callable[..., Terms]   # terms(ctx, params, batch, key, state) -> Terms
+
+
+def penalized(terms: TermsFn, weight: str | None = None, anneal_iters: str | None = None,
+              before: float = 1.0, init: Callable[[Context, PyTree], Any] | None = None
+              ) -> GradientSource:
+  """The gradient of ``objective = mean_d loss_d + w(step) * penalty`` from ONE
+  ``jax.value_and_grad`` (so one forward and one backward pass through the featurizer).
+
+  Args:
+    terms: ``terms(ctx, params, batch, key, state) -> Terms`` on the whole domain batch
+      (leaves ``[D, B, ...]``); ``Terms.penalty is None`` means no penalty.
+    weight: name of the hparam holding the penalty weight (``None``: weight 1).
+    anneal_iters: name of the hparam holding the switch step (``None``: no schedule).
+    before: the weight before the switch.
+    init: the initial ``state`` passed to ``terms`` (e.g. Fishr's moving averages).
+
+  Logs ``penalty``, ``penalty_weight`` and ``objective`` when there is a penalty.
+  """
+
+  def grads(ctx, params, state, batch, step, key):
+    w = ctx.hparams[weight] if weight else 1.0
+    if anneal_iters:
+      w = annealed_weight(step, ctx.hparams[anneal_iters], w, before)
+
+    def objective(p):
+      t = terms(ctx, p, batch, key, state)
+      value = jnp.mean(t.env_losses)
+      if t.penalty is not None:
+        value = value + w * t.penalty
+      return value, t
+
+    (value, t), g = jax.value_and_grad(objective, has_aux=True)(params)
+    metrics = dict(t.metrics)
+    if t.penalty is not None:
+      metrics.update(penalty=t.penalty, penalty_weight=jnp.asarray(w, jnp.float32),
+                     objective=value)
+    return g, t._replace(metrics=metrics)
+
+  return GradientSource(grads, init or (lambda ctx, params: ()))
+
+
+# ----------------------------------------------------------------------------- optimizers
+class ResetState(NamedTuple):
+  inner: optax.OptState
+
+
+def reset_at_step(inner: optax.GradientTransformation, at: Any,
+                  enabled: Any = True) -> optax.GradientTransformationExtraArgs:
+  """``inner``, re-initialised at ``step == at`` (extra argument ``step``) when ``at > 0``
+  and ``enabled``: DomainBed re-creates Adam at a penalty switch "because it may not like
+  the sharp jump in gradient magnitudes". ``at`` and ``enabled`` may be traced."""
+
+  def init(params):
+    return ResetState(inner.init(params))
+
+  def update(updates, state, params=None, *, step, **extra):
+    del extra
+    switch = (step == at) & (at > 0) & enabled
+    fresh = inner.init(params)
+    inner_state = jax.tree.map(lambda f, o: jnp.where(switch, f, o), fresh, state.inner)
+    updates, inner_state = inner.update(updates, inner_state, params)
+    return updates, ResetState(inner_state)
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def torch_adam(lr) -> optax.GradientTransformation:
+  """``torch.optim.Adam(lr)``'s update (betas 0.9/0.999, eps 1e-8)."""
+  return optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8)
+
+
+def domainbed_adam(reset_at: str | None = None) -> Callable[[Context], optax.GradientTransformation]:
+  """DomainBed's optimizer, ``torch.optim.Adam(lr, weight_decay)``: ``weight_decay * param``
+  added to the gradient, then Adam; with ``reset_at`` (an hparam name) Adam is re-created at
+  that step (:func:`reset_at_step`)."""
+
+  def make(ctx: Context) -> optax.GradientTransformation:
+    hp = ctx.hparams
+    adam = torch_adam(hp["lr"])
+    if reset_at is not None:
+      adam = reset_at_step(adam, hp[reset_at])
+    return optax.chain(optax.add_decayed_weights(hp["weight_decay"]), adam)
+
+  return make
+
+
+# ----------------------------------------------------------------------------- the step
+class MethodStep(NamedTuple):
+  """A method's part of the train step, pure and jittable.
+
+  ``init(params) -> state``;
+  ``update(params, state, batch, step, key) -> (updates, state, metrics)`` where ``batch``
+  leaves are ``[D, B, ...]`` and ``metrics`` has at least ``loss`` and ``env_losses`` ``[D]``.
+  The engine applies ``updates`` with ``optax.apply_updates``.
+
+  ``diagnostics`` (optional): ``diagnostics(params, batch, key) -> dict of scalars``, run by the
+  engine at each evaluation on a freshly drawn batch and logged with the record.
+  """
+  init: Callable[[Any], Any]
+  update: Callable[..., tuple[Any, Any, dict[str, Any]]]
+  diagnostics: Callable[..., dict[str, Any]] | None = None
+
+
+class StepState(NamedTuple):
+  """A method's state: its gradient source's and its transforms' (read by name)."""
+  source: Any
+  optimizer: optax.OptState
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A registered training method (see the module docstring for the three parts).
+
+  Attributes:
+    name: the ``--method`` name.
+    description: one line: what it does and the paper.
+    hparams: its own hparams (the common ones are added by :func:`hparam_specs`).
+    gradients: how the step gets its gradients.
+    combine: ``combine(ctx)``, a transform from per-domain gradients to one (with
+      :func:`per_domain_gradients`), or ``None``.
+    optimizer: ``optimizer(ctx)``, the update rule.
+    domainbed_name: the class name in DomainBed's ``algorithms.py`` (written to records as
+      ``args.algorithm``, so DomainBed's tools read them).
+    logged_state: metric name -> state field name, read by name from the step's state after
+      each update (e.g. the masks' ``kept_fraction``).
+    diagnostics: ``diagnostics(ctx) -> fn or None`` (see :class:`MethodStep`).
+  """
+  name: str
+  description: str
+  hparams: Mapping[str, HParam]
+  gradients: GradientSource
+  combine: Callable[[Context], optax.GradientTransformation] | None = None
+  optimizer: Callable[[Context], optax.GradientTransformation] = domainbed_adam()
+  domainbed_name: str = ""
+  logged_state: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  diagnostics: Callable[[Context], Callable | None] | None = None
+
+  def build(self, ctx: Context) -> MethodStep:
+    return build_step(self, ctx)
+
+
+def build_step(method: Method, ctx: Context) -> MethodStep:
+  """The one assembly of a method's step: gradients, then ``combine``, then ``optimizer``."""
+  parts = ([method.combine(ctx)] if method.combine is not None else []) + [method.optimizer(ctx)]
+  tx = optax.chain(*parts)
+  source = method.gradients
+
+  def init(params):
+    return StepState(source.init(ctx, params), tx.init(params))
+
+  def update(params, state, batch, step, key):
+    grads, terms = source.grads(ctx, params, state.source, batch, step, key)
+    updates, opt_state = tx.update(grads, state.optimizer, params,
+                                   losses=terms.env_losses, step=step)
+    metrics = {"loss": jnp.mean(terms.env_losses), "env_losses": terms.env_losses,
+               **terms.metrics}
+    new_state = StepState(terms.state, opt_state)
+    for metric, field in method.logged_state.items():
+      metrics[metric] = optax.tree_utils.tree_get(new_state, field)
+    return updates, new_state, metrics
+
+  diagnostics = method.diagnostics(ctx) if method.diagnostics is not None else None
+  return MethodStep(init, update, diagnostics)
+
+
+# ----------------------------------------------------------------------------- hparam specs
+def hparam_specs(method: Method, dataset: str | None = None) -> dict[str, HParam]:
+  """The method's hparams and the common ones, with ``dataset``'s defaults and ranges."""
+  specs = {**COMMON_HPARAMS, **method.hparams}
+  return {name: spec.for_dataset(dataset) for name, spec in specs.items()}
+
+
+def default_hparams(method: Method, dataset: str | None = None) -> dict[str, Any]:
+  return {name: spec.default for name, spec in hparam_specs(method, dataset).items()}
+
+
+def random_hparams(method: Method, seed: int, dataset: str | None = None) -> dict[str, Any]:
+  """DomainBed's rule: seed 0 gives the defaults, any other seed draws every hparam from its
+  distribution with a generator seeded by ``seed_hash(seed, name)``."""
+  if seed == 0:
+    return default_hparams(method, dataset)
+  return {name: spec.sample(np.random.RandomState(seed_hash(seed, name)))
+          for name, spec in hparam_specs(method, dataset).items()}
+
+
+def resolve_hparams(method: Method, hparams_seed: int = 0,
+                    overrides: Mapping[str, Any] | None = None, trial_seed: int = 0,
+                    dataset: str | None = None) -> dict[str, Any]:
+  """Defaults (``hparams_seed == 0``) or DomainBed's random draw, updated with ``overrides``.
+
+  As DomainBed's ``train.py``, a non-zero ``hparams_seed`` draws from
+  ``random_hparams(method, seed_hash(hparams_seed, trial_seed))``, so every trial gets its own
+  draw. An override naming no hparam of the method raises, listing the valid names; a value
+  of the wrong kind or out of range raises naming the hparam.
+  """
+  specs = hparam_specs(method, dataset)
+  hp = (default_hparams(method, dataset) if hparams_seed == 0 else
+        random_hparams(method, seed_hash(hparams_seed, trial_seed), dataset))
+  unknown = sorted(set(overrides or {}) - set(hp))
+  if unknown:
+    raise ValueError(
+        f"unknown hparam(s) {', '.join(map(repr, unknown))} for method {method.name!r}; "
+        f"valid hparams: {', '.join(sorted(hp))}")
+  for name, value in (overrides or {}).items():
+    hp[name] = specs[name].coerce(name, value)
+  return hp
+
+
+def hparams_with_role(method: Method, role: str) -> list[str]:
+  """The names of the method's hparams (common ones included) that play ``role``."""
+  return [n for n, s in hparam_specs(method).items() if s.role == role]
+
+
+def structural_hparams(method: Method) -> list[str]:
+  """The hparams that change the compiled program (see :attr:`HParam.structural`)."""
+  return sorted(n for n, s in hparam_specs(method).items() if s.structural)
