@@ -3,17 +3,19 @@
 
 1. :func:`load_records` reads every ``results.jsonl`` under a directory.
 2. :func:`group_records` groups the records by ``(trial_seed, dataset, method, test_env)``; a
-   record of a run with two test environments belongs to both groups.
+   record of a run with two test environments belongs to both groups. The method is
+   ``args.method`` (dgjax), else ``args.algorithm`` (DomainBed's records, read unchanged).
 3. :func:`sweep_accs` picks the hyperparameter seed of every group with a selection method
    (:data:`dgjax.selection.SWEEP_SELECTION_METHODS`) and keeps its test accuracy.
 4. :func:`results_tables` makes, per dataset, a table with one row per method and one column
-   per test environment plus ``Avg`` (the environments that are a test environment in some
-   record of the dataset: all of them in a full DomainBed sweep, only ``test`` in a Spirals
-   sweep restricted to it), and an ``Averages`` table over datasets. A cell is the
-   mean and standard error over trial seeds (:func:`mean_and_error`, DomainBed's
-   ``format_mean``); a missing group is ``X``, and so is ``Avg`` when any column is. In the
-   Averages table, each trial's value is the mean over the test environments that trial has
-   a result for (as DomainBed computes it).
+   per environment of the dataset plus ``Avg``, and an ``Averages`` table over datasets, as
+   DomainBed's ``print_results_tables``. A cell is the mean and standard error over trial
+   seeds (:func:`mean_and_error`, DomainBed's ``format_mean``); an environment that was never
+   a test environment (or whose groups the selection method cannot score) is ``X``, and
+   ``Avg`` is ``X`` unless every environment has a result. In the Averages table, each
+   trial's value is the mean over the test environments that trial has a result for, as
+   DomainBed computes it (so a partial sweep has a number there; its dataset table shows
+   which environments it covers).
 
 As in DomainBed, every record found counts, whether or not its run has finished.
 5. :func:`render` writes a table as plain text, Markdown or LaTeX; :func:`report` all of it.
@@ -27,18 +29,13 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
+from dgjax import domainbed_format
 from dgjax import methods
 from dgjax import selection
 from dgjax.results import read_jsonl
 
 Record = dict[str, Any]
 Cell = Any  # (mean, err) in percent, a single percentage, or None (missing: "X")
-
-#: DomainBed's environment names (``datasets.<Dataset>.ENVIRONMENTS``), for table headers.
-ENV_LABELS = {"ColoredMNIST": ("+90%", "+80%", "-90%"),
-              "ColoredFashionMNIST": ("+90%", "+80%", "-90%"),
-              "RotatedMNIST": ("0", "15", "30", "45", "60", "75"),
-              "Spirals": tuple(f"train{i}" for i in range(16)) + ("test",)}
 
 FORMATS = ("text", "markdown", "latex")
 
@@ -60,9 +57,8 @@ def record_dataset(record: Record) -> str:
 
 
 def record_method(record: Record) -> str:
-  """``args.method`` (dgjax) or ``args.algorithm`` (DomainBed)."""
-  args = record["args"]
-  return str(args["method"] if "method" in args else args["algorithm"])
+  """``args.method`` (dgjax) or else ``args.algorithm`` (DomainBed)."""
+  return domainbed_format.record_method(record)
 
 
 def record_trial_seed(record: Record) -> int:
@@ -144,31 +140,31 @@ def method_order(names: Iterable[str]) -> list[str]:
   return [m for m in methods.METHODS if m in names] + sorted(names - set(methods.METHODS))
 
 
-def env_labels(dataset: str, n: int) -> list[str]:
-  known = ENV_LABELS.get(dataset)
-  return list(known) if known and len(known) == n else [f"env{i}" for i in range(n)]
+def dataset_environments(records: Sequence[Record]) -> list[str]:
+  """The names of a dataset's environments: as many as the records with the most
+  environments have, named by :func:`dgjax.domainbed_format.environment_names`."""
+  widest = max(records, key=selection.num_envs)
+  return domainbed_format.environment_names(widest)
 
 
-def results_tables(records: Sequence[Record], method: selection.SweepSelectionMethod) -> list[Table]:
-  """One table per dataset (sorted by name) and the ``Averages`` table, as DomainBed's
-  ``print_results_tables``."""
+def results_tables(records: Sequence[Record],
+                   method: selection.SweepSelectionMethod) -> list[Table]:
+  """One table per dataset (DomainBed's order, then the others sorted) and the ``Averages``
+  table, as DomainBed's ``print_results_tables``: a column for every environment."""
   accs = sweep_accs(group_records(records), method)
   method_names = method_order(record_method(r) for r in records)
-  datasets = sorted({record_dataset(r) for r in records})
+  datasets = domainbed_format.dataset_order(record_dataset(r) for r in records)
   tables = []
   for dataset in datasets:
-    ds_records = [r for r in records if record_dataset(r) == dataset]
-    n = max(selection.num_envs(r) for r in ds_records)
-    envs = sorted({e for r in ds_records for e in selection.record_test_envs(r)})
-    labels = env_labels(dataset, n)
+    labels = dataset_environments([r for r in records if record_dataset(r) == dataset])
     rows = []
     for m in method_names:
       cells = [mean_and_error([s.test_acc for k, s in sorted(accs.items())
                                if (k.dataset, k.method, k.test_env) == (dataset, m, env)])
-               for env in envs]
+               for env in range(len(labels))]
       rows.append([m] + cells + [average(cells)])
     tables.append(Table(f"Dataset: {dataset}, model selection method: {method.name}", dataset,
-                        ["Algorithm"] + [labels[e] for e in envs] + ["Avg"], rows))
+                        ["Algorithm"] + labels + ["Avg"], rows))
   rows = []
   for m in method_names:
     cells = []

@@ -2,19 +2,23 @@
 steps, drawn with matplotlib (Agg, no display needed).
 
 A run's figure has one panel of accuracy (each environment's in-split solid, out-split
-dashed; test environments marked ``(test)``) and one of the training objective's terms that
+dashed; environments by name, ``+90%``, from ``args.env_names`` or the dataset's DomainBed
+names; test environments marked ``(test)``) and one of the training objective's terms that
 the run logged (``loss`` and ``objective``; ``penalty`` on its own right axis), plus a panel of
 ``kept_fraction`` (masks) or ``penalty_weight`` when logged. Records are DomainBed's keys
-(Gulrajani & Lopez-Paz, ICLR 2021).
+(Gulrajani & Lopez-Paz, ICLR 2021; :mod:`dgjax.domainbed_format`). A sweep's PNGs are named by
+run (:func:`run_name`: dataset, method, test environments, hparams seed, trial seed), not by
+the md5 names of its run directories.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from dgjax import selection
+from dgjax import domainbed_format
 from dgjax.results import read_jsonl
 
 Record = dict[str, Any]
@@ -41,41 +45,70 @@ def _series(records: Sequence[Record], key: str) -> tuple[list[int], list[float]
   return steps, values
 
 
-def run_title(records: Sequence[Record]) -> str:
-  args = records[0].get("args", {})
-  parts = [str(args.get(k)) for k in ("dataset", "method") if args.get(k) is not None]
+def _test_envs(record: Record) -> tuple[int, ...] | None:
   try:
-    parts.append(f"test envs {list(selection.record_test_envs(records[0]))}")
+    return domainbed_format.record_test_envs(record)
   except KeyError:
-    pass
+    return None
+
+
+def _method(record: Record) -> str | None:
+  try:
+    return domainbed_format.record_method(record)
+  except KeyError:
+    return None
+
+
+def run_title(records: Sequence[Record]) -> str:
+  """``"<dataset>, <method>, test envs [<names>], hparams_seed <h>, trial_seed <t>"`` from the
+  first record's ``args`` (what is there of it)."""
+  args = records[0].get("args", {})
+  parts = [str(v) for v in (args.get("dataset"), _method(records[0])) if v is not None]
+  test_envs = _test_envs(records[0])
+  if test_envs is not None:
+    names = domainbed_format.environment_names(records[0])
+    parts.append("test envs [" + ", ".join(names[e] if e < len(names) else str(e)
+                                          for e in test_envs) + "]")
   parts += [f"{k} {args[k]}" for k in ("hparams_seed", "trial_seed") if k in args]
   return ", ".join(parts)
 
 
-def plot_run(records: Sequence[Record], output: str | Path, title: str | None = None) -> Path:
-  """Draws one run's curves to ``output`` (PNG); returns the path."""
+def run_name(records: Sequence[Record]) -> str | None:
+  """A file name for a run: ``<dataset>_<method>_test<i>[-<j>]_hparams<h>_trial<t>`` from
+  the first record's ``args`` (characters other than letters, digits, ``.+-`` become ``-``);
+  ``None`` when the args lack any of these."""
+  args = records[0].get("args", {})
+  method, test_envs = _method(records[0]), _test_envs(records[0])
+  if (method is None or test_envs is None
+      or any(k not in args for k in ("dataset", "hparams_seed", "trial_seed"))):
+    return None
+  parts = [str(args["dataset"]), method, "test" + "-".join(map(str, test_envs)),
+           f"hparams{args['hparams_seed']}", f"trial{args['trial_seed']}"]
+  return "_".join(re.sub(r"[^A-Za-z0-9.+-]", "-", p) for p in parts)
+
+
+def run_figure(records: Sequence[Record], title: str | None = None):
+  """One run's curves as a matplotlib ``Figure`` (not attached to pyplot: no display, no
+  global state). The accuracy panel's legend names environments (``+90% (test) in``)."""
   import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from matplotlib.figure import Figure
 
   if not records:
     raise ValueError("no records to plot")
   records = sorted(records, key=lambda r: r["step"])
-  try:
-    test_envs = selection.record_test_envs(records[0])
-  except KeyError:
-    test_envs = ()
+  test_envs = _test_envs(records[0]) or ()
+  names = domainbed_format.environment_names(records[0])
   loss_keys = [k for k in LOSS_KEYS if _series(records, k)[0]]
   extra_keys = [k for k in EXTRA_KEYS if _series(records, k)[0]]
   n_panels = 1 + bool(loss_keys) + bool(extra_keys)
-  fig, axes = plt.subplots(1, n_panels, figsize=(5.5 * n_panels, 4), squeeze=False)
-  axes = axes[0]
+  fig = Figure(figsize=(5.5 * n_panels, 4))
+  axes = fig.subplots(1, n_panels, squeeze=False)[0]
 
   ax = axes[0]
-  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-  for i in range(selection.num_envs(records[0])):
+  colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+  for i, name in enumerate(names):
     color = colors[i % len(colors)]
-    label = f"env{i}{' (test)' if i in test_envs else ''}"
+    label = f"{name}{' (test)' if i in test_envs else ''}"
     for split, style in (("in", "-"), ("out", "--")):
       ax.plot(*_series(records, f"env{i}_{split}_acc"), style, color=color,
               label=f"{label} {split}", linewidth=2.2 if i in test_envs else 1.2)
@@ -96,10 +129,15 @@ def plot_run(records: Sequence[Record], output: str | Path, title: str | None = 
 
   fig.suptitle(title if title is not None else run_title(records), fontsize=10)
   fig.tight_layout()
+  return fig
+
+
+def plot_run(records: Sequence[Record], output: str | Path, title: str | None = None) -> Path:
+  """Draws one run's curves (:func:`run_figure`) to ``output`` (PNG); returns the path."""
+  fig = run_figure(records, title)
   output = Path(output)
   output.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(output, dpi=100)
-  plt.close(fig)
   return output
 
 
@@ -124,8 +162,9 @@ def plot_path(path: str | Path, output: str | Path | None = None) -> list[Path]:
   """Plots a run directory, or every run under a sweep directory.
 
   A single run goes to ``output`` (default ``<run>/curves.png``); the runs of a sweep go to
-  ``<output>/<run path relative to the sweep, '/' as '_'>.png`` (default output directory:
-  ``<sweep>/plots``). Returns the PNG paths.
+  ``<output>/<run_name>.png`` (default output directory: ``<sweep>/plots``), named by
+  :func:`run_name`; runs whose names collide, or whose records lack the arguments, are
+  named (also) by their path relative to the sweep, ``/`` as ``_``. Returns the PNG paths.
   """
   path = Path(path)
   runs = find_runs(path)
@@ -134,10 +173,20 @@ def plot_path(path: str | Path, output: str | Path | None = None) -> list[Path]:
   if runs == [path]:
     return [plot_run(read_jsonl(path / "results.jsonl"), output or path / "curves.png")]
   out_dir = Path(output) if output is not None else path / "plots"
-  written = []
+  named = []
   for run in runs:
     records = read_jsonl(run / "results.jsonl")
     if records:
-      name = "_".join(run.relative_to(path).parts) + ".png"
-      written.append(plot_run(records, out_dir / name))
+      named.append((run, records, run_name(records)))
+  counts: dict[str | None, int] = {}
+  for _, _, name in named:
+    counts[name] = counts.get(name, 0) + 1
+  written = []
+  for run, records, name in named:
+    rel = "_".join(run.relative_to(path).parts)
+    if name is None:
+      name = rel
+    elif counts[name] > 1:
+      name = f"{name}_{rel}"
+    written.append(plot_run(records, out_dir / f"{name}.png"))
   return written

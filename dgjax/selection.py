@@ -1,7 +1,8 @@
 """Model selection within one run, as DomainBed defines it (Gulrajani & Lopez-Paz, 2021, §3).
 
 Each record is one evaluation (a line of results.jsonl) with ``env{i}_in_acc`` and
-``env{i}_out_acc`` for every environment ``i``.
+``env{i}_out_acc`` for every environment ``i`` and the run's ``args`` in DomainBed's format
+(:mod:`dgjax.domainbed_format`: ``args.test_envs``, ``args.hparams_seed``, ...).
 
 - **Training-domain validation** (``IIDAccuracySelectionMethod``): the checkpoint with the
   highest mean ``out`` accuracy over the training environments.
@@ -22,14 +23,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple, Sequence
 
+from dgjax.domainbed_format import num_envs, record_test_envs  # noqa: F401  (re-exported)
+
 Record = dict[str, Any]
-
-
-def num_envs(record: Record) -> int:
-  n = 0
-  while f"env{n}_in_acc" in record:
-    n += 1
-  return n
 
 
 def training_domain_validation(records: Sequence[Record], test_envs: Sequence[int]) -> Record:
@@ -94,16 +90,6 @@ class RunAcc(NamedTuple):
   val_acc: float
   test_acc: float
   step: int
-
-
-def record_test_envs(record: Record) -> tuple[int, ...]:
-  """The record's test environments: ``args.test_envs`` (DomainBed) or ``[args.test_env]``."""
-  args = record.get("args", {})
-  if "test_envs" in args:
-    return tuple(int(e) for e in args["test_envs"])
-  if "test_env" in args:
-    return (int(args["test_env"]),)
-  raise KeyError("record has neither args.test_envs nor args.test_env")
 
 
 def _single_test_env_records(records: Sequence[Record], test_env: int) -> list[Record]:

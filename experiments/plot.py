@@ -1,10 +1,12 @@
 r"""Plot training curves (see :mod:`dgjax.plots`).
 
-    python -m experiments.plot runs/colored_mnist/sand_test2_seed0          # -> <run>/curves.png
-    python -m experiments.plot sweeps/cmnist                                 # -> sweeps/cmnist/plots/*.png
+    python -m experiments.plot <run_dir>                   # -> <run_dir>/curves.png
+    python -m experiments.plot sweeps/cmnist               # -> sweeps/cmnist/plots/<run>.png
     python -m experiments.plot <run_dir> --output curves.png
 
-Prints the path of every PNG written.
+A sweep's PNGs are named by run, e.g. ``ColoredMNIST_sand_test2_hparams3_trial0.png``
+(dataset, method, test environments, hparams seed, trial seed), not by the md5 names of the
+job directories. Prints the path of every PNG written.
 """
 
 from __future__ import annotations
