@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from dgjax import train as train_lib
+from dgjax.tasks import Split
 from dgjax.data import (colored_mnist, env_split_seed, load_mnist, rotated_mnist, spirals,
                         split_in_out)
 
@@ -156,7 +156,7 @@ def make_splits(envs: Environments, holdout_fraction: float = 0.2, trial_seed: i
     idx_in, idx_out = split_in_out(len(env.y), holdout_fraction, env_split_seed(trial_seed, i))
     if max_eval is not None:
       idx_out = idx_out[:max_eval]
-    splits_in.append(train_lib.Split(f"env{i}_in", np.asarray(env.x)[idx_in], np.asarray(env.y)[idx_in]))
-    splits_out.append(train_lib.Split(f"env{i}_out", np.asarray(env.x)[idx_out], np.asarray(env.y)[idx_out]))
+    splits_in.append(Split(f"env{i}_in", np.asarray(env.x)[idx_in], np.asarray(env.y)[idx_in]))
+    splits_out.append(Split(f"env{i}_out", np.asarray(env.x)[idx_out], np.asarray(env.y)[idx_out]))
   return splits_in, splits_out
 

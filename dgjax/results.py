@@ -1,19 +1,39 @@
-"""Results files: one JSON object per evaluation, in ``<output_dir>/results.jsonl``."""
+"""A run directory's results file, ``<output_dir>/results.jsonl`` (one JSON object per
+evaluation), and the lock that makes its run its only writer.
+
+* :class:`RunLock`: an exclusive, non-blocking ``filelock`` on ``<output_dir>/.lock``, held
+  for the life of a run; a second writer fails at once with :class:`RunLockedError`. The
+  operating system releases it when the process dies, so a killed run never leaves a stale
+  lock. :func:`is_locked` tells a sweep which jobs are running.
+* :func:`append_jsonl`: one line per call, written with a single ``write`` on a file opened
+  for appending (a reader such as ``tail -f`` never sees half a line from a live run), flushed
+  and, with ``sync=True`` (at evaluations), ``fsync``-ed. Strict JSON: a non-finite number is
+  written as ``null``.
+* :func:`truncate_jsonl`: keeps the records at or before a step (resuming from a checkpoint).
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+
+LOCK_NAME = ".lock"
+
+
+class RunLockedError(RuntimeError):
+  """Another process is writing the same run directory."""
 
 
 def _to_jsonable(value):
   if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
-    return value.item()
-  if hasattr(value, "tolist"):
-    return value.tolist()
+    value = value.item()
+  elif hasattr(value, "tolist"):
+    value = value.tolist()
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
   if isinstance(value, Mapping):
     return {str(k): _to_jsonable(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
@@ -21,26 +41,25 @@ def _to_jsonable(value):
   return value
 
 
-def append_jsonl(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
-  """Appends ``record`` as one line to ``path``, atomically.
+def dumps(record: Mapping[str, Any]) -> str:
+  """``record`` as one line of strict JSON (sorted keys; NaN and infinities as ``null``)."""
+  return json.dumps(_to_jsonable(record), sort_keys=True, allow_nan=False)
 
-  The file is rewritten to a temporary sibling and renamed over the original, so a crash
-  at any point leaves either the old file or the new one, never a half-written line.
-  """
-  path = Path(path)
-  line = json.dumps(_to_jsonable(record), sort_keys=True) + "\n"
-  old = path.read_bytes() if path.exists() else b""
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+
+def append_jsonl(path: str | os.PathLike, record: Mapping[str, Any], sync: bool = True) -> None:
+  """Appends ``record`` as one line to ``path`` (created with the usual mode, 0644 under a
+  022 umask) in one ``write``; ``fsync`` when ``sync``."""
+  data = (dumps(record) + "\n").encode("utf-8")
+  fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
   try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(old + line.encode("utf-8"))
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+    written = os.write(fd, data)
+    if written != len(data):  # a full disk; never leave half a line behind
+      os.ftruncate(fd, os.fstat(fd).st_size - written)
+      raise OSError(f"could not append a whole record to {path}")
+    if sync:
+      os.fsync(fd)
+  finally:
+    os.close(fd)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -55,3 +74,71 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
       except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{lineno}: not a JSON object ({e.msg})") from None
   return records
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -> None:
+  """Replaces ``path`` by ``records`` atomically (a temporary sibling renamed over it)."""
+  path = Path(path)
+  tmp = path.with_name(path.name + ".rewrite")
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write("".join(dumps(r) + "\n" for r in records))
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def truncate_jsonl(path: str | os.PathLike, last_step: int | None) -> list[dict[str, Any]]:
+  """Keeps the records with ``step <= last_step`` (none when ``last_step is None``);
+  returns them. A missing file is an empty one."""
+  path = Path(path)
+  old = read_jsonl(path) if path.exists() else []
+  kept = [] if last_step is None else [r for r in old if r["step"] <= last_step]
+  if len(kept) != len(old):
+    if kept:
+      write_jsonl(path, kept)
+    else:
+      path.unlink()
+  return kept
+
+
+class RunLock:
+  """An exclusive lock on a run directory, held from :meth:`acquire` to :meth:`release`."""
+
+  def __init__(self, output_dir: str | os.PathLike):
+    from filelock import FileLock
+    self.dir = Path(output_dir)
+    self._lock = FileLock(str(self.dir / LOCK_NAME), is_singleton=False)
+
+  def acquire(self) -> "RunLock":
+    from filelock import Timeout
+    self.dir.mkdir(parents=True, exist_ok=True)
+    try:
+      self._lock.acquire(timeout=0)
+    except Timeout:
+      raise RunLockedError(
+          f"{self.dir} is being written by another running process (its lock "
+          f"{self.dir / LOCK_NAME} is held); wait for it to finish, stop it, or choose another "
+          "output directory") from None
+    return self
+
+  def release(self) -> None:
+    if self._lock.is_locked:
+      self._lock.release()
+
+  def __enter__(self):
+    return self.acquire()
+
+  def __exit__(self, *exc):
+    self.release()
+
+
+def is_locked(output_dir: str | os.PathLike) -> bool:
+  """Whether a live process holds ``output_dir``'s run lock."""
+  path = Path(output_dir) / LOCK_NAME
+  if not path.exists():
+    return False
+  try:
+    RunLock(output_dir).acquire().release()
+  except RunLockedError:
+    return True
+  return False

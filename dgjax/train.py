@@ -1,17 +1,23 @@
-"""The jitted train step and the training loop (DomainBed's ``train.py``, as a library).
+"""The engine: the one training loop of dgjax (DomainBed's ``train.py``, as a library).
 
-One step: sample a minibatch of ``batch_size`` from every training environment (uniformly
-with replacement, as DomainBed's ``InfiniteDataLoader``), let the method compute the update
-(:class:`dgjax.methods.MethodStep`: for ERM and the masks, per-domain losses and gradients
-from :func:`dgjax.per_domain_value_and_grad`, the method's transform, weight decay and Adam)
-and apply it. Sampling, gradients and update are one ``jax.jit``; the whole training set lives
-on the device.
+:func:`train_many` trains K runs (K = 1 for one run) of any registered method on any task
+(:mod:`dgjax.tasks`; the IRM-style benchmark is one too) as ONE jitted program with a leading
+runs axis: the runs may differ in seeds and non-structural hparams, which enter the step as
+traced values. One step: split the run's key, draw the batch from the task's device-resident
+data (inside ``jit``), let the method's step (:func:`dgjax.core.build_step`) compute the
+update, apply it. ``scan_steps > 1`` runs that many steps per jit call as a ``lax.scan``.
+
+The loop asks "is it time" to evaluate: at every ``checkpoint_freq``-th step and the last one
+it averages the interval's metrics, runs the task's evaluation and the method's diagnostics,
+appends one record per run to ``<output_dir>/results.jsonl`` and saves a checkpoint. Small
+parts do the rest: :mod:`dgjax.results` (the lock and the records file),
+:mod:`dgjax.checkpoints` (Orbax), :mod:`dgjax.progress` (bar or log lines),
+:mod:`dgjax.sharding` (the device mesh).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -23,108 +29,39 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dgjax import core
 from dgjax import methods
+from dgjax import results as results_lib
 from dgjax import sharding as sharding_lib
-from dgjax.results import append_jsonl, read_jsonl
+from dgjax.checkpoints import CheckpointError, Checkpoints, key_from_data, key_to_data
+from dgjax.progress import Progress
+from dgjax.tasks import DomainBedTask, Split, TrainData, make_accuracy_fn, make_train_data, sample_batch  # noqa: F401
 
 PyTree = Any
+
+PER_DOMAIN_IMPLS = ("auto", "vmap", "unrolled")
 
 
 class TrainState(NamedTuple):
   step: jax.Array
   params: PyTree
-  opt_state: optax.OptState
+  opt_state: Any
   key: jax.Array
-
-
-class TrainData(NamedTuple):
-  """The training environments' in-splits concatenated: env ``d`` is
-  ``x[offsets[d] : offsets[d] + sizes[d]]``."""
-  x: jax.Array
-  y: jax.Array
-  offsets: jax.Array
-  sizes: jax.Array
 
 
 class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or infinite."""
 
 
-def make_train_data(envs_xy: Sequence[tuple[np.ndarray, np.ndarray]]) -> TrainData:
-  sizes = np.array([len(y) for _, y in envs_xy], np.int32)
-  offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int32)
-  return TrainData(x=jnp.asarray(np.concatenate([x for x, _ in envs_xy])),
-                   y=jnp.asarray(np.concatenate([y for _, y in envs_xy])),
-                   offsets=jnp.asarray(offsets), sizes=jnp.asarray(sizes))
-
-
-def sample_batch(key: jax.Array, data: TrainData, batch_size: int) -> dict[str, jax.Array]:
-  """``batch_size`` indices per environment, uniform with replacement: leaves ``[D, B, ...]``."""
-  d = data.offsets.shape[0]
-  idx = data.offsets[:, None] + jax.random.randint(key, (d, batch_size), 0, data.sizes[:, None])
-  return {"x": data.x[idx], "y": data.y[idx]}
-
-
-def _train_step_body(method_step: methods.MethodStep, batch_size: int, state: TrainState,
-                     data: TrainData, mesh=None):
-  key, sample_key, method_key = jax.random.split(state.key, 3)
-  batch = sample_batch(sample_key, data, batch_size)
-  if mesh is not None:  # domains over "domain", examples over "data"
-    batch = jax.lax.with_sharding_constraint(batch, sharding_lib.batch_sharding(mesh))
-  updates, opt_state, metrics = method_step.update(state.params, state.opt_state, batch,
-                                                   state.step, method_key)
-  params = optax.apply_updates(state.params, updates)
-  if mesh is not None:  # every process can read the metrics
-    metrics = jax.lax.with_sharding_constraint(metrics, sharding_lib.replicated(mesh))
-  return TrainState(state.step + 1, params, opt_state, key), metrics
-
-
-def make_train_step(method_step: methods.MethodStep, batch_size: int, mesh=None) -> Callable:
-  """``step(state, data) -> (state, metrics)``, jitted, the state donated.
-
-  Samples ``batch_size`` examples per training domain, asks ``method_step`` for the update
-  and applies it. ``metrics`` are the method's (at least ``loss`` and ``env_losses``). With a
-  ``mesh`` (see :mod:`dgjax.sharding`) the minibatch is sharded over it; pass state and data
-  replicated on it (:func:`dgjax.sharding.put_replicated`).
-  """
-  return jax.jit(lambda state, data: _train_step_body(method_step, batch_size, state, data, mesh),
-                 donate_argnums=0)
-
-
-def make_accuracy_fn(apply_fn: Callable, eval_batch_size: int = 1000) -> Callable:
-  """``accuracy(params, x, y) -> float``: argmax accuracy, in jitted chunks of
-  ``eval_batch_size`` (a last partial chunk is padded to a multiple of 128 and masked)."""
-
-  @jax.jit
-  def correct(params, x, y, valid):
-    logits = apply_fn({"params": params}, x)
-    if logits.shape[-1] == 1:
-      pred = (logits[..., 0] > 0).astype(y.dtype)
-    else:
-      pred = jnp.argmax(logits, -1).astype(y.dtype)
-    return jnp.sum((pred == y) & valid)
-
-  def accuracy(params, x, y):
-    n = len(y)
-    total = 0
-    for start in range(0, n, eval_batch_size):
-      xb, yb = x[start:start + eval_batch_size], y[start:start + eval_batch_size]
-      m = len(yb)
-      size = min(eval_batch_size, -(-m // 128) * 128)  # a few compiled shapes, little padding
-      if m < size:
-        pad = size - m
-        xb = np.concatenate([xb, np.zeros((pad,) + xb.shape[1:], xb.dtype)])
-        yb = np.concatenate([yb, np.zeros((pad,), yb.dtype)])
-      valid = np.arange(size) < m
-      total += correct(params, xb, yb, valid)
-    return float(total) / max(n, 1)
-
-  return accuracy
-
-
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """Everything one training run depends on (DomainBed's ``train.py`` arguments)."""
+  """Everything one run depends on (DomainBed's ``train.py`` arguments), validated on
+  construction; ``resolved_hparams`` is the run's full hparams, resolved once here
+  (defaults or DomainBed's draw for ``hparams_seed``, then the ``hparams`` overrides).
+
+  The loop reads ``method`` to ``scan_steps``; the data and launch settings (``dataset`` to
+  ``output_dir``) are read by :func:`dgjax.runs.run` and the command line.
+  """
   method: str = "erm"
   test_envs: tuple[int, ...] = (2,)
   steps: int = 5001
@@ -137,6 +74,38 @@ class TrainConfig:
   eval_batch_size: int = 1000
   per_domain_impl: str = "auto"
   progress: bool = True
+  keep_checkpoints: int = 3
+  scan_steps: int = 1
+  dataset: str | None = None
+  data_dir: str | None = None
+  max_examples: int | None = None
+  downsample: bool = False
+  conv_impl: str = "auto"
+  mesh: str = "auto"
+  output_dir: str | None = None
+  resolved_hparams: Mapping[str, Any] = dataclasses.field(init=False, compare=False, repr=False)
+
+  def __post_init__(self):
+    object.__setattr__(self, "test_envs", tuple(int(e) for e in self.test_envs))
+    object.__setattr__(self, "hparams", dict(self.hparams or {}))
+    for name in ("steps", "checkpoint_freq", "eval_batch_size", "keep_checkpoints", "scan_steps"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if self.max_examples is not None and (isinstance(self.max_examples, bool) or self.max_examples < 1):
+      raise ValueError(f"max_examples must be >= 1, got {self.max_examples!r}")
+    if not 0.0 <= self.holdout_fraction < 1.0:
+      raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction!r}")
+    if self.per_domain_impl not in PER_DOMAIN_IMPLS:
+      raise ValueError(f"per_domain_impl must be one of {PER_DOMAIN_IMPLS}, got {self.per_domain_impl!r}")
+    object.__setattr__(self, "resolved_hparams", methods.resolve_hparams(
+        self.method, self.hparams_seed, self.hparams, self.trial_seed, self.dataset))
+
+  def identity(self) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed by this run."""
+    return {"method": self.method, "test_envs": list(self.test_envs), "seed": self.seed,
+            "trial_seed": self.trial_seed, "hparams_seed": self.hparams_seed,
+            "holdout_fraction": self.holdout_fraction, "hparams": dict(self.resolved_hparams)}
 
 
 def resolve_per_domain_impl(impl: str) -> str:
@@ -148,233 +117,226 @@ def resolve_per_domain_impl(impl: str) -> str:
   return "unrolled" if jax.default_backend() == "cpu" else "vmap"
 
 
-@dataclasses.dataclass
-class Split:
-  """One evaluation split of one environment."""
-  name: str   # e.g. "env0_in"
-  x: np.ndarray
-  y: np.ndarray
+def _step_body(method_step: core.MethodStep, task, batch_size: int, state: TrainState, data,
+               mesh=None):
+  key, sample_key, method_key = jax.random.split(state.key, 3)
+  batch = task.batch(data, sample_key, batch_size)
+  if mesh is not None:  # domains over "domain", examples over "data"
+    batch = jax.lax.with_sharding_constraint(batch, sharding_lib.batch_sharding(mesh))
+  updates, opt_state, metrics = method_step.update(state.params, state.opt_state, batch,
+                                                   state.step, method_key)
+  params = optax.apply_updates(state.params, updates)
+  if mesh is not None:  # every process can read the metrics
+    metrics = jax.lax.with_sharding_constraint(metrics, sharding_lib.replicated(mesh))
+  return TrainState(state.step + 1, params, opt_state, key), metrics
 
 
-class CheckpointError(RuntimeError):
-  """A checkpoint cannot be resumed: unreadable, or written by a different run."""
-
-
-# Fields of TrainConfig that define a run's identity: resuming needs them equal.
-_IDENTITY = ("method", "test_envs", "seed", "trial_seed", "hparams_seed", "holdout_fraction")
-
-
-class _Checkpoints:
-  """Orbax checkpoints of one run's full train state in ``<output_dir>/checkpoints``.
-
-  The state is params, optimizer state, step and the PRNG key (which is the data sampler's
-  state: minibatches are drawn from it inside the step). ``meta.json`` beside it records the
-  run's identity so that a resume into a different run is refused.
-  """
-
-  def __init__(self, output_dir: Path, identity: Mapping[str, Any]):
-    import orbax.checkpoint as ocp  # slow import: only when checkpointing
-    self._ocp = ocp
-    self.dir = (Path(output_dir) / "checkpoints").absolute()
-    self.meta_path = Path(output_dir) / "checkpoint_meta.json"
-    self.identity = json.loads(json.dumps(identity))  # normalise tuples -> lists
-    self.manager = ocp.CheckpointManager(
-        self.dir, options=ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False))
+class _MinibatchTask:
+  """The batch rule of :func:`make_train_step` (per-domain sampling with replacement)."""
 
   @staticmethod
-  def _saveable(state: TrainState):
-    return {"step": state.step, "params": state.params, "opt_state": state.opt_state,
-            "key": jax.random.key_data(state.key)}
-
-  def save(self, step: int, state: TrainState) -> None:
-    if jax.process_index() == 0 and not self.meta_path.exists():
-      self.meta_path.write_text(json.dumps(self.identity, sort_keys=True, indent=1))
-    self.manager.save(step, args=self._ocp.args.StandardSave(self._saveable(state)), force=True)
-    self.manager.wait_until_finished()
-
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
-
-  def restore(self, like: TrainState) -> tuple[int, TrainState]:
-    step = self.latest_step()
-    if self.meta_path.exists():
-      try:
-        saved = json.loads(self.meta_path.read_text())
-      except json.JSONDecodeError as e:
-        raise CheckpointError(f"{self.meta_path} is not valid JSON ({e.msg}): the checkpoint "
-                              "is corrupt; delete the output directory or choose another") from None
-      diff = {k: (saved.get(k), v) for k, v in self.identity.items() if saved.get(k) != v}
-      if diff:
-        details = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-        raise CheckpointError(f"the checkpoint in {self.dir} belongs to another run ({details}); "
-                              "use another --output_dir or the same settings")
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          self._saveable(like))
-    try:
-      restored = self.manager.restore(step, args=self._ocp.args.StandardRestore(target))
-    except Exception as e:  # orbax raises many kinds: missing files, bad metadata, shapes
-      msg = " ".join(str(e).split())[:400]
-      raise CheckpointError(f"cannot restore the checkpoint of step {step} in {self.dir} "
-                            f"({type(e).__name__}: {msg}); it is corrupt or from a different "
-                            "model: delete it to start over") from None
-    state = TrainState(jnp.asarray(restored["step"]), restored["params"], restored["opt_state"],
-                       jax.random.wrap_key_data(restored["key"]))
-    return step, state
+  def batch(data, key, batch_size):
+    return sample_batch(key, data, batch_size)
 
 
-def _check_group(configs: Sequence[TrainConfig], hparams: Sequence[Mapping[str, Any]]):
-  """Runs in one vmapped program may differ only in seeds and non-structural hparams."""
+def make_train_step(method_step: core.MethodStep, batch_size: int, mesh=None) -> Callable:
+  """``step(state, data) -> (state, metrics)`` of one run on :class:`TrainData`, jitted, the
+  state donated: the engine's step, for benchmarks and tests."""
+  return jax.jit(lambda state, data: _step_body(method_step, _MinibatchTask, batch_size, state,
+                                                data, mesh), donate_argnums=0)
+
+
+def _check_group(configs: Sequence[TrainConfig]):
+  """Runs in one program may differ only in seeds and non-structural hparams."""
   first = configs[0]
   for c in configs[1:]:
-    for f in ("method", "test_envs", "steps", "checkpoint_freq", "holdout_fraction",
-              "eval_batch_size", "per_domain_impl", "trial_seed"):
+    for f in ("method", "dataset", "test_envs", "steps", "checkpoint_freq", "holdout_fraction",
+              "eval_batch_size", "per_domain_impl", "trial_seed", "scan_steps"):
       if getattr(c, f) != getattr(first, f):
         raise ValueError(f"runs in one vmapped program must share {f!r}: "
                          f"{getattr(first, f)!r} vs {getattr(c, f)!r}")
-  for name in ("batch_size",):
-    values = {h[name] for h in hparams}
-    if len(values) > 1:
+  for name in methods.structural_hparams(first.method):
+    values = [c.resolved_hparams[name] for c in configs]
+    if any(v != values[0] for v in values):
       raise ValueError(f"runs in one vmapped program must share the structural hparam {name!r} "
-                       f"(got {sorted(values)}); group them into separate programs")
+                       f"(got {sorted(set(values))}); group them into separate programs")
+
+
+def ensure_writable(output_dir: str | os.PathLike) -> Path:
+  """Creates ``output_dir`` and checks that files can be written there; a clear error
+  naming the directory otherwise."""
+  d = Path(output_dir)
+  try:
+    d.mkdir(parents=True, exist_ok=True)
+    probe = d / f".write-test-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
+  except OSError as e:
+    raise PermissionError(f"cannot write to the output directory {d}: {e.strerror or e}") from None
+  return d
 
 
 def train(config: TrainConfig, model, splits_in: Sequence[Split], splits_out: Sequence[Split],
           output_dir: str | Path | None = None, args: Mapping[str, Any] | None = None,
           resume: bool = False, checkpoint: bool = True, mesh=None) -> list[dict[str, Any]]:
-  """Trains ``model`` on the in-splits of the training environments; evaluates every split.
-
-  Args:
-    config: the run's configuration.
-    model: a flax module mapping ``x [B, ...]`` to logits.
-    splits_in, splits_out: per environment (index = environment), its in and out splits.
-    output_dir: where ``results.jsonl`` goes (one line per evaluation), the checkpoints
-      (``checkpoints/``, the full train state at the last evaluation) and, once the run has
-      finished, a ``done`` file (DomainBed's marker); ``None`` keeps results in memory only.
-    args: recorded verbatim under ``"args"`` in every record.
-    resume: continue from the checkpoint in ``output_dir`` (records after it are dropped
-      and recomputed; the final numbers equal an uninterrupted run's, bitwise on CPU).
-    checkpoint: save checkpoints at each evaluation (needs ``output_dir``).
-    mesh: a ``("domain", "data")`` device mesh (:mod:`dgjax.sharding`) to shard the step
-      over; ``None`` runs on the default device. Multi-process runs pass a global mesh; only
-      process 0 writes results.
-
-  Returns:
-    The evaluation records (as written to results.jsonl).
-
-  Raises:
-    NonFiniteLossError: the loss became NaN/inf; the message gives the step and the
-      per-domain losses. Records written before stay on disk.
-    CheckpointError: ``resume`` found a corrupt checkpoint or one of another run.
-  """
+  """One run of ``config`` on DomainBed's protocol (:class:`dgjax.tasks.DomainBedTask`);
+  see :func:`train_many` (this is ``train_many([config], ...)[0]``)."""
   return train_many([config], model, splits_in, splits_out,
                     None if output_dir is None else [output_dir],
                     None if args is None else [args], resume=resume, checkpoint=checkpoint,
-                    vmapped=False, mesh=mesh)[0]
+                    mesh=mesh)[0]
 
 
-def train_many(configs: Sequence[TrainConfig], model, splits_in: Sequence[Split],
-               splits_out: Sequence[Split], output_dirs: Sequence[str | Path] | None = None,
+def train_many(configs: Sequence[TrainConfig], task, splits_in: Sequence[Split] | None = None,
+               splits_out: Sequence[Split] | None = None,
+               output_dirs: Sequence[str | Path] | None = None,
                args: Sequence[Mapping[str, Any]] | None = None, resume: bool = False,
-               checkpoint: bool = True, vmapped: bool = True, mesh=None) -> list[list[dict[str, Any]]]:
-  """Trains K runs that differ only in seeds and float hparams as ONE ``jax.vmap``-ed,
-  jitted step: a sweep of small models fills the device instead of launching K processes.
+               checkpoint: bool = True, mesh=None) -> list[list[dict[str, Any]]]:
+  """Trains K runs as ONE jitted program with a leading runs axis.
 
-  Each run gets its own results.jsonl / checkpoints / done marker in ``output_dirs[k]``,
-  identical in format (and, within float tolerance, in numbers) to training it alone with
-  :func:`train`. Hparams that differ between the runs enter the step as traced values;
-  structural ones (``batch_size``) and the configuration (method, steps, test envs, ...)
-  must be shared: group runs into separate programs by those.
+  Args:
+    configs: one :class:`TrainConfig` per run; they may differ only in seeds and
+      non-structural hparams.
+    task: a task (:mod:`dgjax.tasks`), or a flax model together with ``splits_in`` and
+      ``splits_out`` (then the task is :class:`~dgjax.tasks.DomainBedTask`).
+    output_dirs: per run, where ``results.jsonl`` (one line per evaluation), the checkpoints
+      and, at the end, ``done`` (DomainBed's marker) go; ``None``: records in memory only.
+      Each directory is locked for the run's life (a second writer fails at once).
+    args: per run, recorded verbatim under ``"args"`` in every record.
+    resume: continue from the checkpoints in ``output_dirs`` (records after the restored
+      checkpoint are dropped and recomputed; the numbers equal an uninterrupted run's,
+      bitwise on CPU). Without any checkpoint yet, the runs start over.
+    checkpoint: save checkpoints at each evaluation (needs ``output_dirs``).
+    mesh: a ``("domain", "data")`` device mesh to shard one run's step over (K = 1).
 
-  ``vmapped=False`` (one run only) is :func:`train`.
+  Returns:
+    Per run, its evaluation records (as written to results.jsonl).
+
+  Raises:
+    NonFiniteLossError: a loss became NaN/inf (the message gives the run, step, per-domain
+      losses and hparams); records written before stay on disk.
+    CheckpointError: ``resume`` found only corrupt checkpoints, or those of another run.
+    RunLockedError: another process is writing one of the output directories.
   """
-  from tqdm.auto import tqdm
-
   configs = list(configs)
   k_runs = len(configs)
-  if not vmapped and k_runs != 1:
-    raise ValueError("vmapped=False trains exactly one run")
-  if vmapped and mesh is not None:
-    raise NotImplementedError("a device mesh shards single runs (train); K vmapped runs use one device")
+  if k_runs < 1:
+    raise ValueError("train_many needs at least one config")
   config = configs[0]
-  hparams = [methods.resolve_hparams(c.method, c.hparams_seed, c.hparams, c.trial_seed)
-             for c in configs]
-  _check_group(configs, hparams)
-  n_envs = len(splits_in)
-  bad = [e for e in config.test_envs if not 0 <= e < n_envs]
-  if bad:
-    raise ValueError(f"test_envs {bad} out of range: there are {n_envs} environments (0..{n_envs - 1})")
-  train_envs = [e for e in range(n_envs) if e not in config.test_envs]
-  if not train_envs:
-    raise ValueError("every environment is a test environment: nothing to train on")
+  _check_group(configs)
+  if mesh is not None and k_runs != 1:
+    raise NotImplementedError("a device mesh shards single runs; K vmapped runs use one device")
+  if not hasattr(task, "batch"):
+    if splits_in is None or splits_out is None:
+      raise ValueError("give a task, or a model with splits_in and splits_out")
+    task = DomainBedTask(task, splits_in, splits_out, config.test_envs, config.eval_batch_size)
+  hparams = [dict(c.resolved_hparams) for c in configs]
+  method = methods.get_method(config.method)
   batch_size = int(hparams[0]["batch_size"])
   impl = resolve_per_domain_impl(config.per_domain_impl)
-  method = methods.get_method(config.method)
+  dirs = [None if output_dirs is None else Path(d) for d in (output_dirs or [None] * k_runs)]
+  if len(dirs) != k_runs:
+    raise ValueError(f"{k_runs} configs but {len(dirs)} output directories")
+  run_args = [dict(a) for a in args] if args is not None else [{} for _ in configs]
+  writer = jax.process_index() == 0   # one results writer in multi-process runs
 
+  locks = []
+  try:
+    for d in dirs:
+      if d is not None:
+        ensure_writable(d)
+        if writer:
+          locks.append(results_lib.RunLock(d).acquire())
+    return _train_locked(configs, task, method, hparams, batch_size, impl, dirs, run_args,
+                         resume, checkpoint, mesh, writer)
+  finally:
+    for lock in locks:
+      lock.release()
+
+
+def _train_locked(configs, task, method, hparams, batch_size, impl, dirs, run_args, resume,
+                  checkpoint, mesh, writer):
+  config = configs[0]
+  k_runs = len(configs)
   varying = sorted(n for n in hparams[0] if any(h[n] != hparams[0][n] for h in hparams))
   static_hp = {n: v for n, v in hparams[0].items() if n not in varying}
   traced_hp = {n: jnp.asarray([h[n] for h in hparams]) for n in varying}
+  variables = getattr(task, "variables", {})
 
-  def build(hp_traced) -> methods.MethodStep:
-    ctx = methods.Context(model=model, hparams={**static_hp, **hp_traced},
-                          num_domains=len(train_envs), per_domain_impl=impl)
+  def build(hp_traced) -> core.MethodStep:
+    ctx = core.Context(model=task.model, hparams={**static_hp, **hp_traced},
+                       num_domains=task.num_domains, per_domain_impl=impl, variables=variables)
     return method.build(ctx)
 
-  x0 = jnp.asarray(splits_in[train_envs[0]].x[:1])
+  data_axis = 0 if task.per_run_data else None
 
-  def init_one(seed_key, hp_traced) -> TrainState:
+  def over_runs(fn, in_axes):
+    """``fn`` mapped over the leading runs axis (a plain call on the squeezed axis when K = 1:
+    no vmap of one, so one run compiles as it would alone)."""
+    if k_runs > 1:
+      return jax.vmap(fn, in_axes=in_axes)
+
+    def one(*xs):
+      squeezed = [x if ax is None else jax.tree.map(lambda a: a[0], x) for x, ax in zip(xs, in_axes)]
+      return jax.tree.map(lambda a: a[None], fn(*squeezed))
+    return one
+
+  def init_one(seed_key, hp_traced):
     init_key, state_key = jax.random.split(seed_key)
-    params = model.init(init_key, x0)["params"]
+    params = task.init_params(init_key)
     return TrainState(jnp.zeros((), jnp.int32), params, build(hp_traced).init(params), state_key)
 
-  def step_one(state, hp_traced, data):
-    return _train_step_body(build(hp_traced), batch_size, state, data, mesh)
+  def chunk_one(state, hp_traced, data, n):
+    step = build(hp_traced)
+    if n == 1:
+      state, metrics = _step_body(step, task, batch_size, state, data, mesh)
+      return state, jax.tree.map(lambda m: m[None], metrics)
+    return jax.lax.scan(lambda s, _: _step_body(step, task, batch_size, s, data, mesh),
+                        state, None, length=n)
 
-  if vmapped:
-    keys = jnp.stack([jax.random.key(c.seed) for c in configs])
-    state = jax.jit(jax.vmap(init_one))(keys, traced_hp)
-    step_fn = jax.jit(jax.vmap(step_one, in_axes=(0, 0, None)), donate_argnums=0)
-    take = lambda tree, k: jax.tree.map(lambda x: x[k], tree)
-  else:
-    state = init_one(jax.random.key(config.seed), {})
-    step_fn = jax.jit(step_one, donate_argnums=0)
-    take = lambda tree, k: tree
-  data = make_train_data([(splits_in[e].x, splits_in[e].y) for e in train_envs])
+  seed_keys = jnp.stack([jax.random.key(c.seed) for c in configs])
+  state = jax.jit(over_runs(init_one, (0, 0)))(seed_keys, traced_hp)
+  chunk_fn = jax.jit(lambda s, h, d, n: over_runs(lambda a, b, c: chunk_one(a, b, c, n),
+                                                  (0, 0, data_axis))(s, h, d),
+                     static_argnums=3, donate_argnums=0)
+  data = task.data
   if mesh is not None:
     state, data = sharding_lib.put_replicated((state, data), mesh)
-  accuracy = make_accuracy_fn(model.apply, config.eval_batch_size)
-  writer = jax.process_index() == 0   # one results writer in multi-process runs
 
-  dirs = [None if output_dirs is None else Path(d) for d in (output_dirs or [None] * k_runs)]
-  run_args = [dict(a) for a in args] if args is not None else [{} for _ in configs]
-  results_paths = []
-  ckpts: list[_Checkpoints | None] = []
-  for c, d in zip(configs, dirs):
-    if d is not None:
-      d.mkdir(parents=True, exist_ok=True)
-    results_paths.append(None if d is None else d / "results.jsonl")
-    identity = {f: getattr(c, f) for f in _IDENTITY} | {"hparams": hparams[configs.index(c)]}
-    ckpts.append(_Checkpoints(d, identity) if (d is not None and checkpoint) else None)
+  def take(tree, k):
+    out = jax.tree.map(lambda x: x[k], tree)
+    return sharding_lib.local_copy(out) if mesh is not None else out
 
+  def saveable(s: TrainState):
+    return {"step": s.step, "params": s.params, "opt_state": s.opt_state, "key": key_to_data(s.key)}
+
+  results_paths = [None if d is None else d / "results.jsonl" for d in dirs]
+  ckpts = [Checkpoints(d, c.identity(), c.keep_checkpoints) if (d is not None and checkpoint) else None
+           for c, d in zip(configs, dirs)]
   records: list[list[dict[str, Any]]] = [[] for _ in configs]
   start = 0
   if resume:
     if any(c is None for c in ckpts):
-      raise ValueError("resume needs output_dir and checkpoint=True")
-    steps_found = [c.latest_step() for c in ckpts]
-    if all(s is None for s in steps_found):
-      pass  # nothing saved yet: start from scratch
-    elif len(set(steps_found)) != 1:
-      raise CheckpointError(f"runs in one program were checkpointed at different steps "
-                            f"{steps_found}: resume them separately")
-    else:
-      restored = [c.restore(take(state, k))[1] for k, c in enumerate(ckpts)]
-      state = (jax.tree.map(lambda *xs: jnp.stack(xs), *restored) if vmapped else restored[0])
-      start = steps_found[0] + 1
-      for k, path in enumerate(results_paths):   # keep the records up to the checkpoint
-        old = read_jsonl(path) if path.exists() else []
-        records[k] = [r for r in old if r["step"] <= steps_found[0]]
-        if len(records[k]) != len(old) and writer:
-          _rewrite_jsonl(path, records[k])
+      raise ValueError("resume needs output directories and checkpoint=True")
+    for c in ckpts:
+      c.check_identity()
+    found = [c.latest_step() for c in ckpts]
+    if any(s is not None for s in found):
+      restored = [c.restore(saveable(take(state, k))) for k, c in enumerate(ckpts)]
+      steps = {s for s, _ in restored}
+      if len(steps) != 1:
+        raise CheckpointError(f"runs in one program were checkpointed at different steps "
+                              f"{[s for s, _ in restored]}: resume them separately")
+      trees = [t for _, t in restored]
+      stacked = jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *trees)
+      state = TrainState(stacked["step"], stacked["params"], stacked["opt_state"],
+                         key_from_data(stacked["key"]))
+      if mesh is not None:
+        state = sharding_lib.put_replicated(state, mesh)
+      start = steps.pop() + 1
+    for k, path in enumerate(results_paths):   # keep the records up to the checkpoint, if any
+      if writer:
+        records[k] = results_lib.truncate_jsonl(path, start - 1 if start else None)
   else:
     for path, c in zip(results_paths, ckpts):
       if c is not None and c.latest_step() is not None:
@@ -383,94 +345,93 @@ def train_many(configs: Sequence[TrainConfig], model, splits_in: Sequence[Split]
       if path is not None and path.exists() and writer:
         path.unlink()
 
-  min_train = min(len(splits_in[e].y) for e in train_envs)
-  interval: list[dict[str, Any]] = []   # host copies of each step's metrics since last eval
+  eval_steps = [s for s in range(config.steps) if s % config.checkpoint_freq == 0 or s == config.steps - 1]
+  interval: list[dict[str, np.ndarray]] = []   # host metrics [K, n, ...] since the last evaluation
   step_times: list[float] = []
-  pending = None                         # (step, device metrics) of the step in flight
 
-  def check(step_index, metrics):
+  def check(first_step, metrics):
     host = jax.device_get(metrics)
-    losses = np.atleast_1d(np.asarray(host["loss"], np.float64))
-    for k, loss in enumerate(losses):
-      if not math.isfinite(loss):
-        where = (f" Results up to the last evaluation are in {results_paths[k]}."
-                 if results_paths[k] else "")
-        env_losses = np.asarray(take(host, k)["env_losses"]).tolist()
-        raise NonFiniteLossError(
-            f"training loss became {loss} at step {step_index} (method {config.method!r}"
-            f"{f', run {k} of {k_runs}' if vmapped else ''}, per-domain losses {env_losses}, "
-            f"hparams {hparams[k]}).{where}")
+    losses = np.asarray(host["loss"], np.float64)         # [K, n]
+    bad = np.argwhere(~np.isfinite(losses))
+    if bad.size:
+      k, i = (int(v) for v in bad[0])
+      where = (f" Results up to the last evaluation are in {results_paths[k]}."
+               if results_paths[k] else "")
+      env_losses = np.asarray(host["env_losses"][k, i]).tolist()
+      raise NonFiniteLossError(
+          f"training loss became {losses[k, i]} at step {first_step + i} (method {config.method!r}"
+          f"{f', run {k} of {k_runs}' if k_runs > 1 else ''}, per-domain losses {env_losses}, "
+          f"hparams {hparams[k]}).{where}")
     interval.append(host)
 
-  label = config.method if not vmapped else f"{config.method} x{k_runs}"
-  bar = tqdm(total=config.steps, initial=start, desc=label, unit="step",
-             disable=not config.progress or not writer, dynamic_ncols=True)
   diag_fns: dict[int, Any] = {}
 
-  def run_diagnostics(k, params_k, step):
-    """The method's optional ``MethodStep.diagnostics`` on a fresh training batch."""
+  def diagnostics(k, params_k, step):
+    """The method's optional diagnostics on a freshly drawn training batch."""
     if k not in diag_fns:
-      fn = build({n: v[k] for n, v in traced_hp.items()} if vmapped else {}).diagnostics
+      fn = build({n: v[k] for n, v in traced_hp.items()}).diagnostics
       diag_fns[k] = None if fn is None else jax.jit(
-          lambda p, d, key: fn(p, sample_batch(jax.random.fold_in(key, 1), d, batch_size), key))
+          lambda p, d, key: fn(p, task.batch(d, jax.random.fold_in(key, 1), batch_size), key))
     if diag_fns[k] is None:
       return {}
     key = jax.random.fold_in(jax.random.key(configs[k].seed), step)
-    local_data = data if mesh is None else sharding_lib.local_copy(data)   # params_k is local too
-    return {n: float(v) for n, v in jax.device_get(diag_fns[k](params_k, local_data, key)).items()}
+    data_k = take(data, k) if task.per_run_data else (
+        data if mesh is None else sharding_lib.local_copy(data))
+    return {n: float(v) for n, v in jax.device_get(diag_fns[k](params_k, data_k, key)).items()}
 
+  def evaluate(step):
+    step_time = float(np.mean(step_times)) / k_runs
+    for k in range(k_runs):
+      t_eval = time.perf_counter()
+      params_k = take(state.params, k)
+      record = {"step": step, "epoch": task.epoch(step, batch_size)}
+      for name in interval[0]:
+        values = np.concatenate([np.asarray(m[name][k]) for m in interval], axis=0)
+        record[name] = np.mean(values, axis=0)
+      record["step_time"] = step_time
+      record.update(task.evaluate(params_k, k))
+      record.update(diagnostics(k, params_k, step))
+      record["eval_time"] = time.perf_counter() - t_eval
+      record["hparams"] = hparams[k]
+      record["args"] = run_args[k]
+      record = {key: (v.tolist() if isinstance(v, (np.ndarray, np.generic)) else v)
+                for key, v in record.items()}
+      records[k].append(record)
+      if results_paths[k] is not None and writer:
+        results_lib.append_jsonl(results_paths[k], record)   # the record first, then the checkpoint
+      if ckpts[k] is not None:
+        ckpts[k].save(step, saveable(take(state, k)))
+    interval.clear()
+    step_times.clear()
+    progress.evaluated(step, task.progress_numbers(records[0][-1]), step_time)
+
+  label = config.method if k_runs == 1 else f"{config.method} x{k_runs}"
+  progress = Progress(label, config.steps, start, enabled=config.progress and writer)
+  step = start
+  pending = None                               # (first step, device metrics) of the chunk in flight
   t_last = time.perf_counter()
   try:
-    for step in range(start, config.steps):
-      state, metrics = step_fn(state, traced_hp, data) if vmapped else step_fn(state, {}, data)
-      if pending is not None:  # fetch the previous step's metrics: one step stays in flight
-        check(*pending)
-      pending = (step, metrics)
-      now = time.perf_counter()
-      step_times.append(now - t_last)
-      t_last = now
-      bar.update(1)
-      if step % config.checkpoint_freq == 0 or step == config.steps - 1:
-        check(*pending)
-        pending = None
-        step_time = float(np.mean(step_times))
-        for k in range(k_runs):
-          t_eval = time.perf_counter()
-          params_k = take(state.params, k)
-          if mesh is not None:
-            params_k = sharding_lib.local_copy(params_k)
-          record = {"step": step, "epoch": step * batch_size / min_train}
-          for key in interval[0]:
-            record[key] = np.mean([np.asarray(take(m, k)[key]) for m in interval], axis=0)
-          record["step_time"] = step_time / k_runs if vmapped else step_time
-          for e in range(n_envs):
-            record[f"env{e}_in_acc"] = accuracy(params_k, splits_in[e].x, splits_in[e].y)
-            record[f"env{e}_out_acc"] = accuracy(params_k, splits_out[e].x, splits_out[e].y)
-          record.update(run_diagnostics(k, params_k, step))
-          record["eval_time"] = time.perf_counter() - t_eval
-          record["hparams"] = hparams[k]
-          record["args"] = run_args[k]
-          record = {key: (v.tolist() if isinstance(v, (np.ndarray, np.generic)) else v)
-                    for key, v in record.items()}
-          records[k].append(record)
-          if results_paths[k] is not None and writer:
-            append_jsonl(results_paths[k], record)   # the record first, then the checkpoint
-          if ckpts[k] is not None:
-            ckpts[k].save(step, take(state, k))
-        interval.clear()
-        step_times.clear()
-        test_acc = np.mean([records[0][-1][f"env{e}_in_acc"] for e in config.test_envs])
-        bar.set_postfix(loss=f"{records[0][-1]['loss']:.4f}", test_acc=f"{test_acc:.3f}")
-        t_last = time.perf_counter()  # evaluation time is not step time
+    for target in eval_steps:
+      if target < step:
+        continue
+      while step <= target:
+        n = min(config.scan_steps, target - step + 1)
+        state, metrics = chunk_fn(state, traced_hp, data, n)
+        if pending is not None:   # fetch the previous chunk's metrics: one chunk stays in flight
+          check(*pending)
+        pending = (step, metrics)
+        step += n
+        now = time.perf_counter()
+        step_times.extend([(now - t_last) / n] * n)
+        t_last = now
+        progress.advance(n)
+      check(*pending)
+      pending = None
+      evaluate(target)
+      t_last = time.perf_counter()   # evaluation time is not step time
   finally:
-    bar.close()
+    progress.close()
   for d in dirs:
     if d is not None and writer:
       (d / "done").write_text("done\n")  # DomainBed's marker: the run finished
   return records
-
-
-def _rewrite_jsonl(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
-  tmp = path.with_suffix(".jsonl.rewrite")
-  tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
-  os.replace(tmp, path)

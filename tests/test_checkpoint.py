@@ -1,5 +1,6 @@
 """Checkpoint/resume and K runs vmapped in one program."""
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -60,7 +61,7 @@ def test_resume_refuses_other_runs_and_corrupt_checkpoints(tmp_path):
   with pytest.raises(train_lib.CheckpointError, match="already holds a checkpoint"):
     train_lib.train(cfg, mlp(2, (8,)), ins, outs, output_dir=tmp_path)
   # another seed is another run
-  other = train_lib.TrainConfig(**{**cfg.__dict__, "seed": 1})
+  other = dataclasses.replace(cfg, seed=1)
   with pytest.raises(train_lib.CheckpointError, match=r"belongs to another run \(seed: checkpoint 0 vs now 1\)"):
     train_lib.train(other, mlp(2, (8,)), ins, outs, output_dir=tmp_path, resume=True)
   # another model does not fit the saved arrays
@@ -97,6 +98,6 @@ def test_k_vmapped_runs_equal_single_runs(tmp_path):
     assert results.read_jsonl(tmp_path / f"k{i}" / "results.jsonl")[-1]["step"] == 24
     assert (tmp_path / f"k{i}" / "done").exists()
   # runs with different structural hparams cannot share a program
-  bad = [configs[0], train_lib.TrainConfig(**{**configs[1].__dict__, "hparams": {"batch_size": 8}})]
+  bad = [configs[0], dataclasses.replace(configs[1], hparams={"batch_size": 8})]
   with pytest.raises(ValueError, match="structural hparam 'batch_size'"):
     train_lib.train_many(bad, model, ins, outs)

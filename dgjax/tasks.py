@@ -1,0 +1,141 @@
+"""Tasks: what the engine (:mod:`dgjax.train`) trains on and how it evaluates.
+
+A task supplies the model, the training data (device arrays the jitted step reads), how one
+step's batch is drawn from it (inside ``jit``), the initial parameters and ``evaluate``. The
+engine owns everything else: the method's step, the runs axis, checkpoints, records, progress.
+
+* :class:`DomainBedTask`: DomainBed's protocol. Each step draws ``batch_size`` examples per
+  training environment, uniformly with replacement (``InfiniteDataLoader``); each evaluation
+  scores every environment's in and out split (``env{i}_in_acc``, ``env{i}_out_acc``).
+* The IRM-style Colored MNIST benchmark is a task too (:class:`dgjax.irm_benchmark.IRMTask`):
+  full batch, per-run data, its own evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass
+class Split:
+  """One evaluation split of one environment."""
+  name: str   # e.g. "env0_in"
+  x: np.ndarray
+  y: np.ndarray
+
+
+class TrainData(NamedTuple):
+  """The training environments' in-splits concatenated: env ``d`` is
+  ``x[offsets[d] : offsets[d] + sizes[d]]``."""
+  x: jax.Array
+  y: jax.Array
+  offsets: jax.Array
+  sizes: jax.Array
+
+
+def make_train_data(envs_xy: Sequence[tuple[np.ndarray, np.ndarray]]) -> TrainData:
+  sizes = np.array([len(y) for _, y in envs_xy], np.int32)
+  offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int32)
+  return TrainData(x=jnp.asarray(np.concatenate([x for x, _ in envs_xy])),
+                   y=jnp.asarray(np.concatenate([y for _, y in envs_xy])),
+                   offsets=jnp.asarray(offsets), sizes=jnp.asarray(sizes))
+
+
+def sample_batch(key: jax.Array, data: TrainData, batch_size: int) -> dict[str, jax.Array]:
+  """``batch_size`` indices per environment, uniform with replacement: leaves ``[D, B, ...]``."""
+  d = data.offsets.shape[0]
+  idx = data.offsets[:, None] + jax.random.randint(key, (d, batch_size), 0, data.sizes[:, None])
+  return {"x": data.x[idx], "y": data.y[idx]}
+
+
+def make_accuracy_fn(apply_fn, eval_batch_size: int = 1000, variables: Mapping[str, Any] | None = None):
+  """``accuracy(params, x, y) -> float``: argmax accuracy (a single logit: ``> 0``), in jitted
+  chunks of ``eval_batch_size`` (a last partial chunk is padded to a multiple of 128 and
+  masked, so few shapes compile)."""
+  variables = dict(variables or {})
+
+  @jax.jit
+  def correct(params, x, y, valid):
+    logits = apply_fn({"params": params, **variables}, x)
+    if logits.shape[-1] == 1:
+      pred = (logits[..., 0] > 0).astype(y.dtype)
+    else:
+      pred = jnp.argmax(logits, -1).astype(y.dtype)
+    return jnp.sum((pred == y) & valid)
+
+  def accuracy(params, x, y):
+    n = len(y)
+    total = 0
+    for start in range(0, n, eval_batch_size):
+      xb, yb = x[start:start + eval_batch_size], y[start:start + eval_batch_size]
+      m = len(yb)
+      size = min(eval_batch_size, -(-m // 128) * 128)
+      if m < size:
+        pad = size - m
+        xb = np.concatenate([xb, np.zeros((pad,) + xb.shape[1:], xb.dtype)])
+        yb = np.concatenate([yb, np.zeros((pad,), yb.dtype)])
+      valid = np.arange(size) < m
+      total += correct(params, xb, yb, valid)
+    return float(total) / max(n, 1)
+
+  return accuracy
+
+
+class DomainBedTask:
+  """DomainBed's training and evaluation protocol on in-memory environments.
+
+  Args:
+    model: a flax classifier (``features`` / ``head`` methods, ``featurizer`` / ``classifier``
+      params).
+    splits_in, splits_out: per environment (index = environment), its in and out splits.
+    test_envs: environments not trained on.
+    eval_batch_size: examples per jitted evaluation chunk.
+  """
+  per_run_data = False
+
+  def __init__(self, model, splits_in: Sequence[Split], splits_out: Sequence[Split],
+               test_envs: Sequence[int], eval_batch_size: int = 1000):
+    n = len(splits_in)
+    bad = [e for e in test_envs if not 0 <= e < n]
+    if bad:
+      raise ValueError(f"test_envs {bad} out of range: there are {n} environments (0..{n - 1})")
+    self.model = model
+    self.splits_in, self.splits_out = list(splits_in), list(splits_out)
+    self.test_envs = tuple(test_envs)
+    self.train_envs = [e for e in range(n) if e not in self.test_envs]
+    if not self.train_envs:
+      raise ValueError("every environment is a test environment: nothing to train on")
+    empty = [self.splits_in[e].name for e in self.train_envs if len(self.splits_in[e].y) == 0]
+    if empty:
+      raise ValueError(f"training split(s) {empty} hold no examples")
+    self.num_domains = len(self.train_envs)
+    self.variables: Mapping[str, Any] = {}
+    self.data = make_train_data([(self.splits_in[e].x, self.splits_in[e].y) for e in self.train_envs])
+    self._min_train = min(len(self.splits_in[e].y) for e in self.train_envs)
+    self._accuracy = make_accuracy_fn(model.apply, eval_batch_size)
+
+  def init_params(self, key):
+    return self.model.init(key, jnp.asarray(self.splits_in[self.train_envs[0]].x[:1]))["params"]
+
+  def batch(self, data, key, batch_size):
+    return sample_batch(key, data, batch_size)
+
+  def epoch(self, step: int, batch_size: int) -> float:
+    return step * batch_size / self._min_train
+
+  def evaluate(self, params, run: int) -> dict[str, float]:
+    del run
+    out = {}
+    for e in range(len(self.splits_in)):
+      out[f"env{e}_in_acc"] = self._accuracy(params, self.splits_in[e].x, self.splits_in[e].y)
+      out[f"env{e}_out_acc"] = self._accuracy(params, self.splits_out[e].x, self.splits_out[e].y)
+    return out
+
+  def progress_numbers(self, record: Mapping[str, Any]) -> dict[str, float]:
+    test = np.mean([record[f"env{e}_in_acc"] for e in self.test_envs])
+    return {"loss": record["loss"], "test_acc": float(test)}
