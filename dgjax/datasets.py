@@ -46,7 +46,14 @@ class Dataset:
   model: Callable[[str], Any]
   default_test_env: int
   data: str
+  env_names: tuple[str, ...] = ()
   options: tuple[str, ...] = ()
+  steps: int = 5001            # DomainBed's N_STEPS
+  checkpoint_freq: int = 100   # DomainBed's CHECKPOINT_FREQ
+
+  @property
+  def num_environments(self) -> int:
+    return len(self.env_names)
 
 
 def _pooled(data, max_examples):
@@ -102,20 +109,24 @@ register(Dataset(
     "ColoredMNIST", "DomainBed's Colored MNIST: label digit<5 (25% noise), colour agrees with "
     "the label 90% / 80% / 10% (Arjovsky et al., 2019)",
     _colored("mnist", "MNIST"), _cnn(2), default_test_env=2,
-    data="MNIST IDX files (default: TFDS 'mnist')", options=("downsample",)))
+    data="MNIST IDX files (default: TFDS 'mnist')", env_names=("+90%", "+80%", "-90%"),
+    options=("downsample",)))
 register(Dataset(
     "ColoredFashionMNIST", "Colored MNIST's construction on Fashion-MNIST, label class<5 "
     "(Ahuja et al., 2020)",
     _colored("fashion_mnist", "Fashion-MNIST"), _cnn(2), default_test_env=2,
-    data="Fashion-MNIST IDX files (default: TFDS 'fashion_mnist')", options=("downsample",)))
+    data="Fashion-MNIST IDX files (default: TFDS 'fashion_mnist')", env_names=("+90%", "+80%", "-90%"),
+    options=("downsample",)))
 register(Dataset(
     "RotatedMNIST", "DomainBed's Rotated MNIST: digits rotated 0/15/30/45/60/75 degrees, 10 "
     "classes (Ghifary et al., 2015)",
-    _rotated, _cnn(10), default_test_env=0, data="MNIST IDX files (default: TFDS 'mnist')"))
+    _rotated, _cnn(10), default_test_env=0, data="MNIST IDX files (default: TFDS 'mnist')",
+    env_names=("0", "15", "30", "45", "60", "75")))
 register(Dataset(
     "Spirals", "Synthetic spirals with per-environment shortcut signatures (Parascandolo et al., "
     "2021); no download",
-    _spirals, _spirals_mlp, default_test_env=-1, data="nothing (synthetic)"))
+    _spirals, _spirals_mlp, default_test_env=-1, data="nothing (synthetic)",
+    env_names=tuple(f"train{i}" for i in range(16)) + ("test",)))
 
 
 def get_dataset(name: str) -> Dataset:

@@ -9,16 +9,18 @@ from then on, and the whole objective divided by the weight when it exceeds 1. R
 final train accuracy (mean over the two training environments), test accuracy and gray-test
 accuracy, mean +- std over restarts (each restart draws new data and a new initialisation).
 
-Any method of :mod:`dgjax.methods` runs here: its :class:`~dgjax.methods.MethodStep` gets the
-whole training set as its "batch" (leaves ``[2, n, ...]``) and these hparams where the method
-has them: ``lr``, ``weight_decay = 2 * l2`` (the gradient of ``l2 ||w||^2``), ``batch_size``,
-``penalty_weight``, ``penalty_anneal_iters``, ``rescale_loss = 1`` and ``reset_optimizer = 0``
-(the IRM code keeps Adam's state at the switch). Methods that name their weight differently
-map it in :data:`HPARAM_ALIASES`. Per-run overrides win over all of these.
+It is a task of the engine (:class:`IRMTask` for :func:`dgjax.train.train_many`): the batch is
+the whole training set of the run (leaves ``[2, n, ...]``; each restart has its own data, so
+the data carries the runs axis), and its evaluation scores train, test and gray test. The
+benchmark's settings reach each method through the roles of its hparams
+(:attr:`dgjax.core.HParam.role`): ``lr``, ``weight_decay = 2 * l2`` (the gradient of
+``l2 ||w||^2``), ``batch_size`` (the environment size), ``penalty_weight``, ``anneal_iters``,
+``rescale_loss = True`` and ``reset_optimizer = False`` (the IRM code keeps Adam's state at
+the switch), wherever the method has an hparam of that role. Per-run overrides win.
 
-Restarts run as one ``jax.vmap``-ed program over their seeds (``restarts_impl="vmap"``) or one
-after another (``"sequential"``). With label shift the two environments differ in size; both
-are truncated to the smaller one so that the per-domain batch is rectangular.
+Restarts run as one vmapped program (``restarts_impl="vmap"``) or one after another
+(``"sequential"``). With label shift the two environments differ in size; both are truncated
+to the smaller one so that the per-domain batch is rectangular.
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ from typing import Any, Callable, Mapping, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from dgjax import hessian
 from dgjax import methods
+from dgjax import train as train_lib
 from dgjax.data import irm_cmnist
+from dgjax.losses import cross_entropy
 from dgjax.models import mlp
 from dgjax.seeding import seed_hash
 
@@ -47,18 +50,11 @@ PENALTY_ANNEAL_ITERS = 190
 STEPS = 501
 HIDDEN = 390
 
-#: Method-specific names for the penalty weight / switch step (DomainBed's spellings).
-HPARAM_ALIASES: dict[str, dict[str, str]] = {
-    "irm": {"penalty_weight": "irm_lambda", "penalty_anneal_iters": "irm_penalty_anneal_iters"},
-    "vrex": {"penalty_weight": "vrex_lambda", "penalty_anneal_iters": "vrex_penalty_anneal_iters"},
-    "fishr": {"penalty_weight": "lambda", "penalty_anneal_iters": "penalty_anneal_iters"},
-}
-
 #: Published full-MNIST results (Fishr, Rame et al. ICML 2022, Table 2: train / test / gray test).
 PUBLISHED = {"erm": (86.4, 14.0, 71.0), "fishr": (71.0, 69.5, 70.2)}
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class IRMConfig:
   method: str = "erm"
   steps: int = STEPS
@@ -75,22 +71,23 @@ class IRMConfig:
   hessian_gap: bool = False          # log max_{e,e'} ||H_e - H_e'||_2 at each evaluation
   hessian_gap_iters: int = 20
   restarts_impl: str = "vmap"        # "vmap" | "sequential"
+  scan_steps: int = 100              # steps per jit call (full-batch MLP steps are short)
+
+
+def benchmark_overrides(method: str, cfg: IRMConfig, n_train: int) -> dict[str, Any]:
+  """The benchmark's settings as hparam overrides of ``method``, by role, then ``cfg.hparams``."""
+  by_role = {"lr": cfg.lr, "weight_decay": 2.0 * cfg.l2_weight, "batch_size": n_train,
+             "penalty_weight": cfg.penalty_weight, "anneal_iters": cfg.penalty_anneal_iters,
+             "rescale_loss": True, "reset_optimizer": False}
+  spec = methods.hparam_specs(method)
+  overrides = {name: by_role[s.role] for name, s in spec.items() if s.role in by_role}
+  overrides.update(cfg.hparams)
+  return overrides
 
 
 def benchmark_hparams(method: str, cfg: IRMConfig, n_train: int) -> dict[str, Any]:
-  """The method's hparams for this benchmark (see the module docstring)."""
-  spec = methods.hparam_specs(method)
-  alias = HPARAM_ALIASES.get(method, {})
-  wanted = {"lr": cfg.lr, "weight_decay": 2.0 * cfg.l2_weight, "batch_size": n_train,
-            "penalty_weight": cfg.penalty_weight, "penalty_anneal_iters": cfg.penalty_anneal_iters,
-            "rescale_loss": 1, "reset_optimizer": 0}
-  overrides = {}
-  for name, value in wanted.items():
-    target = alias.get(name, name)
-    if target in spec:
-      overrides[target] = value
-  overrides.update(cfg.hparams)
-  return methods.resolve_hparams(method, 0, overrides)
+  """The method's resolved hparams for this benchmark."""
+  return methods.resolve_hparams(method, 0, benchmark_overrides(method, cfg, n_train))
 
 
 def xavier_init(params, key):
@@ -108,149 +105,126 @@ def xavier_init(params, key):
   return jax.tree.unflatten(treedef, out)
 
 
-def _restart_arrays(data: irm_cmnist.IRMColoredMNIST):
-  """Per-restart index/label/colour arrays (envs truncated to a common size)."""
-  n = min(len(e.index) for e in data.train)
-  return {"train_index": np.stack([e.index[:n] for e in data.train]),
-          "train_y": np.stack([e.y[:n] for e in data.train]),
-          "train_color": np.stack([e.color[:n] for e in data.train]),
-          "test_index": data.test.index, "test_y": data.test.y, "test_color": data.test.color}
+def restart_data(data: irm_cmnist.IRMColoredMNIST, n_env: int) -> dict[str, np.ndarray]:
+  """One restart's arrays: the two training environments (truncated to ``n_env``), the test
+  environment in colour and in gray."""
+  train = [irm_cmnist.colorize(data.images, e)[:n_env] for e in data.train]
+  return {"train_x": np.stack(train), "train_y": np.stack([e.y[:n_env] for e in data.train]),
+          "test_x": irm_cmnist.colorize(data.images, data.test),
+          "gray_x": irm_cmnist.colorize(data.images, data.test, grayscale=True),
+          "test_y": data.test.y}
 
 
-def _colorize(images, index, color, grayscale=False):
-  grey = images[index]                                   # [..., 196]
-  if grayscale:
-    keep = jnp.ones(color.shape + (2,), grey.dtype)
-  else:
-    keep = (color[..., None] == jnp.arange(2)).astype(grey.dtype)
-  return (keep[..., :, None] * grey[..., None, :]).reshape(index.shape + (-1,))
+class IRMTask:
+  """Arjovsky et al.'s full-batch protocol as an engine task; run ``k`` trains on
+  ``runs[k]`` (from :func:`restart_data`)."""
+  per_run_data = True
+  num_domains = 2
+  variables: Mapping[str, Any] = {}
+
+  def __init__(self, runs: list[dict[str, np.ndarray]], hidden: int, hessian_gap: bool = False,
+               hessian_gap_iters: int = 20, gap_seeds: list[int] | None = None):
+    self.model = mlp(1, hidden=(hidden, hidden))
+    self.runs = runs
+    self.data = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)),
+                             *[{"x": r["train_x"], "y": r["train_y"]} for r in runs])
+    self.hessian_gap, self.hessian_gap_iters = hessian_gap, hessian_gap_iters
+    self.gap_seeds = gap_seeds or list(range(len(runs)))
+    self._evals = [0] * len(runs)
+    model = self.model
+
+    @jax.jit
+    def accuracy(params, x, y):
+      logits = model.apply({"params": params}, x)[..., 0]
+      return jnp.mean(((logits > 0).astype(jnp.int32) == y).astype(jnp.float32))
+
+    @jax.jit
+    def gap(params, x, y, key):
+      d, b = x.shape[:2]
+      z = model.apply({"params": params}, x.reshape(d * b, -1), method="features")
+      obj = lambda head, inp: cross_entropy(model.apply({"params": {"classifier": head}}, inp["z"],
+                                                        method="head"), inp["y"])
+      return hessian.hessian_difference_norm(obj, params["classifier"],
+                                             {"z": z.reshape(d, b, -1), "y": y}, key,
+                                             hessian_gap_iters)
+
+    self._accuracy, self._gap = accuracy, gap
+
+  def init_params(self, key):
+    params = self.model.init(key, jnp.zeros((1, 392), jnp.float32))["params"]
+    return xavier_init(params, jax.random.fold_in(key, 1))
+
+  def batch(self, data, key, batch_size):
+    del key, batch_size
+    return {"x": data["x"], "y": data["y"]}
+
+  def epoch(self, step, batch_size):
+    return float(step)
+
+  def evaluate(self, params, run: int) -> dict[str, float]:
+    r = self.runs[run]
+    train = np.mean([float(self._accuracy(params, r["train_x"][e], r["train_y"][e])) for e in range(2)])
+    out = {"train_acc": float(train),
+           "test_acc": float(self._accuracy(params, r["test_x"], r["test_y"])),
+           "gray_acc": float(self._accuracy(params, r["gray_x"], r["test_y"]))}
+    if self.hessian_gap:
+      key = jax.random.fold_in(jax.random.key(self.gap_seeds[run]), self._evals[run])
+      out["hessian_gap"] = float(self._gap(params, r["train_x"], r["train_y"], key))
+    self._evals[run] += 1
+    return out
+
+  def progress_numbers(self, record):
+    return {"loss": record["loss"], "train_acc": record["train_acc"], "test_acc": record["test_acc"]}
 
 
 def run(cfg: IRMConfig, images: np.ndarray, labels: np.ndarray,
         log: Callable[[str], None] = print) -> dict[str, Any]:
-  """Trains ``cfg.method`` ``cfg.n_restarts`` times; returns finals, summary and history.
+  """Trains ``cfg.method`` ``cfg.n_restarts`` times on the engine; returns finals, summary and
+  history.
 
   Returns a dict with ``final`` (per-restart ``train_acc``, ``test_acc``, ``gray_acc``),
   ``summary`` (mean and std of each, in %), ``history`` (one record per evaluation: step and
-  per-restart accuracies and metrics), ``note`` (the data split), ``hparams`` and timings.
+  per-restart metrics, averaged over the steps since the previous evaluation, and
+  accuracies), ``note`` (the data split), ``hparams`` and timings.
   """
+  if cfg.restarts_impl not in ("vmap", "sequential"):
+    raise ValueError(f"restarts_impl must be 'vmap' or 'sequential', got {cfg.restarts_impl!r}")
   datasets = [irm_cmnist.irm_colored_mnist(images, labels, seed=seed_hash(cfg.seed, r),
                                            label_shift=cfg.label_shift)
               for r in range(cfg.n_restarts)]
-  note = datasets[0].note
-  grey = jnp.asarray(datasets[0].images)
-  arrays = [_restart_arrays(d) for d in datasets]
-  n_env = min(a["train_y"].shape[1] for a in arrays)
-  arrays = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)),
-                        *[{k: (v[:, :n_env] if k.startswith("train") else v) for k, v in a.items()}
-                          for a in arrays])
-  hp = benchmark_hparams(cfg.method, cfg, n_env)
-  model = mlp(1, hidden=(cfg.hidden, cfg.hidden))
-  ctx = methods.Context(model=model, hparams=hp, num_domains=2, per_domain_impl="vmap")
-  step_impl = methods.get_method(cfg.method).build(ctx)
-  obj_fn = lambda head, d: methods.cross_entropy(ctx.head_logits(head, d["z"]), d["y"])
-
-  def init(key):
-    params = model.init(key, jnp.zeros((1, 392), jnp.float32))["params"]
-    params = xavier_init(params, jax.random.fold_in(key, 1))
-    return params, step_impl.init(params)
-
-  def batch_of(a):
-    return {"x": _colorize(grey, a["train_index"], a["train_color"]), "y": a["train_y"]}
-
-  def train_chunk(params, opt_state, a, key, start, length):
-    batch = batch_of(a)
-
-    def body(carry, step):
-      params, opt_state = carry
-      # The method's randomness (Mixup's pairs, Hutchinson's probes): one key per restart and step.
-      step_key = jax.random.fold_in(jax.random.fold_in(key, 2), step)
-      updates, opt_state, metrics = step_impl.update(params, opt_state, batch, step, step_key)
-      metrics = {k: v for k, v in metrics.items() if jnp.ndim(v) <= 1}
-      return (optax.apply_updates(params, updates), opt_state), metrics
-
-    (params, opt_state), metrics = jax.lax.scan(body, (params, opt_state),
-                                                start + jnp.arange(length))
-    return params, opt_state, jax.tree.map(lambda m: m[-1], metrics)
-
-  def accuracy(params, x, y):
-    logits = model.apply({"params": params}, x)[..., 0]
-    return jnp.mean(((logits > 0).astype(jnp.int32) == y).astype(jnp.float32))
-
-  def evaluate(params, a, key):
-    batch = batch_of(a)
-    train_acc = jnp.mean(jax.vmap(lambda x, y: accuracy(params, x, y))(batch["x"], batch["y"]))
-    test_acc = accuracy(params, _colorize(grey, a["test_index"], a["test_color"]), a["test_y"])
-    gray_acc = accuracy(params, _colorize(grey, a["test_index"], a["test_color"], True), a["test_y"])
-    out = {"train_acc": train_acc, "test_acc": test_acc, "gray_acc": gray_acc}
-    if cfg.hessian_gap:
-      d, b = batch["x"].shape[:2]
-      z = model.apply({"params": params}, batch["x"].reshape(d * b, -1), method="features")
-      inputs = {"z": z.reshape(d, b, -1), "y": batch["y"]}
-      out["hessian_gap"] = hessian.hessian_difference_norm(obj_fn, params["classifier"], inputs, key,
-                                                           cfg.hessian_gap_iters)
-    return out
-
-  keys = jnp.stack([jax.random.key(seed_hash(cfg.seed, r, "init")) for r in range(cfg.n_restarts)])
-  if cfg.restarts_impl == "vmap":
-    v_init = jax.jit(jax.vmap(init))
-    v_chunk = jax.jit(jax.vmap(train_chunk, in_axes=(0, 0, 0, 0, None, None)), static_argnums=5)
-    v_eval = jax.jit(jax.vmap(evaluate))
-    params, opt_state = v_init(keys)
-
-    def run_chunk(start, length):
-      nonlocal params, opt_state
-      params, opt_state, m = v_chunk(params, opt_state, arrays, keys, start, length)
-      return m
-
-    def run_eval(step):
-      return v_eval(params, arrays, jax.vmap(lambda k: jax.random.fold_in(k, step))(keys))
-  elif cfg.restarts_impl == "sequential":
-    s_chunk = jax.jit(train_chunk, static_argnums=5)
-    s_eval = jax.jit(evaluate)
-    states = [jax.jit(init)(k) for k in keys]
-
-    def run_chunk(start, length):
-      ms = []
-      for r in range(cfg.n_restarts):
-        a = jax.tree.map(lambda x: x[r], arrays)
-        p, o, m = s_chunk(*states[r], a, keys[r], start, length)
-        states[r] = (p, o)
-        ms.append(m)
-      return jax.tree.map(lambda *xs: jnp.stack(xs), *ms)
-
-    def run_eval(step):
-      outs = [s_eval(states[r][0], jax.tree.map(lambda x: x[r], arrays), jax.random.fold_in(keys[r], step))
-              for r in range(cfg.n_restarts)]
-      return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
-  else:
-    raise ValueError(f"restarts_impl must be 'vmap' or 'sequential', got {cfg.restarts_impl!r}")
-
-  # Evaluate after step 0 and every eval_every steps (0, 100, ..., 500 for 501 steps).
-  bounds = sorted({0, *range(cfg.eval_every, cfg.steps, cfg.eval_every), cfg.steps - 1})
-  history = []
-  done = 0
+  n_env = min(len(e.index) for d in datasets for e in d.train)
+  runs = [restart_data(d, n_env) for d in datasets]
+  overrides = benchmark_overrides(cfg.method, cfg, n_env)
+  seeds = [seed_hash(cfg.seed, r, "init") for r in range(cfg.n_restarts)]
+  configs = [train_lib.TrainConfig(method=cfg.method, test_envs=(), steps=cfg.steps,
+                                   checkpoint_freq=cfg.eval_every, seed=s, hparams=overrides,
+                                   per_domain_impl="vmap", progress=False,
+                                   scan_steps=cfg.scan_steps)
+             for s in seeds]
+  groups = [list(range(cfg.n_restarts))] if cfg.restarts_impl == "vmap" else [[r] for r in range(cfg.n_restarts)]
   t0 = time.perf_counter()
-  for b in bounds:
-    m = run_chunk(done, b + 1 - done)
-    done = b + 1
-    ev = jax.device_get(run_eval(b))
-    m = jax.device_get(m)
-    rec = {"step": b, **{k: np.asarray(v).tolist() for k, v in {**m, **ev}.items()}}
-    if not np.all(np.isfinite(np.asarray(m["loss"]))):
-      raise FloatingPointError(f"{cfg.method}: non-finite loss at step {b}: {np.asarray(m['loss']).tolist()}")
-    history.append(rec)
-    log(f"step {b:4d}  loss {np.mean(m['loss']):.4f}  train {100 * np.mean(ev['train_acc']):.1f}  "
-        f"test {100 * np.mean(ev['test_acc']):.1f}  gray {100 * np.mean(ev['gray_acc']):.1f}"
-        + (f"  penalty {np.mean(m['penalty']):.3g}" if "penalty" in m else "")
-        + (f"  hessian_gap {np.mean(ev['hessian_gap']):.3g}" if "hessian_gap" in ev else "")
-        + f"  ({time.perf_counter() - t0:.0f}s)")
+  per_run: list[list[dict]] = [None] * cfg.n_restarts  # type: ignore[list-item]
+  for g in groups:
+    task = IRMTask([runs[r] for r in g], cfg.hidden, cfg.hessian_gap, cfg.hessian_gap_iters,
+                   [seeds[r] for r in g])
+    for r, recs in zip(g, train_lib.train_many([configs[r] for r in g], task)):
+      per_run[r] = recs
+  keys = [k for k, v in per_run[0][0].items() if k not in ("hparams", "args", "epoch")]
+  history = [{"step": recs[0]["step"],
+              **{k: [per_run[r][i][k] for r in range(cfg.n_restarts)] for k in keys if k != "step"}}
+             for i, recs in enumerate(zip(*per_run))]
+  for h in history:
+    log(f"step {h['step']:4d}  loss {np.mean(h['loss']):.4f}  train {100 * np.mean(h['train_acc']):.1f}  "
+        f"test {100 * np.mean(h['test_acc']):.1f}  gray {100 * np.mean(h['gray_acc']):.1f}"
+        + (f"  penalty {np.mean(h['penalty']):.3g}" if "penalty" in h else "")
+        + (f"  hessian_gap {np.mean(h['hessian_gap']):.3g}" if "hessian_gap" in h else ""))
   final = {k: np.asarray(history[-1][k]) for k in ("train_acc", "test_acc", "gray_acc")}
   summary = {k: (100 * float(np.mean(v)), 100 * float(np.std(v))) for k, v in final.items()}
   return {"method": cfg.method, "final": {k: v.tolist() for k, v in final.items()},
-          "summary": summary, "history": history, "note": note, "hparams": hp,
-          "n_restarts": cfg.n_restarts, "train_seconds": time.perf_counter() - t0,
-          "env_size": int(n_env), "label_shift": cfg.label_shift}
+          "summary": summary, "history": history, "note": datasets[0].note,
+          "hparams": dict(configs[0].resolved_hparams), "n_restarts": cfg.n_restarts,
+          "train_seconds": time.perf_counter() - t0, "env_size": int(n_env),
+          "label_shift": cfg.label_shift}
 
 
 def format_summary(results: list[dict[str, Any]], published: Mapping[str, tuple] = PUBLISHED) -> str:

@@ -7,13 +7,13 @@ r"""Any registered dataset with any registered method (DomainBed's ``train.py``)
 Writes ``<output_dir>/results.jsonl`` (one line per evaluation, DomainBed's keys) and prints
 the accuracy of every environment under training-domain validation and oracle selection.
 ``python -m experiments.colored_mnist`` is the same run with ``--dataset=ColoredMNIST``.
+Flags become one :class:`dgjax.train.TrainConfig` (validated before any data is loaded);
+:mod:`dgjax.runs` does the rest.
 """
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
 import jax
 from absl import app
@@ -22,24 +22,35 @@ from absl import logging
 
 from dgjax import datasets
 from dgjax import methods
+from dgjax import results as results_lib
+from dgjax import runs
 from dgjax import selection
 from dgjax import sharding
 from dgjax import train as train_lib
+from dgjax.checkpoints import CheckpointError
 from dgjax.data import DataError
+
+
+def _method_help() -> str:
+  return "training method, one of: " + ", ".join(sorted(methods.METHODS))
+
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dataset", "ColoredMNIST", f"one of: {', '.join(sorted(datasets.DATASETS))}")
-flags.DEFINE_string("method", "erm", f"training method, one of: {', '.join(sorted(methods.METHODS))}")
+flags.DEFINE_string("method", "erm", _method_help())
 flags.DEFINE_integer("test_env", None, "index of the test environment (default: the dataset's, "
                      "ColoredMNIST 2 = -90%, RotatedMNIST 0 = 0 degrees, Spirals the last = test)")
 flags.DEFINE_list("test_envs", None, "several test environments, e.g. 0,1 (DomainBed's "
                   "--test_envs; held-out pairs for leave-one-domain-out selection)")
-flags.DEFINE_integer("steps", 5001, "training steps")
-flags.DEFINE_integer("checkpoint_freq", 100, "evaluate every this many steps")
+flags.DEFINE_integer("steps", None, "training steps (default: the dataset's, 5001 for MNIST ones)")
+flags.DEFINE_integer("checkpoint_freq", None, "evaluate and checkpoint every this many steps "
+                     "(default: the dataset's, 100 for MNIST ones)")
 flags.DEFINE_integer("seed", 0, "seed for initialisation and minibatch sampling")
 flags.DEFINE_integer("trial_seed", 0, "seed for the dataset construction and in/out splits")
-flags.DEFINE_integer("hparams_seed", 0, "0: default hparams; else a DomainBed-style random draw")
-flags.DEFINE_string("hparams", None, 'JSON object of hparam overrides, e.g. \'{"lr": 1e-4}\'')
+flags.DEFINE_integer("hparams_seed", 0, "0: default hparams; else DomainBed's random draw "
+                     "(seed_hash(hparams_seed, trial_seed))")
+flags.DEFINE_string("hparams", None, 'JSON object of hparam overrides, e.g. \'{"lr": 1e-4}\'; '
+                    "see the README's method table for each method's hparams")
 flags.DEFINE_string("data_dir", None, "directory with the dataset's IDX files (MNIST, or "
                     "Fashion-MNIST for ColoredFashionMNIST; train-* required, t10k-* used when "
                     "present). Default: TFDS. Spirals needs none")
@@ -52,7 +63,12 @@ flags.DEFINE_bool("downsample", False, "Colored datasets: subsample images to 14
 flags.DEFINE_bool("overwrite", False, "replace an existing run in output_dir (results.jsonl, "
                   "checkpoints/, done)")
 flags.DEFINE_bool("resume", False, "continue the run in output_dir from its last checkpoint")
-flags.DEFINE_bool("progress", True, "show a progress bar")
+flags.DEFINE_bool("progress", True, "show progress (a bar on a terminal, one line per "
+                  "evaluation otherwise); --noprogress: none")
+flags.DEFINE_integer("keep_checkpoints", 3, "checkpoints kept (an unreadable newest one falls "
+                     "back to the previous)")
+flags.DEFINE_integer("scan_steps", 1, "training steps per jit call (lax.scan)")
+flags.DEFINE_integer("eval_batch_size", 1000, "examples per evaluation chunk")
 flags.DEFINE_enum("per_domain_impl", "auto", ["auto", "vmap", "unrolled"],
                   "lowering of the per-domain gradients (same numbers; auto picks the fastest)")
 flags.DEFINE_string("conv_impl", "auto", "convolution lowering, see dgjax.conv")
@@ -68,101 +84,60 @@ def fail(message: str) -> None:
   sys.exit(2)
 
 
+def config_from_flags() -> runs.TrainConfig:
+  """The run's config from the flags; a ``ValueError`` names the bad flag or hparam."""
+  if FLAGS.test_env is not None and FLAGS.test_envs:
+    raise ValueError("pass --test_env or --test_envs, not both")
+  try:
+    test_envs = ([int(e) for e in FLAGS.test_envs] if FLAGS.test_envs else
+                 None if FLAGS.test_env is None else [FLAGS.test_env])
+  except ValueError:
+    raise ValueError(f"--test_envs must be integers (got {','.join(FLAGS.test_envs)})") from None
+  methods.get_method(FLAGS.method)
+  fields = {name: FLAGS[name].value for name in runs.FLAG_FIELDS
+            if name not in ("dataset", "steps", "checkpoint_freq")}
+  return runs.make_config(
+      FLAGS.dataset, test_envs, steps=FLAGS.steps, checkpoint_freq=FLAGS.checkpoint_freq,
+      hparams=runs.hparams_json(FLAGS.hparams), progress=FLAGS.progress, **fields)
+
+
 def main(argv):
   logging.set_verbosity(logging.WARNING)
   sharding.maybe_initialize_distributed(FLAGS.distributed)
   if len(argv) > 1:
     fail(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
-    dataset = datasets.get_dataset(FLAGS.dataset)
-    methods.get_method(FLAGS.method)
-    overrides = json.loads(FLAGS.hparams) if FLAGS.hparams else {}
-    if not isinstance(overrides, dict):
-      raise ValueError("--hparams must be a JSON object")
-    hparams = methods.resolve_hparams(FLAGS.method, FLAGS.hparams_seed, overrides,
-                                      FLAGS.trial_seed)
-  except json.JSONDecodeError as e:
-    fail(f"--hparams is not valid JSON: {e}")
-  except ValueError as e:
-    fail(str(e))
-
-  options = {"downsample": True} if FLAGS.downsample and "downsample" in dataset.options else {}
-  if FLAGS.downsample and not options:
-    fail(f"--downsample does not apply to {dataset.name}")
-  try:
-    envs = datasets.load_environments(dataset.name, FLAGS.data_dir, FLAGS.trial_seed,
-                                      max_examples=FLAGS.max_examples, **options)
-  except DataError as e:
-    fail(str(e))
-  n = len(envs)
-  if FLAGS.test_env is not None and FLAGS.test_envs:
-    fail("pass --test_env or --test_envs, not both")
-  try:
-    test_envs = ([int(e) for e in FLAGS.test_envs] if FLAGS.test_envs else
-                 [dataset.default_test_env if FLAGS.test_env is None else FLAGS.test_env])
-  except ValueError:
-    fail(f"--test_envs must be integers (got {','.join(FLAGS.test_envs)})")
-  bad = [e for e in test_envs if not -n <= e < n]
-  if bad:
-    fail(f"test environment(s) {bad} out of range for {dataset.name}: 0..{n - 1}")
-  test_envs = sorted({e % n for e in test_envs})
-  if len(test_envs) == n:
-    fail("every environment is a test environment: nothing to train on")
-
-  tag = "_".join(map(str, test_envs))
-  output_dir = Path(FLAGS.output_dir or f"runs/{dataset.name}/{FLAGS.method}_test{tag}_seed{FLAGS.seed}")
-  results = output_dir / "results.jsonl"
-  if FLAGS.overwrite and FLAGS.resume:
-    fail("pass --overwrite or --resume, not both")
-  if results.exists() and not (FLAGS.overwrite or FLAGS.resume):
-    fail(f"{results} already exists; pass --overwrite to replace it, --resume to continue it, "
-         "or choose another --output_dir")
-  if FLAGS.overwrite:
-    import shutil
-    results.unlink(missing_ok=True)
-    (output_dir / "done").unlink(missing_ok=True)
-    shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
-
-  splits_in, splits_out = datasets.make_splits(envs, FLAGS.holdout_fraction, FLAGS.trial_seed)
-  print(f"dataset {dataset.name}: {dataset.description}")
-  for i, env in enumerate(envs):
-    print(f"env{i} {env.name}: {len(splits_in[i].y)} in / {len(splits_out[i].y)} out"
-          f"{'  (test)' if i in test_envs else ''}")
-  print(f"method {FLAGS.method}, hparams {json.dumps(hparams, sort_keys=True)}")
-  print(f"results -> {results}")
-
-  config = train_lib.TrainConfig(
-      method=FLAGS.method, test_envs=tuple(test_envs), steps=FLAGS.steps,
-      checkpoint_freq=FLAGS.checkpoint_freq, seed=FLAGS.seed, trial_seed=FLAGS.trial_seed,
-      hparams_seed=FLAGS.hparams_seed, hparams=overrides,
-      holdout_fraction=FLAGS.holdout_fraction, per_domain_impl=FLAGS.per_domain_impl,
-      progress=FLAGS.progress)
-  args = {name: FLAGS[name].value for name in (
-      "dataset", "method", "steps", "checkpoint_freq", "seed", "trial_seed", "hparams_seed",
-      "hparams", "data_dir", "max_examples", "holdout_fraction", "downsample", "per_domain_impl",
-      "conv_impl", "mesh")}
-  args.update(test_envs=test_envs, output_dir=str(output_dir))
-  if len(test_envs) == 1:
-    args["test_env"] = test_envs[0]
-  try:
-    num_train = len(envs) - len(test_envs)
+    config = config_from_flags()
+    output_dir = runs.prepare_output_dir(config, resume=FLAGS.resume, overwrite=FLAGS.overwrite)
+    num_train = len(datasets.get_dataset(config.dataset).env_names) - len(config.test_envs)
     spec = (FLAGS.mesh or "none").lower()
     if spec == "none" or (spec == "auto" and jax.device_count() == 1):
       mesh = None
     else:
       mesh = sharding.make_mesh(sharding.parse_mesh_shape(spec, num_train))
-  except ValueError as e:
-    fail(f"--mesh: {e}")
+  except (ValueError, FileExistsError, PermissionError, results_lib.RunLockedError) as e:
+    fail(str(e))
+
+  try:
+    task, envs = runs.load(config)
+  except (DataError, ValueError) as e:
+    fail(str(e))
+  print(f"dataset {config.dataset}: {datasets.get_dataset(config.dataset).description}")
+  for i, env in enumerate(envs):
+    print(f"env{i} {env.name}: {len(task.splits_in[i].y)} in / {len(task.splits_out[i].y)} out"
+          f"{'  (test)' if i in config.test_envs else ''}")
+  print(f"method {config.method}, hparams {runs.results_lib.dumps(config.resolved_hparams)}")
+  results = output_dir / "results.jsonl"
+  print(f"results -> {results}")
   if mesh is not None:
     print(f"mesh: {dict(mesh.shape)} over {len(jax.devices())} {jax.default_backend()} devices, "
           f"{jax.process_count()} process(es)")
   try:
-    records = train_lib.train(config, dataset.model(FLAGS.conv_impl), splits_in, splits_out,
-                              output_dir=output_dir, args=args, resume=FLAGS.resume, mesh=mesh)
+    records = runs.run(config, resume=FLAGS.resume, mesh=mesh, task=task)
   except train_lib.NonFiniteLossError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
-  except train_lib.CheckpointError as e:
+  except (CheckpointError, results_lib.RunLockedError) as e:
     fail(str(e))
   print()
   print(selection.format_selection_table(records, config.test_envs, [e.name for e in envs]))

@@ -9,7 +9,7 @@ per-domain gradients and Hessian-vector products instead (:func:`iga_gradients`)
 Hyperparameter names, defaults and random-search distributions are DomainBed's
 (``domainbed/hparams_registry.py``). Every penalty weight has the role ``penalty_weight`` and
 every switch step the role ``anneal_iters`` (the IRM-style benchmark maps its schedule onto
-them). CORAL, MMD and IGA have no schedule in DomainBed; their ``penalty_anneal_iters``
+them). CORAL, MMD, IGA and SD have no schedule in DomainBed; their ``penalty_anneal_iters``
 (default 0: the weight from the first step, DomainBed's behaviour) is ours.
 """
 
@@ -267,8 +267,9 @@ SD = Method(
                 "(Pezeshki et al., NeurIPS 2021)",
     domainbed_name="SD",
     hparams={"sd_reg": HParam(0.1, lambda r: 10**r.uniform(-5, -1), "weight of the squared logits",
-                              role="penalty_weight", minimum=0.0)},
-    gradients=penalized(spectral_decoupling_terms, weight="sd_reg"),
+                              role="penalty_weight", minimum=0.0),
+             "penalty_anneal_iters": _no_anneal()},
+    gradients=penalized(spectral_decoupling_terms, weight="sd_reg", anneal_iters="penalty_anneal_iters"),
 )
 
 METHODS = (IRM, VREX, CORAL, MMD, IGA, FISHR, SD)
