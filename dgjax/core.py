@@ -343,10 +343,14 @@ class MethodStep(NamedTuple):
 
   ``diagnostics`` (optional): ``diagnostics(params, batch, key) -> dict of scalars``, run by the
   engine at each evaluation on a freshly drawn batch and logged with the record.
+
+  ``predict(params, state, x) -> logits``: what evaluation scores (DomainBed's
+  ``algorithm.predict``); the network's logits unless the method says otherwise.
   """
   init: Callable[[Any], Any]
   update: Callable[..., tuple[Any, Any, dict[str, Any]]]
   diagnostics: Callable[..., dict[str, Any]] | None = None
+  predict: Callable[..., Any] | None = None
 
 
 class StepState(NamedTuple):
@@ -372,6 +376,9 @@ class Method:
     logged_state: metric name -> state field name, read by name from the step's state after
       each update (e.g. the masks' ``kept_fraction``).
     diagnostics: ``diagnostics(ctx) -> fn or None`` (see :class:`MethodStep`).
+    predict: ``predict(ctx, params, state, x) -> logits`` where evaluation must not use the
+      plain network (DomainBed's methods that override ``predict``, e.g. ARM's adaptation);
+      ``state`` is the method's :class:`StepState`. ``None``: ``ctx.logits(params, x)``.
   """
   name: str
   description: str
@@ -382,6 +389,7 @@ class Method:
   domainbed_name: str = ""
   logged_state: Mapping[str, str] = dataclasses.field(default_factory=dict)
   diagnostics: Callable[[Context], Callable | None] | None = None
+  predict: Callable[..., Any] | None = None
 
   def build(self, ctx: Context) -> MethodStep:
     return build_step(self, ctx)
@@ -408,7 +416,11 @@ def build_step(method: Method, ctx: Context) -> MethodStep:
     return updates, new_state, metrics
 
   diagnostics = method.diagnostics(ctx) if method.diagnostics is not None else None
-  return MethodStep(init, update, diagnostics)
+  if method.predict is None:
+    predict = lambda params, state, x: ctx.logits(params, x)
+  else:
+    predict = lambda params, state, x: method.predict(ctx, params, state, x)
+  return MethodStep(init, update, diagnostics, predict)
 
 
 # ----------------------------------------------------------------------------- hparam specs

@@ -26,6 +26,7 @@ to the smaller one so that the per-domain batch is rectangular.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from typing import Any, Callable, Mapping, Optional
@@ -133,9 +134,9 @@ class IRMTask:
     self._evals = [0] * len(runs)
     model = self.model
 
-    @jax.jit
-    def accuracy(params, x, y):
-      logits = model.apply({"params": params}, x)[..., 0]
+    @functools.partial(jax.jit, static_argnums=0)
+    def accuracy(predict, model_state, x, y):
+      logits = predict(model_state, x)[..., 0]
       return jnp.mean(((logits > 0).astype(jnp.int32) == y).astype(jnp.float32))
 
     @jax.jit
@@ -161,12 +162,13 @@ class IRMTask:
   def epoch(self, step, batch_size):
     return float(step)
 
-  def evaluate(self, params, run: int) -> dict[str, float]:
+  def evaluate(self, model_state, run: int, predict) -> dict[str, float]:
     r = self.runs[run]
-    train = np.mean([float(self._accuracy(params, r["train_x"][e], r["train_y"][e])) for e in range(2)])
-    out = {"train_acc": float(train),
-           "test_acc": float(self._accuracy(params, r["test_x"], r["test_y"])),
-           "gray_acc": float(self._accuracy(params, r["gray_x"], r["test_y"]))}
+    acc = lambda x, y: float(self._accuracy(predict, model_state, x, y))
+    train = np.mean([acc(r["train_x"][e], r["train_y"][e]) for e in range(2)])
+    out = {"train_acc": float(train), "test_acc": acc(r["test_x"], r["test_y"]),
+           "gray_acc": acc(r["gray_x"], r["test_y"])}
+    params = model_state[0]
     if self.hessian_gap:
       key = jax.random.fold_in(jax.random.key(self.gap_seeds[run]), self._evals[run])
       out["hessian_gap"] = float(self._gap(params, r["train_x"], r["train_y"], key))

@@ -53,15 +53,14 @@ def sample_batch(key: jax.Array, data: TrainData, batch_size: int) -> dict[str, 
   return {"x": data.x[idx], "y": data.y[idx]}
 
 
-def make_accuracy_fn(apply_fn, eval_batch_size: int = 1000, variables: Mapping[str, Any] | None = None):
-  """``accuracy(params, x, y) -> float``: argmax accuracy (a single logit: ``> 0``), in jitted
-  chunks of ``eval_batch_size`` (a last partial chunk is padded to a multiple of 128 and
-  masked, so few shapes compile)."""
-  variables = dict(variables or {})
+def make_accuracy_fn(predict, eval_batch_size: int = 1000):
+  """``accuracy(model_state, x, y) -> float``: argmax accuracy (a single logit: ``> 0``) of
+  ``predict(model_state, x) -> logits``, in jitted chunks of ``eval_batch_size`` (a last
+  partial chunk is padded to a multiple of 128 and masked, so few shapes compile)."""
 
   @jax.jit
   def correct(params, x, y, valid):
-    logits = apply_fn({"params": params, **variables}, x)
+    logits = predict(params, x)
     if logits.shape[-1] == 1:
       pred = (logits[..., 0] > 0).astype(y.dtype)
     else:
@@ -117,7 +116,8 @@ class DomainBedTask:
     self.variables: Mapping[str, Any] = {}
     self.data = make_train_data([(self.splits_in[e].x, self.splits_in[e].y) for e in self.train_envs])
     self._min_train = min(len(self.splits_in[e].y) for e in self.train_envs)
-    self._accuracy = make_accuracy_fn(model.apply, eval_batch_size)
+    self._eval_batch_size = eval_batch_size
+    self._accuracy = {}
 
   def init_params(self, key):
     return self.model.init(key, jnp.asarray(self.splits_in[self.train_envs[0]].x[:1]))["params"]
@@ -128,12 +128,16 @@ class DomainBedTask:
   def epoch(self, step: int, batch_size: int) -> float:
     return step * batch_size / self._min_train
 
-  def evaluate(self, params, run: int) -> dict[str, float]:
+  def evaluate(self, model_state, run: int, predict) -> dict[str, float]:
+    """Accuracy of ``predict(model_state, x)`` on every environment's in and out split."""
     del run
+    if predict not in self._accuracy:
+      self._accuracy[predict] = make_accuracy_fn(predict, self._eval_batch_size)
+    accuracy = self._accuracy[predict]
     out = {}
     for e in range(len(self.splits_in)):
-      out[f"env{e}_in_acc"] = self._accuracy(params, self.splits_in[e].x, self.splits_in[e].y)
-      out[f"env{e}_out_acc"] = self._accuracy(params, self.splits_out[e].x, self.splits_out[e].y)
+      out[f"env{e}_in_acc"] = accuracy(model_state, self.splits_in[e].x, self.splits_in[e].y)
+      out[f"env{e}_out_acc"] = accuracy(model_state, self.splits_out[e].x, self.splits_out[e].y)
     return out
 
   def progress_numbers(self, record: Mapping[str, Any]) -> dict[str, float]:

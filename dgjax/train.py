@@ -365,6 +365,16 @@ def _train_locked(configs, task, method, hparams, batch_size, impl, dirs, run_ar
     interval.append(host)
 
   diag_fns: dict[int, Any] = {}
+  predict_fns: dict[int, Any] = {}
+
+  def predict_fn(k):
+    """``predict((params, method_state), x) -> logits`` of run ``k`` (one function per run,
+    so the task compiles its evaluation once)."""
+    slot = k if (method.predict is not None and traced_hp) else 0
+    if slot not in predict_fns:
+      step_k = build({n: v[k] for n, v in traced_hp.items()})
+      predict_fns[slot] = lambda model_state, x: step_k.predict(model_state[0], model_state[1], x)
+    return predict_fns[slot]
 
   def diagnostics(k, params_k, step):
     """The method's optional diagnostics on a freshly drawn training batch."""
@@ -389,7 +399,7 @@ def _train_locked(configs, task, method, hparams, batch_size, impl, dirs, run_ar
         values = np.concatenate([np.asarray(m[name][k]) for m in interval], axis=0)
         record[name] = np.mean(values, axis=0)
       record["step_time"] = step_time
-      record.update(task.evaluate(params_k, k))
+      record.update(task.evaluate((params_k, take(state.opt_state, k)), k, predict_fn(k)))
       record.update(diagnostics(k, params_k, step))
       record["eval_time"] = time.perf_counter() - t_eval
       record["hparams"] = hparams[k]
