@@ -15,12 +15,12 @@ from dgjax.models import mlp
 BASELINES = {  # name -> DomainBed's hparams (name: default)
     "irm": {"irm_lambda": 1e2, "irm_penalty_anneal_iters": 500},
     "vrex": {"vrex_lambda": 1e1, "vrex_penalty_anneal_iters": 500},
-    "coral": {"mmd_gamma": 1.0},
-    "mmd": {"mmd_gamma": 1.0},
+    "coral": {"mmd_gamma": 1.0, "penalty_anneal_iters": 0},   # ours: no schedule by default
+    "mmd": {"mmd_gamma": 1.0, "penalty_anneal_iters": 0},
     "groupdro": {"groupdro_eta": 1e-2},
     "mixup": {"mixup_alpha": 0.2},
     "fish": {"meta_lr": 0.5},
-    "iga": {"penalty": 1000},
+    "iga": {"penalty": 1000, "penalty_anneal_iters": 0},
     "fishr": {"lambda": 1000.0, "penalty_anneal_iters": 1500, "ema": 0.95},
 }
 ANNEAL = {"irm": ("irm_penalty_anneal_iters", 1.0, "irm_lambda"),
@@ -103,8 +103,7 @@ def run_steps(method, envs, test_env, num_classes, steps=20, batch_size=8, overr
 
 
 def adam_count(opt_state, method):
-  if method == "fishr":
-    opt_state = opt_state.adam
+  del method
   (_, count), = optax.tree_utils.tree_get_all_with_path(opt_state, "count")
   return int(count)
 
@@ -164,7 +163,7 @@ def test_baselines_take_traced_hparams_in_vmapped_sweeps():
   """``train_many`` vmaps runs that differ in float hparams: every baseline's hparams may be
   traced values (no Python control flow on them)."""
   # one method per way an hparam enters the step (irm / coral / mmd / iga weights enter
-  # penalized_objective_method exactly as vrex's does)
+  # dgjax.core.penalized exactly as vrex's does)
   vary = {"vrex": ("vrex_penalty_anneal_iters", 2, 3), "groupdro": ("groupdro_eta", 0.01, 0.1),
           "mixup": ("mixup_alpha", 0.2, 2.0), "fish": ("meta_lr", 0.1, 0.5),
           "fishr": ("ema", 0.9, 0.95)}

@@ -197,7 +197,9 @@ def test_registered_methods_step_under_jit():
 def test_hutchinson_method_draws_probes_from_the_step_key():
   """The registered method seeds the probes from the train loop's per-step key, so runs (and
   vmapped restarts) with different seeds do not share one probe sequence; same key, same step."""
-  from dgjax import hessian_methods, models
+  from dgjax import models
+  from dgjax.algorithms import hessian_alignment
+  from dgjax.core import domain_features_and_logits
   rng = np.random.default_rng(0)
   batch = {"x": jnp.asarray(rng.normal(size=(2, 16, 6)), jnp.float32),
            "y": jnp.asarray(rng.integers(0, 2, (2, 16)), jnp.int32)}
@@ -214,8 +216,9 @@ def test_hutchinson_method_draws_probes_from_the_step_key():
   assert float(m_a["hessian_term"]) == float(m_b["hessian_term"])
   assert float(m_a["hessian_term"]) != float(m_c["hessian_term"])
   # ... and equals the transform seeded with that key, applied by hand.
-  inputs = hessian_methods.head_inputs_fn(ctx, batch)(params)
+  z, _ = domain_features_and_logits(ctx, params, batch["x"])
+  inputs = {"z": z, "y": batch["y"]}
   _, probe_key = jax.random.split(jax.random.key(11))
-  want = hessian.hutchinson_terms(hessian_methods.head_objective(ctx), params["classifier"], inputs,
+  want = hessian.hutchinson_terms(hessian_alignment.head_objective(ctx), params["classifier"], inputs,
                                   probe_key, 1, True)
   np.testing.assert_allclose(m_a["hessian_term"], want.hessian, rtol=1e-5)

@@ -9,7 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from dgjax import baselines, methods, penalties
+from dgjax import core, methods, penalties
+from dgjax.algorithms import gradient_combination, invariance, mixing
 from dgjax.models import mlp
 
 RNG = np.random.default_rng(0)
@@ -55,7 +56,7 @@ def test_irm_terms_average_the_per_domain_penalties():
   y = RNG.integers(0, 3, (3, 6))
   params = model.init(jax.random.key(0), x[0])["params"]
   ctx = methods.Context(model, methods.default_hparams("irm"), 3)
-  t = jax.jit(lambda p, bt: baselines.irm_terms(ctx, p, bt, None))(params, {"x": x, "y": y})
+  t = jax.jit(lambda p, bt: invariance.irm_terms(ctx, p, bt, None, ()))(params, {"x": x, "y": y})
   logits = [np.asarray(model.apply({"params": params}, x[d]), np.float64) for d in range(3)]
   np.testing.assert_allclose(t.penalty, np.mean([irm_reference(logits[d], y[d]) for d in range(3)]),
                              rtol=1e-4, atol=1e-7)
@@ -136,15 +137,23 @@ def test_iga_penalty_matches_a_loop_over_domains_and_entries():
     grads.append(np.concatenate([np.ravel(v) for v in jax.tree.leaves(g)]).astype(np.float64))
   mean = [sum(grads[d][k] for d in range(3)) / 3 for k in range(len(grads[0]))]
   ref = sum((grads[d][k] - mean[k]) ** 2 for d in range(3) for k in range(len(mean)))
-  t = jax.jit(lambda p: baselines.iga_terms(ctx, p, {"x": x, "y": y}, None))(params)
-  np.testing.assert_allclose(t.penalty, ref, rtol=1e-4)
-  # DomainBed detaches the mean gradient; the penalty's gradient is the same either way.
-  def detached(p):
-    _, g = jax.vmap(jax.value_and_grad(ctx.loss), in_axes=(None, 0))(p, {"x": x, "y": y})
-    return sum(jnp.sum((v - jax.lax.stop_gradient(v.mean(0))) ** 2) for v in jax.tree.leaves(g))
-  g_ours = jax.jit(jax.grad(lambda p: baselines.iga_terms(ctx, p, {"x": x, "y": y}, None).penalty))(params)
-  for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(jax.jit(jax.grad(detached))(params))):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  _, g = jax.vmap(jax.value_and_grad(ctx.loss), in_axes=(None, 0))(params, {"x": x, "y": y})
+  np.testing.assert_allclose(penalties.gradient_variance_penalty(g), ref, rtol=1e-4)
+  # The method's gradient (per-domain gradients + HVPs, no reverse pass through gradients)
+  # equals DomainBed's: grad of mean loss + w * penalty with the mean gradient detached,
+  # differentiated through the per-domain gradients (create_graph=True).
+  w = 7.0
+  def domainbed_objective(p):
+    losses, g = jax.vmap(jax.value_and_grad(ctx.loss), in_axes=(None, 0))(p, {"x": x, "y": y})
+    pen = sum(jnp.sum((v - jax.lax.stop_gradient(v.mean(0))) ** 2) for v in jax.tree.leaves(g))
+    return jnp.mean(losses) + w * pen
+  for impl in ("vmap", "unrolled"):
+    c = methods.Context(model, {**methods.default_hparams("iga"), "penalty": w}, 3, per_domain_impl=impl)
+    g_ours, terms = jax.jit(lambda p: invariance.iga_gradients("penalty").grads(
+        c, p, (), {"x": x, "y": y}, 0, None))(params)
+    np.testing.assert_allclose(terms.penalty, ref, rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(jax.jit(jax.grad(domainbed_objective))(params))):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------ Fishr
@@ -156,7 +165,7 @@ def test_fishr_statistics_match_an_explicit_loop_over_examples(classes):
   y = RNG.integers(0, max(classes, 2), (d, b))
   params = model.init(jax.random.key(2), x[0])["params"]
   ctx = methods.Context(model, methods.default_hparams("fishr"), d)
-  env_losses, variances = jax.jit(lambda p, bt: baselines.head_gradient_variances(ctx, p, bt))(
+  env_losses, variances = jax.jit(lambda p, bt: invariance.head_gradient_variances(ctx, p, bt))(
       params, {"x": x, "y": y})
 
   head = params["classifier"]
@@ -195,7 +204,7 @@ def test_per_example_grads_match_a_loop():
 
 def test_moving_average_follows_domainbed_and_passes_gradient_one():
   ema = 0.9
-  tx = baselines.moving_average(ema)
+  tx = invariance.moving_average(ema)
   values = [RNG.normal(size=(2, 3)).astype(np.float32) for _ in range(4)]
   state = tx.init(jnp.zeros((2, 3)))
   prev = np.zeros((2, 3))
@@ -210,7 +219,7 @@ def test_moving_average_follows_domainbed_and_passes_gradient_one():
   np.testing.assert_allclose(g, np.ones((2, 3)), rtol=1e-6)
 
 
-def test_fishr_ema_state_is_carried_in_the_optimizer_state():
+def test_fishr_ema_state_is_carried_in_the_method_state():
   model = mlp(2, (4,))
   x = RNG.normal(size=(2, 6, 3)).astype(np.float32)
   y = RNG.integers(0, 2, (2, 6))
@@ -222,11 +231,11 @@ def test_fishr_ema_state_is_carried_in_the_optimizer_state():
   batch = {"x": x, "y": y}
   update = jax.jit(ms.update)
   _, state1, m1 = update(params, state, batch, jnp.int32(0), jax.random.key(0))
-  _, v = jax.jit(lambda p, bt: baselines.head_gradient_variances(ctx, p, bt))(params, batch)
-  np.testing.assert_allclose(state1.ema.average["bias"], 0.5 * v["bias"], rtol=1e-5)
+  _, v = jax.jit(lambda p, bt: invariance.head_gradient_variances(ctx, p, bt))(params, batch)
+  np.testing.assert_allclose(state1.source.average["bias"], 0.5 * v["bias"], rtol=1e-5)
   np.testing.assert_allclose(m1["penalty"], penalties.fishr_penalty(v), rtol=1e-5)
   _, state2, m2 = update(params, state1, batch, jnp.int32(1), jax.random.key(0))
-  np.testing.assert_allclose(state2.ema.average["bias"], 0.75 * v["bias"], rtol=1e-5)
+  np.testing.assert_allclose(state2.source.average["bias"], 0.75 * v["bias"], rtol=1e-5)
   # same statistic twice: the EMA corrected by 1/(1 - ema) is 1.5 v, so the penalty is 2.25x
   np.testing.assert_allclose(m2["penalty"], 2.25 * penalties.fishr_penalty(v), rtol=1e-4)
 
@@ -234,7 +243,7 @@ def test_fishr_ema_state_is_carried_in_the_optimizer_state():
 # ------------------------------------------------------------------------------ GroupDRO
 def test_group_dro_weights_follow_exponentiated_gradient():
   eta, d = 0.5, 3
-  tx = baselines.group_dro(eta, d)
+  tx = gradient_combination.group_dro(eta, d)
   grads = {"w": jnp.asarray(RNG.normal(size=(d, 4)), jnp.float32)}
   state = tx.init(None)
   q = np.ones(d)                                # DomainBed starts at ones, normalises after
@@ -250,7 +259,7 @@ def test_group_dro_weights_follow_exponentiated_gradient():
 
 
 def test_group_dro_chains_with_adam():
-  tx = optax.chain(baselines.group_dro(0.1, 2), optax.adam(1e-3))
+  tx = optax.chain(gradient_combination.group_dro(0.1, 2), optax.adam(1e-3))
   params = {"w": jnp.zeros(3)}
   state = tx.init(params)
   upd, state = tx.update({"w": jnp.ones((2, 3))}, state, params, losses=jnp.array([1.0, 2.0]))
@@ -266,8 +275,8 @@ def test_mixup_objective_matches_explicit_pairs():
   params = model.init(jax.random.key(4), x[0])["params"]
   ctx = methods.Context(model, methods.resolve_hparams("mixup", 0, {"mixup_alpha": 1.0}), d)
   key = jax.random.key(7)
-  value, (env_losses, _) = jax.jit(lambda p, bt, k: baselines.mixup_objective(ctx, p, bt, k))(
-      params, {"x": x, "y": y}, key)
+  t = jax.jit(lambda p, bt, k: mixing.mixup_terms(ctx, p, bt, k, ()))(params, {"x": x, "y": y}, key)
+  value, env_losses = jnp.mean(t.env_losses), t.env_losses
   k_perm, k_lam = jax.random.split(key)       # the same draws, as documented
   perm = np.asarray(jax.random.permutation(k_perm, d))
   lam = np.asarray(jax.random.beta(k_lam, 1.0, 1.0, (d,), jnp.float32))
@@ -299,7 +308,7 @@ def test_fish_matches_a_python_loop_of_inner_adam_steps():
   ctx = methods.Context(model, hp, d)
   ms = methods.get_method("fish").build(ctx)
   state = ms.init(params)
-  inner_tx = methods.adam(hp)
+  inner_tx = core.domainbed_adam()(ctx)
   ref_inner = inner_tx.init(params)
   ref_params = params
   update, vg = jax.jit(ms.update), jax.jit(jax.value_and_grad(ctx.loss))
