@@ -23,7 +23,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -36,7 +35,7 @@ from dgjax.models import mlp, mnist_cnn  # noqa: E402
 
 
 def variants(samples):
-  out = [("erm", "erm", {}), ("cma", "cma", {}), ("hgp", "hgp", {})]
+  out = [("erm", "erm", {}), ("cma", "cma", {}), ("hgp", "hgp", {}), ("iga", "iga", {})]
   out += [(f"hutchinson S={s}", "hutchinson", {"hutchinson_samples": s}) for s in samples]
   return out
 
@@ -54,25 +53,21 @@ def build_cnn(method, overrides, d=2, b=64, n=1000, seed=0, conv_impl="xla"):
   return train_lib.make_train_step(ms, b), state, data
 
 
-def build_irm(method, overrides, n=4166, seed=0):
+def build_irm(method, overrides, n=4166, seed=0, steps_per_call=1):
+  """The IRM-style benchmark's own step (:class:`dgjax.irm_benchmark.IRMTask`, full batch)
+  through the engine's :func:`dgjax.train.make_task_step`; ``steps_per_call`` steps per jit
+  call (``lax.scan``)."""
   from dgjax import irm_benchmark as B
   rng = np.random.default_rng(seed)
-  batch = {"x": jnp.asarray(rng.uniform(size=(2, n, 392)).astype(np.float32) * (rng.uniform(size=(2, n, 1)) < 0.5)),
-           "y": jnp.asarray(rng.integers(0, 2, (2, n)).astype(np.int32))}
-  cfg = B.IRMConfig(method=method, hparams=overrides)
-  hp = B.benchmark_hparams(method, cfg, n)
-  model = mlp(1, hidden=(390, 390))
-  ms = methods.get_method(method).build(methods.Context(model, hp, 2, "vmap"))
-  params = B.xavier_init(model.init(jax.random.key(seed), jnp.zeros((1, 392)))["params"], jax.random.key(2))
-  state = (jnp.zeros((), jnp.int32), params, ms.init(params))
-
-  @jax.jit
-  def step(state, batch):
-    i, p, o = state
-    updates, o, m = ms.update(p, o, batch, i, jax.random.key(0))
-    return (i + 1, optax.apply_updates(p, updates), o), m["loss"]
-
-  return step, state, batch
+  x = rng.uniform(size=(2, n, 392)).astype(np.float32) * (rng.uniform(size=(2, n, 1)) < 0.5)
+  y = rng.integers(0, 2, (2, n)).astype(np.int32)
+  task = B.IRMTask([{"train_x": x, "train_y": y, "test_x": x[0], "gray_x": x[0], "test_y": y[0]}],
+                   hidden=B.HIDDEN)
+  hp = B.benchmark_hparams(method, B.IRMConfig(method=method, hparams=overrides), n)
+  ms = methods.get_method(method).build(methods.Context(task.model, hp, 2, "vmap"))
+  state = train_lib.init_state(ms, task.init_params(jax.random.key(seed)), seed)
+  data = jax.tree.map(lambda a: a[0], task.data)
+  return train_lib.make_task_step(ms, task, n, steps_per_call), state, data
 
 
 def measure(setting, names, reps):

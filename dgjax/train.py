@@ -131,6 +131,16 @@ def _step_body(method_step: core.MethodStep, task, batch_size: int, state: Train
   return TrainState(state.step + 1, params, opt_state, key), metrics
 
 
+def _steps(method_step: core.MethodStep, task, batch_size: int, state: TrainState, data, n: int,
+           mesh=None):
+  """``n`` steps (a ``lax.scan`` when ``n > 1``); metrics gain a leading ``[n]`` axis."""
+  if n == 1:
+    state, metrics = _step_body(method_step, task, batch_size, state, data, mesh)
+    return state, jax.tree.map(lambda m: m[None], metrics)
+  return jax.lax.scan(lambda s, _: _step_body(method_step, task, batch_size, s, data, mesh),
+                      state, None, length=n)
+
+
 class _MinibatchTask:
   """The batch rule of :func:`make_train_step` (per-domain sampling with replacement)."""
 
@@ -139,11 +149,27 @@ class _MinibatchTask:
     return sample_batch(key, data, batch_size)
 
 
+def make_task_step(method_step: core.MethodStep, task, batch_size: int, steps_per_call: int = 1,
+                   mesh=None) -> Callable:
+  """``step(state, data) -> (state, metrics)`` of one run on ``task``: ``steps_per_call``
+  engine steps per call (metrics ``[steps_per_call, ...]``), jitted, the state donated. The
+  engine's own step, for benchmarks and tests."""
+  return jax.jit(lambda state, data: _steps(method_step, task, batch_size, state, data,
+                                            steps_per_call, mesh), donate_argnums=0)
+
+
 def make_train_step(method_step: core.MethodStep, batch_size: int, mesh=None) -> Callable:
-  """``step(state, data) -> (state, metrics)`` of one run on :class:`TrainData`, jitted, the
-  state donated: the engine's step, for benchmarks and tests."""
+  """``step(state, data) -> (state, metrics)`` of one run on :class:`TrainData` (DomainBed's
+  per-domain minibatches), jitted, the state donated."""
   return jax.jit(lambda state, data: _step_body(method_step, _MinibatchTask, batch_size, state,
                                                 data, mesh), donate_argnums=0)
+
+
+def init_state(method_step: core.MethodStep, params, seed: int) -> TrainState:
+  """A run's initial state from its params and seed, as the engine makes it (the state key
+  is the second half of ``split(key(seed))``; the first initialises the params)."""
+  _, state_key = jax.random.split(jax.random.key(seed))
+  return TrainState(jnp.zeros((), jnp.int32), params, method_step.init(params), state_key)
 
 
 def _check_group(configs: Sequence[TrainConfig]):
@@ -287,12 +313,7 @@ def _train_locked(configs, task, method, hparams, batch_size, impl, dirs, run_ar
     return TrainState(jnp.zeros((), jnp.int32), params, build(hp_traced).init(params), state_key)
 
   def chunk_one(state, hp_traced, data, n):
-    step = build(hp_traced)
-    if n == 1:
-      state, metrics = _step_body(step, task, batch_size, state, data, mesh)
-      return state, jax.tree.map(lambda m: m[None], metrics)
-    return jax.lax.scan(lambda s, _: _step_body(step, task, batch_size, s, data, mesh),
-                        state, None, length=n)
+    return _steps(build(hp_traced), task, batch_size, state, data, n, mesh)
 
   seed_keys = jnp.stack([jax.random.key(c.seed) for c in configs])
   state = jax.jit(over_runs(init_one, (0, 0)))(seed_keys, traced_hp)

@@ -101,3 +101,14 @@ def test_k_vmapped_runs_equal_single_runs(tmp_path):
   bad = [configs[0], dataclasses.replace(configs[1], hparams={"batch_size": 8})]
   with pytest.raises(ValueError, match="structural hparam 'batch_size'"):
     train_lib.train_many(bad, model, ins, outs)
+
+
+def test_runs_differing_in_a_structural_hparam_cannot_share_a_program():
+  """hutchinson_samples sets a vmapped axis length: runs with different values must not be
+  grouped (the old check knew only batch_size, and int() of a traced value failed)."""
+  ins, outs = resume_worker.splits()
+  configs = [train_lib.TrainConfig(method="hutchinson", steps=1, progress=False, seed=s,
+                                   hparams={"batch_size": 8, "hutchinson_samples": n})
+             for s, n in ((0, 3), (1, 5))]
+  with pytest.raises(ValueError, match="structural hparam 'hutchinson_samples'"):
+    train_lib.train_many(configs, mlp(2, (8,)), ins, outs)

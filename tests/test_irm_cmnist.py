@@ -113,3 +113,31 @@ def test_cli_small(data_dir, tmp_path):
   bad = subprocess.run([sys.executable, "-m", "experiments.colored_mnist_irm", "--method=nope"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert bad.returncode == 2 and "unknown method" in bad.stderr
+
+
+PENALIZED = {"irm": ("irm_lambda", "irm_penalty_anneal_iters"), "vrex": ("vrex_lambda", "vrex_penalty_anneal_iters"),
+             "fishr": ("lambda", "penalty_anneal_iters"), "coral": ("mmd_gamma", "penalty_anneal_iters"),
+             "mmd": ("mmd_gamma", "penalty_anneal_iters"), "iga": ("penalty", "penalty_anneal_iters"),
+             "sd": ("sd_reg", "penalty_anneal_iters"), "hgp": ("penalty_weight", "penalty_anneal_iters"),
+             "hutchinson": ("penalty_weight", "penalty_anneal_iters"), "cma": ("penalty_weight", "penalty_anneal_iters")}
+
+
+@pytest.mark.parametrize("method", sorted(PENALIZED))
+def test_benchmark_gives_every_penalized_method_its_weight_and_schedule(method):
+  """The benchmark maps its settings through the hparams' roles: coral, mmd and iga used to run
+  it without its penalty weight and schedule (their names were missing from an alias table)."""
+  from dgjax import irm_benchmark as B
+  weight, anneal = PENALIZED[method]
+  hp = B.benchmark_hparams(method, B.IRMConfig(), 123)
+  assert hp[weight] == B.PENALTY_WEIGHT and hp[anneal] == B.PENALTY_ANNEAL_ITERS
+  assert hp["lr"] == B.LR and hp["weight_decay"] == 2 * B.L2_WEIGHT and hp["batch_size"] == 123
+  override = B.benchmark_hparams(method, B.IRMConfig(hparams={weight: 5.0}), 123)
+  assert override[weight] == 5.0    # per-run overrides win
+
+
+def test_every_penalty_weight_comes_with_a_schedule():
+  from dgjax import methods
+  for name in methods.METHODS:
+    roles = [s.role for s in methods.hparam_specs(name).values()]
+    if "penalty_weight" in roles:
+      assert "anneal_iters" in roles, name
