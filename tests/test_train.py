@@ -48,21 +48,33 @@ def test_hparams_defaults_overrides_and_random_draws():
 
 
 # ------------------------------------------------------------------------------ results
-def test_append_jsonl_is_atomic(tmp_path, monkeypatch):
+def test_append_jsonl_writes_whole_strict_lines_with_the_usual_mode(tmp_path, monkeypatch):
   path = tmp_path / "results.jsonl"
-  results.append_jsonl(path, {"step": 0, "acc": np.float32(0.5), "v": np.arange(2)})
-  results.append_jsonl(path, {"step": 1})
-  assert results.read_jsonl(path) == [{"acc": 0.5, "step": 0, "v": [0, 1]}, {"step": 1}]
+  old_umask = os.umask(0o022)
+  try:
+    results.append_jsonl(path, {"step": 0, "acc": np.float32(0.5), "v": np.arange(2)})
+  finally:
+    os.umask(old_umask)
+  assert (path.stat().st_mode & 0o777) == 0o644
+  results.append_jsonl(path, {"step": 1, "w": float("inf"), "n": np.float32("nan")})
+  assert path.read_text().splitlines()[1] == '{"n": null, "step": 1, "w": null}'   # strict JSON
+  assert results.read_jsonl(path) == [{"acc": 0.5, "step": 0, "v": [0, 1]},
+                                      {"n": None, "step": 1, "w": None}]
   before = path.read_bytes()
+  real_write = os.write
+  monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, data[: len(data) // 2]))
+  with pytest.raises(OSError, match="whole record"):   # a short write (full disk) ...
+    results.append_jsonl(path, {"step": 2, "long": "x" * 100})
+  assert path.read_bytes() == before                    # ... leaves no half line
 
-  def crash(*args):
-    raise KeyboardInterrupt
 
-  monkeypatch.setattr(os, "replace", crash)
-  with pytest.raises(KeyboardInterrupt):
-    results.append_jsonl(path, {"step": 2})
-  assert path.read_bytes() == before           # old file untouched, no half line
-  assert list(tmp_path.iterdir()) == [path]    # no temporary left behind
+def test_truncate_jsonl_keeps_records_up_to_a_step(tmp_path):
+  path = tmp_path / "results.jsonl"
+  for step in (0, 10, 20, 30):
+    results.append_jsonl(path, {"step": step})
+  assert [r["step"] for r in results.truncate_jsonl(path, 20)] == [0, 10, 20]
+  assert [r["step"] for r in results.read_jsonl(path)] == [0, 10, 20]
+  assert results.truncate_jsonl(path, None) == [] and not path.exists()
 
 
 def test_read_jsonl_names_bad_line(tmp_path):
