@@ -213,6 +213,17 @@ def test_accumulate_per_domain_checks_its_input():
   assert emitted == [True, False, False, True]
 
 
+def test_inject_hyperparams_wraps_a_mask():
+  """Wrappers that keep the chain's structure work around a mask as is (README)."""
+  params = tiny_params(jax.random.key(0))
+  grads = dgjax.per_domain_grads(loss_fn, params, tiny_batches(jax.random.key(1), 1)[0])
+  tx = optax.chain(optax.inject_hyperparams(dgjax.sand_mask)(tau=0.3, k=5.0), optax.adam(1e-3))
+  ref = optax.chain(dgjax.sand_mask(tau=0.3, k=5.0), optax.adam(1e-3))
+  u, state = jax.jit(tx.update)(grads, tx.init(params), params)
+  chex.assert_trees_all_close(u, ref.update(grads, ref.init(params), params)[0], rtol=1e-6)
+  assert float(state[0].hyperparams["tau"]) == pytest.approx(0.3)
+
+
 # ------------------------------------------------------------------ apply_if_finite
 def test_mask_inside_apply_if_finite_raises_clearly():
   """Observed: apply_if_finite(chain(sand_mask, adam)) failed with 'cond branches must have
