@@ -55,6 +55,21 @@ Usage as optax transforms (extra arguments are forwarded by :func:`optax.chain`)
     updates, state = tx.update(mean_loss_grads, state, params,
                                obj_fn=obj_fn, head_inputs=head_inputs)
 
+Gradient accumulation: the penalty is a nonlinear function of a batch's per-domain statistics,
+and ``optax.MultiSteps`` hands its inner chain the accumulated incoming gradient together with
+the extra arguments (``head_inputs``) of the last micro-batch only, so the penalty gradient would
+come from that micro-batch alone. The transforms therefore refuse to run inside
+``optax.MultiSteps`` (or :func:`dgjax.masks.accumulate_per_domain`) with an error. To accumulate,
+differentiate the penalised objective per micro-batch and accumulate that with a plain
+optimizer (README, "optax recipes")::
+
+    objective = lambda p, b: loss(p, b) + w * hgp_penalty(obj_fn, p["classifier"], head_inputs(p, b))
+    tx = optax.MultiSteps(optax.adam(1e-3), every_k_schedule=k)   # grads: jax.grad(objective)
+
+which averages ``loss_i + w * P_i`` over the micro-batches ``i`` (the penalty of each
+micro-batch, as the transform computes it on that batch). ``optax.apply_if_finite`` around a
+chain with these transforms works as usual (they keep the updates' shape).
+
 :func:`hessian_difference_norm` is the paper's diagnostic ``max_{e,e'} ||H_e - H_e'||_2``
 (the transfer-measure bound), by power iteration on Hessian-vector products.
 """
@@ -67,6 +82,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
+
+from dgjax import masks
 
 PyTree = Any
 ObjFn = Callable[[PyTree, PyTree], jax.Array]      # obj_fn(head_params, domain_inputs) -> scalar
@@ -190,20 +207,68 @@ def hutchinson_terms(obj_fn: ObjFn, head: PyTree, inputs: PyTree, key: jax.Array
   return AlignmentTerms(_spread(diag, diag_target), _spread(g, g_target))
 
 
+def split_linear_head(head: PyTree):
+  """``(kernel, bias, rebuild)`` of a linear head ``logits = z @ kernel + bias``, whatever its
+  leaves are named: exactly one 2-D leaf (the kernel ``[k, C]``) and at most one 1-D leaf (the
+  bias ``[C]``; ``None`` when absent). ``rebuild(kernel_like, bias_like)`` puts two arrays of
+  those shapes back in ``head``'s tree structure.
+
+  Raises:
+    ValueError when ``head`` is not such a head (naming its leaves and shapes).
+  """
+  flat, treedef = jax.tree_util.tree_flatten_with_path(head)
+  leaves = [x for _, x in flat]
+  kernels = [i for i, x in enumerate(leaves) if jnp.ndim(x) == 2]
+  biases = [i for i, x in enumerate(leaves) if jnp.ndim(x) == 1]
+  if len(kernels) != 1 or len(biases) > 1 or len(kernels) + len(biases) != len(leaves):
+    shapes = ", ".join(f"{jax.tree_util.keystr(p)}: {tuple(jnp.shape(x))}" for p, x in flat)
+    raise ValueError(
+        "CMA's closed forms need a linear head, logits = z @ kernel + bias: one 2-D leaf "
+        f"(kernel [k, C]) and at most one 1-D leaf (bias [C]); got {{{shapes}}}. Point head= at "
+        "the last linear layer (a key, a key path, or a function params -> {'kernel': W, "
+        "'bias': b})." + (" A head with more than one layer is not linear in its input features; "
+                          "the layers before the last belong to the featurizer." if len(kernels) > 1 else ""))
+  ki = kernels[0]
+  bi = biases[0] if biases else None
+  kernel = leaves[ki]
+  bias = None if bi is None else leaves[bi]
+  if bias is not None and jnp.shape(bias) != (kernel.shape[1],):
+    raise ValueError(f"linear head: the bias {jax.tree_util.keystr(flat[bi][0])} has shape "
+                     f"{tuple(jnp.shape(bias))}, the kernel {jax.tree_util.keystr(flat[ki][0])} "
+                     f"{tuple(kernel.shape)} needs [C] = ({kernel.shape[1]},)")
+
+  def rebuild(kernel_like, bias_like):
+    out = list(leaves)
+    out[ki] = kernel_like
+    if bi is not None:
+      out[bi] = bias_like
+    return jax.tree.unflatten(treedef, out)
+
+  return kernel, bias, rebuild
+
+
 def linear_head_moments(head: PyTree, z: jax.Array, y: jax.Array) -> tuple[PyTree, PyTree]:
   """Closed-form gradient and Hessian diagonal of the mean cross-entropy of a linear head.
 
   Args:
-    head: ``{"kernel": [k, C], "bias": [C]}`` with ``logits = z @ kernel + bias``.
+    head: a linear head ``logits = z @ kernel + bias``: ``{"kernel": [k, C], "bias": [C]}``, or
+      any pytree with one 2-D leaf ``[k, C]`` and at most one 1-D leaf ``[C]``, whatever their
+      names (:func:`split_linear_head`). A PyTorch/Equinox-style weight ``[C, k]`` goes in
+      transposed.
     z: features ``[n, k]``; y: integer labels ``[n]`` (binary 0/1 when ``C == 1``: sigmoid).
 
   Returns:
     ``(grad, hess_diag)``, both shaped like ``head``:
     ``grad = {z^T (p - t) / n, mean(p - t)}``, ``hess_diag = {(z^2)^T p(1-p) / n, mean p(1-p)}``.
   """
-  kernel, bias = head["kernel"], head["bias"]
+  kernel, bias, rebuild = split_linear_head(head)
+  if z.ndim != 2 or z.shape[-1] != kernel.shape[0]:
+    raise ValueError(f"linear head: features z of shape {tuple(z.shape)} do not match the kernel "
+                     f"{tuple(kernel.shape)}; need z [n, k] with kernel [k, C] (logits = z @ kernel"
+                     " + bias). A weight stored as [C, k] (PyTorch, Equinox) goes in transposed: "
+                     "head=lambda p: {'kernel': W.T, 'bias': b}.")
   z = z.astype(kernel.dtype)
-  logits = z @ kernel + bias
+  logits = z @ kernel if bias is None else z @ kernel + bias
   n = z.shape[0]
   if kernel.shape[-1] == 1:
     p = jax.nn.sigmoid(logits)
@@ -213,14 +278,15 @@ def linear_head_moments(head: PyTree, z: jax.Array, y: jax.Array) -> tuple[PyTre
     t = jax.nn.one_hot(y, kernel.shape[-1], dtype=p.dtype)
   r = p - t
   curv = p * (1 - p)
-  grad = {"kernel": z.T @ r / n, "bias": jnp.mean(r, axis=0)}
-  hess = {"kernel": jnp.square(z).T @ curv / n, "bias": jnp.mean(curv, axis=0)}
+  grad = rebuild(z.T @ r / n, jnp.mean(r, axis=0))
+  hess = rebuild(jnp.square(z).T @ curv / n, jnp.mean(curv, axis=0))
   return grad, hess
 
 
 def cma_terms(head: PyTree, inputs: PyTree) -> AlignmentTerms:
   """CMA's terms: across-domain variances of the closed-form head Hessian diagonal and
-  gradient (``inputs = {"z": [E, n, k], "y": [E, n]}``; no HVPs, no sampling)."""
+  gradient (``inputs = {"z": [E, n, k], "y": [E, n]}``; no HVPs, no sampling). ``head`` is any
+  linear head (:func:`linear_head_moments`)."""
   grad, hess = jax.vmap(linear_head_moments, in_axes=(None, 0, 0))(head, inputs["z"], inputs["y"])
   return AlignmentTerms(_spread(hess, _mean0(hess)), _spread(grad, _mean0(grad)))
 
@@ -302,8 +368,26 @@ def _resolve_weight(weight: Weight, count):
   return weight(count) if callable(weight) else weight
 
 
+_ACCUMULATING_WRAPPERS = ("optax.MultiSteps", "dgjax.masks.accumulate_per_domain")
+
+
+def _refuse_accumulation(name: str, penalty_name: str) -> None:
+  """Refuse to run inside a gradient-accumulation wrapper (found on the call stack by
+  :func:`dgjax.masks.enclosing_gradient_wrappers`), which would silently take the penalty from
+  one micro-batch."""
+  for wrapper in masks.enclosing_gradient_wrappers():
+    if wrapper in _ACCUMULATING_WRAPPERS:
+      raise ValueError(
+          f"{name} cannot sit inside {wrapper}: the wrapper accumulates the gradients it is given "
+          "over micro-batches but calls its inner chain with the extra arguments (head_inputs) of "
+          "the last micro-batch only, so the penalty gradient would come from that micro-batch "
+          "alone. Accumulate the penalised objective instead: per micro-batch, the gradient of "
+          f"loss + weight * dgjax.hessian.{penalty_name}(...) into "
+          "optax.MultiSteps(optax.adam(lr), every_k_schedule=k) (README, 'optax recipes').")
+
+
 def _alignment_transform(terms_fn, combine, weight: Weight, head: HeadSpec,
-                         random_seed) -> optax.GradientTransformationExtraArgs:
+                         random_seed, name: str, penalty_name: str) -> optax.GradientTransformationExtraArgs:
   select = head_selector(head)
 
   def init_fn(params):
@@ -320,6 +404,7 @@ def _alignment_transform(terms_fn, combine, weight: Weight, head: HeadSpec,
   def update_fn(updates, state, params=None, *, obj_fn=None, head_inputs=None, key=None,
                 **extra_args):
     del extra_args
+    _refuse_accumulation(name, penalty_name)
     if params is None:
       raise ValueError("params must be given to a Hessian-alignment transform's update")
     if head_inputs is None:
@@ -367,10 +452,14 @@ def hessian_gradient_product(alpha: float = 1.0, beta: float = 1.0, weight: Weig
   ``update(updates, state, params, *, obj_fn, head_inputs)``: ``obj_fn(head, domain_inputs)``
   is one domain's loss; ``head_inputs`` is a pytree with leaves ``[E, ...]`` or a function
   ``params -> that pytree`` (then the penalty's gradient reaches the featurizer).
+
+  Refuses to run inside ``optax.MultiSteps``: for gradient accumulation differentiate
+  ``loss + weight * hgp_penalty(...)`` per micro-batch instead (module docstring).
   """
   terms_fn = lambda obj, h, x, k: hgp_terms(_need_obj(obj), h, x, detach_target)
   return _alignment_transform(terms_fn, lambda t: alpha * t.hessian + beta * t.gradient,
-                              weight, head, None)
+                              weight, head, None, "dgjax.hessian.hessian_gradient_product",
+                              "hgp_penalty")
 
 
 def hutchinson(alpha: float = 1.0, beta: float = 1.0, weight: Weight = 1.0, num_samples: int = 100,
@@ -381,11 +470,13 @@ def hutchinson(alpha: float = 1.0, beta: float = 1.0, weight: Weight = 1.0, num_
   ``P = (1/E) sum_e [alpha ||diag(H_e) - diag(H)||^2 + beta ||g_e - g||^2]`` with the diagonals
   estimated from ``num_samples`` Rademacher probes (vmapped; a fresh key per step from the
   state, seeded by ``random_seed``, or from the optional extra argument ``key`` when given).
-  Other arguments and extra arguments as :func:`hessian_gradient_product`.
+  Other arguments and extra arguments as :func:`hessian_gradient_product`; refuses
+  ``optax.MultiSteps`` likewise (accumulate ``loss + weight * hutchinson_penalty(...)``).
   """
   terms_fn = lambda obj, h, x, k: hutchinson_terms(_need_obj(obj), h, x, k, num_samples, detach_target)
   return _alignment_transform(terms_fn, lambda t: alpha * t.hessian + beta * t.gradient,
-                              weight, head, random_seed)
+                              weight, head, random_seed, "dgjax.hessian.hutchinson",
+                              "hutchinson_penalty")
 
 
 def moment_alignment(alpha: float = 1.0, beta: float = 1.0, weight: Weight = 1.0,
@@ -396,7 +487,12 @@ def moment_alignment(alpha: float = 1.0, beta: float = 1.0, weight: Weight = 1.0
 
   ``update(updates, state, params, *, head_inputs)`` with ``head_inputs = {"z": [E, n, k],
   "y": [E, n]}`` or a function of ``params`` returning it; ``obj_fn`` is accepted and unused.
+  ``head`` selects any linear head: ``{"kernel", "bias"}`` or one 2-D leaf ``[k, C]`` and at
+  most one 1-D leaf ``[C]`` by any names, or a function ``params -> head`` (e.g. to transpose
+  a ``[C, k]`` weight); anything else raises (:func:`split_linear_head`). Refuses
+  ``optax.MultiSteps`` like :func:`hessian_gradient_product` (accumulate
+  ``loss + weight * cma_penalty(...)``).
   """
   terms_fn = lambda obj, h, x, k: cma_terms(h, x)
   return _alignment_transform(terms_fn, lambda t: alpha * t.gradient + beta * t.hessian,
-                              weight, head, None)
+                              weight, head, None, "dgjax.hessian.moment_alignment", "cma_penalty")
