@@ -86,3 +86,14 @@ def test_algorithm_families_import_only_maths_and_the_protocol():
   for m in families:
     extra = {i for i in GRAPH[m] if i not in MATHS | {"dgjax.core", "dgjax.models", "dgjax.conv"}}
     assert not extra, f"{m} imports {sorted(extra)}"
+
+
+def test_submodules_are_reachable_from_the_package():
+  import subprocess
+  import sys
+  code = ("import dgjax; assert dgjax.models.mlp and dgjax.data.load_mnist and dgjax.train.train_many "
+          "and dgjax.sharding.make_mesh and dgjax.methods.METHODS; import sys; "
+          "assert 'orbax.checkpoint' not in sys.modules, 'import dgjax must stay light'")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        cwd=ROOT.parent, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
