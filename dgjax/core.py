@@ -376,6 +376,8 @@ class Method:
     logged_state: metric name -> state field name, read by name from the step's state after
       each update (e.g. the masks' ``kept_fraction``).
     diagnostics: ``diagnostics(ctx) -> fn or None`` (see :class:`MethodStep`).
+    presets: named sets of hparam values (``--preset NAME``), applied over the defaults or
+      the random draw and under explicit overrides.
     predict: ``predict(ctx, params, state, x) -> logits`` where evaluation must not use the
       plain network (DomainBed's methods that override ``predict``, e.g. ARM's adaptation);
       ``state`` is the method's :class:`StepState`. ``None``: ``ctx.logits(params, x)``.
@@ -390,6 +392,7 @@ class Method:
   logged_state: Mapping[str, str] = dataclasses.field(default_factory=dict)
   diagnostics: Callable[[Context], Callable | None] | None = None
   predict: Callable[..., Any] | None = None
+  presets: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
   def build(self, ctx: Context) -> MethodStep:
     return build_step(self, ctx)
@@ -445,8 +448,9 @@ def random_hparams(method: Method, seed: int, dataset: str | None = None) -> dic
 
 def resolve_hparams(method: Method, hparams_seed: int = 0,
                     overrides: Mapping[str, Any] | None = None, trial_seed: int = 0,
-                    dataset: str | None = None) -> dict[str, Any]:
-  """Defaults (``hparams_seed == 0``) or DomainBed's random draw, updated with ``overrides``.
+                    dataset: str | None = None, preset: str | None = None) -> dict[str, Any]:
+  """Defaults (``hparams_seed == 0``) or DomainBed's random draw, then the method's
+  ``preset`` (by name), then ``overrides``.
 
   As DomainBed's ``train.py``, a non-zero ``hparams_seed`` draws from
   ``random_hparams(method, seed_hash(hparams_seed, trial_seed))``, so every trial gets its own
@@ -461,6 +465,12 @@ def resolve_hparams(method: Method, hparams_seed: int = 0,
     raise ValueError(
         f"unknown hparam(s) {', '.join(map(repr, unknown))} for method {method.name!r}; "
         f"valid hparams: {', '.join(sorted(hp))}")
+  if preset is not None:
+    if preset not in method.presets:
+      raise ValueError(f"method {method.name!r} has no preset {preset!r}; its presets: "
+                       f"{', '.join(sorted(method.presets)) or 'none'}")
+    for name, value in method.presets[preset].items():
+      hp[name] = specs[name].coerce(name, value)
   for name, value in (overrides or {}).items():
     hp[name] = specs[name].coerce(name, value)
   return hp

@@ -196,12 +196,28 @@ def hgp_terms(obj_fn: ObjFn, head: PyTree, inputs: PyTree, detach_target: bool =
 
 
 def hutchinson_terms(obj_fn: ObjFn, head: PyTree, inputs: PyTree, key: jax.Array,
-                     num_samples: int = 100, detach_target: bool = True) -> AlignmentTerms:
-  """Hutchinson's terms ``(1/E) sum_e ||diag(H_e) - diag(H)||^2`` (diagonals estimated with
-  ``num_samples`` Rademacher probes shared by the domains) and ``(1/E) sum_e ||g_e - g||^2``."""
+                     num_samples: int = 100, detach_target: bool = True,
+                     independent_probes: bool = False) -> AlignmentTerms:
+  """Hutchinson's terms ``(1/E) sum_e ||diag(H_e) - diag(H)||^2`` and ``(1/E) sum_e ||g_e - g||^2``.
+
+  The diagonals are estimated with ``num_samples`` Rademacher probes. Shared probes (default)
+  serve every domain, and ``diag(H)`` is the mean of the per-domain estimates (detaching it
+  then changes nothing). ``independent_probes`` draws fresh probes for each domain and for
+  ``diag(H)``, estimated from the Hessian of the mean loss, as the Hessian paper's DomainBed
+  fork does (``calc_hessian_diag(..., repeat=300)`` per environment and for the mean).
+  """
   g = per_domain_head_grads(obj_fn, head, inputs)
-  diag = jax.vmap(lambda d: hutchinson_diagonal(lambda h: obj_fn(h, d), head, key, num_samples))(inputs)
-  diag_target, g_target = _mean0(diag), _mean0(g)
+  if independent_probes:
+    e = _domain_axis(inputs)
+    keys = jax.random.split(key, e + 1)
+    diag = jax.vmap(lambda d, k: hutchinson_diagonal(lambda h: obj_fn(h, d), head, k, num_samples))(
+        inputs, keys[:e])
+    mean_obj = lambda h: jnp.mean(jax.vmap(lambda d: obj_fn(h, d))(inputs))
+    diag_target = hutchinson_diagonal(mean_obj, head, keys[e], num_samples)
+  else:
+    diag = jax.vmap(lambda d: hutchinson_diagonal(lambda h: obj_fn(h, d), head, key, num_samples))(inputs)
+    diag_target = _mean0(diag)
+  g_target = _mean0(g)
   if detach_target:
     diag_target, g_target = jax.lax.stop_gradient((diag_target, g_target))
   return AlignmentTerms(_spread(diag, diag_target), _spread(g, g_target))

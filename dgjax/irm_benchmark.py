@@ -16,7 +16,9 @@ benchmark's settings reach each method through the roles of its hparams
 (:attr:`dgjax.core.HParam.role`): ``lr``, ``weight_decay = 2 * l2`` (the gradient of
 ``l2 ||w||^2``), ``batch_size`` (the environment size), ``penalty_weight``, ``anneal_iters``,
 ``rescale_loss = True`` and ``reset_optimizer = False`` (the IRM code keeps Adam's state at
-the switch), wherever the method has an hparam of that role. Per-run overrides win.
+the switch), wherever the method has an hparam of that role, over the method's ``irm_cmnist``
+preset where it has one (hgp, hutchinson: alpha = beta = 1, shared probes, S = 100). Per-run
+overrides win.
 
 Restarts run as one vmapped program (``restarts_impl="vmap"``) or one after another
 (``"sequential"``). With label shift the two environments differ in size; both are truncated
@@ -86,9 +88,19 @@ def benchmark_overrides(method: str, cfg: IRMConfig, n_train: int) -> dict[str, 
   return overrides
 
 
+#: The preset a method may define for this benchmark (e.g. alpha = beta = 1 for hgp).
+PRESET = "irm_cmnist"
+
+
+def benchmark_preset(method: str) -> str | None:
+  return PRESET if PRESET in methods.get_method(method).presets else None
+
+
 def benchmark_hparams(method: str, cfg: IRMConfig, n_train: int) -> dict[str, Any]:
-  """The method's resolved hparams for this benchmark."""
-  return methods.resolve_hparams(method, 0, benchmark_overrides(method, cfg, n_train))
+  """The method's resolved hparams for this benchmark: its ``irm_cmnist`` preset if it has
+  one, the benchmark's settings by role, then ``cfg.hparams``."""
+  return methods.resolve_hparams(method, 0, benchmark_overrides(method, cfg, n_train),
+                                 preset=benchmark_preset(method))
 
 
 def xavier_init(params, key):
@@ -200,6 +212,7 @@ def run(cfg: IRMConfig, images: np.ndarray, labels: np.ndarray,
   seeds = [seed_hash(cfg.seed, r, "init") for r in range(cfg.n_restarts)]
   configs = [train_lib.TrainConfig(method=cfg.method, test_envs=(), steps=cfg.steps,
                                    checkpoint_freq=cfg.eval_every, seed=s, hparams=overrides,
+                                   preset=benchmark_preset(cfg.method),
                                    per_domain_impl="vmap", progress=False,
                                    scan_steps=cfg.scan_steps)
              for s in seeds]

@@ -69,9 +69,11 @@ def random_hparams(method: str, seed: int, dataset: str | None = None) -> dict[s
 
 
 def resolve_hparams(method: str, hparams_seed: int = 0, overrides: Mapping[str, Any] | None = None,
-                    trial_seed: int = 0, dataset: str | None = None) -> dict[str, Any]:
+                    trial_seed: int = 0, dataset: str | None = None,
+                    preset: str | None = None) -> dict[str, Any]:
   """See :func:`dgjax.core.resolve_hparams`."""
-  return core.resolve_hparams(get_method(method), hparams_seed, overrides, trial_seed, dataset)
+  return core.resolve_hparams(get_method(method), hparams_seed, overrides, trial_seed, dataset,
+                              preset)
 
 
 def structural_hparams(method: str) -> list[str]:

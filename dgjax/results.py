@@ -109,11 +109,13 @@ class RunLock:
     self.dir = Path(output_dir)
     self._lock = FileLock(str(self.dir / LOCK_NAME), is_singleton=False)
 
-  def acquire(self) -> "RunLock":
+  def acquire(self, timeout: float = 1.0) -> "RunLock":
+    """Takes the lock, waiting up to ``timeout`` seconds (a status probe holds it for an
+    instant) before failing with :class:`RunLockedError`."""
     from filelock import Timeout
     self.dir.mkdir(parents=True, exist_ok=True)
     try:
-      self._lock.acquire(timeout=0)
+      self._lock.acquire(timeout=timeout)
     except Timeout:
       raise RunLockedError(
           f"{self.dir} is being written by another running process (its lock "
@@ -138,7 +140,7 @@ def is_locked(output_dir: str | os.PathLike) -> bool:
   if not path.exists():
     return False
   try:
-    RunLock(output_dir).acquire().release()
+    RunLock(output_dir).acquire(timeout=0).release()
   except RunLockedError:
     return True
   return False

@@ -26,7 +26,7 @@ from dgjax.tasks import DomainBedTask
 TrainConfig = train_lib.TrainConfig
 
 #: The config fields that are flags of ``experiments.train`` (same names).
-FLAG_FIELDS = ("dataset", "method", "steps", "checkpoint_freq", "seed", "trial_seed",
+FLAG_FIELDS = ("dataset", "method", "preset", "steps", "checkpoint_freq", "seed", "trial_seed",
                "hparams_seed", "holdout_fraction", "data_dir", "max_examples", "downsample",
                "per_domain_impl", "conv_impl", "mesh", "output_dir", "keep_checkpoints",
                "scan_steps", "eval_batch_size")
@@ -96,7 +96,7 @@ def record_args(config: TrainConfig, **extra: Any) -> dict[str, Any]:
   ``test_envs``, ``hparams_seed``, ``trial_seed``, ...) and dgjax's settings."""
   ds = datasets.get_dataset(config.dataset)
   method = methods.get_method(config.method)
-  dgjax_fields = {n: getattr(config, n) for n in ("max_examples", "downsample", "per_domain_impl",
+  dgjax_fields = {n: getattr(config, n) for n in ("preset", "max_examples", "downsample", "per_domain_impl",
                                                   "conv_impl", "mesh", "scan_steps")}
   args = domainbed_format.domainbed_args(
       method=config.method, algorithm=method.domainbed_name, dataset=config.dataset,

@@ -57,7 +57,8 @@ class NonFiniteLossError(FloatingPointError):
 class TrainConfig:
   """Everything one run depends on (DomainBed's ``train.py`` arguments), validated on
   construction; ``resolved_hparams`` is the run's full hparams, resolved once here
-  (defaults or DomainBed's draw for ``hparams_seed``, then the ``hparams`` overrides).
+  (defaults or DomainBed's draw for ``hparams_seed``, the method's ``preset``, then the
+  ``hparams`` overrides).
 
   The loop reads ``method`` to ``scan_steps``; the data and launch settings (``dataset`` to
   ``output_dir``) are read by :func:`dgjax.runs.run` and the command line.
@@ -70,6 +71,7 @@ class TrainConfig:
   trial_seed: int = 0
   hparams_seed: int = 0
   hparams: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  preset: str | None = None
   holdout_fraction: float = 0.2
   eval_batch_size: int = 1000
   per_domain_impl: str = "auto"
@@ -99,7 +101,7 @@ class TrainConfig:
     if self.per_domain_impl not in PER_DOMAIN_IMPLS:
       raise ValueError(f"per_domain_impl must be one of {PER_DOMAIN_IMPLS}, got {self.per_domain_impl!r}")
     object.__setattr__(self, "resolved_hparams", methods.resolve_hparams(
-        self.method, self.hparams_seed, self.hparams, self.trial_seed, self.dataset))
+        self.method, self.hparams_seed, self.hparams, self.trial_seed, self.dataset, self.preset))
 
   def identity(self) -> dict[str, Any]:
     """What a checkpoint must match to be resumed by this run."""

@@ -51,6 +51,8 @@ flags.DEFINE_integer("hparams_seed", 0, "0: default hparams; else DomainBed's ra
                      "(seed_hash(hparams_seed, trial_seed))")
 flags.DEFINE_string("hparams", None, 'JSON object of hparam overrides, e.g. \'{"lr": 1e-4}\'; '
                     "see the README's method table for each method's hparams")
+flags.DEFINE_string("preset", None, "a named set of the method's hparams, applied before "
+                    "--hparams (e.g. hgp's 'irm_schedule'; see the README's method table)")
 flags.DEFINE_string("data_dir", None, "directory with the dataset's IDX files (MNIST, or "
                     "Fashion-MNIST for ColoredFashionMNIST; train-* required, t10k-* used when "
                     "present). Default: TFDS. Spirals needs none")

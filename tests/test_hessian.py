@@ -203,7 +203,8 @@ def test_hutchinson_method_draws_probes_from_the_step_key():
   rng = np.random.default_rng(0)
   batch = {"x": jnp.asarray(rng.normal(size=(2, 16, 6)), jnp.float32),
            "y": jnp.asarray(rng.integers(0, 2, (2, 16)), jnp.int32)}
-  hp = methods.resolve_hparams("hutchinson", 0, {"hutchinson_samples": 1, "penalty_anneal_iters": 0})
+  hp = methods.resolve_hparams("hutchinson", 0, {"hutchinson_samples": 1, "penalty_anneal_iters": 0,
+                                                  "independent_probes": False})
   model = models.mlp(2, hidden=(8,))
   ctx = methods.Context(model, hp, 2)
   ms = methods.get_method("hutchinson").build(ctx)

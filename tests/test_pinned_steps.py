@@ -28,8 +28,12 @@ OVERRIDES = {
     "irm": {"irm_lambda": 10.0, "irm_penalty_anneal_iters": 2},
     "vrex": {"vrex_lambda": 10.0, "vrex_penalty_anneal_iters": 2},
     "fishr": {"lambda": 10.0, "penalty_anneal_iters": 2},
-    "hgp": {"penalty_weight": 10.0, "penalty_anneal_iters": 2},
-    "hutchinson": {"penalty_weight": 10.0, "penalty_anneal_iters": 2, "hutchinson_samples": 7},
+    # hgp / hutchinson: their defaults before the authors' values became the defaults
+    # (alpha = beta = 1, Adam reset, shared probes), so the pins still hold.
+    "hgp": {"penalty_weight": 10.0, "penalty_anneal_iters": 2, "alpha": 1.0, "beta": 1.0,
+            "reset_optimizer": True},
+    "hutchinson": {"penalty_weight": 10.0, "penalty_anneal_iters": 2, "hutchinson_samples": 7,
+                   "alpha": 1.0, "beta": 1.0, "reset_optimizer": True, "independent_probes": False},
     "cma": {"penalty_weight": 10.0, "penalty_anneal_iters": 2},
     "iga": {"penalty": 10.0},
 }
