@@ -577,6 +577,10 @@ def launch_vmap(jobs: Sequence[Job], incomplete: str = "resume",
       if claimed is None:
         log(f"{job.output_dir.name}: skipped ({job.state}: another launch has it)")
         continue
+      if claimed[1] != group_flags[key]:   # another launch ran it meanwhile: not this program
+        claimed[0].release()
+        log(f"{job.output_dir.name}: skipped (another launch ran it meanwhile; launch again)")
+        continue
       claims.append(claimed[0])
       group.append(job)
     if not group:
@@ -584,8 +588,8 @@ def launch_vmap(jobs: Sequence[Job], incomplete: str = "resume",
     method = group[0].args["method"]
     start = time.time()
     with contextlib.ExitStack() as stack:
-      outs = [stack.enter_context(open(j.output_dir / "out.txt", "a", encoding="utf-8")) for j in group]
-      errs = [stack.enter_context(open(j.output_dir / "err.txt", "a", encoding="utf-8")) for j in group]
+      outs, errs = ([stack.enter_context(open(j.output_dir / name, "a", encoding="utf-8"))
+                     for j in group] for name in ("out.txt", "err.txt"))
       for job, out in zip(group, outs):
         config = job.config()
         out.write(f"sweep job {job.output_dir.name}: run {group.index(job) + 1} of a vmapped "
