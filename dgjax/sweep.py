@@ -2,29 +2,42 @@
 ``command_launchers.py``; Gulrajani & Lopez-Paz, ICLR 2021).
 
 A sweep is every combination of trial seed x dataset x method x test environments x
-hyperparameter seed (:func:`make_args_list`). Each combination is a :class:`Job`: its
-arguments, an output directory named by the md5 of those arguments, and a training command.
-A job's state comes from its directory: *Done* when it holds the ``done`` file the trainer
-writes last, *Incomplete* when it exists without it, *Not launched* otherwise. Re-launching
-a sweep skips done jobs, starts jobs not launched and resumes (or restarts) incomplete ones.
+hyperparameter seed (:func:`make_args_list`). Each combination is a :class:`Job`: DomainBed's
+argument dict, an output directory named by the md5 of that dict, and ONE
+:class:`dgjax.train.TrainConfig` (:meth:`Job.config`, built by :func:`dgjax.runs.make_config`).
+The config draws the job's hparams itself, as DomainBed's ``train.py``: ``hparams_seed == 0``
+gives the method's defaults, any other seed ``random_hparams(method, seed_hash(hparams_seed,
+trial_seed))``, so one hparams seed gives other values in other trials; ``seed =
+seed_hash(dataset, method, test_envs, hparams_seed, trial_seed)`` seeds init and minibatches.
 
-Seeding follows DomainBed:
+A job's state comes from its directory (:attr:`Job.state`):
 
-- ``seed = seed_hash(dataset, method, test_envs, hparams_seed, trial_seed)`` (init and
-  minibatches), ``trial_seed`` for the data and its splits;
-- hyperparameters: ``hparams_seed == 0`` gives the method's defaults, any other seed a random
-  draw from the method's distributions with seed ``seed_hash(hparams_seed, trial_seed)``, so
-  one hparams seed gives other values in other trials (:func:`job_hparams`).
+* *Done*: it holds the ``done`` file the engine writes after the last record;
+* *Running*: a live process holds the run's lock (:func:`dgjax.results.is_locked`) or a
+  launcher has claimed the job (its ``.launch.lock``, held from just before the job's process
+  starts until it ends);
+* *Incomplete*: it exists otherwise (a run that stopped or failed);
+* *Not launched*: it does not exist.
 
-Launchers: :func:`launch_local` (parallel processes, at most ``max_parallel`` at a time),
-:func:`launch_submitit` (Slurm, or submitit's local executor, through ``submitit``) and
-:func:`dry_run_commands` (the shell commands, for any other scheduler).
+A launch never touches done or running jobs: each job is claimed (a non-blocking exclusive
+lock) and its state read again under the claim right before it starts, so two launches of
+one sweep at once run every job once. Incomplete jobs are resumed (``--resume``), restarted
+(``--overwrite``) or skipped (:data:`INCOMPLETE_POLICIES`).
+
+Launchers: :func:`launch_local` (processes ``python -m experiments.train``, at most
+``max_parallel`` at once), :func:`launch_vmap` (jobs that differ only in seeds and
+non-structural hparams trained in this process as ONE vmapped program,
+:func:`dgjax.runs.run_many`), :func:`launch_submitit` (Slurm, or submitit's local executor)
+and :func:`dry_run_commands` (the shell commands, for any other scheduler). A process and the
+vmapped program train the same config to the same records.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import shlex
@@ -32,30 +45,69 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from dgjax import datasets
 from dgjax import methods
+from dgjax import results as results_lib
+from dgjax import runs
 from dgjax.seeding import seed_hash
 
 NOT_LAUNCHED = "Not launched"
 INCOMPLETE = "Incomplete"
+RUNNING = "Running"
 DONE = "Done"
+STATES = (DONE, RUNNING, INCOMPLETE, NOT_LAUNCHED)
 
-#: Environments per dataset of :mod:`dgjax.datasets` (DomainBed's ``num_environments``),
-#: known without loading data; override or extend with ``num_envs=``.
-NUM_ENVIRONMENTS = {"ColoredMNIST": 3, "ColoredFashionMNIST": 3, "RotatedMNIST": 6, "Spirals": 17}
+#: The file a launcher locks while it starts and waits for a job (see :meth:`Job.claim`).
+CLAIM_NAME = ".launch.lock"
+CLAIM_WAIT_S = 0.5
+
+#: Job arguments the sweep sets itself (its own flags); ``--train_arg`` may set any other
+#: :class:`~dgjax.train.TrainConfig` field (:func:`train_arg_fields`).
+SWEEP_FIELDS = {"dataset": "--datasets", "method": "--methods", "test_envs": "--test_envs",
+                "holdout_fraction": "--holdout_fraction", "hparams_seed": "--n_hparams",
+                "trial_seed": "--n_trials", "seed": "(derived from the others)",
+                "steps": "--steps", "checkpoint_freq": "--checkpoint_freq",
+                "data_dir": "--data_dir", "hparams": "--hparams",
+                "output_dir": "(the job's directory)"}
+
+#: How an incomplete job is launched again: flags added to its command, or ``None`` to skip it.
+#: ``restart`` trains from scratch (``--overwrite``); ``resume`` continues from the last
+#: checkpoint (``--resume``; from scratch when there is none).
+INCOMPLETE_POLICIES: dict[str, tuple[str, ...] | None] = {
+    "restart": ("--overwrite",), "resume": ("--resume",), "skip": None}
+
+#: Config fields that may differ inside one vmapped program (seeds and non-structural hparams
+#: enter the step as traced values); every other field and every structural hparam must agree.
+VMAP_VARYING = ("seed", "hparams_seed", "hparams", "output_dir")
 
 
-def num_environments(dataset: str, overrides: Mapping[str, int] | None = None) -> int:
-  """Number of environments of ``dataset``; an unknown name raises, naming the known ones."""
-  table = {**NUM_ENVIRONMENTS, **(overrides or {})}
-  if dataset not in table:
-    raise ValueError(f"number of environments of dataset {dataset!r} unknown (known: "
-                     f"{', '.join(sorted(table))}); give it as {dataset}=N")
-  return int(table[dataset])
+def train_arg_fields() -> list[str]:
+  """The :class:`~dgjax.train.TrainConfig` fields ``--train_arg`` may set."""
+  return sorted(f.name for f in dataclasses.fields(runs.TrainConfig)
+                if f.init and f.name not in SWEEP_FIELDS)
 
 
+def check_train_arg(name: str, value: Any) -> None:
+  """A ``ValueError`` naming ``name`` unless it is a field ``--train_arg`` may set, with a
+  value of its default's type (any for fields that default to ``None``)."""
+  if name in SWEEP_FIELDS:
+    raise ValueError(f"--train_arg may not set {name!r}: the sweep sets it ({SWEEP_FIELDS[name]})")
+  if name not in train_arg_fields():
+    raise ValueError(f"--train_arg {name!r} is not a training config field; valid: "
+                     f"{', '.join(train_arg_fields())}")
+  default = {f.name: f.default for f in dataclasses.fields(runs.TrainConfig)}[name]
+  kind = type(default)
+  same_kind = isinstance(value, kind) and isinstance(value, bool) == (kind is bool)
+  if default is not None and not same_kind:
+    raise ValueError(f"--train_arg {name} must be {kind.__name__} (its default is "
+                     f"{json.dumps(default)}), got {value!r}")
+
+
+# ---------------------------------------------------------------------------- enumeration
 def single_test_envs(n: int) -> list[list[int]]:
   """One job per test environment: ``[[0], [1], ..., [n - 1]]``."""
   return [[i] for i in range(n)]
@@ -77,8 +129,13 @@ def test_env_sets(n: int, holdout_pairs: bool = False,
                   test_envs: Sequence[int] | None = None) -> list[list[int]]:
   """The test-environment lists of one dataset with ``n`` environments: one per environment
   (DomainBed's ``--single_test_envs``), or :func:`all_test_env_combinations` with
-  ``holdout_pairs``; ``test_envs`` (negative: from the end) keeps only the lists whose first
-  environment is among them, e.g. ``[-1]`` for Spirals' single test environment."""
+  ``holdout_pairs``.
+
+  ``test_envs`` (negative: from the end) keeps the lists that hold out one of them: ``[i]``
+  and, with ``holdout_pairs``, every pair containing ``i`` (``[0, 2]`` and ``[1, 2]`` for
+  ``i = 2`` of 3), which are exactly the runs leave-one-domain-out selection reads for test
+  environment ``i``.
+  """
   sets = all_test_env_combinations(n) if holdout_pairs else single_test_envs(n)
   if test_envs is None:
     return sets
@@ -86,29 +143,34 @@ def test_env_sets(n: int, holdout_pairs: bool = False,
   if bad:
     raise ValueError(f"test envs {bad} out of range for {n} environments")
   keep = {e % n for e in test_envs}
-  return [s for s in sets if s[0] in keep]
+  return [s for s in sets if keep & set(s)]
 
 
-def make_args_list(datasets: Sequence[str], method_names: Sequence[str], *, n_trials: int,
+def make_args_list(dataset_names: Sequence[str], method_names: Sequence[str], *, n_trials: int,
                    n_hparams: int, n_hparams_from: int = 0, holdout_pairs: bool = False,
                    test_envs: Sequence[int] | None = None,
                    steps: int | None = None, checkpoint_freq: int | None = None,
                    holdout_fraction: float = 0.2, data_dir: str | None = None,
-                   hparams: str | None = None, num_envs: Mapping[str, int] | None = None,
+                   hparams: str | None = None,
                    extra_args: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
   """Every job's arguments, in DomainBed's order (``make_args_list``): trial seed, dataset,
-  method, test environments (:func:`test_env_sets`), hparams seed
-  (``range(n_hparams_from, n_hparams)``).
+  method, test environments (:func:`test_env_sets`; the dataset's environment count from
+  :mod:`dgjax.datasets`), hparams seed (``range(n_hparams_from, n_hparams)``).
 
   ``steps``, ``checkpoint_freq``, ``data_dir`` and ``hparams`` (a JSON object of overrides,
   as a string) are recorded only when given, so they change the job hash only then;
-  ``extra_args`` are more trainer flags (e.g. ``{"max_examples": 2000}``), recorded and
-  hashed the same way.
+  ``extra_args`` are more config fields for every job (e.g. ``{"max_examples": 2000}``; see
+  :func:`train_arg_fields`), recorded and hashed the same way.
   """
+  extra = dict(extra_args or {})
+  for key, value in extra.items():
+    check_train_arg(key, value)
+  for name in method_names:
+    methods.get_method(name)
   args_list = []
   for trial_seed in range(n_trials):
-    for dataset in datasets:
-      n = num_environments(dataset, num_envs)
+    for dataset in dataset_names:
+      n = datasets.get_dataset(dataset).num_environments
       for method in method_names:
         for envs in test_env_sets(n, holdout_pairs, test_envs):
           for hparams_seed in range(n_hparams_from, n_hparams):
@@ -124,22 +186,9 @@ def make_args_list(datasets: Sequence[str], method_names: Sequence[str], *, n_tr
             optional = {"steps": steps, "checkpoint_freq": checkpoint_freq,
                         "data_dir": data_dir, "hparams": hparams}
             args.update({k: v for k, v in optional.items() if v is not None})
-            clash = sorted(set(extra_args or {}) & (set(args) | {"test_env", "output_dir"}))
-            if clash:
-              raise ValueError(f"extra_args may not set {', '.join(clash)}")
-            args.update(extra_args or {})
+            args.update(extra)
             args_list.append(args)
   return args_list
-
-
-def job_hparams(method: str, hparams_seed: int, trial_seed: int,
-                overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-  """The job's hyperparameters as DomainBed's ``train.py`` draws them: defaults for
-  ``hparams_seed == 0``, else ``random_hparams(method, seed_hash(hparams_seed, trial_seed))``;
-  then ``overrides`` (:func:`dgjax.methods.resolve_hparams`, which the trainer uses too)."""
-  hp = methods.resolve_hparams(method, hparams_seed, trial_seed=trial_seed)
-  hp.update(overrides or {})
-  return hp
 
 
 def args_hash(args: Mapping[str, Any]) -> str:
@@ -147,100 +196,24 @@ def args_hash(args: Mapping[str, Any]) -> str:
   return hashlib.md5(json.dumps(dict(args), sort_keys=True).encode("utf-8")).hexdigest()
 
 
-@dataclasses.dataclass(frozen=True)
-class Trainer:
-  """How to run one job: ``python -m <module>`` with the flags of ``experiments/train.py``
-  (``dataset_flag``: the module takes ``--dataset``; ``multi_test_envs``: it takes
-  ``--test_envs=i,j``, which held-out pairs need).
-
-  ``hparams_draw="domainbed"`` passes a random draw (``hparams_seed != 0``) explicitly with
-  ``--hparams`` (:func:`job_hparams`, DomainBed's per-trial draw); ``"trainer"`` passes only
-  the user's overrides and lets the trainer draw from ``--hparams_seed`` alone.
-  """
-  module: str = "experiments.colored_mnist"
-  dataset_flag: bool = False
-  python: str = sys.executable
-  multi_test_envs: bool = False
-  hparams_draw: str = "domainbed"
-  extra_flags: tuple[str, ...] = ("--noprogress",)
-
-
-def module_flags(module: str) -> set[str] | None:
-  """The absl/argparse flag names ``module``'s source defines (read, not imported: importing
-  a trainer starts JAX); ``None`` when the source cannot be found."""
-  import importlib.util
-  import re
+# --------------------------------------------------------------------------------- jobs
+def _lock_held(path: Path) -> bool:
+  """Whether a live process holds the ``filelock`` at ``path`` (never creates it)."""
+  from filelock import FileLock, Timeout
+  if not path.exists():
+    return False
+  lock = FileLock(str(path), is_singleton=False)
   try:
-    spec = importlib.util.find_spec(module)
-  except ImportError:
-    return None
-  if spec is None or not spec.origin or not spec.origin.endswith(".py"):
-    return None
-  source = Path(spec.origin).read_text(encoding="utf-8")
-  names = re.findall(r"DEFINE_\w+\(\s*[\"'](\w+)[\"']", source)
-  names += re.findall(r"add_argument\(\s*[\"']--(\w+)[\"']", source)
-  return set(names)
+    lock.acquire(timeout=0)
+  except Timeout:
+    return True
+  lock.release()
+  return False
 
 
-def make_trainer(module: str | None = None, python: str = sys.executable,
-                 hparams_draw: str = "domainbed") -> Trainer:
-  """A :class:`Trainer` for ``module`` (default: ``experiments.train`` when it exists, else
-  ``experiments.colored_mnist``), its ``--dataset`` / ``--test_envs`` support read from its
-  flag definitions."""
-  if module is None:
-    module = "experiments.train" if module_flags("experiments.train") is not None else "experiments.colored_mnist"
-  names = module_flags(module) or set()
-  return Trainer(module, dataset_flag="dataset" in names, python=python,
-                 multi_test_envs="test_envs" in names, hparams_draw=hparams_draw,
-                 extra_flags=("--noprogress",) if "progress" in names else ())
-
-
-def default_trainer(python: str = sys.executable) -> Trainer:
-  return make_trainer(None, python)
-
-
-def default_incomplete_policy(trainer: Trainer) -> str:
-  """``resume`` when the trainer defines ``--resume``, else ``restart``."""
-  return "resume" if "resume" in (module_flags(trainer.module) or set()) else "restart"
-
-
-def train_command(args: Mapping[str, Any], output_dir: str | os.PathLike, trainer: Trainer,
-                  extra: Sequence[str] = ()) -> list[str]:
-  """The argv that trains one job: one ``--flag=value`` per argument, sorted by name.
-
-  One test environment is ``--test_env=i``; two (held-out pairs) are ``--test_envs=i,j``,
-  for a trainer with ``multi_test_envs`` only.
-  """
-  if not trainer.dataset_flag and args["dataset"] != "ColoredMNIST":
-    raise ValueError(f"{trainer.module} trains ColoredMNIST only (job has dataset "
-                     f"{args['dataset']!r}); use a trainer with a --dataset flag")
-  if len(args["test_envs"]) > 1 and not trainer.multi_test_envs:
-    raise ValueError(f"{trainer.module} takes a single --test_env; held-out pairs (for "
-                     f"leave-one-domain-out selection) need a trainer with --test_envs")
-  flags = {k: v for k, v in args.items() if k not in ("test_envs", "hparams", "dataset")}
-  if trainer.dataset_flag:
-    flags["dataset"] = args["dataset"]
-  envs = list(args["test_envs"])
-  if len(envs) == 1:
-    flags["test_env"] = envs[0]
-  else:
-    flags["test_envs"] = ",".join(str(e) for e in envs)
-  if trainer.hparams_draw not in ("domainbed", "trainer"):
-    raise ValueError(f"hparams_draw must be 'domainbed' or 'trainer', got {trainer.hparams_draw!r}")
-  overrides = json.loads(args["hparams"]) if args.get("hparams") else {}
-  if trainer.hparams_draw == "domainbed" and args["hparams_seed"] != 0:
-    overrides = job_hparams(args["method"], args["hparams_seed"], args["trial_seed"], overrides)
-  if overrides:
-    flags["hparams"] = json.dumps(overrides, sort_keys=True)
-  flags["output_dir"] = str(output_dir)
-  argv = [trainer.python, "-m", trainer.module]
-  argv += [f"--{k}={v}" for k, v in sorted(flags.items())]
-  return argv + list(trainer.extra_flags) + list(extra)
-
-
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Job:
-  """One run of a sweep: DomainBed's ``Job``."""
+  """One run of a sweep: DomainBed's ``Job`` (its args and directory) and its config."""
   args: dict[str, Any]
   output_dir: Path
 
@@ -248,13 +221,56 @@ class Job:
   def create(cls, args: Mapping[str, Any], sweep_dir: str | os.PathLike) -> "Job":
     return cls(dict(args), Path(sweep_dir) / args_hash(args))
 
+  def config(self) -> runs.TrainConfig:
+    """The job's one :class:`~dgjax.train.TrainConfig` (validated; it resolves the hparams
+    from ``hparams_seed``, ``trial_seed`` and the ``hparams`` overrides)."""
+    a = self.args
+    extra = {k: v for k, v in a.items() if k not in SWEEP_FIELDS}
+    overrides = runs.hparams_json(a.get("hparams"))
+    return runs.make_config(
+        a["dataset"], a["test_envs"], steps=a.get("steps"), checkpoint_freq=a.get("checkpoint_freq"),
+        method=a["method"], seed=a["seed"], trial_seed=a["trial_seed"],
+        hparams_seed=a["hparams_seed"], holdout_fraction=a["holdout_fraction"],
+        data_dir=a.get("data_dir"), hparams=overrides, output_dir=str(self.output_dir), **extra)
+
+  def command(self, extra: Sequence[str] = (), python: str = sys.executable,
+              module: str = "experiments.train") -> list[str]:
+    """The argv that trains this job as a process (:func:`dgjax.runs.command`)."""
+    return runs.command(self.config(), python=python, module=module, extra=extra)
+
+  @property
+  def running(self) -> bool:
+    """A live process writes the run, or a launcher has claimed it."""
+    # the claim first: while a launcher holds it, the run's own lock is never probed (a probe
+    # holds a lock for an instant, and the run takes its lock without waiting)
+    return (_lock_held(self.output_dir / CLAIM_NAME)
+            or results_lib.is_locked(self.output_dir))
+
   @property
   def state(self) -> str:
     if (self.output_dir / "done").exists():
       return DONE
-    if self.output_dir.exists():
-      return INCOMPLETE
-    return NOT_LAUNCHED
+    if not self.output_dir.exists():
+      return NOT_LAUNCHED
+    return RUNNING if self.running else INCOMPLETE
+
+  def claim(self):
+    """Claims the job for a launch: a held ``filelock`` on ``<output_dir>/.launch.lock``
+    (released with ``.release()``), or ``None`` when the job is done, running, or claimed by
+    another launcher. The operating system drops the claim if the launcher dies."""
+    from filelock import FileLock, Timeout
+    if (self.output_dir / "done").exists():
+      return None
+    self.output_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(self.output_dir / CLAIM_NAME), is_singleton=False)
+    try:  # a short wait: a state probe (``status``) holds the lock for an instant
+      lock.acquire(timeout=CLAIM_WAIT_S)
+    except Timeout:
+      return None
+    if (self.output_dir / "done").exists() or results_lib.is_locked(self.output_dir):
+      lock.release()
+      return None
+    return lock
 
   def describe(self) -> str:
     a = self.args
@@ -267,54 +283,87 @@ def make_jobs(args_list: Iterable[Mapping[str, Any]], sweep_dir: str | os.PathLi
   return [Job.create(a, sweep_dir) for a in args_list]
 
 
+def check_configs(jobs: Sequence[Job]) -> None:
+  """Builds every job's config (validating its fields and hparams) before any work; a bad
+  one raises a ``ValueError`` naming the job."""
+  for job in jobs:
+    try:
+      job.config()
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"job {job.output_dir.name} ({job.args['dataset']}, {job.args['method']}, "
+                       f"hparams_seed={job.args['hparams_seed']}): {e}") from None
+
+
 def count_states(jobs: Sequence[Job]) -> dict[str, int]:
   states = [j.state for j in jobs]
-  return {s: states.count(s) for s in (DONE, INCOMPLETE, NOT_LAUNCHED)}
+  return {s: states.count(s) for s in STATES}
 
 
 def summary_line(jobs: Sequence[Job]) -> str:
   c = count_states(jobs)
-  return (f"{len(jobs)} jobs: {c[DONE]} done, {c[INCOMPLETE]} incomplete, "
+  return (f"{len(jobs)} jobs: {c[DONE]} done, {c[RUNNING]} running, {c[INCOMPLETE]} incomplete, "
           f"{c[NOT_LAUNCHED]} not launched.")
 
 
-#: How an incomplete job is launched again: flags added to its command, or ``None`` to skip it.
-#: ``restart`` trains from scratch (the trainer's ``--overwrite``); ``resume`` continues from
-#: the trainer's last checkpoint (``--resume``, where the trainer has it).
-INCOMPLETE_POLICIES: dict[str, tuple[str, ...] | None] = {
-    "restart": ("--overwrite",), "resume": ("--resume",), "skip": None}
-
-
-def jobs_to_launch(jobs: Sequence[Job], incomplete: str = "restart") -> list[tuple[Job, tuple[str, ...]]]:
-  """The jobs a launch runs, with the extra flags of each: every job not launched, and every
-  incomplete one unless ``incomplete == "skip"``. Done jobs are never run again."""
+def _check_policy(incomplete: str) -> None:
   if incomplete not in INCOMPLETE_POLICIES:
     raise ValueError(f"incomplete must be one of {sorted(INCOMPLETE_POLICIES)}, got {incomplete!r}")
+
+
+def launch_flags(state: str, incomplete: str = "resume") -> tuple[str, ...] | None:
+  """The flags a job in ``state`` is launched with, or ``None`` when it is not launched:
+  ``()`` when not launched yet, the policy's flags when incomplete; never done or running."""
+  _check_policy(incomplete)
+  if state == NOT_LAUNCHED:
+    return ()
+  if state == INCOMPLETE:
+    return INCOMPLETE_POLICIES[incomplete]
+  return None
+
+
+def jobs_to_launch(jobs: Sequence[Job],
+                   incomplete: str = "resume") -> list[tuple[Job, tuple[str, ...]]]:
+  """The jobs a launch would run now, with each one's flags (:func:`launch_flags`). The
+  launchers decide again under each job's claim, right before it starts."""
   out = []
   for job in jobs:
-    state = job.state
-    if state == NOT_LAUNCHED:
-      out.append((job, ()))
-    elif state == INCOMPLETE and INCOMPLETE_POLICIES[incomplete] is not None:
-      out.append((job, INCOMPLETE_POLICIES[incomplete]))
+    flags = launch_flags(job.state, incomplete)
+    if flags is not None:
+      out.append((job, flags))
   return out
 
 
-def commands(jobs: Sequence[Job], trainer: Trainer, incomplete: str = "restart") -> list[list[str]]:
-  """The argv of every job a launch would run (see :func:`jobs_to_launch`)."""
-  return [train_command(job.args, job.output_dir, trainer, extra)
-          for job, extra in jobs_to_launch(jobs, incomplete)]
+def claim_for_launch(job: Job, incomplete: str = "resume"):
+  """``(claim, flags)`` when ``job`` is to run now, else ``None`` (done, running, claimed by
+  another launcher, or incomplete under ``skip``). The state is read again under the claim;
+  release the claim when the job has ended."""
+  before = job.state
+  flags = launch_flags(before, incomplete)
+  if flags is None:
+    return None
+  claim = job.claim()
+  if claim is None:
+    return None
+  if flags == () and any((job.output_dir / p).exists() for p in ("results.jsonl", "checkpoints")):
+    flags = INCOMPLETE_POLICIES[incomplete]   # another launch started and stopped it meanwhile
+    if flags is None:
+      claim.release()
+      return None
+  return claim, flags
 
 
-def dry_run_commands(jobs: Sequence[Job], trainer: Trainer, incomplete: str = "restart") -> list[str]:
-  """The shell command lines of :func:`commands` (DomainBed's ``dummy_launcher``), one per
-  job, for any scheduler: e.g. ``xargs -P``, a Slurm array file, a cluster's own tool."""
-  return [shlex.join(argv) for argv in commands(jobs, trainer, incomplete)]
+def dry_run_commands(jobs: Sequence[Job], incomplete: str = "resume",
+                     python: str = sys.executable, module: str = "experiments.train") -> list[str]:
+  """The shell command line of every job a launch would run (DomainBed's ``dummy_launcher``),
+  for any scheduler: e.g. ``xargs -P``, a Slurm array file, a cluster's own tool. Creates
+  nothing."""
+  return [shlex.join(job.command(flags, python, module))
+          for job, flags in jobs_to_launch(jobs, incomplete)]
 
 
 def delete_incomplete(jobs: Sequence[Job]) -> list[Job]:
-  """Removes the directory of every incomplete job (DomainBed's ``delete_incomplete``);
-  returns those jobs."""
+  """Removes the directory of every incomplete job (DomainBed's ``delete_incomplete``;
+  running jobs are left alone); returns those jobs."""
   doomed = [j for j in jobs if j.state == INCOMPLETE]
   for job in doomed:
     shutil.rmtree(job.output_dir)
@@ -322,56 +371,80 @@ def delete_incomplete(jobs: Sequence[Job]) -> list[Job]:
 
 
 # ----------------------------------------------------------------------------- launchers
-def run_command(argv: Sequence[str], output_dir: str | os.PathLike,
-                cwd: str | os.PathLike | None = None) -> int:
-  """Runs one job's command, appending its stdout and stderr to ``out.txt`` and ``err.txt``
-  in ``output_dir`` (created). Raises ``subprocess.CalledProcessError`` on failure (so
-  submitit marks the job failed); returns 0."""
-  out_dir = Path(output_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  with open(out_dir / "out.txt", "ab") as out, open(out_dir / "err.txt", "ab") as err:
-    code = subprocess.call(list(argv), stdout=out, stderr=err, cwd=cwd)
+def run_job(job: Job, incomplete: str = "resume", python: str = sys.executable,
+            module: str = "experiments.train", cwd: str | os.PathLike | None = None) -> str:
+  """Claims ``job`` and runs its command, appending stdout and stderr to ``out.txt`` and
+  ``err.txt`` in its directory (what a submitit job runs). Returns ``"done"``, or
+  ``"skipped (<state>)"`` when it is not to run; raises ``subprocess.CalledProcessError`` on
+  failure (so submitit marks the job failed)."""
+  claimed = claim_for_launch(job, incomplete)
+  if claimed is None:
+    return f"skipped ({job.state})"
+  claim, flags = claimed
+  try:
+    argv = job.command(flags, python, module)
+    with open(job.output_dir / "out.txt", "ab") as out, open(job.output_dir / "err.txt", "ab") as err:
+      code = subprocess.call(argv, stdout=out, stderr=err, cwd=cwd)
+  finally:
+    claim.release()
   if code:
-    raise subprocess.CalledProcessError(code, list(argv))
-  return 0
+    raise subprocess.CalledProcessError(code, argv)
+  return "done"
 
 
-def launch_local(work: Sequence[tuple[Sequence[str], Path]], max_parallel: int = 1,
+def launch_local(jobs: Sequence[Job], incomplete: str = "resume", max_parallel: int = 1,
+                 python: str = sys.executable, module: str = "experiments.train",
                  cwd: str | os.PathLike | None = None, poll_s: float = 0.2,
                  log: Callable[[str], None] = print) -> dict[Path, int]:
-  """Runs ``(argv, output_dir)`` pairs as local processes, at most ``max_parallel`` at once
-  (DomainBed's ``local_launcher`` runs them one by one). Output goes to ``out.txt`` /
-  ``err.txt`` in each output directory. Returns each output directory's exit code."""
+  """Runs the jobs to launch as local processes, at most ``max_parallel`` at once (DomainBed's
+  ``local_launcher`` runs them one by one). Each job is claimed right before it starts and
+  skipped if it is done or running by then; output goes to ``out.txt`` / ``err.txt`` in its
+  directory. Returns the exit code of each job started, by output directory."""
+  _check_policy(incomplete)
   if max_parallel < 1:
     raise ValueError(f"max_parallel must be >= 1, got {max_parallel}")
-  pending = list(work)
-  running: list[tuple[subprocess.Popen, Path, Any, Any]] = []
+  pending = [job for job, _ in jobs_to_launch(jobs, incomplete)]
+  total = len(pending)
+  running: list[tuple[subprocess.Popen, Job, Any, list]] = []
   codes: dict[Path, int] = {}
+  seen = 0
 
   def reap(block: bool) -> None:
+    nonlocal seen
     while True:
       for item in list(running):
-        proc, out_dir, out, err = item
+        proc, job, claim, files = item
         if proc.poll() is not None:
-          out.close()
-          err.close()
+          for f in files:
+            f.close()
+          claim.release()
           running.remove(item)
-          codes[out_dir] = proc.returncode
-          status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}; see {out_dir / 'err.txt'})"
-          log(f"[{len(codes)}/{len(work)}] {out_dir.name}: {status}")
+          codes[job.output_dir] = proc.returncode
+          seen += 1
+          status = ("done" if proc.returncode == 0 else
+                    f"FAILED (exit {proc.returncode}; see {job.output_dir / 'err.txt'})")
+          log(f"[{seen}/{total}] {job.output_dir.name}: {status}")
       if not block or len(running) < max_parallel:
         return
       time.sleep(poll_s)
 
   try:
-    while pending:
+    for job in pending:
       reap(block=True)
-      argv, out_dir = pending.pop(0)
-      out_dir = Path(out_dir)
-      out_dir.mkdir(parents=True, exist_ok=True)
-      out = open(out_dir / "out.txt", "ab")
-      err = open(out_dir / "err.txt", "ab")
-      running.append((subprocess.Popen(list(argv), stdout=out, stderr=err, cwd=cwd), out_dir, out, err))
+      claimed = claim_for_launch(job, incomplete)
+      if claimed is None:
+        seen += 1
+        log(f"[{seen}/{total}] {job.output_dir.name}: skipped ({job.state}: another launch has it)")
+        continue
+      claim, flags = claimed
+      try:
+        argv = job.command(flags, python, module)
+        files = [open(job.output_dir / "out.txt", "ab"), open(job.output_dir / "err.txt", "ab")]
+        proc = subprocess.Popen(argv, stdout=files[0], stderr=files[1], cwd=cwd)
+      except BaseException:
+        claim.release()
+        raise
+      running.append((proc, job, claim, files))
     while running:
       reap(block=False)
       if running:
@@ -379,6 +452,9 @@ def launch_local(work: Sequence[tuple[Sequence[str], Path]], max_parallel: int =
   except BaseException:
     for proc, *_ in running:  # interrupted: stop the jobs this launcher started
       proc.terminate()
+    for proc, _, claim, _ in running:
+      proc.wait()
+      claim.release()
     raise
   return codes
 
@@ -399,91 +475,146 @@ def make_submitit_executor(folder: str | os.PathLike, cluster: str | None = None
   return executor
 
 
-def launch_submitit(work: Sequence[tuple[Sequence[str], Path]], executor,
-                    cwd: str | os.PathLike | None = None) -> list[Any]:
-  """Submits every ``(argv, output_dir)`` pair as one job array through a submitit executor
-  (see :func:`make_submitit_executor`); each job runs :func:`run_command`. Returns the
-  submitit jobs (``job.result()`` waits for one and raises if it failed)."""
-  if not work:
+def launch_submitit(jobs: Sequence[Job], executor, incomplete: str = "resume",
+                    python: str = sys.executable, module: str = "experiments.train",
+                    cwd: str | os.PathLike | None = None) -> list[tuple[Job, Any]]:
+  """Submits the jobs to launch as one job array through a submitit executor (see
+  :func:`make_submitit_executor`); each runs :func:`run_job` (which claims it and reads its
+  state again when it starts). Returns ``(job, submitit job)`` pairs (``.result()`` waits and
+  raises if the job failed)."""
+  todo = [job for job, _ in jobs_to_launch(jobs, incomplete)]
+  if not todo:
     return []
-  argvs = [list(argv) for argv, _ in work]
-  dirs = [str(d) for _, d in work]
-  for d in dirs:
-    Path(d).mkdir(parents=True, exist_ok=True)
   cwd = str(cwd or os.getcwd())
-  return executor.map_array(run_command, argvs, dirs, [cwd] * len(work))
-
-
-def launch_work(jobs: Sequence[Job], trainer: Trainer,
-                incomplete: str = "restart") -> list[tuple[list[str], Path]]:
-  """``(argv, output_dir)`` for every job a launch runs (input of the launchers)."""
-  return [(train_command(job.args, job.output_dir, trainer, extra), job.output_dir)
-          for job, extra in jobs_to_launch(jobs, incomplete)]
+  n = len(todo)
+  submitted = executor.map_array(run_job, todo, [incomplete] * n, [python] * n, [module] * n,
+                                 [cwd] * n)
+  return list(zip(todo, submitted))
 
 
 # ------------------------------------------------------------------ K runs in one program
-#: Job arguments that may differ inside one vmapped program (seeds and float hparams enter
-#: the step as traced values); everything else, and the structural hparams, must agree.
-VMAP_VARYING = ("seed", "hparams_seed", "hparams")
-STRUCTURAL_HPARAMS = ("batch_size",)
-
-
-def _job_config_parts(job: Job) -> tuple[dict[str, Any], dict[str, Any]]:
-  """The job's resolved hparams (DomainBed's per-trial draw plus overrides) and the rest."""
-  a = job.args
-  overrides = json.loads(a["hparams"]) if a.get("hparams") else {}
-  hp = job_hparams(a["method"], a["hparams_seed"], a["trial_seed"], overrides)
-  rest = {k: v for k, v in a.items() if k not in VMAP_VARYING}
-  return hp, rest
+def vmap_group_key(config: runs.TrainConfig) -> str:
+  """What runs in one vmapped program share: every config field but :data:`VMAP_VARYING`,
+  and the value of every structural hparam (:func:`dgjax.methods.structural_hparams`, e.g.
+  ``batch_size``, Hutchinson's ``hutchinson_samples``)."""
+  fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+            if f.init and f.name not in VMAP_VARYING}
+  structural = {n: config.resolved_hparams[n] for n in methods.structural_hparams(config.method)}
+  return json.dumps([fields, structural], sort_keys=True, default=str)
 
 
 def vmap_groups(jobs: Sequence[Job]) -> list[list[Job]]:
-  """Jobs that can train as one vmapped program: equal in every argument but the seeds and
-  the non-structural hparams. Order of first appearance."""
+  """Jobs that can train as one vmapped program (:func:`vmap_group_key`), in order of first
+  appearance."""
   groups: dict[str, list[Job]] = {}
   for job in jobs:
-    hp, rest = _job_config_parts(job)
-    key = json.dumps([rest, {n: hp.get(n) for n in STRUCTURAL_HPARAMS}], sort_keys=True)
-    groups.setdefault(key, []).append(job)
+    groups.setdefault(vmap_group_key(job.config()), []).append(job)
   return list(groups.values())
 
 
-def run_vmapped(group: Sequence[Job], resume: bool = False, progress: bool = True) -> None:
-  """Trains ``group`` (one of :func:`vmap_groups`) in this process as ONE ``jax.vmap``-ed
-  program (:func:`dgjax.train.train_many`); each job still gets its own ``results.jsonl``,
-  checkpoints and ``done`` in its directory, as if launched alone with ``experiments.train``.
-  """
-  from dgjax import datasets
-  from dgjax import train as train_lib
+class _Tee(io.TextIOBase):
+  """A text stream writing to several streams (the console and every job's log)."""
 
-  a = group[0].args
-  options = {"downsample": True} if a.get("downsample") else {}
-  envs = datasets.load_environments(a["dataset"], a.get("data_dir"), a["trial_seed"],
-                                    max_examples=a.get("max_examples"), **options)
-  splits_in, splits_out = datasets.make_splits(envs, a["holdout_fraction"], a["trial_seed"])
-  n = len(envs)
-  test_envs = tuple(sorted({e % n for e in a["test_envs"]}))
-  defaults = train_lib.TrainConfig()
-  configs, run_args = [], []
-  for job in group:
-    hp, _ = _job_config_parts(job)
-    j = job.args
-    configs.append(train_lib.TrainConfig(
-        method=j["method"], test_envs=test_envs,
-        steps=int(j.get("steps", defaults.steps)),
-        checkpoint_freq=int(j.get("checkpoint_freq", defaults.checkpoint_freq)),
-        seed=j["seed"], trial_seed=j["trial_seed"], hparams_seed=j["hparams_seed"], hparams=hp,
-        holdout_fraction=j["holdout_fraction"],
-        per_domain_impl=j.get("per_domain_impl", defaults.per_domain_impl), progress=progress))
-    args = dict(j, test_envs=list(test_envs), output_dir=str(job.output_dir), launcher="vmap")
-    if len(test_envs) == 1:
-      args["test_env"] = test_envs[0]
-    run_args.append(args)
-  if not resume:
+  def __init__(self, *streams):
+    self.streams = streams
+
+  def write(self, s):
+    for stream in self.streams:
+      if not stream.closed:   # a logging handler made meanwhile may keep this stream
+        stream.write(s)
+    return len(s)
+
+  def flush(self):
+    for stream in self.streams:
+      if not stream.closed:
+        stream.flush()
+
+  def isatty(self):
+    return False
+
+
+def _train_group(group: Sequence[Job], flags: tuple[str, ...], log) -> None:
+  """Trains ``group`` (claimed) as one vmapped program; restarts it when its checkpoints
+  cannot be resumed together."""
+  from dgjax.checkpoints import CheckpointError
+  configs = [job.config() for job in group]
+  resume = flags == ("--resume",)
+  for config in configs:
+    runs.prepare_output_dir(config, resume=resume, overwrite=not resume)
+  try:
+    runs.run_many(configs, resume=resume)
+  except CheckpointError as e:
+    if not resume:
+      raise
+    log(f"cannot resume this group ({e}); restarting it")
+    for config in configs:
+      runs.prepare_output_dir(config, overwrite=True)
+    runs.run_many(configs, resume=False)
+
+
+def launch_vmap(jobs: Sequence[Job], incomplete: str = "resume",
+                log: Callable[[str], None] = print) -> dict[Path, int]:
+  """Trains the jobs to launch in this process, each :func:`vmap_groups` group as ONE
+  ``jax.vmap``-ed program (:func:`dgjax.runs.run_many`); each job still gets its own
+  ``results.jsonl``, checkpoints and ``done``, as if launched alone, and its ``out.txt`` /
+  ``err.txt`` hold what its group printed (and its error). Jobs are claimed before their
+  group starts (done or running ones are dropped). A failing group is reported and the next
+  one runs. Returns each job's status (0 finished, 1 failed) by output directory."""
+  plan = jobs_to_launch(jobs, incomplete)
+  keyed: dict[str, list[Job]] = {}
+  group_flags: dict[str, tuple[str, ...]] = {}
+  for job, flags in plan:
+    key = json.dumps([flags, vmap_group_key(job.config())])
+    keyed.setdefault(key, []).append(job)
+    group_flags[key] = flags
+  log(f"Launching {len(plan)} jobs as {len(keyed)} vmapped programs"
+      f"{' (' + ', '.join(str(len(g)) for g in keyed.values()) + ' runs each)' if keyed else ''}.")
+  codes: dict[Path, int] = {}
+  for key, candidates in keyed.items():
+    claims, group = [], []
+    for job in candidates:
+      claimed = claim_for_launch(job, incomplete)
+      if claimed is None:
+        log(f"{job.output_dir.name}: skipped ({job.state}: another launch has it)")
+        continue
+      if claimed[1] != group_flags[key]:   # another launch ran it meanwhile: not this program
+        claimed[0].release()
+        log(f"{job.output_dir.name}: skipped (another launch ran it meanwhile; launch again)")
+        continue
+      claims.append(claimed[0])
+      group.append(job)
+    if not group:
+      continue
+    method = group[0].args["method"]
+    start = time.time()
+    with contextlib.ExitStack() as stack:
+      outs, errs = ([stack.enter_context(open(j.output_dir / name, "a", encoding="utf-8"))
+                     for j in group] for name in ("out.txt", "err.txt"))
+      for job, out in zip(group, outs):
+        config = job.config()
+        out.write(f"sweep job {job.output_dir.name}: run {group.index(job) + 1} of a vmapped "
+                  f"program of {len(group)} ({config.dataset}, {config.method}, test_envs="
+                  f"{list(config.test_envs)}, seed {config.seed}); hparams "
+                  f"{results_lib.dumps(config.resolved_hparams)}\n")
+      try:
+        with contextlib.redirect_stdout(_Tee(sys.stdout, *outs)), \
+             contextlib.redirect_stderr(_Tee(sys.stderr, *errs)):
+          _train_group(group, group_flags[key], log)
+        ok = True
+      except Exception as e:  # noqa: BLE001  (reported per group; the next group runs)
+        ok = False
+        trace = traceback.format_exc()
+        for err in errs:
+          err.write(trace)
+        error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+      finally:
+        for claim in claims:
+          claim.release()
     for job in group:
-      if job.output_dir.exists():
-        shutil.rmtree(job.output_dir)
-  model = datasets.get_dataset(a["dataset"]).model(a.get("conv_impl", "auto"))
-  train_lib.train_many(configs, model, splits_in, splits_out,
-                       output_dirs=[job.output_dir for job in group], args=run_args,
-                       resume=resume)
+      codes[job.output_dir] = 0 if ok else 1
+    if ok:
+      log(f"done: {len(group)} runs of {method} in {time.time() - start:.1f} s")
+    else:
+      log(f"FAILED group of {len(group)} ({method}): {error} "
+          f"(traceback in {group[0].output_dir / 'err.txt'} and its group's)")
+  return codes
