@@ -223,3 +223,29 @@ def test_hutchinson_method_draws_probes_from_the_step_key():
   want = hessian.hutchinson_terms(hessian_alignment.head_objective(ctx), params["classifier"], inputs,
                                   probe_key, 1, True)
   np.testing.assert_allclose(m_a["hessian_term"], want.hessian, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["hgp", "hutchinson", "cma"])
+def test_alignment_methods_run_the_featurizer_once_per_step(name):
+  """One forward (and so one backward) pass through the featurizer per step: the loss and the
+  penalty share it. Counted while tracing: every featurizer application goes through the
+  model's ``featurizer`` submodule."""
+  from dgjax import models
+  calls = []
+
+  class CountingMLP(models.MLP):
+    def __call__(self, x):
+      calls.append(x.shape)
+      return super().__call__(x)
+
+  model = models.Classifier(featurizer=CountingMLP(hidden=(8,), name="featurizer"), num_classes=2)
+  rng = np.random.default_rng(0)
+  batch = {"x": jnp.asarray(rng.normal(size=(3, 16, 6)), jnp.float32),
+           "y": jnp.asarray(rng.integers(0, 2, (3, 16)), jnp.int32)}
+  hp = methods.resolve_hparams(name, 0, {"hutchinson_samples": 2} if name == "hutchinson" else {})
+  ms = methods.get_method(name).build(methods.Context(model, hp, 3))
+  params = model.init(jax.random.key(0), jnp.zeros((1, 6)))["params"]
+  state = ms.init(params)
+  calls.clear()
+  jax.jit(ms.update).lower(params, state, batch, 0, jax.random.key(1))
+  assert calls == [(48, 6)], calls     # the concatenated batch, once
