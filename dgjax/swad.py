@@ -130,8 +130,10 @@ class LossValley:
     ``n_tolerance`` segments stays at or under the threshold;
   * **end**: the first time that minimum exceeds the threshold the valley is *dead*: the
     average is final (the reference stops training there; the engine trains on).
-  * **at the end of training** (:meth:`final`): when not dead, the newest segments join one
-    by one, oldest first, while the minimum loss of those left is under the threshold.
+  * **at the end of training** (:meth:`final`): when not dead, the tolerance window's
+    segments after its oldest join one by one, oldest first, while the minimum loss of those
+    left is at or under the threshold (so a segment skipped at convergence may join here
+    while it is still in the window, as in the reference).
 
   The reference running-averages the segments' averages (one weight per segment) and adds
   ``c`` twice (at convergence and when it becomes the oldest of the tolerance window);
