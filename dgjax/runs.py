@@ -29,7 +29,8 @@ TrainConfig = train_lib.TrainConfig
 FLAG_FIELDS = ("dataset", "method", "preset", "steps", "checkpoint_freq", "seed", "trial_seed",
                "hparams_seed", "holdout_fraction", "data_dir", "max_examples", "downsample",
                "per_domain_impl", "conv_impl", "mesh", "output_dir", "keep_checkpoints",
-               "scan_steps", "eval_batch_size")
+               "scan_steps", "eval_batch_size", "swad", "swad_n_converge", "swad_n_tolerance",
+               "swad_tolerance_ratio")
 
 
 def test_envs_of(dataset: str, test_envs: Sequence[int] | None) -> tuple[int, ...]:
@@ -96,8 +97,10 @@ def record_args(config: TrainConfig, **extra: Any) -> dict[str, Any]:
   ``test_envs``, ``hparams_seed``, ``trial_seed``, ...) and dgjax's settings."""
   ds = datasets.get_dataset(config.dataset)
   method = methods.get_method(config.method)
-  dgjax_fields = {n: getattr(config, n) for n in ("preset", "max_examples", "downsample", "per_domain_impl",
-                                                  "conv_impl", "mesh", "scan_steps")}
+  dgjax_fields = {n: getattr(config, n) for n in ("preset", "max_examples", "downsample",
+                                                  "per_domain_impl", "conv_impl", "mesh",
+                                                  "scan_steps", "swad", "swad_n_converge",
+                                                  "swad_n_tolerance", "swad_tolerance_ratio")}
   args = domainbed_format.domainbed_args(
       method=config.method, algorithm=method.domainbed_name, dataset=config.dataset,
       test_envs=list(config.test_envs), hparams_seed=config.hparams_seed,

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dgjax.losses import cross_entropy
+
 
 @dataclasses.dataclass
 class Split:
@@ -85,6 +87,33 @@ def make_accuracy_fn(predict, eval_batch_size: int = 1000):
   return accuracy
 
 
+def make_loss_fn(predict, eval_batch_size: int = 1000):
+  """``loss(model_state, x, y) -> float``: the mean cross-entropy (:func:`dgjax.losses.cross_entropy`,
+  per example) of ``predict(model_state, x) -> logits``, chunked and padded as
+  :func:`make_accuracy_fn`."""
+
+  @jax.jit
+  def loss_sum(params, x, y, valid):
+    logits = predict(params, x)
+    per_example = jax.vmap(lambda l, t: cross_entropy(l[None], t[None]))(logits, y)
+    return jnp.sum(jnp.where(valid, per_example, 0.0))
+
+  def loss(params, x, y):
+    n = len(y)
+    total = 0.0
+    for start in range(0, n, eval_batch_size):
+      xb, yb = x[start:start + eval_batch_size], y[start:start + eval_batch_size]
+      m = len(yb)
+      size = min(eval_batch_size, -(-m // 128) * 128)
+      if m < size:
+        xb = np.concatenate([xb, np.zeros((size - m,) + xb.shape[1:], xb.dtype)])
+        yb = np.concatenate([yb, np.zeros((size - m,), yb.dtype)])
+      total += float(loss_sum(params, xb, yb, np.arange(size) < m))
+    return total / n
+
+  return loss
+
+
 class DomainBedTask:
   """DomainBed's training and evaluation protocol on in-memory environments.
 
@@ -118,6 +147,7 @@ class DomainBedTask:
     self._min_train = min(len(self.splits_in[e].y) for e in self.train_envs)
     self._eval_batch_size = eval_batch_size
     self._accuracy = {}
+    self._loss = {}
 
   def init_params(self, key):
     return self.model.init(key, jnp.asarray(self.splits_in[self.train_envs[0]].x[:1]))["params"]
@@ -139,6 +169,20 @@ class DomainBedTask:
       out[f"env{e}_in_acc"] = accuracy(model_state, self.splits_in[e].x, self.splits_in[e].y)
       out[f"env{e}_out_acc"] = accuracy(model_state, self.splits_out[e].x, self.splits_out[e].y)
     return out
+
+  def val_loss(self, model_state, predict) -> float:
+    """The training-domain validation loss SWAD reads (:mod:`dgjax.swad`; the reference's
+    ``tr_outloss``): the mean cross-entropy of ``predict(model_state, x)`` on each training
+    environment's out-split, averaged over the training environments."""
+    empty = [self.splits_out[e].name for e in self.train_envs if len(self.splits_out[e].y) == 0]
+    if empty:
+      raise ValueError(f"no training-domain validation data: out-split(s) {empty} hold no "
+                       "examples (holdout_fraction must be > 0)")
+    if predict not in self._loss:
+      self._loss[predict] = make_loss_fn(predict, self._eval_batch_size)
+    loss = self._loss[predict]
+    return float(np.mean([loss(model_state, self.splits_out[e].x, self.splits_out[e].y)
+                          for e in self.train_envs]))
 
   def progress_numbers(self, record: Mapping[str, Any]) -> dict[str, float]:
     test = np.mean([record[f"env{e}_in_acc"] for e in self.test_envs])

@@ -33,6 +33,7 @@ from dgjax import core
 from dgjax import methods
 from dgjax import results as results_lib
 from dgjax import sharding as sharding_lib
+from dgjax import swad as swad_lib
 from dgjax.checkpoints import CheckpointError, Checkpoints, key_from_data, key_to_data
 from dgjax.progress import Progress
 from dgjax.tasks import DomainBedTask, Split, TrainData, make_accuracy_fn, make_train_data, sample_batch  # noqa: F401
@@ -47,6 +48,7 @@ class TrainState(NamedTuple):
   params: PyTree
   opt_state: Any
   key: jax.Array
+  average: Any = None   # SWAD: the current segment's dense sum of params (swad.AverageState)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -85,6 +87,10 @@ class TrainConfig:
   conv_impl: str = "auto"
   mesh: str = "auto"
   output_dir: str | None = None
+  swad: bool = False             # SWAD (dgjax.swad): dense averaging over the loss valley
+  swad_n_converge: int = 3
+  swad_n_tolerance: int = 6
+  swad_tolerance_ratio: float = 0.3
   resolved_hparams: Mapping[str, Any] = dataclasses.field(init=False, compare=False, repr=False)
 
   def __post_init__(self):
@@ -98,6 +104,11 @@ class TrainConfig:
       raise ValueError(f"max_examples must be >= 1, got {self.max_examples!r}")
     if not 0.0 <= self.holdout_fraction < 1.0:
       raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction!r}")
+    if self.swad:
+      swad_lib.LossValley(self.swad_n_converge, self.swad_n_tolerance, self.swad_tolerance_ratio)
+      if self.holdout_fraction == 0:
+        raise ValueError("swad reads the training-domain validation loss: holdout_fraction "
+                         "must be > 0")
     if self.per_domain_impl not in PER_DOMAIN_IMPLS:
       raise ValueError(f"per_domain_impl must be one of {PER_DOMAIN_IMPLS}, got {self.per_domain_impl!r}")
     object.__setattr__(self, "resolved_hparams", methods.resolve_hparams(
@@ -107,7 +118,9 @@ class TrainConfig:
     """What a checkpoint must match to be resumed by this run."""
     return {"method": self.method, "test_envs": list(self.test_envs), "seed": self.seed,
             "trial_seed": self.trial_seed, "hparams_seed": self.hparams_seed,
-            "holdout_fraction": self.holdout_fraction, "hparams": dict(self.resolved_hparams)}
+            "holdout_fraction": self.holdout_fraction, "hparams": dict(self.resolved_hparams),
+            "swad": [self.swad_n_converge, self.swad_n_tolerance, self.swad_tolerance_ratio]
+                    if self.swad else None}
 
 
 def resolve_per_domain_impl(impl: str) -> str:
@@ -130,7 +143,8 @@ def _step_body(method_step: core.MethodStep, task, batch_size: int, state: Train
   params = optax.apply_updates(state.params, updates)
   if mesh is not None:  # every process can read the metrics
     metrics = jax.lax.with_sharding_constraint(metrics, sharding_lib.replicated(mesh))
-  return TrainState(state.step + 1, params, opt_state, key), metrics
+  average = None if state.average is None else swad_lib.average_update(state.average, params)
+  return TrainState(state.step + 1, params, opt_state, key, average), metrics
 
 
 def _steps(method_step: core.MethodStep, task, batch_size: int, state: TrainState, data, n: int,
@@ -179,7 +193,8 @@ def _check_group(configs: Sequence[TrainConfig]):
   first = configs[0]
   for c in configs[1:]:
     for f in ("method", "dataset", "test_envs", "steps", "checkpoint_freq", "holdout_fraction",
-              "eval_batch_size", "per_domain_impl", "trial_seed", "scan_steps"):
+              "eval_batch_size", "per_domain_impl", "trial_seed", "scan_steps", "swad",
+              "swad_n_converge", "swad_n_tolerance", "swad_tolerance_ratio"):
       if getattr(c, f) != getattr(first, f):
         raise ValueError(f"runs in one vmapped program must share {f!r}: "
                          f"{getattr(first, f)!r} vs {getattr(c, f)!r}")
@@ -312,7 +327,8 @@ def _train_locked(configs, task, method, hparams, batch_size, impl, dirs, run_ar
   def init_one(seed_key, hp_traced):
     init_key, state_key = jax.random.split(seed_key)
     params = task.init_params(init_key)
-    return TrainState(jnp.zeros((), jnp.int32), params, build(hp_traced).init(params), state_key)
+    return TrainState(jnp.zeros((), jnp.int32), params, build(hp_traced).init(params), state_key,
+                      swad_lib.average_init(params) if config.swad else None)
 
   def chunk_one(state, hp_traced, data, n):
     return _steps(build(hp_traced), task, batch_size, state, data, n, mesh)
@@ -330,8 +346,19 @@ def _train_locked(configs, task, method, hparams, batch_size, impl, dirs, run_ar
     out = jax.tree.map(lambda x: x[k], tree)
     return sharding_lib.local_copy(out) if mesh is not None else out
 
-  def saveable(s: TrainState):
-    return {"step": s.step, "params": s.params, "opt_state": s.opt_state, "key": key_to_data(s.key)}
+  swad = None
+  if config.swad:   # SWAD: one loss valley per run, fed at each evaluation (dgjax.swad)
+    if not hasattr(task, "val_loss"):
+      raise ValueError(f"swad needs a training-domain validation loss: {type(task).__name__} "
+                       "has no val_loss")
+    swad = swad_lib.SwadTracker(k_runs, config.swad_n_converge, config.swad_n_tolerance,
+                                config.swad_tolerance_ratio)
+
+  def saveable(s: TrainState, k: int):
+    tree = {"step": s.step, "params": s.params, "opt_state": s.opt_state, "key": key_to_data(s.key)}
+    if swad is not None:
+      tree["swad"] = {"segment": s.average._asdict(), "valley": swad.state_dict(k, s.params)}
+    return tree
 
   results_paths = [None if d is None else d / "results.jsonl" for d in dirs]
   ckpts = [Checkpoints(d, c.identity(), c.keep_checkpoints) if (d is not None and checkpoint) else None
@@ -345,7 +372,7 @@ def _train_locked(configs, task, method, hparams, batch_size, impl, dirs, run_ar
       c.check_identity()
     found = [c.latest_step() for c in ckpts]
     if any(s is not None for s in found):
-      restored = [c.restore(saveable(take(state, k))) for k, c in enumerate(ckpts)]
+      restored = [c.restore(saveable(take(state, k), k)) for k, c in enumerate(ckpts)]
       steps = {s for s, _ in restored}
       if len(steps) != 1:
         raise CheckpointError(f"runs in one program were checkpointed at different steps "
@@ -353,7 +380,10 @@ def _train_locked(configs, task, method, hparams, batch_size, impl, dirs, run_ar
       trees = [t for _, t in restored]
       stacked = jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *trees)
       state = TrainState(stacked["step"], stacked["params"], stacked["opt_state"],
-                         key_from_data(stacked["key"]))
+                         key_from_data(stacked["key"]),
+                         None if swad is None else swad_lib.AverageState(**stacked["swad"]["segment"]))
+      for k, tree in enumerate(trees if swad is not None else []):
+        swad.load_state_dict(k, tree["swad"]["valley"])
       if mesh is not None:
         state = sharding_lib.put_replicated(state, mesh)
       start = steps.pop() + 1
@@ -413,7 +443,16 @@ def _train_locked(configs, task, method, hparams, batch_size, impl, dirs, run_ar
     return {n: float(v) for n, v in jax.device_get(diag_fns[k](params_k, data_k, key)).items()}
 
   def evaluate(step):
+    nonlocal state
     step_time = float(np.mean(step_times)) / k_runs
+    swad_records = [{} for _ in range(k_runs)]
+    if swad is not None:   # SWAD: close each run's segment before its record and checkpoint
+      swad_records = [swad.evaluate(k, step, take(state.average, k), (take(state.params, k),
+                                    take(state.opt_state, k)), task, predict_fn(k))
+                      for k in range(k_runs)]
+      average = swad_lib.average_reset(state.average)
+      state = state._replace(average=average if mesh is None else
+                             sharding_lib.put_replicated(average, mesh))
     for k in range(k_runs):
       t_eval = time.perf_counter()
       params_k = take(state.params, k)
@@ -424,6 +463,7 @@ def _train_locked(configs, task, method, hparams, batch_size, impl, dirs, run_ar
       record["step_time"] = step_time
       record.update(task.evaluate((params_k, take(state.opt_state, k)), k, predict_fn(k)))
       record.update(diagnostics(k, params_k, step))
+      record.update(swad_records[k])
       record["eval_time"] = time.perf_counter() - t_eval
       record["hparams"] = hparams[k]
       record["args"] = run_args[k]
@@ -433,7 +473,7 @@ def _train_locked(configs, task, method, hparams, batch_size, impl, dirs, run_ar
       if results_paths[k] is not None and writer:
         results_lib.append_jsonl(results_paths[k], record)   # the record first, then the checkpoint
       if ckpts[k] is not None:
-        ckpts[k].save(step, saveable(take(state, k)))
+        ckpts[k].save(step, saveable(take(state, k), k))
     interval.clear()
     step_times.clear()
     progress.evaluated(step, task.progress_numbers(records[0][-1]), step_time)

@@ -71,6 +71,13 @@ flags.DEFINE_integer("keep_checkpoints", 3, "checkpoints kept (an unreadable new
                      "back to the previous)")
 flags.DEFINE_integer("scan_steps", 1, "training steps per jit call (lax.scan)")
 flags.DEFINE_integer("eval_batch_size", 1000, "examples per evaluation chunk")
+flags.DEFINE_bool("swad", False, "SWAD (Cha et al. 2021): also average the weights of every "
+                  "step over the validation-loss valley and write the averaged model's evaluation "
+                  "as swad_* keys (see dgjax.swad)")
+flags.DEFINE_integer("swad_n_converge", 3, "SWAD: convergence window, in evaluations")
+flags.DEFINE_integer("swad_n_tolerance", 6, "SWAD: loss-smoothing window, in evaluations")
+flags.DEFINE_float("swad_tolerance_ratio", 0.3, "SWAD: how far above the converged validation "
+                   "loss the valley may rise")
 flags.DEFINE_enum("per_domain_impl", "auto", ["auto", "vmap", "unrolled"],
                   "lowering of the per-domain gradients (same numbers; auto picks the fastest)")
 flags.DEFINE_string("conv_impl", "auto", "convolution lowering, see dgjax.conv")
@@ -143,6 +150,15 @@ def main(argv):
     fail(str(e))
   print()
   print(selection.format_selection_table(records, config.test_envs, [e.name for e in envs]))
+  if config.swad:   # the averaged model of the last record (dgjax.swad)
+    last = records[-1]
+    if last["swad_active"]:
+      test = sum(last[f"swad_env{e}_in_acc"] for e in config.test_envs) / len(config.test_envs)
+      print(f"\nSWAD over steps {last['swad_start_step']}..{last['swad_end_step']} "
+            f"({last['swad_segments']} segments{', valley closed' if last['swad_dead'] else ''}): "
+            f"test accuracy {test:.4f}")
+    else:
+      print("\nSWAD: the validation loss never converged; no averaged model")
   print(f"\nresults: {results}")
 
 
