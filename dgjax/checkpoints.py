@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -50,9 +52,13 @@ class Checkpoints:
     self.dir = (Path(output_dir) / "checkpoints").absolute()
     self.meta_path = Path(output_dir) / "checkpoint_meta.json"
     self.identity = json.loads(json.dumps(identity))  # normalise tuples -> lists
-    self.manager = ocp.CheckpointManager(
-        self.dir, options=ocp.CheckpointManagerOptions(max_to_keep=keep,
-                                                       enable_async_checkpointing=False))
+    self.keep = keep
+    self.manager = self._open()
+
+  def _open(self):
+    return self._ocp.CheckpointManager(
+        self.dir, options=self._ocp.CheckpointManagerOptions(max_to_keep=self.keep,
+                                                             enable_async_checkpointing=False))
 
   def save(self, step: int, tree: Any) -> None:
     if jax.process_index() == 0 and not self.meta_path.exists():
@@ -88,17 +94,24 @@ class Checkpoints:
     self.check_identity()
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), like)
-    errors = []
+    errors, bad = [], []
     for step in reversed(self.steps()):
       try:
         with _quiet_orbax():
           tree = self.manager.restore(step, args=self._ocp.args.StandardRestore(target))
       except Exception as e:  # orbax raises many kinds: missing files, bad metadata, shapes
         errors.append(f"step {step}: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
+        bad.append(step)
         continue
       if errors:
+        aside = self.dir.parent / "checkpoints_unreadable"
+        for b in bad:   # moved aside (not deleted), so the run can checkpoint those steps again
+          aside.mkdir(exist_ok=True)
+          shutil.move(str(self.dir / str(b)), str(aside / f"{b}-{int(time.time())}"))
+        self.manager = self._open()
         log(f"warning: the newest checkpoint(s) in {self.dir} are unreadable "
-            f"({'; '.join(errors)}); resuming from the checkpoint of step {step}")
+            f"({'; '.join(errors)}); resuming from the checkpoint of step {step} (the unreadable "
+            f"ones are moved to {aside})")
       return step, tree
     raise CheckpointError(f"cannot restore any checkpoint in {self.dir} ({'; '.join(errors)}); "
                           "they are corrupt or from a different model: delete the directory "
