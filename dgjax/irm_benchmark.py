@@ -191,6 +191,15 @@ class IRMTask:
     return {"loss": record["loss"], "train_acc": record["train_acc"], "test_acc": record["test_acc"]}
 
 
+def data_split(cfg: IRMConfig, images: np.ndarray, labels: np.ndarray) -> tuple[str, int]:
+  """``(note, n_env)``: the data split's description and the per-environment size the runs
+  train on (the training environments truncated to the smaller), known before training."""
+  datasets = [irm_cmnist.irm_colored_mnist(images, labels, seed=seed_hash(cfg.seed, r),
+                                           label_shift=cfg.label_shift)
+              for r in range(cfg.n_restarts)]
+  return datasets[0].note, min(len(e.index) for d in datasets for e in d.train)
+
+
 def run(cfg: IRMConfig, images: np.ndarray, labels: np.ndarray,
         log: Callable[[str], None] = print) -> dict[str, Any]:
   """Trains ``cfg.method`` ``cfg.n_restarts`` times on the engine; returns finals, summary and

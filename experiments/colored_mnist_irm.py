@@ -79,6 +79,7 @@ def main(argv):
     import jax
     impl = "sequential" if jax.default_backend() == "cpu" else "vmap"
   print(f"data: {mnist.source}")
+  note, n_env = None, None
   results = []
   for m in names:
     cfg = irm_benchmark.IRMConfig(
@@ -87,17 +88,21 @@ def main(argv):
         penalty_anneal_iters=FLAGS.penalty_anneal_iters, label_shift=FLAGS.label_shift,
         hparams={k: v for k, v in overrides.items() if k in methods.hparam_specs(m)},
         eval_every=FLAGS.eval_every, hessian_gap=FLAGS.hessian_gap, restarts_impl=impl)
+    if note is None:
+      note, n_env = irm_benchmark.data_split(cfg, mnist.images, mnist.labels)
+      print(f"data split: {note}; full batch of {n_env} examples per environment")
     try:
-      cfg_hp = irm_benchmark.benchmark_hparams(m, cfg, 1)
+      cfg_hp = irm_benchmark.benchmark_hparams(m, cfg, n_env)
     except ValueError as e:
       fail(str(e))
-    print(f"\n== {m}: {FLAGS.n_restarts} restarts ({impl}), hparams {json.dumps(cfg_hp, sort_keys=True)}")
+    print(f"\n== {m}: {FLAGS.n_restarts} restarts ({impl}), hparams {json.dumps(cfg_hp, sort_keys=True)}"
+          f"\n   (weight_decay = 2 x --l2_weight: the gradient of l2 ||w||^2; batch_size = the full "
+          "environment)")
     try:
       r = irm_benchmark.run(cfg, mnist.images, mnist.labels)
     except FloatingPointError as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(1)
-    print(f"data split: {r['note']}")
     results.append(r)
     if FLAGS.output:
       Path(FLAGS.output).parent.mkdir(parents=True, exist_ok=True)
