@@ -74,6 +74,8 @@ class HParam:
     minimum, maximum: allowed range (inclusive; ``positive`` excludes 0).
     large_default, large_sample: the values for DomainBed's large-image datasets, where
       they differ.
+    per_dataset: ``{dataset: (default, sample)}`` for single datasets where DomainBed's
+      registry singles them out (over the small/large values).
   """
   default: Any
   sample: Sampler
@@ -87,6 +89,7 @@ class HParam:
   choices: tuple = ()
   large_default: Any = None
   large_sample: Sampler | None = None
+  per_dataset: Mapping[str, tuple[Any, Sampler]] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     if self.kind not in _KINDS:
@@ -97,6 +100,9 @@ class HParam:
   def for_dataset(self, dataset: str | None) -> "HParam":
     """This hparam with the default and distribution of ``dataset`` (DomainBed's rule:
     the small-image values for ``SMALL_IMAGE_DATASETS`` and ``None``, else the large ones)."""
+    if dataset in self.per_dataset:
+      default, sample = self.per_dataset[dataset]
+      return dataclasses.replace(self, default=default, sample=sample)
     if dataset is None or dataset in SMALL_IMAGE_DATASETS:
       return self
     return dataclasses.replace(
@@ -137,7 +143,7 @@ def _log_uniform(lo, hi):
 
 #: DomainBed's hparams shared by every method (small-image values; large-image ones beside).
 COMMON_HPARAMS: dict[str, HParam] = {
-    "lr": HParam(1e-3, _log_uniform(-4.5, -3.5), "Adam learning rate", role="lr", positive=True,
+    "lr": HParam(1e-3, _log_uniform(-4.5, -2.5), "Adam learning rate", role="lr", positive=True,
                  large_default=5e-5, large_sample=_log_uniform(-5, -3.5)),
     "batch_size": HParam(64, lambda r: int(2**r.uniform(3, 9)), "examples per domain per step",
                          kind="int", structural=True, role="batch_size", minimum=1,

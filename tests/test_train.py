@@ -43,7 +43,7 @@ def test_hparams_defaults_overrides_and_random_draws():
   assert a == b and a != methods.random_hparams("sand", 4)
   for seed in range(1, 20):
     hp = methods.random_hparams("sand", seed)
-    assert 10**-4.5 <= hp["lr"] <= 10**-3.5 and 0 <= hp["tau"] <= 1 and 8 <= hp["batch_size"] < 512
+    assert 10**-4.5 <= hp["lr"] <= 10**-2.5 and 0 <= hp["tau"] <= 1 and 8 <= hp["batch_size"] < 512
     assert 1e-3 <= hp["k"] <= 1e5
 
 
