@@ -505,16 +505,26 @@ def test_domainbed_hparams():
   assert 10**2.5 <= hp["eqrm_burnin_iters"] <= 10**3.5 and 1e-7 <= hp["eqrm_lr"] <= 1e-5
 
 
+VARY = {"ib_erm": ("ib_lambda", 10.0, 100.0), "ib_irm": ("irm_lambda", 10.0, 100.0),
+        "rsc": ("rsc_f_drop_factor", 0.2, 0.4), "selfreg": None,
+        "eqrm": ("eqrm_burnin_iters", 1.0, 1.5), "rdm": ("rdm_lambda", 1.0, 5.0),
+        "trm": ("class_balanced", False, True)}
+
+
 @pytest.mark.parametrize("name", OURS)
 def test_three_jitted_steps_of_two_vmapped_runs(name):
+  """K=2 runs of different seeds (and, where the method has one, a different traced hparam)."""
   envs = spirals(num_train_envs=2, examples_per_env=16, num_test=8, n_dims=2, seed=0)
   ins = [train_lib.Split(f"env{i}_in", e.x, e.y) for i, e in enumerate(envs)]
   switch = {"ib_erm": {"ib_penalty_anneal_iters": 1}, "ib_irm": {"ib_penalty_anneal_iters": 1},
-            "eqrm": {"eqrm_burnin_iters": 1}, "rdm": {"rdm_penalty_anneal_iters": 1},
-            "trm": {"iters": 1}}.get(name, {})
+            "eqrm": {}, "rdm": {"rdm_penalty_anneal_iters": 1}, "trm": {"iters": 1}}.get(name, {})
+  vary = VARY[name]
   cfgs = [train_lib.TrainConfig(method=name, test_envs=(2,), steps=3, checkpoint_freq=100, seed=s,
-                                hparams={"batch_size": 4, **switch}, progress=False)
+                                hparams={"batch_size": 4, **switch, **({vary[0]: vary[1 + s]} if vary else {})},
+                                progress=False)
           for s in (0, 1)]
   runs = train_lib.train_many(cfgs, mlp(1, (4,)), ins, ins, checkpoint=False)
   losses = [r[-1]["loss"] for r in runs]
   assert all(np.isfinite(losses)) and losses[0] != losses[1], losses
+  if vary:
+    assert [r[-1]["hparams"][vary[0]] for r in runs] == list(vary[1:])

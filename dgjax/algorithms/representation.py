@@ -319,7 +319,9 @@ IB_IRM = Method(
     hparams={"irm_lambda": _lambda("IRM penalty weight after its anneal (1 before)"),
              "irm_penalty_anneal_iters": _anneal_iters("steps with IRM weight 1; Adam is "
                                                        "re-created at this step"),
-             "ib_lambda": _lambda("IB penalty weight after its anneal (0 before)"),
+             # no role: a benchmark's penalty weight is IRM's, not the bottleneck's
+             "ib_lambda": HParam(1e2, lambda r: 10**r.uniform(-1, 5),
+                                 "IB penalty weight after its anneal (0 before)", minimum=0.0),
              "ib_penalty_anneal_iters": _anneal_iters("steps with IB weight 0; Adam is "
                                                       "re-created at this step")},
     gradients=ib_irm_gradients(),
