@@ -15,6 +15,8 @@ from dgjax.algorithms import hessian_alignment as _hessian
 from dgjax.algorithms import invariance as _invariance
 from dgjax.algorithms import meta_learning as _meta
 from dgjax.algorithms import mixing as _mixing
+from dgjax.algorithms import representation as _representation
+from dgjax.algorithms import risk_shaping as _risk_shaping
 from dgjax.core import Context, HParam, Method, MethodStep  # noqa: F401  (the protocol, for users)
 from dgjax.losses import cross_entropy  # noqa: F401
 
@@ -45,6 +47,14 @@ register(_meta.FISH)
 register(_hessian.HGP)
 register(_hessian.HUTCHINSON)
 register(_hessian.CMA)
+# --- algos-b
+register(_representation.IB_ERM)
+register(_representation.IB_IRM)
+register(_representation.RSC)
+register(_representation.SELFREG)
+register(_risk_shaping.EQRM)
+register(_risk_shaping.RDM)
+register(_risk_shaping.TRM)
 
 
 def get_method(name: str) -> Method:
