@@ -381,20 +381,28 @@ RDM = Method(
     domainbed_name="RDM",
     hparams={
         "rdm_lambda": HParam(5.0, lambda r: r.uniform(0.1, 10.0), "weight of the risk-distribution "
-                             "MMD after the anneal (0 before)", role="penalty_weight", minimum=0.0),
+                             "MMD after the anneal (0 before)", role="penalty_weight", minimum=0.0,
+                             per_dataset={"DomainNet": (0.5, lambda r: r.uniform(0.1, 1.0)),
+                                          "PACS": (5.0, lambda r: r.uniform(1.0, 10.0)),
+                                          "TerraIncognita": (5.0, lambda r: r.uniform(1.0, 10.0))}),
         "rdm_penalty_anneal_iters": HParam(1500, lambda r: int(r.uniform(800, 2700)),
                                            "steps with penalty weights 0; Adam is re-created with "
                                            "rdm_lr at this step", kind="int", role="anneal_iters",
-                                           minimum=0),
+                                           minimum=0,
+                                           per_dataset={"DomainNet": (2400, lambda r: int(r.uniform(1500, 3000)))}),
         "variance_weight": HParam(0.004, lambda r: r.uniform(0.001, 0.007),
                                   "weight of the risk variances after the anneal (0 before)",
-                                  minimum=0.0),
+                                  minimum=0.0,
+                                  per_dataset={d: (0.0, lambda r: 0.0) for d in
+                                               ("TerraIncognita", "OfficeHome", "DomainNet")}),
         "rdm_lr": HParam(1.5e-5, lambda r: r.uniform(8e-6, 2e-5),
                          "Adam learning rate after the anneal", positive=True),
         "batch_size": HParam(64, COMMON_HPARAMS["batch_size"].sample,
                              "examples per domain per step", kind="int", structural=True,
                              role="batch_size", minimum=1, large_default=88,
-                             large_sample=lambda r: int(r.uniform(70, 100))),
+                             large_sample=lambda r: int(r.uniform(70, 100)),
+                             per_dataset={d: (40, lambda r: int(r.uniform(30, 60)))
+                                          for d in ("DomainNet", "TerraIncognita")}),
     },
     gradients=penalized(rdm_terms, anneal_iters="rdm_penalty_anneal_iters", before=0.0),
     optimizer=switched_adam(lr_after="rdm_lr", at="rdm_penalty_anneal_iters"),
