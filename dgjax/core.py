@@ -160,16 +160,27 @@ class Context:
   """What a method's step may use: the model, its hparams and the run's shape.
 
   ``variables`` are the model's non-trainable collections (e.g. frozen BatchNorm's
-  ``batch_stats``), applied with the params and never differentiated.
+  ``batch_stats``), applied with the params and never differentiated. Inside a training step
+  the context has ``train=True`` and ``rng`` (the step's dropout key): a model whose class
+  sets ``takes_train = True`` (the ResNets) then gets ``train=True`` and
+  ``rngs={"dropout": rng}`` (dropout on; unfrozen BatchNorm uses the statistics of the batch
+  the call sees).
   """
   model: Any                      # a flax module with ``features`` and ``head`` methods
   hparams: Mapping[str, Any]
   num_domains: int
   per_domain_impl: str = "vmap"
   variables: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  train: bool = False
+  rng: Any = None
 
   def apply(self, params, x, method=None):
-    return self.model.apply({"params": params, **self.variables}, x, method=method)
+    kwargs = {}
+    if self.train and getattr(self.model, "takes_train", False) and method != "head":
+      kwargs["train"] = True
+      if self.rng is not None:
+        kwargs["rngs"] = {"dropout": self.rng}
+    return self.model.apply({"params": params, **self.variables}, x, method=method, **kwargs)
 
   def logits(self, params, x):
     return self.apply(params, x)
@@ -414,7 +425,9 @@ def build_step(method: Method, ctx: Context) -> MethodStep:
     return StepState(source.init(ctx, params), tx.init(params))
 
   def update(params, state, batch, step, key):
-    grads, terms = source.grads(ctx, params, state.source, batch, step, key)
+    step_ctx = dataclasses.replace(
+        ctx, train=True, rng=None if key is None else jax.random.fold_in(key, 0x64726F70))
+    grads, terms = source.grads(step_ctx, params, state.source, batch, step, key)
     updates, opt_state = tx.update(grads, state.optimizer, params,
                                    losses=terms.env_losses, step=step)
     metrics = {"loss": jnp.mean(terms.env_losses), "env_losses": terms.env_losses,
@@ -433,39 +446,44 @@ def build_step(method: Method, ctx: Context) -> MethodStep:
 
 
 # ----------------------------------------------------------------------------- hparam specs
-def hparam_specs(method: Method, dataset: str | None = None) -> dict[str, HParam]:
-  """The method's hparams and the common ones, with ``dataset``'s defaults and ranges."""
-  specs = {**COMMON_HPARAMS, **method.hparams}
+def hparam_specs(method: Method, dataset: str | None = None,
+                 extra: Mapping[str, HParam] | None = None) -> dict[str, HParam]:
+  """The common hparams, ``extra`` ones (a dataset's model and data hparams, e.g. the ResNets'
+  ``resnet_dropout``) and the method's, with ``dataset``'s defaults and ranges."""
+  specs = {**COMMON_HPARAMS, **(extra or {}), **method.hparams}
   return {name: spec.for_dataset(dataset) for name, spec in specs.items()}
 
 
-def default_hparams(method: Method, dataset: str | None = None) -> dict[str, Any]:
-  return {name: spec.default for name, spec in hparam_specs(method, dataset).items()}
+def default_hparams(method: Method, dataset: str | None = None,
+                    extra: Mapping[str, HParam] | None = None) -> dict[str, Any]:
+  return {name: spec.default for name, spec in hparam_specs(method, dataset, extra).items()}
 
 
-def random_hparams(method: Method, seed: int, dataset: str | None = None) -> dict[str, Any]:
+def random_hparams(method: Method, seed: int, dataset: str | None = None,
+                   extra: Mapping[str, HParam] | None = None) -> dict[str, Any]:
   """DomainBed's rule: seed 0 gives the defaults, any other seed draws every hparam from its
   distribution with a generator seeded by ``seed_hash(seed, name)``."""
   if seed == 0:
-    return default_hparams(method, dataset)
+    return default_hparams(method, dataset, extra)
   return {name: spec.sample(np.random.RandomState(seed_hash(seed, name)))
-          for name, spec in hparam_specs(method, dataset).items()}
+          for name, spec in hparam_specs(method, dataset, extra).items()}
 
 
 def resolve_hparams(method: Method, hparams_seed: int = 0,
                     overrides: Mapping[str, Any] | None = None, trial_seed: int = 0,
-                    dataset: str | None = None, preset: str | None = None) -> dict[str, Any]:
+                    dataset: str | None = None, preset: str | None = None,
+                    extra: Mapping[str, HParam] | None = None) -> dict[str, Any]:
   """Defaults (``hparams_seed == 0``) or DomainBed's random draw, then the method's
-  ``preset`` (by name), then ``overrides``.
+  ``preset`` (by name), then ``overrides``; ``extra`` are the dataset's own hparams.
 
   As DomainBed's ``train.py``, a non-zero ``hparams_seed`` draws from
   ``random_hparams(method, seed_hash(hparams_seed, trial_seed))``, so every trial gets its own
   draw. An override naming no hparam of the method raises, listing the valid names; a value
   of the wrong kind or out of range raises naming the hparam.
   """
-  specs = hparam_specs(method, dataset)
-  hp = (default_hparams(method, dataset) if hparams_seed == 0 else
-        random_hparams(method, seed_hash(hparams_seed, trial_seed), dataset))
+  specs = hparam_specs(method, dataset, extra)
+  hp = (default_hparams(method, dataset, extra) if hparams_seed == 0 else
+        random_hparams(method, seed_hash(hparams_seed, trial_seed), dataset, extra))
   unknown = sorted(set(overrides or {}) - set(hp))
   if unknown:
     raise ValueError(

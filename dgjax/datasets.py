@@ -50,6 +50,8 @@ class Dataset:
   options: tuple[str, ...] = ()
   steps: int = 5001            # DomainBed's N_STEPS
   checkpoint_freq: int = 100   # DomainBed's CHECKPOINT_FREQ
+  hparams: Mapping[str, Any] = dataclasses.field(default_factory=dict)   # the model's and data's
+  make_task: Callable[..., Any] | None = None   # streaming datasets: config -> (task, envs)
 
   @property
   def num_environments(self) -> int:

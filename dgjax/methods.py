@@ -66,24 +66,24 @@ def get_method(name: str) -> Method:
         f"unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}") from None
 
 
-def hparam_specs(method: str, dataset: str | None = None) -> dict[str, HParam]:
-  return core.hparam_specs(get_method(method), dataset)
+def hparam_specs(method: str, dataset: str | None = None, extra=None) -> dict[str, HParam]:
+  return core.hparam_specs(get_method(method), dataset, extra)
 
 
-def default_hparams(method: str, dataset: str | None = None) -> dict[str, Any]:
-  return core.default_hparams(get_method(method), dataset)
+def default_hparams(method: str, dataset: str | None = None, extra=None) -> dict[str, Any]:
+  return core.default_hparams(get_method(method), dataset, extra)
 
 
-def random_hparams(method: str, seed: int, dataset: str | None = None) -> dict[str, Any]:
-  return core.random_hparams(get_method(method), seed, dataset)
+def random_hparams(method: str, seed: int, dataset: str | None = None, extra=None) -> dict[str, Any]:
+  return core.random_hparams(get_method(method), seed, dataset, extra)
 
 
 def resolve_hparams(method: str, hparams_seed: int = 0, overrides: Mapping[str, Any] | None = None,
                     trial_seed: int = 0, dataset: str | None = None,
-                    preset: str | None = None) -> dict[str, Any]:
+                    preset: str | None = None, extra=None) -> dict[str, Any]:
   """See :func:`dgjax.core.resolve_hparams`."""
   return core.resolve_hparams(get_method(method), hparams_seed, overrides, trial_seed, dataset,
-                              preset)
+                              preset, extra)
 
 
 def structural_hparams(method: str) -> list[str]:

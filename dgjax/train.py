@@ -111,8 +111,11 @@ class TrainConfig:
                          "must be > 0")
     if self.per_domain_impl not in PER_DOMAIN_IMPLS:
       raise ValueError(f"per_domain_impl must be one of {PER_DOMAIN_IMPLS}, got {self.per_domain_impl!r}")
+    from dgjax import datasets  # the dataset's own hparams (e.g. the ResNets' resnet_dropout)
+    extra = datasets.DATASETS[self.dataset].hparams if self.dataset in datasets.DATASETS else {}
     object.__setattr__(self, "resolved_hparams", methods.resolve_hparams(
-        self.method, self.hparams_seed, self.hparams, self.trial_seed, self.dataset, self.preset))
+        self.method, self.hparams_seed, self.hparams, self.trial_seed, self.dataset, self.preset,
+        extra))
 
   def identity(self) -> dict[str, Any]:
     """What a checkpoint must match to be resumed by this run."""
@@ -338,7 +341,10 @@ def _train_locked(configs, task, method, hparams, batch_size, impl, dirs, run_ar
   chunk_fn = jax.jit(lambda s, h, d, n: over_runs(lambda a, b, c: chunk_one(a, b, c, n),
                                                   (0, 0, data_axis))(s, h, d),
                      static_argnums=3, donate_argnums=0)
-  data = task.data
+  stream = getattr(task, "stream", None)   # a task that feeds a new batch every step
+  if stream is not None and config.scan_steps != 1:
+    raise ValueError(f"scan_steps must be 1 for a task that streams its batches ({type(task).__name__})")
+  data = None if stream is not None else task.data
   if mesh is not None:
     state, data = sharding_lib.put_replicated((state, data), mesh)
 
@@ -481,6 +487,7 @@ def _train_locked(configs, task, method, hparams, batch_size, impl, dirs, run_ar
   label = config.method if k_runs == 1 else f"{config.method} x{k_runs}"
   progress = Progress(label, config.steps, start, enabled=config.progress and writer)
   step = start
+  batches = stream(start) if stream is not None else None   # resumes at the same batch
   pending = None                               # (first step, device metrics) of the chunk in flight
   t_last = time.perf_counter()
   try:
@@ -489,6 +496,8 @@ def _train_locked(configs, task, method, hparams, batch_size, impl, dirs, run_ar
         continue
       while step <= target:
         n = min(config.scan_steps, target - step + 1)
+        if batches is not None:
+          data = next(batches)
         state, metrics = chunk_fn(state, traced_hp, data, n)
         if pending is not None:   # fetch the previous chunk's metrics: one chunk stays in flight
           check(*pending)
