@@ -52,6 +52,13 @@ class Dataset:
   checkpoint_freq: int = 100   # DomainBed's CHECKPOINT_FREQ
   hparams: Mapping[str, Any] = dataclasses.field(default_factory=dict)   # the model's and data's
   make_task: Callable[..., Any] | None = None   # streaming datasets: config -> (task, envs)
+  discover_env_names: Callable[[Any], tuple[str, ...]] | None = None   # env names read from data_dir
+
+  def environment_names(self, data_dir=None) -> tuple[str, ...]:
+    """The environments' names (read from ``data_dir`` for a user's own image tree)."""
+    if self.env_names or self.discover_env_names is None:
+      return self.env_names
+    return tuple(self.discover_env_names(data_dir))
 
   @property
   def num_environments(self) -> int:
@@ -129,6 +136,46 @@ register(Dataset(
     "2021); no download",
     _spirals, _spirals_mlp, default_test_env=-1, data="nothing (synthetic)",
     env_names=tuple(f"train{i}" for i in range(16)) + ("test",)))
+
+
+def _image_dataset(name: str, description: str):
+  """A DomainBed image dataset (:mod:`dgjax.data.image_folder`, :mod:`dgjax.image_task`)."""
+  from dgjax.data.image_folder import IMAGE_DATASETS
+  from dgjax.image_task import IMAGE_HPARAMS
+  spec = IMAGE_DATASETS.get(name)
+
+  def environments(data_dir=None, trial_seed=0, max_examples=None):
+    del trial_seed, max_examples
+    from dgjax.image_task import image_environments
+    return image_environments(name, data_dir)
+
+  def make_task(config):
+    from dgjax.image_task import make_task as make
+    return make(config)
+
+  def discover(data_dir):
+    from dgjax.image_task import image_environments
+    return [e.name for e in image_environments(name, data_dir)]
+
+  return Dataset(
+      name, description, environments, model=lambda conv_impl="auto": None, default_test_env=0,
+      data=(f"DomainBed's download.py layout: <data_dir>/{spec.folder}/<env>/<class>/<image>"
+            if spec else "<data_dir>/<environment>/<class>/<image> (your own images)"),
+      env_names=spec.env_names if spec else (), steps=spec.n_steps if spec else 5001,
+      checkpoint_freq=spec.checkpoint_freq if spec else 300, hparams=IMAGE_HPARAMS,
+      make_task=make_task, discover_env_names=None if spec else discover)
+
+
+register(_image_dataset("VLCS", "VLCS: Caltech101, LabelMe, SUN09, VOC2007; 5 classes (Fang et al., 2013)"))
+register(_image_dataset("PACS", "PACS: art painting, cartoon, photo, sketch; 7 classes (Li et al., 2017)"))
+register(_image_dataset("OfficeHome", "Office-Home: art, clipart, product, real world; 65 classes "
+                        "(Venkateswara et al., 2017)"))
+register(_image_dataset("TerraIncognita", "Terra Incognita: camera-trap locations 100, 38, 43, 46; "
+                        "10 classes (Beery et al., 2018)"))
+register(_image_dataset("DomainNet", "DomainNet: clipart, infograph, painting, quickdraw, real, "
+                        "sketch; 345 classes (Peng et al., 2019)"))
+register(_image_dataset("ImageFolder", "your own images: <data_dir>/<environment>/<class>/<image>, "
+                        "environments and classes in sorted order"))
 
 
 def get_dataset(name: str) -> Dataset:

@@ -29,20 +29,21 @@ TrainConfig = train_lib.TrainConfig
 FLAG_FIELDS = ("dataset", "method", "preset", "steps", "checkpoint_freq", "seed", "trial_seed",
                "hparams_seed", "holdout_fraction", "data_dir", "max_examples", "downsample",
                "per_domain_impl", "conv_impl", "mesh", "output_dir", "keep_checkpoints",
-               "scan_steps", "eval_batch_size", "swad", "swad_n_converge", "swad_n_tolerance",
+               "scan_steps", "eval_batch_size", "pretrained", "image_size", "swad", "swad_n_converge", "swad_n_tolerance",
                "swad_tolerance_ratio")
 
 
-def test_envs_of(dataset: str, test_envs: Sequence[int] | None) -> tuple[int, ...]:
+def test_envs_of(dataset: str, test_envs: Sequence[int] | None, data_dir=None) -> tuple[int, ...]:
   """``test_envs`` (negative: from the end) as sorted indices, or the dataset's default; an
   out-of-range index raises naming the dataset's environments."""
   ds = datasets.get_dataset(dataset)
-  n = ds.num_environments
+  names = ds.environment_names(data_dir)
+  n = len(names)
   envs = list(test_envs) if test_envs else [ds.default_test_env]
   bad = [e for e in envs if not -n <= e < n]
   if bad:
     raise ValueError(f"test environment(s) {bad} out of range for {dataset}: 0..{n - 1} "
-                     f"({', '.join(ds.env_names)})")
+                     f"({', '.join(names)})")
   envs = sorted({e % n for e in envs})
   if len(envs) == n:
     raise ValueError("every environment is a test environment: nothing to train on")
@@ -57,7 +58,7 @@ def make_config(dataset: str = "ColoredMNIST", test_envs: Sequence[int] | None =
   ``CHECKPOINT_FREQ``), the default output directory
   ``runs/<dataset>/<method>_test<envs>_seed<seed>``."""
   ds = datasets.get_dataset(dataset)
-  envs = test_envs_of(dataset, test_envs)
+  envs = test_envs_of(dataset, test_envs, fields.get("data_dir"))
   config = TrainConfig(dataset=dataset, test_envs=envs,
                        steps=ds.steps if steps is None else steps,
                        checkpoint_freq=ds.checkpoint_freq if checkpoint_freq is None else checkpoint_freq,
@@ -107,7 +108,8 @@ def record_args(config: TrainConfig, **extra: Any) -> dict[str, Any]:
       trial_seed=config.trial_seed, seed=config.seed, output_dir=config.output_dir,
       holdout_fraction=config.holdout_fraction, steps=config.steps,
       checkpoint_freq=config.checkpoint_freq, data_dir=config.data_dir,
-      hparams=dict(config.hparams) or None, env_names=list(ds.env_names), **dgjax_fields, **extra)
+      hparams=dict(config.hparams) or None, env_names=list(ds.environment_names(config.data_dir)),
+      **dgjax_fields, **extra)
   if len(config.test_envs) == 1:
     args["test_env"] = config.test_envs[0]
   return args
@@ -140,6 +142,8 @@ def prepare_output_dir(config: TrainConfig, resume: bool = False, overwrite: boo
 def load(config: TrainConfig):
   """``(task, environments)`` of ``config``'s dataset (DomainBed's in/out splits)."""
   ds = datasets.get_dataset(config.dataset)
+  if ds.make_task is not None:
+    return ds.make_task(config)
   options = {"downsample": True} if config.downsample else {}
   envs = datasets.load_environments(config.dataset, config.data_dir, config.trial_seed,
                                     max_examples=config.max_examples, **options)

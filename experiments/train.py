@@ -56,6 +56,10 @@ flags.DEFINE_string("preset", None, "a named set of the method's hparams, applie
 flags.DEFINE_string("data_dir", None, "directory with the dataset's IDX files (MNIST, or "
                     "Fashion-MNIST for ColoredFashionMNIST; train-* required, t10k-* used when "
                     "present). Default: TFDS. Spirals needs none")
+flags.DEFINE_string("pretrained", None, "image datasets: ImageNet weights converted by "
+                    "`python -m experiments.convert_weights` (a .msgpack file), or 'none' to train "
+                    "the ResNet from scratch")
+flags.DEFINE_integer("image_size", 224, "image datasets: input resolution (DomainBed: 224)")
 flags.DEFINE_integer("max_examples", None, "MNIST variants: use only the first N pooled images; "
                      "Spirals: N examples per environment (quick runs)")
 flags.DEFINE_string("output_dir", None, "where results.jsonl goes "
@@ -118,7 +122,8 @@ def main(argv):
   try:
     config = config_from_flags()
     output_dir = runs.prepare_output_dir(config, resume=FLAGS.resume, overwrite=FLAGS.overwrite)
-    num_train = len(datasets.get_dataset(config.dataset).env_names) - len(config.test_envs)
+    num_train = (len(datasets.get_dataset(config.dataset).environment_names(config.data_dir))
+                 - len(config.test_envs))
     spec = (FLAGS.mesh or "none").lower()
     if spec == "none" or (spec == "auto" and jax.device_count() == 1):
       mesh = None
@@ -129,7 +134,7 @@ def main(argv):
 
   try:
     task, envs = runs.load(config)
-  except (DataError, ValueError) as e:
+  except (DataError, ValueError, NotImplementedError) as e:
     fail(str(e))
   print(f"dataset {config.dataset}: {datasets.get_dataset(config.dataset).description}")
   for i, env in enumerate(envs):
