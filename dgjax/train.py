@@ -87,6 +87,8 @@ class TrainConfig:
   conv_impl: str = "auto"
   mesh: str = "auto"
   output_dir: str | None = None
+  pretrained: str | None = None  # image datasets: converted ImageNet weights, or "none"
+  image_size: int = 224
   swad: bool = False             # SWAD (dgjax.swad): dense averaging over the loss valley
   swad_n_converge: int = 3
   swad_n_tolerance: int = 6
