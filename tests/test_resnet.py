@@ -116,11 +116,24 @@ def assert_close(got, want, rtol):
   assert err < rtol, f"max error {err:.2e} of max |ref| {np.abs(want).max():.3g}"
 
 
+def japply(model):
+  """``model.apply`` jitted (one compile instead of op-by-op dispatch)."""
+  return jax.jit(model.apply, static_argnames=("train", "method", "mutable"))
+
+
 def tiny(num_classes, **kw):
   """A 1-block-per-stage ResNet (same code paths, much cheaper to compile)."""
   return resnet.ResNetClassifier(
       featurizer=resnet.ResNet(stage_sizes=(1, 1, 1, 1), block="basic", name="featurizer", **kw),
       num_classes=num_classes)
+
+
+def tiny_variables(num_classes, seed=0):
+  """Variables of :func:`tiny` from a random ResNet-18 state dict (its ``layer*.0`` blocks),
+  without compiling an init."""
+  sd = random_state_dict("resnet18", num_classes, seed)
+  sd = {k: v for k, v in sd.items() if not (k.startswith("layer") and k.split(".")[1] == "1")}
+  return jax.tree.map(jnp.asarray, convert_weights.torch_to_flax(sd, include_head=True))
 
 
 def converted_model(tmp_path, arch, num_classes, sd, **kw):
@@ -153,12 +166,12 @@ def test_resnet18_conversion_matches_numpy_reference(tmp_path):
   model, variables = converted_model(tmp_path, "resnet18", 5, sd)
   x = np.random.default_rng(0).normal(size=(3, 32, 32, 3)).astype(np.float32)
   want_z, want_logits = np_resnet(sd, "resnet18", x)
-  z = model.apply(variables, x, method="features")
-  logits = model.apply(variables, x)
+  z = japply(model)(variables, x, method="features")
+  logits = japply(model)(variables, x)
   assert_close(z, want_z, 1e-5)
   assert_close(logits, want_logits, 1e-5)
   # head-level access with the classifier params only (what head-level methods use)
-  head = model.apply({"params": {"classifier": variables["params"]["classifier"]}}, z, method="head")
+  head = japply(model)({"params": {"classifier": variables["params"]["classifier"]}}, z, method="head")
   assert_close(head, want_logits, 1e-5)
 
 
@@ -178,7 +191,7 @@ def test_unfrozen_bn_uses_batch_statistics_and_updates_running_stats_as_torch(tm
   model, variables = converted_model(tmp_path, "resnet18", 3, sd, freeze_bn=False)
   x = np.random.default_rng(2).normal(size=(4, 32, 32, 3)).astype(np.float32)
   want_z, want_logits = np_resnet(sd, "resnet18", x, batch_stats=True)
-  logits, updated = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  logits, updated = japply(model)(variables, x, train=True, mutable="batch_stats")
   assert_close(logits, want_logits, 1e-4)
   # torch: running <- 0.9 running + 0.1 batch, unbiased variance
   h = np_conv(x.astype(np.float64), sd["conv1.weight"], 2, 3)
@@ -189,22 +202,22 @@ def test_unfrozen_bn_uses_batch_statistics_and_updates_running_stats_as_torch(tm
   np.testing.assert_allclose(bn1["var"], 0.9 * sd["bn1.running_var"]
                              + 0.1 * h.var((0, 1, 2)) * n / (n - 1), rtol=1e-5, atol=1e-6)
   # not mutable: same batch-statistics forward, running stats untouched (no error)
-  assert_close(model.apply(variables, x, train=True), want_logits, 1e-4)
+  assert_close(japply(model)(variables, x, train=True), want_logits, 1e-4)
   # evaluation uses the running statistics
-  assert_close(model.apply(variables, x), np_resnet(sd, "resnet18", x)[1], 1e-5)
+  assert_close(japply(model)(variables, x), np_resnet(sd, "resnet18", x)[1], 1e-5)
 
 
 def test_frozen_bn_trains_with_running_statistics_and_never_changes_them(tmp_path):
   sd = random_state_dict("resnet18", 3, seed=4)
   model, variables = converted_model(tmp_path, "resnet18", 3, sd, freeze_bn=True)
   x = np.random.default_rng(3).normal(size=(2, 32, 32, 3)).astype(np.float32)
-  logits, updated = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  logits, updated = japply(model)(variables, x, train=True, mutable="batch_stats")
   assert_close(logits, np_resnet(sd, "resnet18", x)[1], 1e-5)
   for a, b in zip(jax.tree.leaves(updated["batch_stats"]), jax.tree.leaves(variables["batch_stats"])):
     np.testing.assert_array_equal(a, b)
   # BN affine parameters still get gradients
   small = tiny(3, freeze_bn=True)
-  small_vars = resnet.init_variables(small, jax.random.key(0), 32)
+  small_vars = tiny_variables(3)
   grads = jax.jit(jax.grad(lambda p: small.apply({"params": p, "batch_stats": small_vars["batch_stats"]},
                                                  x, train=True).sum()))(small_vars["params"])
   bn1 = grads["featurizer"]["bn1"]
@@ -215,7 +228,7 @@ def test_unfrozen_bn_statistics_follow_the_batch_the_forward_sees():
   """Pooled call = statistics of the concatenated batch (ERM); vmap over domains = each
   domain's own statistics (methods DomainBed runs per domain)."""
   model = tiny(4, freeze_bn=False)
-  variables = resnet.init_variables(model, jax.random.key(0), 32)
+  variables = tiny_variables(4)
   rng = np.random.default_rng(5)
   x = (rng.normal(size=(2, 3, 32, 32, 3)) + np.array([0.0, 2.0])[:, None, None, None, None]).astype(np.float32)
   fwd = jax.jit(lambda xb: model.apply(variables, xb, train=True))
@@ -228,11 +241,11 @@ def test_unfrozen_bn_statistics_follow_the_batch_the_forward_sees():
 
 def test_dropout_on_features_only_in_training():
   model = tiny(2, dropout=0.5)
-  variables = resnet.init_variables(model, jax.random.key(0), 32)
+  variables = tiny_variables(2)
   x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
-  clean = model.apply(variables, x, method="features")
-  np.testing.assert_array_equal(model.apply(variables, x, train=False, method="features"), clean)
-  dropped = model.apply(variables, x, True, method="features", rngs={"dropout": jax.random.key(2)})
+  clean = japply(model)(variables, x, method="features")
+  np.testing.assert_array_equal(japply(model)(variables, x, train=False, method="features"), clean)
+  dropped = japply(model)(variables, x, train=True, method="features", rngs={"dropout": jax.random.key(2)})
   kept = np.asarray(dropped) != 0
   assert 0.4 < kept[np.asarray(clean) != 0].mean() < 0.6
   np.testing.assert_allclose(np.asarray(dropped)[kept], 2 * np.asarray(clean)[kept], rtol=1e-5)
@@ -245,7 +258,8 @@ def test_load_pretrained_replaces_featurizer_keeps_head_and_checks_keys(tmp_path
   out = tmp_path / "r18.msgpack"
   assert convert_cli.main(["--arch", "resnet18", "--input", str(src), "--output", str(out)]) == 0
   model = resnet.resnet18_classifier(9)
-  fresh = resnet.init_variables(model, jax.random.key(0), 32)
+  shapes = jax.eval_shape(lambda: resnet.init_variables(model, jax.random.key(0), 32))
+  fresh = jax.tree.map(lambda s: jnp.full(s.shape, 0.5, s.dtype), shapes)  # no init compile
   loaded = convert_weights.load_pretrained(out, fresh)
   np.testing.assert_array_equal(loaded["params"]["featurizer"]["conv1"]["kernel"],
                                 sd["conv1.weight"].transpose(2, 3, 1, 0))
@@ -253,7 +267,7 @@ def test_load_pretrained_replaces_featurizer_keeps_head_and_checks_keys(tmp_path
                                 sd["layer2.0.downsample.1.running_var"])
   np.testing.assert_array_equal(loaded["params"]["classifier"]["kernel"], fresh["params"]["classifier"]["kernel"])
   x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
-  assert_close(model.apply(loaded, x, method="features"), np_resnet(sd, "resnet18", x)[0], 1e-5)
+  assert_close(japply(model)(loaded, x, method="features"), np_resnet(sd, "resnet18", x)[0], 1e-5)
   # a resnet18 file into a resnet50 model: names what is missing / unexpected / mis-shaped
   r50 = jax.eval_shape(lambda: resnet.init_variables(resnet.resnet50_classifier(9), jax.random.key(0), 32))
   with pytest.raises(convert_weights.WeightsError) as e:
@@ -294,7 +308,7 @@ def test_missing_weights_message_names_files_urls_and_flag(tmp_path, capsys):
 def test_remat_and_bfloat16_options():
   x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
   base = tiny(3, freeze_bn=False)
-  variables = resnet.init_variables(base, jax.random.key(0), 32)
+  variables = tiny_variables(3)
   loss = lambda m: lambda p: m.apply({"params": p, "batch_stats": variables["batch_stats"]},  # noqa: E731
                                      x, train=True).sum()
   g0 = jax.jit(jax.grad(loss(base)))(variables["params"])

@@ -331,8 +331,12 @@ class DevicePrefetch:
         raise StopIteration
 
     def close(self):
+        """Stops the thread, then closes the host iterator (grain: shuts its workers down)."""
         self._stop.set()
         self._thread.join(timeout=5)
+        close = getattr(self._source, "close", None)
+        if close is not None and not self._thread.is_alive():
+            close()
 
     def __enter__(self):
         return self
