@@ -10,6 +10,9 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from dgjax import core
+from dgjax.algorithms import causal as _causal
+from dgjax.algorithms import contrastive as _contrastive
+from dgjax.algorithms import erm_variants as _erm_variants
 from dgjax.algorithms import gradient_combination as _combination
 from dgjax.algorithms import hessian_alignment as _hessian
 from dgjax.algorithms import invariance as _invariance
@@ -45,6 +48,13 @@ register(_meta.FISH)
 register(_hessian.HGP)
 register(_hessian.HUTCHINSON)
 register(_hessian.CMA)
+# --- algos-c
+register(_causal.CAUSIRL_CORAL)
+register(_causal.CAUSIRL_MMD)
+register(_contrastive.CAD)
+register(_contrastive.COND_CAD)
+register(_erm_variants.ERM_PLUS_PLUS)
+register(_erm_variants.URM)
 
 
 def get_method(name: str) -> Method:
