@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from dgjax import core
+from dgjax.algorithms import adrmx as _adrmx
 from dgjax.algorithms import causal as _causal
 from dgjax.algorithms import contrastive as _contrastive
 from dgjax.algorithms import erm_variants as _erm_variants
@@ -55,6 +56,7 @@ register(_contrastive.CAD)
 register(_contrastive.COND_CAD)
 register(_erm_variants.ERM_PLUS_PLUS)
 register(_erm_variants.URM)
+register(_adrmx.ADRMX)
 
 
 def get_method(name: str) -> Method:
