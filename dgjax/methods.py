@@ -10,6 +10,10 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from dgjax import core
+from dgjax.algorithms import adrmx as _adrmx
+from dgjax.algorithms import causal as _causal
+from dgjax.algorithms import contrastive as _contrastive
+from dgjax.algorithms import erm_variants as _erm_variants
 from dgjax.algorithms import gradient_combination as _combination
 from dgjax.algorithms import hessian_alignment as _hessian
 from dgjax.algorithms import invariance as _invariance
@@ -47,7 +51,7 @@ register(_meta.FISH)
 register(_hessian.HGP)
 register(_hessian.HUTCHINSON)
 register(_hessian.CMA)
-# --- algos-b
+
 register(_representation.IB_ERM)
 register(_representation.IB_IRM)
 register(_representation.RSC)
@@ -55,6 +59,14 @@ register(_representation.SELFREG)
 register(_risk_shaping.EQRM)
 register(_risk_shaping.RDM)
 register(_risk_shaping.TRM)
+
+register(_causal.CAUSIRL_CORAL)
+register(_causal.CAUSIRL_MMD)
+register(_contrastive.CAD)
+register(_contrastive.COND_CAD)
+register(_erm_variants.ERM_PLUS_PLUS)
+register(_erm_variants.URM)
+register(_adrmx.ADRMX)
 
 
 def get_method(name: str) -> Method:

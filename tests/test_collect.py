@@ -210,7 +210,11 @@ def test_cli_errors(tmp_path, capsys):
 ALGORITHM = {"erm": "ERM", "and": "ANDMask", "sand": "SANDMask", "irm": "IRM", "vrex": "VREx",
              "coral": "CORAL", "mmd": "MMD", "groupdro": "GroupDRO", "mixup": "Mixup",
              "fish": "Fish", "iga": "IGA", "fishr": "Fishr", "hgp": "HGP",
-             "hutchinson": "Hutchinson", "cma": "CMA"}
+             "hutchinson": "Hutchinson", "cma": "CMA", "sd": "SD",
+             "ib_erm": "IB_ERM", "ib_irm": "IB_IRM", "rsc": "RSC", "selfreg": "SelfReg",
+             "eqrm": "EQRM", "rdm": "RDM", "trm": "TRM",
+             "causirl_coral": "CausIRL_CORAL", "causirl_mmd": "CausIRL_MMD", "cad": "CAD",
+             "condcad": "CondCAD", "erm_plus_plus": "ERMPlusPlus", "urm": "URM", "adrmx": "ADRMX"}
 
 #: The keys of ``vars(args)`` in DomainBed's scripts/train.py.
 DOMAINBED_TRAIN_ARGS = {"data_dir", "dataset", "algorithm", "task", "hparams", "hparams_seed",
