@@ -350,8 +350,13 @@ def _train_locked(configs, task, method, hparams, batch_size, impl, dirs, run_ar
   if mesh is not None:
     state, data = sharding_lib.put_replicated((state, data), mesh)
 
+  def take_global(tree, k):
+    """Run ``k``'s slice, still a global (mesh-replicated) array: what checkpoints save."""
+    return jax.tree.map(lambda x: x[k], tree)
+
   def take(tree, k):
-    out = jax.tree.map(lambda x: x[k], tree)
+    """Run ``k``'s slice as this process's copy: what evaluation reads."""
+    out = take_global(tree, k)
     return sharding_lib.local_copy(out) if mesh is not None else out
 
   swad = None
@@ -380,7 +385,7 @@ def _train_locked(configs, task, method, hparams, batch_size, impl, dirs, run_ar
       c.check_identity()
     found = [c.latest_step() for c in ckpts]
     if any(s is not None for s in found):
-      restored = [c.restore(saveable(take(state, k), k)) for k, c in enumerate(ckpts)]
+      restored = [c.restore(saveable(take_global(state, k), k)) for k, c in enumerate(ckpts)]
       steps = {s for s, _ in restored}
       if len(steps) != 1:
         raise CheckpointError(f"runs in one program were checkpointed at different steps "
@@ -481,7 +486,7 @@ def _train_locked(configs, task, method, hparams, batch_size, impl, dirs, run_ar
       if results_paths[k] is not None and writer:
         results_lib.append_jsonl(results_paths[k], record)   # the record first, then the checkpoint
       if ckpts[k] is not None:
-        ckpts[k].save(step, saveable(take(state, k), k))
+        ckpts[k].save(step, saveable(take_global(state, k), k))
     interval.clear()
     step_times.clear()
     progress.evaluated(step, task.progress_numbers(records[0][-1]), step_time)

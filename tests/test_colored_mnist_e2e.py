@@ -63,7 +63,7 @@ def test_cli_runs_and_writes_results(data_dir, tmp_path):
   assert "training-domain validation" in proc.stdout and "-90%*" in proc.stdout
   # an existing results file is never silently overwritten
   again = run_cli("--method=sand", f"--data_dir={data_dir / 'mnist-first10k'}", f"--output_dir={out}")
-  assert again.returncode == 2 and "already exists" in again.stderr
+  assert again.returncode == 2 and "already holds a run" in again.stderr
 
 
 @pytest.mark.parametrize("args,message", [
