@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from dgjax import core
+from dgjax.algorithms import adversarial as _adversarial
 from dgjax.algorithms import gradient_combination as _combination
 from dgjax.algorithms import hessian_alignment as _hessian
 from dgjax.algorithms import invariance as _invariance
@@ -45,6 +46,9 @@ register(_meta.FISH)
 register(_hessian.HGP)
 register(_hessian.HUTCHINSON)
 register(_hessian.CMA)
+# --- algos-a
+register(_adversarial.DANN)
+register(_adversarial.CDANN)
 
 
 def get_method(name: str) -> Method:
