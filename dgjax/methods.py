@@ -11,9 +11,11 @@ from typing import Any, Mapping
 
 from dgjax import core
 from dgjax.algorithms import adversarial as _adversarial
+from dgjax.algorithms import feature_mixing as _feature_mixing
 from dgjax.algorithms import gradient_combination as _combination
 from dgjax.algorithms import hessian_alignment as _hessian
 from dgjax.algorithms import invariance as _invariance
+from dgjax.algorithms import meta_gradient as _meta_gradient
 from dgjax.algorithms import meta_learning as _meta
 from dgjax.algorithms import mixing as _mixing
 from dgjax.core import Context, HParam, Method, MethodStep  # noqa: F401  (the protocol, for users)
@@ -49,6 +51,9 @@ register(_hessian.CMA)
 # --- algos-a
 register(_adversarial.DANN)
 register(_adversarial.CDANN)
+register(_meta_gradient.MLDG)
+register(_feature_mixing.MTL)
+register(_feature_mixing.SAGNET)
 
 
 def get_method(name: str) -> Method:
