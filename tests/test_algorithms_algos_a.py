@@ -204,11 +204,183 @@ def test_cdann_class_balance_uses_the_one_hot_width_of_the_batch():
   np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
+# ----------------------------------------------------------------------------- MLDG
+def _domain_loss(params, x, y):
+  """Mean CE over one domain's examples, one example at a time."""
+  return sum(_ce(_net(params, x[k])[1], int(y[k])) for k in range(len(y))) / len(y)
+
+
+@pytest.mark.parametrize("n_meta_test", [1, 2])
+def test_mldg_step_matches_the_reference(n_meta_test):
+  with X64(True):
+    step, hp, params, state, batch = _setup(
+        "mldg", {"mldg_beta": 0.6, "n_meta_test": n_meta_test, "lr": 1e-2,
+                 "weight_decay": 0.01}, d=3, b=4)
+    key = jax.random.key(7)
+    updates, _, metrics = step.update(params, state, batch, jnp.int32(0), key)
+    d, n = 3, n_meta_test
+    perm = [int(v) for v in np.asarray(jax.random.permutation(key, d))]
+    meta_train, meta_test = perm[:d - n], perm[-n:]
+    y = np.asarray(batch["y"])
+    acc = jax.tree.map(jnp.zeros_like, params)
+    objective = 0.0
+    for k, i in enumerate(meta_train):
+      j = meta_test[k % n]
+      li, gi = jax.value_and_grad(_domain_loss)(params, batch["x"][i], y[i])
+      (clone,) = _torch_adam_first_steps([lambda p: gi], params, hp["lr"], hp["weight_decay"])
+      lj, gj = jax.value_and_grad(_domain_loss)(clone, batch["x"][j], y[j])
+      acc = jax.tree.map(lambda a, u, v: a + (u + hp["mldg_beta"] * v) / d, acc, gi, gj)
+      objective += float(li + hp["mldg_beta"] * lj) / d
+    (p_ref,) = _torch_adam_first_steps([lambda p: acc], params, hp["lr"], hp["weight_decay"])
+    _close(optax_apply(params, updates), p_ref)
+    np.testing.assert_allclose(metrics["loss"], objective, rtol=1e-10)
+    assert len(meta_train) == 3 - n_meta_test
+
+
+def test_mldg_without_a_meta_train_domain_gives_a_zero_gradient():
+  # DomainBed's default n_meta_test = 2 with two training domains: no pair
+  with X64(True):
+    step, hp, params, state, batch = _setup("mldg", {"weight_decay": 0.0}, d=2, b=4)
+    updates, _, metrics = step.update(params, state, batch, jnp.int32(0), jax.random.key(0))
+    _close(updates, jax.tree.map(jnp.zeros_like, updates), rtol=0, atol=0)
+    assert float(metrics["loss"]) == 0.0 and np.all(np.isfinite(metrics["env_losses"]))
+
+
+# ----------------------------------------------------------------------------- MTL
+def _mtl_reference_loss(params, head_e, batch, embeddings_of):
+  """DomainBed's MTL loss: SUM over domains of the mean CE of ``Linear(2F, C)`` on
+  ``concat(z, e)``; ``embeddings_of(d, zs) -> list of e`` per example."""
+  w = jnp.concatenate([params["classifier"]["kernel"], head_e], axis=0)
+  d, b = batch["y"].shape
+  y = np.asarray(batch["y"])
+  total = 0.0
+  for i in range(d):
+    zs = [_net(params, batch["x"][i, k])[0] for k in range(b)]
+    es = embeddings_of(i, zs)
+    total = total + sum(_ce(jnp.concatenate([zs[k], es[k]]) @ w + params["classifier"]["bias"],
+                            int(y[i, k])) for k in range(b)) / b
+  return total
+
+
+@pytest.mark.parametrize("mode", ["noise", "mean"])
+def test_mtl_step_matches_the_reference(mode):
+  with X64(True):
+    step, hp, params, state, batch = _setup(
+        "mtl", {"mtl_embedding": mode, "mtl_ema": 0.7, "lr": 1e-2, "weight_decay": 0.01},
+        d=2, b=4)
+    rng = np.random.RandomState(3)
+    stored = jnp.asarray(rng.randn(2, 5))
+    state = state._replace(source=state.source._replace(embeddings=stored))
+    key = jax.random.key(5)
+    updates, state1, metrics = step.update(params, state, batch, jnp.int32(0), key)
+    head_e = state.source.embedding_head
+    noise = np.asarray(jax.random.normal(key, (8, 5), jnp.float64))
+    ema = hp["mtl_ema"]
+
+    def embeddings_of(i, zs):
+      if mode == "noise":       # DomainBed's .normal_() overwrites the embedding
+        return [jnp.asarray(noise[i * 4 + k]) for k in range(4)]
+      m = ema * sum(zs) / len(zs) + (1 - ema) * stored[i]
+      return [m] * len(zs)
+
+    loss, (g, g_e) = jax.value_and_grad(
+        lambda p, h: _mtl_reference_loss(p, h, batch, embeddings_of), argnums=(0, 1))(params, head_e)
+    (p_ref,) = _torch_adam_first_steps([lambda p: g], params, hp["lr"], hp["weight_decay"])
+    (h_ref,) = _torch_adam_first_steps([lambda p: g_e], head_e, hp["lr"], hp["weight_decay"])
+    _close(optax_apply(params, updates), p_ref)
+    _close(state1.source.embedding_head, h_ref)
+    np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-10)
+    # the stored embeddings: ema * batch mean + (1 - ema) * old, per domain
+    for i in range(2):
+      zs = [_net(params, batch["x"][i, k])[0] for k in range(4)]
+      np.testing.assert_allclose(state1.source.embeddings[i],
+                                 ema * sum(zs) / 4 + (1 - ema) * stored[i], rtol=1e-10)
+    if mode == "mean":   # prediction: the batch's own mean feature as the embedding
+      x = batch["x"][0]
+      zs = [_net(params, x[k])[0] for k in range(4)]
+      w = jnp.concatenate([params["classifier"]["kernel"], head_e], axis=0)
+      want = jnp.stack([jnp.concatenate([z, sum(zs) / 4]) @ w + params["classifier"]["bias"]
+                        for z in zs])
+      _close(step.predict(params, state, x), want)
+
+
+# ----------------------------------------------------------------------------- SagNet
+def _randomize_reference(zs, alpha, perm, what, eps=1e-5):
+  """DomainBed's ``SagNet.randomize`` on a list of flat feature vectors, example by example."""
+  n, f = len(zs), zs[0].shape[0]
+  means = [sum(z[k] for k in range(f)) / f for z in zs]
+  vars_ = [sum((z[k] - m)**2 for k in range(f)) / (f - 1) for z, m in zip(zs, means)]
+  normed = [(z - m) / jnp.sqrt(v + eps) for z, m, v in zip(zs, means, vars_)]
+  out = []
+  for i in range(n):
+    if what == "style":
+      m = alpha[i] * means[i] + (1 - alpha[i]) * means[perm[i]]
+      v = alpha[i] * vars_[i] + (1 - alpha[i]) * vars_[perm[i]]
+      out.append(normed[i] * jnp.sqrt(v + eps) + m)
+    else:
+      out.append(jax.lax.stop_gradient(normed[perm[i]]) * jnp.sqrt(vars_[i] + eps) + means[i])
+  return out
+
+
+def _draws(key, n):
+  k_alpha, k_perm = jax.random.split(key)
+  return (np.asarray(jax.random.uniform(k_alpha, (n, 1), jnp.float64))[:, 0],
+          [int(v) for v in np.asarray(jax.random.permutation(k_perm, n))])
+
+
+def test_sagnet_step_matches_the_reference():
+  with X64(True):
+    step, hp, params, state, batch = _setup(
+        "sagnet", {"sag_w_adv": 0.4, "lr": 1e-2, "weight_decay": 0.01}, d=2, b=3)
+    key = jax.random.key(11)
+    updates, state1, metrics = step.update(params, state, batch, jnp.int32(0), key)
+    k_c, k_s, k_adv = jax.random.split(key, 3)
+    xs = [batch["x"][i, k] for i in range(2) for k in range(3)]
+    ys = [int(v) for v in np.asarray(batch["y"]).reshape(-1)]
+    n = len(ys)
+    lr, wd = hp["lr"], hp["weight_decay"]
+    lin = lambda h, z: z @ h["kernel"] + h["bias"]
+
+    def feats(f):
+      return [_net({"featurizer": f, "classifier": params["classifier"]}, x)[0] for x in xs]
+
+    def loss_c(f, c, draws=_draws(k_c, n)):
+      zs = _randomize_reference(feats(f), *draws, "style")
+      return sum(_ce(lin(c, zs[i]), ys[i]) for i in range(n)) / n
+    g_f, g_c = jax.grad(loss_c, argnums=(0, 1))(params["featurizer"], params["classifier"])
+    (f1,) = _torch_adam_first_steps([lambda p: g_f], params["featurizer"], lr, wd)
+    (c1,) = _torch_adam_first_steps([lambda p: g_c], params["classifier"], lr, wd)
+
+    def loss_s(s, draws=_draws(k_s, n)):
+      zs = _randomize_reference(feats(f1), *draws, "content")
+      return sum(_ce(lin(s, zs[i]), ys[i]) for i in range(n)) / n
+    s0 = state.source.style_head
+    g_s = jax.grad(loss_s)(s0)
+    (s1,) = _torch_adam_first_steps([lambda p: g_s], s0, lr, wd)
+
+    def loss_adv(f, draws=_draws(k_adv, n)):
+      zs = _randomize_reference(feats(f), *draws, "content")
+      return -hp["sag_w_adv"] * sum(jnp.mean(jax.nn.log_softmax(lin(s1, z))) for z in zs) / n
+    # the featurizer's Adam: its second step, on the adversarial gradient at f1
+    f2 = _torch_adam_first_steps([lambda p: g_f, lambda p: jax.grad(loss_adv)(p)],
+                                 params["featurizer"], lr, wd)[1]
+
+    new = optax_apply(params, updates)
+    _close(new["featurizer"], f2, rtol=1e-9, atol=1e-12)
+    _close(new["classifier"], c1, rtol=1e-9, atol=1e-12)
+    _close(state1.source.style_head, s1)
+    np.testing.assert_allclose(metrics["loss_c"], loss_c(params["featurizer"], params["classifier"]),
+                               rtol=1e-10)
+    np.testing.assert_allclose(metrics["loss_adv"], loss_adv(f1), rtol=1e-10)
+
+
 # ----------------------------------------------------------------------------- all methods
-NEW_METHODS = ["dann", "cdann"]
+NEW_METHODS = ["dann", "cdann", "mldg", "mtl", "sagnet"]
 #: Hparams that vary between the K = 2 runs, and small structural settings.
-VARY = {"dann": ("lambda", 0.5, 2.0), "cdann": ("grad_penalty", 0.0, 0.5)}
-SMALL = {"dann": {"mlp_width": 8}, "cdann": {"mlp_width": 8}}
+VARY = {"dann": ("lambda", 0.5, 2.0), "cdann": ("grad_penalty", 0.0, 0.5),
+        "mldg": ("mldg_beta", 0.5, 2.0), "mtl": ("mtl_ema", 0.5, 0.99),
+        "sagnet": ("sag_w_adv", 0.1, 1.0)}
+SMALL = {"dann": {"mlp_width": 8}, "cdann": {"mlp_width": 8}, "mldg": {"n_meta_test": 1}}
 
 
 @pytest.mark.parametrize("name", NEW_METHODS)
