@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from dgjax import core
+from dgjax.algorithms import adaptation as _adaptation
 from dgjax.algorithms import adversarial as _adversarial
 from dgjax.algorithms import feature_mixing as _feature_mixing
 from dgjax.algorithms import gradient_combination as _combination
@@ -54,6 +55,8 @@ register(_adversarial.CDANN)
 register(_meta_gradient.MLDG)
 register(_feature_mixing.MTL)
 register(_feature_mixing.SAGNET)
+register(_adaptation.ARM)
+register(_adversarial.TRANSFER)
 
 
 def get_method(name: str) -> Method:

@@ -8,6 +8,7 @@ runs through :func:`dgjax.train.train_many`.
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +17,8 @@ import pytest
 from dgjax import core, methods
 from dgjax import train as train_lib
 from dgjax.algorithms import adversarial
-from dgjax.models import mlp
+from dgjax.conv import Conv
+from dgjax.models import Classifier, mlp
 
 NUM_CLASSES = 3
 X64 = jax.enable_x64
@@ -77,12 +79,13 @@ def _close(a, b, rtol=1e-9, atol=1e-12):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
-def _splits(n_envs=3, n=24, seed=0):
+def _splits(n_envs=3, n=24, seed=0, image=False):
   rng = np.random.RandomState(seed)
   out = []
   for e in range(n_envs):
     y = rng.randint(0, NUM_CLASSES, n).astype(np.int32)
-    x = (rng.randn(n, 6) + 0.5 * y[:, None]).astype(np.float32)
+    shape = (n, 5, 5, 2) if image else (n, 6)
+    x = (rng.randn(*shape) + 0.5 * y.reshape((n,) + (1,) * (len(shape) - 1))).astype(np.float32)
     out.append(train_lib.Split(f"env{e}_in", x, y))
   return out
 
@@ -374,24 +377,183 @@ def test_sagnet_step_matches_the_reference():
     np.testing.assert_allclose(metrics["loss_adv"], loss_adv(f1), rtol=1e-10)
 
 
+# ----------------------------------------------------------------------------- ARM
+class _TinyConv(nn.Module):
+  """Conv3x3(2 -> 4) -> ReLU -> global mean: a featurizer that starts with a convolution."""
+
+  @nn.compact
+  def __call__(self, x):
+    return jnp.mean(nn.relu(Conv(4, name="conv1")(x)), axis=(1, 2))
+
+
+def _tiny_conv_model():
+  return Classifier(featurizer=_TinyConv(name="featurizer"), num_classes=NUM_CLASSES)
+
+
+def _conv(x, w, b=None, pad=1):
+  out = jax.lax.conv_general_dilated(x, w, (1, 1), ((pad, pad), (pad, pad)),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return out if b is None else out + b
+
+
+def _context_reference(net, stats, x, train):
+  """DomainBed's ContextNet written out; returns ``(context, new running stats)``."""
+  new_stats = {}
+  h = x
+  for i in range(2):
+    h = _conv(h, net[f"conv{i}"]["kernel"], net[f"conv{i}"]["bias"], pad=2)
+    bn = net[f"bn{i}"]
+    if train:
+      n = h.shape[0] * h.shape[1] * h.shape[2]
+      mean = h.sum(axis=(0, 1, 2)) / n
+      var = ((h - mean)**2).sum(axis=(0, 1, 2)) / n
+      new_stats[f"bn{i}"] = {"mean": 0.9 * stats[f"bn{i}"]["mean"] + 0.1 * mean,
+                             "var": 0.9 * stats[f"bn{i}"]["var"] + 0.1 * var * n / (n - 1)}
+    else:
+      mean, var = stats[f"bn{i}"]["mean"], stats[f"bn{i}"]["var"]
+    h = jnp.maximum((h - mean) / jnp.sqrt(var + 1e-5) * bn["scale"] + bn["bias"], 0.0)
+  return _conv(h, net["conv2"]["kernel"], net["conv2"]["bias"], pad=2), new_stats
+
+
+def _arm_reference_logits(params, extra, x, context):
+  """The network on ``concat(x, context)`` with ONE first-layer kernel over C + 1 channels."""
+  f = params["featurizer"]["conv1"]
+  w = jnp.concatenate([f["kernel"], extra["context_kernel"]], axis=2)
+  z = jnp.mean(jnp.maximum(_conv(jnp.concatenate([x, context], axis=-1), w, f["bias"]), 0.0),
+               axis=(1, 2))
+  return z @ params["classifier"]["kernel"] + params["classifier"]["bias"]
+
+
+def test_arm_step_and_prediction_match_the_reference():
+  with X64(True):
+    method = methods.get_method("arm")
+    hp = core.resolve_hparams(method, overrides={"batch_size": 3, "lr": 1e-2, "weight_decay": 0.01})
+    model = _tiny_conv_model()
+    params = model.init(jax.random.key(0), jnp.zeros((1, 5, 5, 2)))["params"]
+    params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+    ctx = core.Context(model=model, hparams=hp, num_domains=2)
+    step = method.build(ctx)
+    state = step.init(params)
+    rng = np.random.RandomState(1)
+    batch = {"x": jnp.asarray(rng.randn(2, 3, 5, 5, 2)),
+             "y": jnp.asarray(rng.randint(0, NUM_CLASSES, (2, 3)).astype(np.int32))}
+    updates, state1, metrics = step.update(params, state, batch, jnp.int32(0), jax.random.key(0))
+    src = state.source
+    stats0 = src.batch_stats
+    y = np.asarray(batch["y"])
+
+    def loss(p, extra):
+      xs = batch["x"].reshape(6, 5, 5, 2)
+      c, _ = _context_reference(extra["context_net"], stats0, xs, True)
+      total = 0.0
+      for i in range(2):        # support set = one domain's minibatch
+        mean_c = sum(c[i * 3 + k] for k in range(3)) / 3
+        for k in range(3):
+          lg = _arm_reference_logits(p, extra, xs[i * 3 + k][None], mean_c[None])[0]
+          total = total + _ce(lg, int(y[i, k])) / 6
+      return total
+
+    g, g_extra = jax.grad(loss, argnums=(0, 1))(params, src.extra)
+    (p_ref,) = _torch_adam_first_steps([lambda p: g], params, hp["lr"], hp["weight_decay"])
+    (e_ref,) = _torch_adam_first_steps([lambda p: g_extra], src.extra, hp["lr"], hp["weight_decay"])
+    _close(optax_apply(params, updates), p_ref)
+    _close(state1.source.extra, e_ref)
+    _, stats_ref = _context_reference(src.extra["context_net"], stats0,
+                                      batch["x"].reshape(6, 5, 5, 2), True)
+    _close(state1.source.batch_stats, stats_ref)
+    np.testing.assert_allclose(metrics["loss"], loss(params, src.extra), rtol=1e-10)
+
+    # prediction: running statistics; groups of batch_size (3) when they divide len(x), else one
+    for n in (6, 5):
+      x = jnp.asarray(rng.randn(n, 5, 5, 2))
+      c, _ = _context_reference(state1.source.extra["context_net"], state1.source.batch_stats,
+                                x, False)
+      size = 3 if n % 3 == 0 else n
+      want = []
+      for start in range(0, n, size):
+        mean_c = sum(c[start + k] for k in range(size)) / size
+        want += [_arm_reference_logits(params, state1.source.extra, x[start + k][None],
+                                       mean_c[None])[0] for k in range(size)]
+      _close(step.predict(params, state1, x), jnp.stack(want))
+
+
+def test_arm_refuses_a_featurizer_without_a_first_convolution():
+  from dgjax.algorithms import adaptation
+  params = mlp(2, hidden=(4,)).init(jax.random.key(0), jnp.zeros((1, 6)))["params"]
+  with pytest.raises(ValueError, match="must be a convolution"):
+    adaptation.first_conv(params)
+
+
+# ----------------------------------------------------------------------------- Transfer
+def _head_loss(f, head, x, y):
+  """Mean CE of ``head`` on the featurizer ``f``'s features of one domain, example by example."""
+  return _domain_loss({"featurizer": f, "classifier": head}, x, y)
+
+
+@pytest.mark.parametrize("gda", [False, True])
+def test_transfer_step_matches_the_reference(gda):
+  with X64(True):
+    step, hp, params, state, batch = _setup(
+        "transfer", {"t_lambda": 0.8, "delta": 0.05, "d_steps_per_g": 2, "lr_d": 0.5,
+                     "lr": 1e-2, "weight_decay": 0.01, "gda": gda}, d=3, b=3)
+    adv0 = jax.tree.map(lambda a: a + 0.01, state.source.adv_head)   # as after earlier steps
+    state = state._replace(source=state.source._replace(adv_head=adv0))
+    updates, state1, metrics = step.update(params, state, batch, jnp.int32(0), jax.random.key(0))
+    y = np.asarray(batch["y"])
+    lr, wd, t = hp["lr"], hp["weight_decay"], hp["t_lambda"]
+
+    def gap(f, head):
+      losses = jnp.stack([_head_loss(f, head, batch["x"][i], y[i]) for i in range(3)])
+      return jnp.max(losses) - jnp.min(losses)
+
+    def ce(f, c):
+      return sum(_head_loss(f, c, batch["x"][i], y[i]) for i in range(3)) / 3
+
+    f0, c0 = params["featurizer"], params["classifier"]
+    if gda:          # DomainBed's gda branch: the network does not move
+      f2, c1 = f0, c0
+    else:
+      g_f, g_c = jax.grad(ce, argnums=(0, 1))(f0, c0)
+      (c1,) = _torch_adam_first_steps([lambda p: g_c], c0, lr, wd)
+      f1 = _torch_adam_first_steps([lambda p: g_f], f0, lr, wd)[0]
+      f2 = _torch_adam_first_steps([lambda p: g_f, lambda p: jax.grad(lambda f: t * gap(f, adv0))(f1)],
+                                   f0, lr, wd)[1]
+    adv = c1
+    for _ in range(2):   # SGD ascent on the gap, then projection onto the ball around c1
+      g_adv = jax.grad(lambda a: t * gap(f2, a))(adv)
+      adv = jax.tree.map(lambda a, g: a + hp["lr_d"] * g, adv, g_adv)
+      diff = jax.tree.map(lambda a, c: a - c, adv, c1)
+      dist = float(jnp.sqrt(sum(jnp.sum(v**2) for v in jax.tree.leaves(diff))))
+      if dist > hp["delta"]:
+        adv = jax.tree.map(lambda a, c: c + hp["delta"] / dist * (a - c), adv, c1)
+    new = optax_apply(params, updates)
+    _close(new["featurizer"], f2, rtol=1e-9, atol=1e-12)
+    _close(new["classifier"], c1, rtol=1e-9, atol=1e-12)
+    _close(state1.source.adv_head, adv)
+    dist = jnp.sqrt(sum(jnp.sum((a - c)**2) for a, c in zip(jax.tree.leaves(adv), jax.tree.leaves(c1))))
+    np.testing.assert_allclose(dist, hp["delta"], rtol=1e-9)   # the projection was active
+
+
 # ----------------------------------------------------------------------------- all methods
-NEW_METHODS = ["dann", "cdann", "mldg", "mtl", "sagnet"]
+NEW_METHODS = ["dann", "cdann", "mldg", "mtl", "sagnet", "arm", "transfer"]
 #: Hparams that vary between the K = 2 runs, and small structural settings.
 VARY = {"dann": ("lambda", 0.5, 2.0), "cdann": ("grad_penalty", 0.0, 0.5),
         "mldg": ("mldg_beta", 0.5, 2.0), "mtl": ("mtl_ema", 0.5, 0.99),
-        "sagnet": ("sag_w_adv", 0.1, 1.0)}
+        "sagnet": ("sag_w_adv", 0.1, 1.0), "arm": ("lr", 1e-3, 1e-2),
+        "transfer": ("d_steps_per_g", 1, 3)}
 SMALL = {"dann": {"mlp_width": 8}, "cdann": {"mlp_width": 8}, "mldg": {"n_meta_test": 1}}
 
 
 @pytest.mark.parametrize("name", NEW_METHODS)
 def test_three_jitted_steps_of_two_vmapped_runs_are_finite(name):
-  splits = _splits()
+  splits = _splits(image=name == "arm")
   hp_name, a, b = VARY[name]
   cfgs = [train_lib.TrainConfig(method=name, test_envs=(2,), steps=3, checkpoint_freq=100,
                                 seed=s, hparams={"batch_size": 4, hp_name: v, **SMALL.get(name, {})},
                                 progress=False)
           for s, v in ((0, a), (1, b))]
-  runs = train_lib.train_many(cfgs, mlp(NUM_CLASSES, (5,)), splits, splits, checkpoint=False)
+  model = _tiny_conv_model() if name == "arm" else mlp(NUM_CLASSES, (5,))
+  runs = train_lib.train_many(cfgs, model, splits, splits, checkpoint=False)
   assert [r[-1]["hparams"][hp_name] for r in runs] == [a, b]
   for r in runs:
     assert all(np.isfinite(rec["loss"]) for rec in r)

@@ -321,4 +321,123 @@ CDANN = Method(
     optimizer=_generator_optimizer,
 )
 
-METHODS = (DANN, CDANN)
+# ----------------------------------------------------------------------------- Transfer
+class TransferState(NamedTuple):
+  adv_head: PyTree               # the adversarial classifier (same shape as the head)
+  featurizer_opt: optax.OptState
+  classifier_opt: optax.OptState
+
+
+def loss_gap(ctx, featurizer, head, batch):
+  """DomainBed's ``Transfer.loss_gap``: ``max_d L_d - min_d L_d`` of the per-domain
+  cross-entropies of ``head`` on the featurizer's features."""
+  d, b = batch["y"].shape
+  z = ctx.features({"featurizer": featurizer}, flatten_domains(batch["x"]))
+  losses = env_losses_of(ctx.head_logits(head, z).reshape(d, b, -1), batch["y"])
+  return jnp.max(losses) - jnp.min(losses)
+
+
+def project_to_ball(tree, center, radius):
+  """DomainBed's ``proj``: ``tree`` unchanged within Euclidean distance ``radius`` of
+  ``center`` (all leaves as one vector), else moved onto the ball's surface."""
+  dist = optax.tree_utils.tree_norm(jax.tree.map(jnp.subtract, tree, center))
+  ratio = jnp.where(dist <= radius, 1.0, radius / jnp.maximum(dist, 1e-30))
+  return jax.tree.map(lambda t, c: c + ratio * (t - c), tree, center)
+
+
+def transfer_gradients() -> GradientSource:
+  """Transfer (Zhang et al., "Quantifying and Improving Transferability in Domain
+  Generalization", NeurIPS 2021, Algorithm 1) as DomainBed's ``Transfer.update``.
+
+  Featurizer ``f``, classifier ``c`` (the model's head) and an adversarial classifier ``a``
+  (this source's state; a copy of ``c`` at init). With ``L_d(h, f)`` the per-domain
+  cross-entropy and ``gap(h, f) = max_d L_d - min_d L_d`` (:func:`loss_gap`):
+
+      1. f, c <- Adam(lr, weight_decay) on CE of c o f on the concatenated batch
+      2. f    <- Adam on t_lambda * gap(a, f)       (c has no gradient: its Adam is not stepped)
+      3. a    <- c;  then d_steps_per_g times:
+                 a <- proj_{B(c, delta)}(a + lr_d * t_lambda * grad_a gap(a, f))   (SGD ascent)
+
+  so ``f``'s Adam steps twice per step and ``c``'s once (separate states, as torch's
+  per-parameter Adam steps). The source makes the updates itself and returns the
+  pseudo-gradient ``theta - theta_new``; the method's optimizer is ``sgd(1)``. ``gap`` logs
+  DomainBed's returned value ``t_lambda * gap`` before the last ascent step.
+
+  ``gda = True`` follows DomainBed's code, whose ``self.optimizer`` is then
+  ``SGD(adv_classifier.parameters(), lr)``: steps 1 and 2 move only ``a`` (which step 3
+  overwrites), so the featurizer and classifier never change (DomainBed's random search always
+  draws ``gda = True``). ``weight_decay_d`` and ``beta1`` are registered by DomainBed for
+  Transfer but not used by its code (nor here).
+  """
+
+  def init(ctx, params):
+    tx = domainbed_adam()(ctx)
+    return TransferState(params["classifier"], tx.init(params["featurizer"]),
+                         tx.init(params["classifier"]))
+
+  def grads(ctx, params, state, batch, step, key):
+    del step, key
+    hp = ctx.hparams
+    tx = domainbed_adam()(ctx)
+    t_lambda = hp["t_lambda"]
+    f0, c0 = params["featurizer"], params["classifier"]
+
+    def ce(f, c):
+      d, b = batch["y"].shape
+      logits = ctx.head_logits(c, ctx.features({"featurizer": f}, flatten_domains(batch["x"])))
+      env_losses = env_losses_of(logits.reshape(d, b, -1), batch["y"])
+      return jnp.mean(env_losses), env_losses
+
+    (_, env_losses), (g_f, g_c) = jax.value_and_grad(ce, argnums=(0, 1), has_aux=True)(f0, c0)
+    if hp["gda"]:
+      f2, c1, f_opt, c_opt = f0, c0, state.featurizer_opt, state.classifier_opt
+    else:
+      u_f, f_opt = tx.update(g_f, state.featurizer_opt, f0)
+      u_c, c_opt = tx.update(g_c, state.classifier_opt, c0)
+      f1, c1 = optax.apply_updates(f0, u_f), optax.apply_updates(c0, u_c)
+      g_gap = jax.grad(lambda f: t_lambda * loss_gap(ctx, f, state.adv_head, batch))(f1)
+      u_f, f_opt = tx.update(g_gap, f_opt, f1)
+      f2 = optax.apply_updates(f1, u_f)
+
+    def ascent(_, carry):
+      adv, _ = carry
+      gap, g_adv = jax.value_and_grad(lambda a: t_lambda * loss_gap(ctx, f2, a, batch))(adv)
+      adv = jax.tree.map(lambda a, g: a + hp["lr_d"] * g, adv, g_adv)
+      return project_to_ball(adv, c1, hp["delta"]), gap
+
+    adv, gap = jax.lax.fori_loop(0, hp["d_steps_per_g"], ascent,
+                                 (c1, jnp.zeros((), env_losses.dtype)))
+    new = {**params, "featurizer": f2, "classifier": c1}
+    pseudo = jax.tree.map(lambda p, q: p - q, params, new)
+    return pseudo, Terms(env_losses, None, {"gap": gap}, TransferState(adv, f_opt, c_opt))
+
+  return GradientSource(grads, init)
+
+
+TRANSFER = Method(
+    name="transfer",
+    description="Transfer: the featurizer minimises the worst-case loss gap of an adversarial "
+                "classifier kept near the classifier (Zhang et al., NeurIPS 2021)",
+    domainbed_name="Transfer",
+    hparams={
+        "t_lambda": HParam(1.0, _log_uniform(-2, 1), "weight of the loss gap",
+                           role="penalty_weight", minimum=0.0),
+        "delta": HParam(2.0, lambda r: float(r.uniform(0.1, 3.0)), "radius of the ball around "
+                        "the classifier that holds the adversarial classifier", minimum=0.0),
+        "d_steps_per_g": HParam(10, lambda r: int(r.choice([1, 2, 5])), "adversarial SGD "
+                                "ascent steps per step", kind="int", minimum=0),
+        "weight_decay_d": HParam(0.0, _log_uniform(-6, -2), "registered by DomainBed, unused "
+                                 "by its Transfer (and ours)", minimum=0.0),
+        "gda": HParam(False, lambda r: True, "DomainBed's gda branch: its optimizer then holds "
+                      "only the adversarial classifier, so the network never trains",
+                      kind="bool", structural=True),
+        "beta1": HParam(0.5, lambda r: float(r.choice([0.0, 0.5])), "registered by DomainBed, "
+                        "unused by its Transfer (and ours)", minimum=0.0, maximum=0.999),
+        "lr_d": HParam(1e-3, _log_uniform(-4.5, -2.5), "adversarial classifier SGD step size",
+                       positive=True),
+    },
+    gradients=transfer_gradients(),
+    optimizer=lambda ctx: optax.sgd(1.0),
+)
+
+METHODS = (DANN, CDANN, TRANSFER)
