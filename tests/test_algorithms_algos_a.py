@@ -32,6 +32,12 @@ def _batch(d=3, b=6, dim=6, seed=0):
   return {"x": jnp.asarray(x, jnp.float64), "y": jnp.asarray(y)}
 
 
+def _jitted(step):
+  """The method's step with ``update`` and ``predict`` jitted (eager dispatch compiles every
+  primitive separately: slower than one compile)."""
+  return step._replace(update=jax.jit(step.update), predict=jax.jit(step.predict))
+
+
 def _setup(name, overrides, d=3, b=6, seed=0):
   """The method's step on a 6-5-3 MLP in float64, its initial params and state, a batch."""
   method = methods.get_method(name)
@@ -40,7 +46,7 @@ def _setup(name, overrides, d=3, b=6, seed=0):
   params = model.init(jax.random.key(seed), jnp.zeros((1, 6)))["params"]
   params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
   ctx = core.Context(model=model, hparams=hp, num_domains=d, per_domain_impl="vmap")
-  step = method.build(ctx)
+  step = _jitted(method.build(ctx))
   return step, hp, params, step.init(params), _batch(d, b, seed=seed + 1)
 
 
@@ -432,7 +438,7 @@ def test_arm_step_and_prediction_match_the_reference():
     params = model.init(jax.random.key(0), jnp.zeros((1, 5, 5, 2)))["params"]
     params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
     ctx = core.Context(model=model, hparams=hp, num_domains=2)
-    step = method.build(ctx)
+    step = _jitted(method.build(ctx))
     state = step.init(params)
     rng = np.random.RandomState(1)
     batch = {"x": jnp.asarray(rng.randn(2, 3, 5, 5, 2)),
@@ -446,14 +452,14 @@ def test_arm_step_and_prediction_match_the_reference():
       xs = batch["x"].reshape(6, 5, 5, 2)
       c, _ = _context_reference(extra["context_net"], stats0, xs, True)
       total = 0.0
-      for i in range(2):        # support set = one domain's minibatch
+      for i in range(2):        # support set = one domain's minibatch: its mean context
         mean_c = sum(c[i * 3 + k] for k in range(3)) / 3
-        for k in range(3):
-          lg = _arm_reference_logits(p, extra, xs[i * 3 + k][None], mean_c[None])[0]
-          total = total + _ce(lg, int(y[i, k])) / 6
+        lg = _arm_reference_logits(p, extra, xs[i * 3:i * 3 + 3],
+                                   jnp.broadcast_to(mean_c, (3,) + mean_c.shape))
+        total = total + sum(_ce(lg[k], int(y[i, k])) for k in range(3)) / 6
       return total
 
-    g, g_extra = jax.grad(loss, argnums=(0, 1))(params, src.extra)
+    g, g_extra = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, src.extra)
     (p_ref,) = _torch_adam_first_steps([lambda p: g], params, hp["lr"], hp["weight_decay"])
     (e_ref,) = _torch_adam_first_steps([lambda p: g_extra], src.extra, hp["lr"], hp["weight_decay"])
     _close(optax_apply(params, updates), p_ref)
@@ -472,9 +478,9 @@ def test_arm_step_and_prediction_match_the_reference():
       want = []
       for start in range(0, n, size):
         mean_c = sum(c[start + k] for k in range(size)) / size
-        want += [_arm_reference_logits(params, state1.source.extra, x[start + k][None],
-                                       mean_c[None])[0] for k in range(size)]
-      _close(step.predict(params, state1, x), jnp.stack(want))
+        want.append(_arm_reference_logits(params, state1.source.extra, x[start:start + size],
+                                          jnp.broadcast_to(mean_c, (size,) + mean_c.shape)))
+      _close(step.predict(params, state1, x), jnp.concatenate(want))
 
 
 def test_arm_refuses_a_featurizer_without_a_first_convolution():
