@@ -10,13 +10,17 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from dgjax import core
+from dgjax.algorithms import adaptation as _adaptation
 from dgjax.algorithms import adrmx as _adrmx
+from dgjax.algorithms import adversarial as _adversarial
 from dgjax.algorithms import causal as _causal
 from dgjax.algorithms import contrastive as _contrastive
 from dgjax.algorithms import erm_variants as _erm_variants
+from dgjax.algorithms import feature_mixing as _feature_mixing
 from dgjax.algorithms import gradient_combination as _combination
 from dgjax.algorithms import hessian_alignment as _hessian
 from dgjax.algorithms import invariance as _invariance
+from dgjax.algorithms import meta_gradient as _meta_gradient
 from dgjax.algorithms import meta_learning as _meta
 from dgjax.algorithms import mixing as _mixing
 from dgjax.algorithms import representation as _representation
@@ -33,8 +37,6 @@ def register(method: Method) -> Method:
     raise ValueError(f"method {method.name!r} is already registered")
   METHODS[method.name] = method
   return method
-
-
 register(_combination.ERM)
 register(_combination.AND_MASK)
 register(_combination.SAND_MASK)
@@ -51,6 +53,14 @@ register(_meta.FISH)
 register(_hessian.HGP)
 register(_hessian.HUTCHINSON)
 register(_hessian.CMA)
+
+register(_adversarial.DANN)
+register(_adversarial.CDANN)
+register(_meta_gradient.MLDG)
+register(_feature_mixing.MTL)
+register(_feature_mixing.SAGNET)
+register(_adaptation.ARM)
+register(_adversarial.TRANSFER)
 
 register(_representation.IB_ERM)
 register(_representation.IB_IRM)

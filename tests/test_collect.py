@@ -214,7 +214,9 @@ ALGORITHM = {"erm": "ERM", "and": "ANDMask", "sand": "SANDMask", "irm": "IRM", "
              "ib_erm": "IB_ERM", "ib_irm": "IB_IRM", "rsc": "RSC", "selfreg": "SelfReg",
              "eqrm": "EQRM", "rdm": "RDM", "trm": "TRM",
              "causirl_coral": "CausIRL_CORAL", "causirl_mmd": "CausIRL_MMD", "cad": "CAD",
-             "condcad": "CondCAD", "erm_plus_plus": "ERMPlusPlus", "urm": "URM", "adrmx": "ADRMX"}
+             "condcad": "CondCAD", "erm_plus_plus": "ERMPlusPlus", "urm": "URM", "adrmx": "ADRMX",
+             "dann": "DANN", "cdann": "CDANN", "mldg": "MLDG", "mtl": "MTL", "sagnet": "SagNet",
+             "arm": "ARM", "transfer": "Transfer"}
 
 #: The keys of ``vars(args)`` in DomainBed's scripts/train.py.
 DOMAINBED_TRAIN_ARGS = {"data_dir", "dataset", "algorithm", "task", "hparams", "hparams_seed",
