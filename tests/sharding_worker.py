@@ -41,7 +41,10 @@ def equal(method_names):
   model = mlp(2, (8,))
   names = sorted(methods.METHODS) if method_names == "all" else method_names.split(",")
   worst = {}
+  from dgjax.models import mnist_cnn
   for name in names:
+    # ARM adapts a convolutional featurizer's input: it needs a network that starts with a conv
+    model = mnist_cnn(2, conv_impl="xla") if name == "arm" else mlp(2, (8,))
     hp = methods.resolve_hparams(name, 0, {"batch_size": 8})
     ctx = methods.Context(model=model, hparams=hp, num_domains=2, per_domain_impl="vmap")
     ms = methods.get_method(name).build(ctx)
