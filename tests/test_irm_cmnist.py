@@ -102,6 +102,9 @@ def test_cli_small(data_dir, tmp_path):
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "8333 train / last 1/6 = 1667 test" in proc.stdout
+  # the split and the real full-batch hparams come before the training, not after
+  assert proc.stdout.index("data split:") < proc.stdout.index("== erm")
+  assert '"batch_size": 4166' in proc.stdout and "2 x --l2_weight" in proc.stdout
   assert "| erm | 2 |" in proc.stdout and "| cma | 2 |" in proc.stdout
   assert "86.4 / 14.0 / 71.0" in proc.stdout
   rows = [json.loads(line) for line in out.read_text().splitlines()]
