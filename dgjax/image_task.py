@@ -190,5 +190,5 @@ def make_task(config, envs=None):
   model = make_model(len(envs[0].classes), hp)
   task = ImageTask(model, pretrained, splits_in, splits_out, config.test_envs,
                    int(hp["batch_size"]), config.seed, augment=bool(hp["data_augmentation"]),
-                   image_size=config.image_size)
+                   image_size=config.image_size, num_workers=config.data_workers)
   return task, envs

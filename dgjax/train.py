@@ -89,6 +89,7 @@ class TrainConfig:
   output_dir: str | None = None
   pretrained: str | None = None  # image datasets: converted ImageNet weights, or "none"
   image_size: int = 224
+  data_workers: int = 2          # image datasets: grain worker processes (0: in this process)
   swad: bool = False             # SWAD (dgjax.swad): dense averaging over the loss valley
   swad_n_converge: int = 3
   swad_n_tolerance: int = 6
@@ -520,6 +521,9 @@ def _train_locked(configs, task, method, hparams, batch_size, impl, dirs, run_ar
       t_last = time.perf_counter()   # evaluation time is not step time
   finally:
     progress.close()
+    close = getattr(batches, "close", None)   # a streaming task's prefetch thread and workers
+    if close is not None:
+      close()
   for d in dirs:
     if d is not None and writer:
       (d / "done").write_text("done\n")  # DomainBed's marker: the run finished

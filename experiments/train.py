@@ -60,6 +60,8 @@ flags.DEFINE_string("pretrained", None, "image datasets: ImageNet weights conver
                     "`python -m experiments.convert_weights` (a .msgpack file), or 'none' to train "
                     "the ResNet from scratch")
 flags.DEFINE_integer("image_size", 224, "image datasets: input resolution (DomainBed: 224)")
+flags.DEFINE_integer("data_workers", 2, "image datasets: grain worker processes decoding JPEGs "
+                     "(0: in this process)")
 flags.DEFINE_integer("max_examples", None, "MNIST variants: use only the first N pooled images; "
                      "Spirals: N examples per environment (quick runs)")
 flags.DEFINE_string("output_dir", None, "where results.jsonl goes "

@@ -67,7 +67,7 @@ def test_cli_runs_and_writes_results(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--method=sandd"], "unknown method 'sandd'; valid methods: and, "),
+    (["--method=sandd"], "unknown method 'sandd'; valid methods: adrmx, and, arm, "),
     (["--method=sand", '--hparams={"kk": 1}'], "unknown hparam(s) 'kk' for method 'sand'; valid hparams"),
     (["--hparams={bad"], "--hparams is not valid JSON"),
     (["--data_dir=/nonexistent/mnist"], "/nonexistent/mnist"),

@@ -132,7 +132,8 @@ def test_colored_fashion_mnist_statistics(data_dir):
 # ------------------------------------------------------------------------------ registry / CLI
 def test_dataset_registry_errors_are_clear():
   with pytest.raises(ValueError, match="unknown dataset 'MNISTT'; valid datasets: ColoredFashionMNIST, "
-                                       "ColoredMNIST, RotatedMNIST, Spirals"):
+                                       "ColoredMNIST, DomainNet, ImageFolder, OfficeHome, PACS, "
+                                       "RotatedMNIST, Spirals, TerraIncognita, VLCS"):
     datasets.get_dataset("MNISTT")
   with pytest.raises(ValueError, match="takes no option"):
     datasets.load_environments("Spirals", downsample=True)

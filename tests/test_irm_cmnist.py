@@ -139,6 +139,8 @@ def test_benchmark_gives_every_penalized_method_its_weight_and_schedule(method):
 
 
 def test_every_penalty_weight_comes_with_a_schedule():
+  """A method whose weight the benchmark sets must also take its schedule (an adversarial
+  method's weight, with no schedule, has no role: the benchmark leaves it at its default)."""
   from dgjax import methods
   for name in methods.METHODS:
     roles = [s.role for s in methods.hparam_specs(name).values()]

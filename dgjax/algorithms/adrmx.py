@@ -347,7 +347,7 @@ ADRMX = Method(
         "cnt_lambda": _fixed(1.0, "weight of the two SupCon losses", minimum=0.0),
         "dclf_lambda": _fixed(1.0, "weight of the domain classifier's CE", minimum=0.0),
         "disc_lambda": _fixed(0.75, "weight of the adversarial (negated) discriminator loss",
-                              role="penalty_weight", minimum=0.0),
+                              minimum=0.0),
         "rmxd_lambda": _fixed(1.0, "weight of the remix loss", minimum=0.0),
         "d_steps_per_g_step": _fixed(2, "discriminator steps per generator step", kind="int",
                                      minimum=0),

@@ -275,7 +275,7 @@ def _dann_hparams() -> dict[str, HParam]:
   """DomainBed's ``DANN``/``CDANN`` hparams (``hparams_registry.py``)."""
   return {
       "lambda": HParam(1.0, _log_uniform(-2, 2), "weight of the adversarial (domain) loss in "
-                       "the generator loss", role="penalty_weight", minimum=0.0),
+                       "the generator loss", minimum=0.0),
       "weight_decay_d": HParam(0.0, _log_uniform(-6, -2), "discriminator Adam weight decay",
                                minimum=0.0),
       "d_steps_per_g_step": HParam(1, lambda r: int(2**r.uniform(0, 3)),
@@ -421,7 +421,7 @@ TRANSFER = Method(
     domainbed_name="Transfer",
     hparams={
         "t_lambda": HParam(1.0, _log_uniform(-2, 1), "weight of the loss gap",
-                           role="penalty_weight", minimum=0.0),
+                           minimum=0.0),
         "delta": HParam(2.0, lambda r: float(r.uniform(0.1, 3.0)), "radius of the ball around "
                         "the classifier that holds the adversarial classifier", minimum=0.0),
         "d_steps_per_g": HParam(10, lambda r: int(r.choice([1, 2, 5])), "adversarial SGD "

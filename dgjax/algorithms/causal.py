@@ -103,7 +103,7 @@ def causirl_terms(distance):
 
 
 def _mmd_gamma():
-  return HParam(1.0, lambda r: 10**r.uniform(-1, 1), "penalty weight", role="penalty_weight",
+  return HParam(1.0, lambda r: 10**r.uniform(-1, 1), "penalty weight",
                 minimum=0.0)
 
 

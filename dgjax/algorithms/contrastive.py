@@ -177,7 +177,7 @@ def cad_gradients(conditional: bool) -> GradientSource:
 def _cad_hparams():
   return {
       "lmbda": HParam(1e-1, lambda r: float(r.choice([1e-4, 1e-3, 1e-2, 1e-1, 1, 1e1, 1e2])),
-                      "weight of the domain bottleneck", role="penalty_weight", minimum=0.0),
+                      "weight of the domain bottleneck", minimum=0.0),
       "temperature": HParam(0.1, lambda r: float(r.choice([0.05, 0.1])),
                             "contrastive temperature T", positive=True),
       "is_normalized": HParam(False, lambda r: False, "L2-normalise the features in the "

@@ -317,7 +317,7 @@ URM = Method(
                       "'adversarial')", kind="choice", choices=("adversarial",), structural=True),
         "urm_adv_lambda": HParam(0.1, lambda r: float(r.uniform(0, 0.2)),
                                  "weight of the adversarial term (network and discriminator)",
-                                 role="penalty_weight", minimum=0.0),
+                                 minimum=0.0),
         "urm_discriminator_label_smoothing": HParam(
             0.0, lambda r: float(r.uniform(0, 0)), "soft discriminator targets U[1-s,1] / U[0,s]",
             minimum=0.0, maximum=1.0),

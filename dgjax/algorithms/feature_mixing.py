@@ -266,7 +266,7 @@ SAGNET = Method(
     domainbed_name="SagNet",
     hparams={"sag_w_adv": HParam(0.1, lambda r: float(10**r.uniform(-2, 1)),
                                  "weight of the adversarial (style-confusion) loss",
-                                 role="penalty_weight", minimum=0.0)},
+                                 minimum=0.0)},
     gradients=sagnet_gradients(),
     optimizer=lambda ctx: optax.sgd(1.0),
 )
