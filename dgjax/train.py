@@ -191,7 +191,8 @@ def init_state(method_step: core.MethodStep, params, seed: int) -> TrainState:
   """A run's initial state from its params and seed, as the engine makes it (the state key
   is the second half of ``split(key(seed))``; the first initialises the params)."""
   _, state_key = jax.random.split(jax.random.key(seed))
-  return TrainState(jnp.zeros((), jnp.int32), params, method_step.init(params), state_key)
+  # jitted: fresh buffers, so a method state holding the params themselves can be donated
+  return TrainState(jnp.zeros((), jnp.int32), params, jax.jit(method_step.init)(params), state_key)
 
 
 def _check_group(configs: Sequence[TrainConfig]):
