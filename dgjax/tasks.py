@@ -55,6 +55,22 @@ def sample_batch(key: jax.Array, data: TrainData, batch_size: int) -> dict[str, 
   return {"x": data.x[idx], "y": data.y[idx]}
 
 
+def _chunked_sum(fn, params, x, y, eval_batch_size: int) -> float:
+  """``sum_chunks fn(params, x_chunk, y_chunk, valid)`` over host arrays, in chunks of
+  ``eval_batch_size``; a last partial chunk is padded to a multiple of 128 and masked by
+  ``valid`` (so few shapes compile)."""
+  total = 0.0
+  for start in range(0, len(y), eval_batch_size):
+    xb, yb = x[start:start + eval_batch_size], y[start:start + eval_batch_size]
+    m = len(yb)
+    size = min(eval_batch_size, -(-m // 128) * 128)
+    if m < size:
+      xb = np.concatenate([xb, np.zeros((size - m,) + xb.shape[1:], xb.dtype)])
+      yb = np.concatenate([yb, np.zeros((size - m,), yb.dtype)])
+    total += float(fn(params, xb, yb, np.arange(size) < m))
+  return total
+
+
 def make_accuracy_fn(predict, eval_batch_size: int = 1000):
   """``accuracy(model_state, x, y) -> float``: argmax accuracy (a single logit: ``> 0``) of
   ``predict(model_state, x) -> logits``, in jitted chunks of ``eval_batch_size`` (a last
@@ -70,19 +86,7 @@ def make_accuracy_fn(predict, eval_batch_size: int = 1000):
     return jnp.sum((pred == y) & valid)
 
   def accuracy(params, x, y):
-    n = len(y)
-    total = 0
-    for start in range(0, n, eval_batch_size):
-      xb, yb = x[start:start + eval_batch_size], y[start:start + eval_batch_size]
-      m = len(yb)
-      size = min(eval_batch_size, -(-m // 128) * 128)
-      if m < size:
-        pad = size - m
-        xb = np.concatenate([xb, np.zeros((pad,) + xb.shape[1:], xb.dtype)])
-        yb = np.concatenate([yb, np.zeros((pad,), yb.dtype)])
-      valid = np.arange(size) < m
-      total += correct(params, xb, yb, valid)
-    return float(total) / max(n, 1)
+    return _chunked_sum(correct, params, x, y, eval_batch_size) / max(len(y), 1)
 
   return accuracy
 
@@ -99,17 +103,7 @@ def make_loss_fn(predict, eval_batch_size: int = 1000):
     return jnp.sum(jnp.where(valid, per_example, 0.0))
 
   def loss(params, x, y):
-    n = len(y)
-    total = 0.0
-    for start in range(0, n, eval_batch_size):
-      xb, yb = x[start:start + eval_batch_size], y[start:start + eval_batch_size]
-      m = len(yb)
-      size = min(eval_batch_size, -(-m // 128) * 128)
-      if m < size:
-        xb = np.concatenate([xb, np.zeros((size - m,) + xb.shape[1:], xb.dtype)])
-        yb = np.concatenate([yb, np.zeros((size - m,), yb.dtype)])
-      total += float(loss_sum(params, xb, yb, np.arange(size) < m))
-    return total / n
+    return _chunked_sum(loss_sum, params, x, y, eval_batch_size) / len(y)
 
   return loss
 
