@@ -159,12 +159,17 @@ COMMON_HPARAMS: dict[str, HParam] = {
 class Context:
   """What a method's step may use: the model, its hparams and the run's shape.
 
-  ``variables`` are the model's non-trainable collections (e.g. frozen BatchNorm's
-  ``batch_stats``), applied with the params and never differentiated. Inside a training step
-  the context has ``train=True`` and ``rng`` (the step's dropout key): a model whose class
-  sets ``takes_train = True`` (the ResNets) then gets ``train=True`` and
-  ``rngs={"dropout": rng}`` (dropout on; unfrozen BatchNorm uses the statistics of the batch
-  the call sees).
+  ``variables`` are the model's non-trainable collections (BatchNorm's ``batch_stats``),
+  applied with the params and never differentiated; in a training step they are the train
+  state's (:attr:`StepState.variables`). Inside a training step the context has
+  ``train=True`` and ``rng`` (the step's dropout key): a model whose class sets
+  ``takes_train = True`` (the ResNets) then gets ``train=True`` and ``rngs={"dropout": rng}``
+  (dropout on; unfrozen BatchNorm normalises with the statistics of the batch the call sees).
+
+  ``forward_per_domain`` is the method's :attr:`Method.forward_per_domain`: whether
+  :func:`domain_logits` and :func:`domain_features_and_logits` run the network once on the
+  concatenated ``[D * B]`` batch or once per domain (DomainBed's method calls it per
+  minibatch), which decides unfrozen BatchNorm's statistics.
   """
   model: Any                      # a flax module with ``features`` and ``head`` methods
   hparams: Mapping[str, Any]
@@ -173,6 +178,7 @@ class Context:
   variables: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   train: bool = False
   rng: Any = None
+  forward_per_domain: bool = False
 
   def apply(self, params, x, method=None):
     kwargs = {}
@@ -181,6 +187,50 @@ class Context:
       if self.rng is not None:
         kwargs["rngs"] = {"dropout": self.rng}
     return self.model.apply({"params": params, **self.variables}, x, method=method, **kwargs)
+
+  def for_domain(self, d):
+    """This context for domain ``d``'s own forward pass: its dropout key gets ``d`` folded
+    in, so the domains' dropout masks are independent (as D separate torch calls)."""
+    if self.rng is None:
+      return self
+    return dataclasses.replace(self, rng=jax.random.fold_in(self.rng, d))
+
+  def updated_variables(self, params, x):
+    """``variables`` after this step's training forward on the domain batch ``x [D, B, ...]``:
+    BatchNorm's running statistics updated as torch does, once per forward DomainBed's
+    method makes (``r <- (1 - m) r + m s``, ``m`` = the model's ``batch_norm_momentum``,
+    ``s`` the batch mean and unbiased variance). One forward of the concatenated batch, or
+    with ``forward_per_domain`` D forwards in domain order, folded in closed form from the
+    D one-step updates of the same start (``r_D = a^D r + sum_d a^(D-1-d) (u_d - a r)``,
+    ``a = 1 - m``). Unchanged when the model's BatchNorm is frozen (``batch_norm_momentum``
+    is ``None``) or it has no running statistics.
+
+    The statistics come from the step's params and raw domain batches (the gradient's own
+    forward computes the same ones; XLA may share them). Methods whose DomainBed forwards
+    are other batches (Mixup's mixed pairs, Fish's inner clone, MLDG's clones) get their
+    rule's update of the raw batches: see each method's docstring.
+    """
+    momentum = getattr(self.model, "batch_norm_momentum", None)
+    if momentum is None or "batch_stats" not in self.variables:
+      return self.variables
+
+    def one_update(ctx, xb):
+      kwargs = {"rngs": {"dropout": ctx.rng}} if ctx.rng is not None else {}
+      _, new = self.model.apply({"params": params, **self.variables}, xb, method="features",
+                                train=True, mutable=["batch_stats"], **kwargs)
+      return new["batch_stats"]
+
+    old = self.variables["batch_stats"]
+    if not self.forward_per_domain:
+      new = one_update(self, flatten_domains(x))
+    else:
+      d = x.shape[0]
+      stacked = jax.vmap(lambda xd, i: one_update(self.for_domain(i), xd))(x, jnp.arange(d))
+      a = 1.0 - momentum
+      weights = a ** jnp.arange(d - 1, -1, -1, dtype=jnp.float32)
+      new = jax.tree.map(lambda r, u: a**d * r + jnp.tensordot(weights, u - a * r[None], axes=1),
+                         old, stacked)
+    return {**self.variables, "batch_stats": new}
 
   def logits(self, params, x):
     return self.apply(params, x)
@@ -203,18 +253,35 @@ def flatten_domains(x):
   return x.reshape((-1,) + x.shape[2:])
 
 
+def over_domains(ctx: Context, fn, x):
+  """``fn(domain_ctx, x_d)`` for each domain's batch ``x_d`` (``jax.vmap`` over the leading
+  axis, the domain's index folded into the dropout key), outputs stacked ``[D, ...]``."""
+  return jax.vmap(lambda xd, d: fn(ctx.for_domain(d), xd))(x, jnp.arange(x.shape[0]))
+
+
 def domain_logits(ctx: Context, params, x):
-  """Logits of every domain's batch in one forward pass: ``x [D, B, ...] -> [D, B, C]``
-  (DomainBed concatenates the minibatches the same way)."""
+  """Logits of every domain's batch: ``x [D, B, ...] -> [D, B, C]``. One forward pass of the
+  concatenated ``[D * B]`` batch (DomainBed's ``torch.cat`` of the minibatches), or one per
+  domain when ``ctx.forward_per_domain``."""
+  if ctx.forward_per_domain:
+    return over_domains(ctx, lambda c, xd: c.logits(params, xd), x)
   logits = ctx.logits(params, flatten_domains(x))
   return logits.reshape(x.shape[:2] + logits.shape[1:])
 
 
-def domain_features_and_logits(ctx: Context, params, x):
-  """Featurizer output ``[D, B, F]`` and logits ``[D, B, C]`` in one forward pass."""
+def domain_features(ctx: Context, params, x):
+  """Featurizer output ``[D, B, F]`` (forward passes as :func:`domain_logits`)."""
+  if ctx.forward_per_domain:
+    return over_domains(ctx, lambda c, xd: c.features(params, xd), x)
   z = ctx.features(params, flatten_domains(x))
-  logits = ctx.head_logits(params["classifier"], z)
-  return z.reshape(x.shape[:2] + z.shape[1:]), logits.reshape(x.shape[:2] + logits.shape[1:])
+  return z.reshape(x.shape[:2] + z.shape[1:])
+
+
+def domain_features_and_logits(ctx: Context, params, x):
+  """Featurizer output ``[D, B, F]`` and logits ``[D, B, C]`` (forward passes as
+  :func:`domain_logits`)."""
+  z = domain_features(ctx, params, x)
+  return z, ctx.head_logits(params["classifier"], z)
 
 
 def env_losses_of(logits, labels):
@@ -250,7 +317,9 @@ def per_domain_gradients() -> GradientSource:
 
   def grads(ctx, params, state, batch, step, key):
     del step, key
-    losses, g = per_domain_value_and_grad(ctx.loss, params, batch, impl=ctx.per_domain_impl)
+    losses, g = per_domain_value_and_grad(
+        lambda p, b: ctx.for_domain(b["domain"]).loss(p, b["batch"]), params,
+        {"batch": batch, "domain": jnp.arange(ctx.num_domains)}, impl=ctx.per_domain_impl)
     return g, Terms(losses, state=state)
 
   return GradientSource(grads)
@@ -302,6 +371,13 @@ def penalized(terms: TermsFn, weight: str | None = None, anneal_iters: str | Non
     return g, t._replace(metrics=metrics)
 
   return GradientSource(grads, init or (lambda ctx, params: ()))
+
+
+def pooled_erm_terms(ctx, params, batch, key, state) -> Terms:
+  """Per-domain CE of one forward pass of the concatenated batch (their mean is DomainBed's
+  ERM loss, ``F.cross_entropy`` of the concatenated minibatches); no penalty."""
+  del key
+  return Terms(env_losses_of(domain_logits(ctx, params, batch["x"]), batch["y"]), state=state)
 
 
 # ----------------------------------------------------------------------------- optimizers
@@ -358,8 +434,8 @@ class MethodStep(NamedTuple):
   leaves are ``[D, B, ...]`` and ``metrics`` has at least ``loss`` and ``env_losses`` ``[D]``.
   The engine applies ``updates`` with ``optax.apply_updates``.
 
-  ``diagnostics`` (optional): ``diagnostics(params, batch, key) -> dict of scalars``, run by the
-  engine at each evaluation on a freshly drawn batch and logged with the record.
+  ``diagnostics`` (optional): ``diagnostics(params, state, batch, key) -> dict of scalars``,
+  run by the engine at each evaluation on a freshly drawn batch and logged with the record.
 
   ``predict(params, state, x) -> logits``: what evaluation scores (DomainBed's
   ``algorithm.predict``); the network's logits unless the method says otherwise.
@@ -371,9 +447,12 @@ class MethodStep(NamedTuple):
 
 
 class StepState(NamedTuple):
-  """A method's state: its gradient source's and its transforms' (read by name)."""
+  """A method's state: its gradient source's, its transforms' (read by name) and the model's
+  non-trainable variables (BatchNorm's running statistics, updated by each training step
+  when BatchNorm is not frozen; what evaluation normalises with)."""
   source: Any
   optimizer: optax.OptState
+  variables: Mapping[str, Any] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -398,6 +477,13 @@ class Method:
     predict: ``predict(ctx, params, state, x) -> logits`` where evaluation must not use the
       plain network (DomainBed's methods that override ``predict``, e.g. ARM's adaptation);
       ``state`` is the method's :class:`StepState`. ``None``: ``ctx.logits(params, x)``.
+    forward_per_domain: DomainBed's method runs the network once per domain's minibatch
+      (``for x, y in minibatches: self.network(x)``) instead of once on their concatenation
+      (``self.network(torch.cat(...))``). With unfrozen BatchNorm this decides the batch
+      statistics the method sees (each domain's own, or the pooled ones) and how often the
+      running statistics move per step (:meth:`Context.updated_variables`). The method's
+      forward passes follow it through :func:`domain_logits` / :func:`domain_features`;
+      per-domain gradients (:func:`per_domain_gradients`) are per domain by construction.
   """
   name: str
   description: str
@@ -410,38 +496,47 @@ class Method:
   diagnostics: Callable[[Context], Callable | None] | None = None
   predict: Callable[..., Any] | None = None
   presets: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+  forward_per_domain: bool = False
 
   def build(self, ctx: Context) -> MethodStep:
     return build_step(self, ctx)
 
 
 def build_step(method: Method, ctx: Context) -> MethodStep:
-  """The one assembly of a method's step: gradients, then ``combine``, then ``optimizer``."""
+  """The one assembly of a method's step: gradients, then ``combine``, then ``optimizer``;
+  then the model's running statistics (:meth:`Context.updated_variables`)."""
+  ctx = dataclasses.replace(ctx, forward_per_domain=method.forward_per_domain)
   parts = ([method.combine(ctx)] if method.combine is not None else []) + [method.optimizer(ctx)]
   tx = optax.chain(*parts)
   source = method.gradients
 
   def init(params):
-    return StepState(source.init(ctx, params), tx.init(params))
+    return StepState(source.init(ctx, params), tx.init(params), dict(ctx.variables))
 
   def update(params, state, batch, step, key):
     step_ctx = dataclasses.replace(
-        ctx, train=True, rng=None if key is None else jax.random.fold_in(key, 0x64726F70))
+        ctx, variables=state.variables, train=True,
+        rng=None if key is None else jax.random.fold_in(key, 0x64726F70))
     grads, terms = source.grads(step_ctx, params, state.source, batch, step, key)
     updates, opt_state = tx.update(grads, state.optimizer, params,
                                    losses=terms.env_losses, step=step)
     metrics = {"loss": jnp.mean(terms.env_losses), "env_losses": terms.env_losses,
                **terms.metrics}
-    new_state = StepState(terms.state, opt_state)
+    new_state = StepState(terms.state, opt_state, step_ctx.updated_variables(params, batch["x"]))
     for metric, field in method.logged_state.items():
       metrics[metric] = optax.tree_utils.tree_get(new_state, field)
     return updates, new_state, metrics
 
-  diagnostics = method.diagnostics(ctx) if method.diagnostics is not None else None
+  def eval_ctx(state):   # the model's variables as the state has them (None: the initial ones)
+    return ctx if state is None else dataclasses.replace(ctx, variables=state.variables)
+
+  diagnose = method.diagnostics(ctx) if method.diagnostics is not None else None
+  diagnostics = None if diagnose is None else (
+      lambda params, state, batch, key: method.diagnostics(eval_ctx(state))(params, batch, key))
   if method.predict is None:
-    predict = lambda params, state, x: ctx.logits(params, x)
+    predict = lambda params, state, x: eval_ctx(state).logits(params, x)
   else:
-    predict = lambda params, state, x: method.predict(ctx, params, state, x)
+    predict = lambda params, state, x: method.predict(eval_ctx(state), params, state, x)
   return MethodStep(init, update, diagnostics, predict)
 
 

@@ -13,10 +13,13 @@ batches of ``eval_batch_size`` through one jitted, masked accuracy step.
 The model is DomainBed's ``ResNet`` featurizer (``resnet18`` hparam: ResNet-18 instead of
 ResNet-50) with ``resnet_dropout`` and a new linear head, from ImageNet weights converted by
 ``python -m experiments.convert_weights`` (``--pretrained FILE``; ``--pretrained none`` trains
-from scratch). BatchNorm is frozen (running statistics from the weights file, affine
-parameters trained), as in the DomainBed of the paper (its ``ResNet.train()`` re-applies
-``freeze_bn()``). Unfrozen BatchNorm (current DomainBed's ``freeze_bn=False``) would need the
-running statistics threaded through the train state; it is refused with that reason.
+from scratch). BatchNorm follows DomainBed's ``freeze_bn`` hparam. ``false`` (current
+DomainBed's default): training normalises with batch statistics (pooled or per domain, as
+the method's DomainBed forward: :attr:`dgjax.core.Method.forward_per_domain`) and moves the
+running statistics, which the train state carries and evaluation uses. ``true`` (the DomainBed
+of the paper, whose ``ResNet.train()`` always re-applied ``freeze_bn()``, so its published
+tables): the running statistics of the weights file normalise in training and evaluation and
+never change; the affine parameters still train.
 """
 
 from __future__ import annotations
@@ -43,8 +46,9 @@ IMAGE_HPARAMS: dict[str, HParam] = {
     "data_augmentation": HParam(True, lambda r: True, "RandomResizedCrop, flip, ColorJitter, "
                                 "RandomGrayscale on the training images", kind="bool",
                                 structural=True),
-    "freeze_bn": HParam(True, lambda r: True, "BatchNorm uses the running statistics (the "
-                        "paper's DomainBed); false is not supported yet", kind="bool",
+    "freeze_bn": HParam(False, lambda r: False, "BatchNorm normalises with its running "
+                        "statistics and never updates them (true: the DomainBed of the paper's "
+                        "tables; false: current DomainBed's default)", kind="bool",
                         structural=True),
 }
 
@@ -54,13 +58,9 @@ def arch_of(hparams: Mapping[str, Any]) -> str:
 
 
 def make_model(num_classes: int, hparams: Mapping[str, Any]):
-  if not hparams["freeze_bn"]:
-    raise NotImplementedError(
-        "freeze_bn=false (BatchNorm on batch statistics with running averages) is not supported: "
-        "the engine does not thread BatchNorm's running statistics through the train state yet; "
-        "use freeze_bn=true, the paper's DomainBed")
   return resnet.resnet_classifier(arch_of(hparams), num_classes,
-                                  dropout=float(hparams["resnet_dropout"]), freeze_bn=True)
+                                  dropout=float(hparams["resnet_dropout"]),
+                                  freeze_bn=bool(hparams["freeze_bn"]))
 
 
 class ImageTask:
@@ -98,7 +98,8 @@ class ImageTask:
       from dgjax.convert_weights import load_pretrained
       like = load_pretrained(pretrained, like)
     self._pretrained_featurizer = like["params"]["featurizer"] if pretrained is not None else None
-    self.variables = {k: v for k, v in like.items() if k != "params"}   # frozen batch_stats
+    # batch_stats: the weights file's running statistics (the train state carries them on)
+    self.variables = {k: v for k, v in like.items() if k != "params"}
     self._min_train = min(len(self.splits_in[e].y) for e in self.train_envs)
     self._accuracy: dict[Any, Any] = {}
     self._streams: list[Any] = []
@@ -182,6 +183,10 @@ def make_task(config, envs=None):
   """``(task, envs)`` for ``config`` (a :class:`dgjax.train.TrainConfig` of an image dataset)."""
   from dgjax.convert_weights import missing_weights_message
   hp = config.resolved_hparams
+  if config.swad and not hp["freeze_bn"]:
+    raise ValueError("swad averages the weights but would evaluate them with the last step's "
+                     "BatchNorm running statistics: run swad with freeze_bn=true (SWAD's own "
+                     "protocol: DomainBed's ResNet with frozen BatchNorm)")
   envs = envs if envs is not None else image_environments(config.dataset, config.data_dir)
   splits_in, splits_out = image_folder.image_splits(envs, config.holdout_fraction, config.trial_seed)
   if config.pretrained is None:

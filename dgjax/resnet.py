@@ -76,10 +76,14 @@ def _conv(features, kernel, stride, name, dtype):
                  dtype=dtype, name=name)
 
 
+#: ``torch.nn.BatchNorm2d``'s default momentum (weight of the new batch's statistics).
+TORCH_BN_MOMENTUM = 0.1
+
+
 class BatchNorm(nn.Module):
   """``torch.nn.BatchNorm2d`` over NHWC with DomainBed's freeze rule (module docstring)."""
   frozen: bool = True
-  momentum: float = 0.1
+  momentum: float = TORCH_BN_MOMENTUM
   epsilon: float = 1e-5
   dtype: Any = jnp.float32
 
@@ -179,9 +183,20 @@ class ResNet(nn.Module):
 
 class ResNetClassifier(nn.Module):
   """ResNet ``featurizer`` + linear ``classifier`` head: :class:`dgjax.models.Classifier`'s
-  interface, with ``train`` on ``features`` / ``__call__``."""
+  interface, with ``train`` on ``features`` / ``__call__``.
+
+  ``takes_train``: the engine calls it with ``train=True`` (and a dropout key) in training
+  steps (:class:`dgjax.core.Context`); ``batch_norm_momentum``: torch's 0.1 when BatchNorm
+  is unfrozen (the engine then updates the running statistics each step), ``None`` when frozen.
+  """
   featurizer: ResNet
   num_classes: int
+
+  takes_train = True
+
+  @property
+  def batch_norm_momentum(self):
+    return None if self.featurizer.freeze_bn else TORCH_BN_MOMENTUM
 
   def setup(self):
     self.classifier = TorchDense(self.num_classes)

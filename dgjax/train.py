@@ -444,18 +444,19 @@ def _train_locked(configs, task, method, hparams, batch_size, impl, dirs, run_ar
       predict_fns[slot] = lambda model_state, x: step_k.predict(model_state[0], model_state[1], x)
     return predict_fns[slot]
 
-  def diagnostics(k, params_k, step):
+  def diagnostics(k, params_k, method_state_k, step):
     """The method's optional diagnostics on a freshly drawn training batch."""
     if k not in diag_fns:
       fn = build({n: v[k] for n, v in traced_hp.items()}).diagnostics
       diag_fns[k] = None if fn is None else jax.jit(
-          lambda p, d, key: fn(p, task.batch(d, jax.random.fold_in(key, 1), batch_size), key))
+          lambda p, s, d, key: fn(p, s, task.batch(d, jax.random.fold_in(key, 1), batch_size), key))
     if diag_fns[k] is None:
       return {}
     key = jax.random.fold_in(jax.random.key(configs[k].seed), step)
     data_k = take(data, k) if task.per_run_data else (
         data if mesh is None else sharding_lib.local_copy(data))
-    return {n: float(v) for n, v in jax.device_get(diag_fns[k](params_k, data_k, key)).items()}
+    return {n: float(v) for n, v in
+            jax.device_get(diag_fns[k](params_k, method_state_k, data_k, key)).items()}
 
   def evaluate(step):
     nonlocal state
@@ -476,8 +477,9 @@ def _train_locked(configs, task, method, hparams, batch_size, impl, dirs, run_ar
         values = np.concatenate([np.asarray(m[name][k]) for m in interval], axis=0)
         record[name] = np.mean(values, axis=0)
       record["step_time"] = step_time
-      record.update(task.evaluate((params_k, take(state.opt_state, k)), k, predict_fn(k)))
-      record.update(diagnostics(k, params_k, step))
+      method_state_k = take(state.opt_state, k)
+      record.update(task.evaluate((params_k, method_state_k), k, predict_fn(k)))
+      record.update(diagnostics(k, params_k, method_state_k, step))
       record.update(swad_records[k])
       record["eval_time"] = time.perf_counter() - t_eval
       record["hparams"] = hparams[k]

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from dgjax.core import (GradientSource, HParam, Method, Terms, domainbed_adam, env_losses_of,
-                        flatten_domains)
+                        flatten_domains, over_domains)
 from dgjax.losses import cross_entropy
 from dgjax.models import TorchDense
 
@@ -330,10 +330,10 @@ class TransferState(NamedTuple):
 
 def loss_gap(ctx, featurizer, head, batch):
   """DomainBed's ``Transfer.loss_gap``: ``max_d L_d - min_d L_d`` of the per-domain
-  cross-entropies of ``head`` on the featurizer's features."""
-  d, b = batch["y"].shape
-  z = ctx.features({"featurizer": featurizer}, flatten_domains(batch["x"]))
-  losses = env_losses_of(ctx.head_logits(head, z).reshape(d, b, -1), batch["y"])
+  cross-entropies of ``head`` on the featurizer's features, one featurizer forward per
+  domain as DomainBed's loop (unfrozen BatchNorm: each domain's own statistics)."""
+  z = over_domains(ctx, lambda c, xd: c.features({"featurizer": featurizer}, xd), batch["x"])
+  losses = env_losses_of(ctx.head_logits(head, z), batch["y"])
   return jnp.max(losses) - jnp.min(losses)
 
 
@@ -368,6 +368,11 @@ def transfer_gradients() -> GradientSource:
   overwrites), so the featurizer and classifier never change (DomainBed's random search always
   draws ``gda = True``). ``weight_decay_d`` and ``beta1`` are registered by DomainBed for
   Transfer but not used by its code (nor here).
+
+  Unfrozen BatchNorm: step 1 sees the concatenated batch's statistics, the gap passes each
+  domain's own (as DomainBed's calls). The running statistics move once per step, by the
+  concatenated batch at the step's params; DomainBed's also move in each of its ``1 + (1 +
+  d_steps_per_g) D`` training-mode featurizer calls.
   """
 
   def init(ctx, params):

@@ -114,6 +114,7 @@ CAUSIRL_CORAL = Method(
     domainbed_name="CausIRL_CORAL",
     hparams={"mmd_gamma": _mmd_gamma()},
     gradients=penalized(causirl_terms(masked_coral_distance), weight="mmd_gamma"),
+    forward_per_domain=True,
 )
 
 CAUSIRL_MMD = Method(
@@ -123,6 +124,7 @@ CAUSIRL_MMD = Method(
     domainbed_name="CausIRL_MMD",
     hparams={"mmd_gamma": _mmd_gamma()},
     gradients=penalized(causirl_terms(masked_mmd_distance), weight="mmd_gamma"),
+    forward_per_domain=True,
 )
 
 METHODS = (CAUSIRL_CORAL, CAUSIRL_MMD)

@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dgjax.core import (GradientSource, HParam, Method, Terms, domain_logits, env_losses_of,
-                        flatten_domains, penalized, torch_adam)
+from dgjax.core import (GradientSource, HParam, Method, Terms, env_losses_of,
+                        flatten_domains, penalized, pooled_erm_terms, torch_adam)
 from dgjax.models import TorchDense
 
 PyTree = Any
@@ -150,12 +150,6 @@ def erm_plus_plus_optimizer(ctx) -> optax.GradientTransformation:
   return optax.chain(linear_probe_then_full(make(hp["linear_lr"]), make(hp["lr"]),
                                             hp["linear_steps"]),
                      simple_moving_average(hp["sma_start_iter"]))
-
-
-def pooled_erm_terms(ctx, params, batch, key, state) -> Terms:
-  """Per-domain CE of one pooled forward pass (their mean is DomainBed's pooled CE)."""
-  del key
-  return Terms(env_losses_of(domain_logits(ctx, params, batch["x"]), batch["y"]), state=state)
 
 
 def averaged_predict(ctx, params, state, x):

@@ -16,7 +16,7 @@ import optax
 
 from dgjax.algorithms.adversarial import derived_key, head_shape, like_params
 from dgjax.core import (GradientSource, HParam, Method, Terms, domainbed_adam, env_losses_of,
-                        flatten_domains)
+                        domain_features, flatten_domains)
 from dgjax.losses import cross_entropy
 
 PyTree = Any
@@ -89,8 +89,8 @@ def mtl_gradients() -> GradientSource:
     mode = hp["mtl_embedding"]
 
     def objective(p, head_e):
-      z = ctx.features(p, flatten_domains(batch["x"]))
-      zd = z.reshape((d, b) + z.shape[1:])
+      zd = domain_features(ctx, p, batch["x"])   # one featurizer call per domain (DomainBed)
+      z = flatten_domains(zd)
       stored = ema * jnp.mean(zd, axis=1) + (1.0 - ema) * state.embeddings   # [D, F]
       if mode == "noise":
         e = jax.random.normal(key, z.shape, z.dtype)
@@ -139,6 +139,7 @@ MTL = Method(
     },
     gradients=mtl_gradients(),
     predict=mtl_predict,
+    forward_per_domain=True,
 )
 
 

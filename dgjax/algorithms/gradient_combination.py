@@ -1,5 +1,6 @@
-"""Methods that combine per-domain gradients with an optax transform: ERM, AND-mask, SAND-mask,
-GroupDRO. Their gradients come from :func:`dgjax.core.per_domain_gradients`."""
+"""ERM, and the methods that combine per-domain gradients with an optax transform: AND-mask,
+SAND-mask, GroupDRO (their gradients come from :func:`dgjax.core.per_domain_gradients`, one
+forward and backward pass per domain, as DomainBed's loops over the minibatches)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from dgjax import masks
-from dgjax.core import HParam, Method, per_domain_gradients
+from dgjax.core import HParam, Method, penalized, per_domain_gradients, pooled_erm_terms
 
 
 # ------------------------------------------------------------------------------ GroupDRO
@@ -53,11 +54,11 @@ def group_dro(eta: float, num_domains: int) -> optax.GradientTransformationExtra
 # ------------------------------------------------------------------------------ methods
 ERM = Method(
     name="erm",
-    description="Empirical risk minimisation: mean of the per-domain gradients (Vapnik, 1998)",
+    description="Empirical risk minimisation: cross-entropy of the concatenated domain batches "
+                "(Vapnik, 1998)",
     domainbed_name="ERM",
     hparams={},
-    gradients=per_domain_gradients(),
-    combine=lambda ctx: masks.mean_over_domains(),
+    gradients=penalized(pooled_erm_terms),
 )
 
 AND_MASK = Method(
@@ -70,6 +71,7 @@ AND_MASK = Method(
     gradients=per_domain_gradients(),
     combine=lambda ctx: masks.and_mask(tau=ctx.hparams["tau"]),
     logged_state={"kept_fraction": "kept_fraction"},
+    forward_per_domain=True,
 )
 
 SAND_MASK = Method(
@@ -87,6 +89,7 @@ SAND_MASK = Method(
     gradients=per_domain_gradients(),
     combine=lambda ctx: masks.sand_mask(tau=ctx.hparams["tau"], k=ctx.hparams["k"]),
     logged_state={"kept_fraction": "kept_fraction"},
+    forward_per_domain=True,
 )
 
 GROUP_DRO = Method(
@@ -99,6 +102,7 @@ GROUP_DRO = Method(
     gradients=per_domain_gradients(),
     combine=lambda ctx: group_dro(ctx.hparams["groupdro_eta"], ctx.num_domains),
     logged_state={"groupdro_q": "q", "robust_loss": "robust_loss"},
+    forward_per_domain=True,
 )
 
 METHODS = (ERM, AND_MASK, SAND_MASK, GROUP_DRO)

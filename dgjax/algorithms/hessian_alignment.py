@@ -164,6 +164,7 @@ def _alignment_method(name, kind, domainbed_name, description, hparams, presets)
                           anneal_iters="penalty_anneal_iters"),
       optimizer=alignment_optimizer,
       diagnostics=hessian_gap_diagnostics,
+      forward_per_domain=True,   # the fork's HGP/Hutchinson: featurizer(x) per minibatch
   )
 
 

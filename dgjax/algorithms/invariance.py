@@ -219,6 +219,7 @@ CORAL = Method(
     hparams={"mmd_gamma": _mmd_gamma(), "penalty_anneal_iters": _no_anneal()},
     gradients=penalized(feature_alignment_terms(penalties.coral_penalty), weight="mmd_gamma",
                         anneal_iters="penalty_anneal_iters"),
+    forward_per_domain=True,
 )
 
 MMD = Method(
@@ -229,6 +230,7 @@ MMD = Method(
     hparams={"mmd_gamma": _mmd_gamma(), "penalty_anneal_iters": _no_anneal()},
     gradients=penalized(feature_alignment_terms(penalties.mmd_penalty), weight="mmd_gamma",
                         anneal_iters="penalty_anneal_iters"),
+    forward_per_domain=True,
 )
 
 IGA = Method(
@@ -240,6 +242,7 @@ IGA = Method(
                                role="penalty_weight", minimum=0.0),
              "penalty_anneal_iters": _no_anneal()},
     gradients=iga_gradients(weight="penalty", anneal_iters="penalty_anneal_iters"),
+    forward_per_domain=True,
 )
 
 FISHR = Method(

@@ -106,6 +106,7 @@ MLDG = Method(
     },
     gradients=mldg_gradients(),
     optimizer=domainbed_adam(),
+    forward_per_domain=True,
 )
 
 METHODS = (MLDG,)

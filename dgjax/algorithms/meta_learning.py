@@ -57,6 +57,7 @@ FISH = Method(
                                positive=True)},
     gradients=fish_gradients(),
     optimizer=lambda ctx: optax.sgd(ctx.hparams["meta_lr"]),
+    forward_per_domain=True,
 )
 
 METHODS = (FISH,)

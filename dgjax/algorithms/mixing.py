@@ -20,6 +20,10 @@ def mixup_terms(ctx, params, batch, key, state) -> Terms:
 
   ``env_losses[d]`` is the mixed loss of the pair led by domain ``d`` (so ``loss``, their
   mean, is the objective, as DomainBed logs it). Randomness from ``key``.
+
+  One forward pass per mixed pair, as DomainBed's loop (unfrozen BatchNorm: each pair's own
+  statistics); the running statistics move by the D raw domain batches' statistics
+  (DomainBed's by the D mixed batches').
   """
   x, y = batch["x"], batch["y"]
   d = y.shape[0]
@@ -43,6 +47,7 @@ MIXUP = Method(
     hparams={"mixup_alpha": HParam(0.2, lambda r: 10**r.uniform(-1, 1),
                                    "Beta(alpha, alpha) mixing weights", positive=True)},
     gradients=penalized(mixup_terms),
+    forward_per_domain=True,
 )
 
 METHODS = (MIXUP,)

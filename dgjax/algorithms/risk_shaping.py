@@ -372,6 +372,7 @@ EQRM = Method(
     },
     gradients=eqrm_gradients(),
     optimizer=switched_adam(lr_after="eqrm_lr", at="eqrm_burnin_iters"),
+    forward_per_domain=True,
 )
 
 RDM = Method(
