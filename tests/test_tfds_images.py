@@ -180,3 +180,16 @@ def test_tfrecord_copy_is_refused_with_the_conversion(data_dir, tmp_path):
     with pytest.raises(DataError, match="prepared as tfrecord.*tfds convert_format "
                                         "--dataset_dir=.*--out_file_format=array_record"):
         tfds_image_environments("DomainNet", tmp_path, domains=["clip"])
+
+
+class _TrainOnly(_TinyDomainnet, skip_registration=True):
+    name = "domainnet"
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._examples("train")}
+
+
+def test_missing_split_is_named(tmp_path):
+    _TrainOnly(config="clipart", data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    with pytest.raises(DataError, match=r"domainnet/clipart:1.0.0 in .* has no split 'test'"):
+        tfds_image_environments("DomainNet", tmp_path, domains=["clip"])
