@@ -31,16 +31,19 @@ Evaluation stream (:func:`eval_batches`): one pass over a split in order, fixed-
 (the last one padded by repeating the first example, with ``mask`` False on the padding) so
 one jitted evaluation step serves every batch.
 
+An image is a file path or an :class:`EncodedImage` (its encoded bytes and a name, e.g. a
+TFDS record: :mod:`dgjax.data.tfds_images`); both go through the same decode, crop and flip.
 An image that cannot be decoded raises :class:`ImageDecodeError` naming the file; raised in a
 worker process, grain re-raises it in the consumer (the iterator raises; nothing hangs).
 """
 
 from __future__ import annotations
 
+import io
 import math
 import queue
 import threading
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import grain
 import numpy as np
@@ -53,6 +56,7 @@ __all__ = [
     "CROP_SCALE",
     "IMAGE_SIZE",
     "DevicePrefetch",
+    "EncodedImage",
     "ImageDecodeError",
     "decode_eval",
     "decode_train",
@@ -76,6 +80,13 @@ class ImageDecodeError(DataError):
     """An image file cannot be opened or decoded; the message names the file."""
 
 
+class EncodedImage(NamedTuple):
+    """An image given as its encoded bytes (JPEG, PNG, ...) instead of a path; ``name`` says
+    where it came from in error messages."""
+    data: bytes
+    name: str
+
+
 # --------------------------------------------------------------------------- randomness
 def key_entropy(key) -> tuple[int, ...]:
     """The uint32 words of a JAX PRNG key (typed ``jax.random.key`` or raw ``uint32[2]``)."""
@@ -92,16 +103,22 @@ def example_rng(entropy: Sequence[int], *index: int) -> np.random.Generator:
 
 
 # --------------------------------------------------------------------------- decoding
-def load_rgb(path: str, allow_truncated: bool = True) -> Image.Image:
-    """The image at ``path`` as RGB (torchvision's ``ImageFolder`` loader).
+def load_rgb(path: str | EncodedImage, allow_truncated: bool = True) -> Image.Image:
+    """The image at ``path`` (or the :class:`EncodedImage`) as RGB (torchvision's
+    ``ImageFolder`` loader).
 
     ``allow_truncated`` decodes a truncated JPEG as far as it goes (DomainBed sets PIL's
     ``ImageFile.LOAD_TRUNCATED_IMAGES = True``). Any failure raises
     :class:`ImageDecodeError` naming ``path``.
     """
+    name = path.name if isinstance(path, EncodedImage) else path
+
+    def open_image():
+        return Image.open(io.BytesIO(path.data) if isinstance(path, EncodedImage) else path)
+
     try:
         try:
-            with Image.open(path) as image:
+            with open_image() as image:
                 return image.convert("RGB")
         except OSError as e:
             if not (allow_truncated and "truncated" in str(e)):
@@ -109,12 +126,12 @@ def load_rgb(path: str, allow_truncated: bool = True) -> Image.Image:
         previous = ImageFile.LOAD_TRUNCATED_IMAGES
         ImageFile.LOAD_TRUNCATED_IMAGES = True
         try:
-            with Image.open(path) as image:
+            with open_image() as image:
                 return image.convert("RGB")
         finally:
             ImageFile.LOAD_TRUNCATED_IMAGES = previous
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ImageDecodeError(f"cannot decode image {path}: {type(e).__name__}: {e}") from None
+        raise ImageDecodeError(f"cannot decode image {name}: {type(e).__name__}: {e}") from None
 
 
 def random_resized_crop_box(height: int, width: int, rng: np.random.Generator,
@@ -169,11 +186,22 @@ def decode_train(path: str, rng: np.random.Generator, size: int = IMAGE_SIZE,
 
 
 # --------------------------------------------------------------------------- grain streams
+def _images(x):
+    """Paths as a str array; any other random-access sequence of images (item ``j`` a path or
+    an :class:`EncodedImage`, e.g. :class:`dgjax.data.tfds_images.TfdsImages`) as it is."""
+    return np.asarray(x, dtype=str) if isinstance(x, (list, tuple, np.ndarray)) else x
+
+
+def _image(images, j: int):
+    image = images[j]
+    return image if isinstance(image, EncodedImage) else str(image)
+
+
 class _TrainExample:
     """Flat example index ``i = (s * D + d) * B + b`` -> one augmented (or resized) example."""
 
     def __init__(self, paths, labels, batch_size, entropy, size, augment):
-        self.paths = [np.asarray(p, dtype=str) for p in paths]
+        self.paths = [_images(p) for p in paths]
         self.labels = [np.asarray(y, dtype=np.int32) for y in labels]
         self.batch_size = batch_size
         self.entropy = tuple(entropy)
@@ -187,7 +215,7 @@ class _TrainExample:
         domain, slot = divmod(rest, self.batch_size)
         rng = example_rng(self.entropy, step, domain, slot)
         j = int(rng.integers(0, len(self.labels[domain])))
-        path = str(self.paths[domain][j])
+        path = _image(self.paths[domain], j)
         x = decode_train(path, rng, self.size) if self.augment else decode_eval(path, self.size)
         return {"x": x, "y": self.labels[domain][j]}
 
@@ -202,7 +230,7 @@ class _DomainAxis:
 
 class _EvalExample:
     def __init__(self, paths, labels, size):
-        self.paths = np.asarray(paths, dtype=str)
+        self.paths = _images(paths)
         self.labels = np.asarray(labels, dtype=np.int32)
         self.size = size
 
@@ -210,7 +238,7 @@ class _EvalExample:
         i = int(i)
         n = len(self.labels)
         j = i if i < n else 0
-        return {"x": decode_eval(str(self.paths[j]), self.size), "y": self.labels[j],
+        return {"x": decode_eval(_image(self.paths, j), self.size), "y": self.labels[j],
                 "mask": np.bool_(i < n)}
 
 
@@ -235,11 +263,11 @@ def train_batches(envs: Sequence[Any], key, batch_size: int, *, augment: bool = 
                   read_threads: int = 1) -> grain.IterDataset:
     """Per-step training batches ``{"x": uint8[D, B, size, size, 3], "y": int32[D, B]}``.
 
-    ``envs``: the training environments (or their in-splits), each with ``x`` (image paths)
-    and ``y`` (labels). Domain ``d`` of every step samples ``batch_size`` examples of
-    ``envs[d]`` uniformly with replacement (DomainBed's ``InfiniteDataLoader``);
-    ``augment`` applies ``RandomResizedCrop`` + flip (DomainBed's ``data_augmentation``),
-    otherwise ``Resize``. All draws come from ``key`` (see the module docstring): the stream
+    ``envs``: the training environments (or their in-splits), each with ``x`` (image paths,
+    or a random-access sequence of :class:`EncodedImage`) and ``y`` (labels). Domain ``d``
+    of every step samples ``batch_size`` examples of ``envs[d]`` uniformly with replacement
+    (DomainBed's ``InfiniteDataLoader``); ``augment`` applies ``RandomResizedCrop`` + flip
+    (DomainBed's ``data_augmentation``), otherwise ``Resize``. All draws come from ``key`` (see the module docstring): the stream
     is a function of ``(key, step)`` only. Steps ``start_step, start_step + 1, ...``;
     infinite unless ``num_steps`` is given.
 
