@@ -232,6 +232,23 @@ def eval_equal(tmpdir):
       assert s.is_equivalent_to(sharding.eval_batch_sharding(mesh), a.ndim), s
     out[f"domainbed {label}"] = {"acc": sharded, "val_loss": [sharded_loss, single_loss]}
 
+  # --- the engine passes its mesh to task.evaluate: a sharded run's records, sharded batches
+  from dgjax import train as train_lib
+  tins, touts = toy_splits()
+  cfg = train_lib.TrainConfig(method="erm", steps=2, checkpoint_freq=1, hparams={"batch_size": 8},
+                              progress=False)
+  single_run = train_lib.train(cfg, mlp(2, (8,)), tins, touts, checkpoint=False)
+  seen = []
+  restore = _spy_put_eval_batch(seen)
+  try:
+    sharded_run = train_lib.train(cfg, mlp(2, (8,)), tins, touts, checkpoint=False,
+                                  mesh=meshes["2x4"])
+  finally:
+    restore()
+  _assert_split_over(seen, meshes["2x4"])
+  keys = [f"env{e}_{s}_acc" for e in range(3) for s in ("in", "out")]
+  assert [[r[k] for k in keys] for r in sharded_run] == [[r[k] for k in keys] for r in single_run]
+
   # --- ImageTask: 13 + 7 JPEGs, a tiny conv net at 32x32
   itask, state, predict = _tiny_image_task(tmpdir)
   a, b = itask.splits_in
