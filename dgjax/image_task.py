@@ -24,6 +24,7 @@ never change; the affine parameters still train.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -32,6 +33,7 @@ import numpy as np
 
 from dgjax import augment
 from dgjax import resnet
+from dgjax import sharding
 from dgjax.core import HParam
 from dgjax.data import image_folder
 from dgjax.data import image_pipeline
@@ -132,30 +134,66 @@ class ImageTask:
   def epoch(self, step: int, batch_size: int) -> float:
     return step * batch_size / self._min_train
 
-  def _accuracy_fn(self, predict):
-    if predict not in self._accuracy:
-      @jax.jit
+  def _accuracy_fn(self, predict, mesh=None):
+    if (predict, mesh) not in self._accuracy:
       def correct(model_state, x, y, mask):
         logits = predict(model_state, augment.eval_preprocess(x))
         pred = (logits[..., 0] > 0).astype(y.dtype) if logits.shape[-1] == 1 else jnp.argmax(logits, -1)
         return jnp.sum((pred == y) & mask)
-      self._accuracy[predict] = correct
-    return self._accuracy[predict]
+      self._accuracy[predict, mesh] = sharding.jit_eval(correct, mesh)
+    return self._accuracy[predict, mesh]
 
-  def accuracy(self, model_state, split, predict) -> float:
-    correct = self._accuracy_fn(predict)
+  def accuracy(self, model_state, split, predict, mesh=None) -> float:
+    """Accuracy of ``predict(model_state, x)`` on ``split`` in padded, masked batches of
+    ``eval_batch_size`` through one jitted step.
+
+    With a ``("domain", "data")`` ``mesh`` each batch is split over all its devices: the batch
+    size is rounded up to a multiple of the device count (more masked padding, same count),
+    the model state is replicated on the mesh, and each process decodes and feeds only its
+    rows of every batch (:func:`dgjax.sharding.process_rows`): one process decodes whole
+    batches, several decode their share of each (tested with 2 CPU processes on one machine,
+    not on multi-host hardware)."""
+    correct = self._accuracy_fn(predict, mesh)
+    if mesh is None:
+      batches = image_pipeline.eval_batches(split, self.eval_batch_size, size=self.image_size,
+                                            num_workers=self.num_workers)
+    else:
+      model_state = sharding.on_mesh(model_state, mesh)
+      batches = self._process_eval_batches(split, mesh)
     total = 0
-    for b in image_pipeline.eval_batches(split, self.eval_batch_size, size=self.image_size,
-                                         num_workers=self.num_workers):
+    for b in batches:
       total += int(correct(model_state, b["x"], b["y"], b["mask"]))
     return total / max(len(split.y), 1)
 
-  def evaluate(self, model_state, run: int, predict) -> dict[str, float]:
+  def _process_eval_batches(self, split, mesh):
+    """Global batches of ``eval_batch_size`` (rounded up to the device count) sharded over
+    ``mesh``, this process feeding its rows of each (all rows with one process)."""
+    size = sharding.round_up_to_devices(self.eval_batch_size, mesh)
+    rows = sharding.process_rows(mesh, size)
+    if len(rows) == size:   # one process: every row is ours
+      local, valid = split, None
+    else:                   # global example b * size + r for each batch b and our row r
+      n = len(split.y)
+      index = (np.arange(-(-n // size))[:, None] * size + rows[None, :]).reshape(-1)
+      valid = (index < n).reshape(-1, len(rows))
+      take = np.minimum(index, max(n - 1, 0))   # padding rows: any path, masked out
+      local = dataclasses.replace(split, x=np.asarray(split.x)[take], y=np.asarray(split.y)[take])
+    for i, b in enumerate(image_pipeline.eval_batches(local, len(rows), size=self.image_size,
+                                                      num_workers=self.num_workers)):
+      if valid is not None:
+        b = {**b, "mask": valid[i]}
+      yield sharding.put_eval_batch(b, mesh, size)
+
+  def evaluate(self, model_state, run: int, predict, mesh=None) -> dict[str, float]:
+    """Accuracy on every environment's in and out split (:meth:`accuracy`; ``mesh``: sharded
+    over its devices)."""
     del run
+    if mesh is not None:   # replicated once for all the splits
+      model_state = sharding.on_mesh(model_state, mesh)
     out = {}
     for e in range(len(self.splits_in)):
-      out[f"env{e}_in_acc"] = self.accuracy(model_state, self.splits_in[e], predict)
-      out[f"env{e}_out_acc"] = self.accuracy(model_state, self.splits_out[e], predict)
+      out[f"env{e}_in_acc"] = self.accuracy(model_state, self.splits_in[e], predict, mesh)
+      out[f"env{e}_out_acc"] = self.accuracy(model_state, self.splits_out[e], predict, mesh)
     return out
 
   def progress_numbers(self, record: Mapping[str, Any]) -> dict[str, float]:

@@ -14,12 +14,21 @@ Parameters, optimizer state and the (small) training set are replicated; each de
 gathers its own rows of every minibatch from its replica. Multi-host runs
 (``jax.distributed``) use the same program: every host loads the same data and seeds, the
 step is identical on all of them, and only process 0 writes results.
+
+Evaluation (the tasks' ``evaluate(..., mesh=mesh)``) runs its jitted, masked chunks over the
+same mesh: the chunk's example axis is split over all the mesh's devices (``"domain"`` and
+``"data"`` flattened, :func:`eval_batch_sharding`), the model state is replicated, and the
+returned sums are replicated scalars every process reads. Each process feeds only its rows
+of every chunk (:func:`process_rows`, :func:`put_eval_batch`). Chunks whose size does not
+divide by the device count are padded further (:func:`round_up_to_devices`); the padding is
+masked out, so the sums are exact.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -78,6 +87,68 @@ def put_replicated(tree: Any, mesh: Mesh) -> Any:
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
   return jax.tree.map(put, tree)
+
+
+def on_mesh(tree: Any, mesh: Mesh) -> Any:
+  """``tree`` replicated over ``mesh`` (:func:`put_replicated`), keeping the leaves that
+  already are: evaluation calls it per split and pays the host round trip once."""
+  sharding = replicated(mesh)
+  placed = lambda x: isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim)
+  return jax.tree.map(lambda x: x if placed(x) else put_replicated(x, mesh), tree)
+
+
+def eval_batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Evaluation chunks ``[N, ...]``: the example axis over all of ``mesh``'s devices
+  (``"domain"`` and ``"data"`` flattened); the other axes whole."""
+  return NamedSharding(mesh, P(AXES))
+
+
+def round_up_to_devices(size: int, mesh: Mesh | None) -> int:
+  """``size`` rounded up to a multiple of ``mesh``'s device count (unchanged without a mesh):
+  an evaluation chunk is padded (and masked) further rather than refused."""
+  n = 1 if mesh is None else mesh.devices.size
+  return -(-size // n) * n
+
+
+def process_rows(mesh: Mesh, size: int) -> np.ndarray:
+  """The rows of a ``[size, ...]`` chunk under :func:`eval_batch_sharding` that this
+  process's devices hold, ascending: what this process feeds :func:`put_eval_batch` (all of
+  them in a single-process run). ``size`` must divide by the device count."""
+  if size % mesh.devices.size:
+    raise ValueError(f"an evaluation chunk of {size} examples does not divide over "
+                     f"{mesh.devices.size} devices (round it with round_up_to_devices)")
+  index = eval_batch_sharding(mesh).addressable_devices_indices_map((size,))
+  spans = sorted({idx[0].indices(size)[:2] for idx in index.values()})
+  return np.concatenate([np.arange(a, b) for a, b in spans])
+
+
+def put_eval_batch(local: Any, mesh: Mesh, size: int) -> Any:
+  """Global ``[size, ...]`` arrays sharded by :func:`eval_batch_sharding` from this
+  process's rows (``local``: its :func:`process_rows` of each leaf, in that order), with
+  ``jax.make_array_from_process_local_data``."""
+  sharding = eval_batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+      sharding, np.asarray(x), (size,) + np.shape(x)[1:]), local)
+
+
+def jit_eval(fn: Callable, mesh: Mesh | None) -> Callable:
+  """``jax.jit(fn)`` for ``fn(model_state, *batch) -> scalar``; with a mesh, explicit
+  shardings: the model state replicated, every batch argument by
+  :func:`eval_batch_sharding`, the result replicated (every process reads it)."""
+  if mesh is None:
+    return jax.jit(fn)
+  batch = eval_batch_sharding(mesh)
+  n_batch = len(inspect.signature(fn).parameters) - 1
+  return jax.jit(fn, in_shardings=(replicated(mesh),) + (batch,) * n_batch,
+                 out_shardings=replicated(mesh))
+
+
+def mesh_kwarg(evaluate: Callable, mesh: Mesh | None) -> dict[str, Any]:
+  """``{"mesh": mesh}`` when there is a mesh and ``evaluate`` takes a ``mesh`` keyword, else
+  ``{}``: tasks whose evaluation is not mesh-aware keep running on one device."""
+  if mesh is None or "mesh" not in inspect.signature(evaluate).parameters:
+    return {}
+  return {"mesh": mesh}
 
 
 def local_copy(tree: Any) -> Any:

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dgjax import sharding
 from dgjax.losses import cross_entropy
 
 
@@ -55,28 +56,41 @@ def sample_batch(key: jax.Array, data: TrainData, batch_size: int) -> dict[str, 
   return {"x": data.x[idx], "y": data.y[idx]}
 
 
-def _chunked_sum(fn, params, x, y, eval_batch_size: int) -> float:
+def _chunked_sum(fn, params, x, y, eval_batch_size: int, mesh=None) -> float:
   """``sum_chunks fn(params, x_chunk, y_chunk, valid)`` over host arrays, in chunks of
   ``eval_batch_size``; a last partial chunk is padded to a multiple of 128 and masked by
-  ``valid`` (so few shapes compile)."""
+  ``valid`` (so few shapes compile).
+
+  With a ``mesh`` (``fn`` from :func:`dgjax.sharding.jit_eval`, ``params`` on the mesh) each
+  chunk is split over all its devices: ``eval_batch_size`` and the padded tail are rounded up
+  to a multiple of the device count (more padding, still masked), and each process puts its
+  rows of the chunk (every process holds all of ``x`` and ``y``)."""
+  eval_batch_size = sharding.round_up_to_devices(eval_batch_size, mesh)
   total = 0.0
   for start in range(0, len(y), eval_batch_size):
     xb, yb = x[start:start + eval_batch_size], y[start:start + eval_batch_size]
     m = len(yb)
-    size = min(eval_batch_size, -(-m // 128) * 128)
+    size = min(eval_batch_size, sharding.round_up_to_devices(-(-m // 128) * 128, mesh))
     if m < size:
       xb = np.concatenate([xb, np.zeros((size - m,) + xb.shape[1:], xb.dtype)])
       yb = np.concatenate([yb, np.zeros((size - m,), yb.dtype)])
-    total += float(fn(params, xb, yb, np.arange(size) < m))
+    batch = (xb, yb, np.arange(size) < m)
+    if mesh is not None:
+      rows = sharding.process_rows(mesh, size)
+      batch = sharding.put_eval_batch(tuple(a[rows] for a in batch), mesh, size)
+    total += float(fn(params, *batch))
   return total
 
 
-def make_accuracy_fn(predict, eval_batch_size: int = 1000):
+def make_accuracy_fn(predict, eval_batch_size: int = 1000, mesh=None):
   """``accuracy(model_state, x, y) -> float``: argmax accuracy (a single logit: ``> 0``) of
   ``predict(model_state, x) -> logits``, in jitted chunks of ``eval_batch_size`` (a last
-  partial chunk is padded to a multiple of 128 and masked, so few shapes compile)."""
+  partial chunk is padded to a multiple of 128 and masked, so few shapes compile).
 
-  @jax.jit
+  With a ``mesh`` every chunk is split over its devices (``eval_batch_size`` rounded up to a
+  multiple of the device count; see :func:`_chunked_sum`) and the model state is replicated
+  on it; the count of correct examples, hence the accuracy, is that of the unsharded run."""
+
   def correct(params, x, y, valid):
     logits = predict(params, x)
     if logits.shape[-1] == 1:
@@ -85,25 +99,31 @@ def make_accuracy_fn(predict, eval_batch_size: int = 1000):
       pred = jnp.argmax(logits, -1).astype(y.dtype)
     return jnp.sum((pred == y) & valid)
 
-  def accuracy(params, x, y):
-    return _chunked_sum(correct, params, x, y, eval_batch_size) / max(len(y), 1)
+  correct = sharding.jit_eval(correct, mesh)
 
+  def accuracy(params, x, y):
+    params = params if mesh is None else sharding.on_mesh(params, mesh)
+    return _chunked_sum(correct, params, x, y, eval_batch_size, mesh) / max(len(y), 1)
+
+  accuracy.correct = correct   # the jitted chunk function (tests inspect its shardings)
   return accuracy
 
 
-def make_loss_fn(predict, eval_batch_size: int = 1000):
+def make_loss_fn(predict, eval_batch_size: int = 1000, mesh=None):
   """``loss(model_state, x, y) -> float``: the mean cross-entropy (:func:`dgjax.losses.cross_entropy`,
-  per example) of ``predict(model_state, x) -> logits``, chunked and padded as
-  :func:`make_accuracy_fn`."""
+  per example) of ``predict(model_state, x) -> logits``, chunked, padded and (with a
+  ``mesh``) sharded as :func:`make_accuracy_fn` (up to float summation order)."""
 
-  @jax.jit
   def loss_sum(params, x, y, valid):
     logits = predict(params, x)
     per_example = jax.vmap(lambda l, t: cross_entropy(l[None], t[None]))(logits, y)
     return jnp.sum(jnp.where(valid, per_example, 0.0))
 
+  loss_sum = sharding.jit_eval(loss_sum, mesh)
+
   def loss(params, x, y):
-    return _chunked_sum(loss_sum, params, x, y, eval_batch_size) / len(y)
+    params = params if mesh is None else sharding.on_mesh(params, mesh)
+    return _chunked_sum(loss_sum, params, x, y, eval_batch_size, mesh) / len(y)
 
   return loss
 
@@ -116,7 +136,8 @@ class DomainBedTask:
       params).
     splits_in, splits_out: per environment (index = environment), its in and out splits.
     test_envs: environments not trained on.
-    eval_batch_size: examples per jitted evaluation chunk.
+    eval_batch_size: examples per jitted evaluation chunk (with a mesh, rounded up to a
+      multiple of its device count).
   """
   per_run_data = False
 
@@ -152,29 +173,39 @@ class DomainBedTask:
   def epoch(self, step: int, batch_size: int) -> float:
     return step * batch_size / self._min_train
 
-  def evaluate(self, model_state, run: int, predict) -> dict[str, float]:
-    """Accuracy of ``predict(model_state, x)`` on every environment's in and out split."""
+  def evaluate(self, model_state, run: int, predict, mesh=None) -> dict[str, float]:
+    """Accuracy of ``predict(model_state, x)`` on every environment's in and out split; with
+    a ``("domain", "data")`` ``mesh``, each chunk split over all its devices
+    (:func:`make_accuracy_fn`)."""
     del run
-    if predict not in self._accuracy:
-      self._accuracy[predict] = make_accuracy_fn(predict, self._eval_batch_size)
-    accuracy = self._accuracy[predict]
+    accuracy = self._accuracy_fn(predict, mesh)
+    if mesh is not None:   # replicated once for all the splits
+      model_state = sharding.on_mesh(model_state, mesh)
     out = {}
     for e in range(len(self.splits_in)):
       out[f"env{e}_in_acc"] = accuracy(model_state, self.splits_in[e].x, self.splits_in[e].y)
       out[f"env{e}_out_acc"] = accuracy(model_state, self.splits_out[e].x, self.splits_out[e].y)
     return out
 
-  def val_loss(self, model_state, predict) -> float:
+  def _accuracy_fn(self, predict, mesh=None):
+    if (predict, mesh) not in self._accuracy:
+      self._accuracy[predict, mesh] = make_accuracy_fn(predict, self._eval_batch_size, mesh)
+    return self._accuracy[predict, mesh]
+
+  def val_loss(self, model_state, predict, mesh=None) -> float:
     """The training-domain validation loss SWAD reads (:mod:`dgjax.swad`; the reference's
     ``tr_outloss``): the mean cross-entropy of ``predict(model_state, x)`` on each training
-    environment's out-split, averaged over the training environments."""
+    environment's out-split, averaged over the training environments. ``mesh``: as in
+    :meth:`evaluate` (equal up to float summation order)."""
     empty = [self.splits_out[e].name for e in self.train_envs if len(self.splits_out[e].y) == 0]
     if empty:
       raise ValueError(f"no training-domain validation data: out-split(s) {empty} hold no "
                        "examples (holdout_fraction must be > 0)")
-    if predict not in self._loss:
-      self._loss[predict] = make_loss_fn(predict, self._eval_batch_size)
-    loss = self._loss[predict]
+    if (predict, mesh) not in self._loss:
+      self._loss[predict, mesh] = make_loss_fn(predict, self._eval_batch_size, mesh)
+    loss = self._loss[predict, mesh]
+    if mesh is not None:
+      model_state = sharding.on_mesh(model_state, mesh)
     return float(np.mean([loss(model_state, self.splits_out[e].x, self.splits_out[e].y)
                           for e in self.train_envs]))
 

@@ -478,7 +478,8 @@ def _train_locked(configs, task, method, hparams, batch_size, impl, dirs, run_ar
         record[name] = np.mean(values, axis=0)
       record["step_time"] = step_time
       method_state_k = take(state.opt_state, k)
-      record.update(task.evaluate((params_k, method_state_k), k, predict_fn(k)))
+      record.update(task.evaluate((params_k, method_state_k), k, predict_fn(k),
+                                  **sharding_lib.mesh_kwarg(task.evaluate, mesh)))
       record.update(diagnostics(k, params_k, method_state_k, step))
       record.update(swad_records[k])
       record["eval_time"] = time.perf_counter() - t_eval

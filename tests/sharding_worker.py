@@ -2,6 +2,7 @@
 
     python tests/sharding_worker.py equal METHOD[,METHOD...]      # 8 CPU devices
     python tests/sharding_worker.py process ID PORT OUTDIR        # 2 processes x 2 devices
+    python tests/sharding_worker.py eval TMPDIR                   # 8 CPU devices
 """
 
 import json
@@ -87,7 +88,220 @@ def process(pid, port, outdir):
   cfg = train_lib.TrainConfig(method="sand", steps=6, checkpoint_freq=3, hparams={"batch_size": 8},
                               progress=False)
   records = train_lib.train(cfg, mlp(2, (8,)), ins, outs, output_dir=outdir, mesh=mesh)
+  # evaluation over the 2-process mesh (each process feeds its half of every chunk) equals
+  # this process's single-device evaluation: DomainBedTask and ImageTask
+  model = mlp(2, (8,))
+  task = train_lib.DomainBedTask(model, ins, outs, test_envs=[0], eval_batch_size=10)
+  state = (task.init_params(jax.random.key(3)), ())
+  predict = lambda ms, x: model.apply({"params": ms[0]}, x)
+  assert task.evaluate(state, 0, predict, mesh=mesh) == task.evaluate(state, 0, predict)
+  np.testing.assert_allclose(task.val_loss(state, predict, mesh=mesh), task.val_loss(state, predict),
+                             rtol=1e-6)
+  image_dir = Path(outdir).parent / f"images{pid}"
+  image_dir.mkdir(parents=True, exist_ok=True)
+  itask, istate, ipredict = _tiny_image_task(image_dir)
+  assert itask.evaluate(istate, 0, ipredict, mesh=mesh) == itask.evaluate(istate, 0, ipredict)
   print(json.dumps({"pid": pid, "final_loss": records[-1]["loss"]}))
+
+
+def _tiny_conv_net():
+  import flax.linen as nn
+
+  class TinyConvNet(nn.Module):
+    """A strided conv, ReLU, global mean, linear: a cheap stand-in for the ResNet."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+      x = nn.relu(nn.Conv(4, (3, 3), strides=(2, 2))(x))
+      return nn.Dense(2)(x.mean(axis=(-3, -2)))
+
+  return TinyConvNet()
+
+
+def _tiny_image_task(tmpdir):
+  """``(task, model_state, predict)``: an ImageTask on two splits of 13 and 7 synthetic JPEGs,
+  eval_batch_size 6, a tiny conv net (the evaluation does not depend on the network; a
+  ResNet-18 would compile for 10 s and more)."""
+  from PIL import Image
+  from dgjax import image_task
+  from dgjax.data import image_folder
+  rng = np.random.default_rng(2)
+  paths, labels = [], []
+  for i in range(20):
+    img = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    img[..., i % 3] = 40 * (i % 2)
+    path = Path(tmpdir) / f"{i}.jpg"
+    Image.fromarray(img).save(path, quality=85)
+    paths.append(str(path))
+    labels.append(i % 2)
+  paths, labels = np.array(paths), np.array(labels, np.int32)
+  a = image_folder.FileSplit("env0_in", paths[:13], labels[:13])
+  b = image_folder.FileSplit("env1_in", paths[13:], labels[13:])
+  model = _tiny_conv_net()
+  task = image_task.ImageTask(model, None, [a, b], [b, a], test_envs=[1], batch_size=2, seed=0,
+                              augment=False, eval_batch_size=6, num_workers=0, image_size=32)
+  state = (task.init_params(jax.random.key(0)), ())
+  predict = lambda ms, x: model.apply({"params": ms[0], **task.variables}, x)
+  return task, state, predict
+
+
+def _spy_put_eval_batch(seen):
+  """Wrap :func:`dgjax.sharding.put_eval_batch` so each device batch it makes is recorded."""
+  from dgjax import sharding
+  put = sharding.put_eval_batch
+
+  def spy(local, mesh, size):
+    out = put(local, mesh, size)
+    seen.extend(jax.tree.leaves(out))
+    return out
+
+  sharding.put_eval_batch = spy
+  return lambda: setattr(sharding, "put_eval_batch", put)
+
+
+def _assert_split_over(arrays, mesh):
+  """Every array is split along its first axis over all of ``mesh``'s devices."""
+  from dgjax import sharding
+  n = mesh.devices.size
+  assert arrays
+  for a in arrays:
+    assert a.sharding.is_equivalent_to(sharding.eval_batch_sharding(mesh), a.ndim), a.sharding
+    assert len(a.addressable_shards) == n and a.shape[0] % n == 0
+    assert {s.data.shape[0] for s in a.addressable_shards} == {a.shape[0] // n}
+    assert {s.device for s in a.addressable_shards} == set(mesh.devices.flat)
+
+
+def eval_equal(tmpdir):
+  """Sharded evaluation equals single-device evaluation: DomainBedTask.evaluate and val_loss
+  over a 2x4 mesh and a 1x3 mesh (eval_batch_size 50 rounded up to 51), ImageTask.evaluate
+  (a tiny conv net on a few JPEGs) over a 2x2 mesh of 4 devices (eval_batch_size 6 -> 8), both
+  against an unchunked reference; the device batches really are split over the mesh."""
+  import jax.numpy as jnp
+  from dgjax import image_task, sharding, tasks
+  from dgjax.data import image_pipeline
+  from dgjax.models import mlp
+
+  assert len(jax.devices()) == 8, jax.devices()
+  out = {}
+  # --- DomainBedTask: split sizes giving full chunks, tails padded to 128 then to the devices
+  rng = np.random.default_rng(1)
+  ins, outs = [], []
+  for e, (n_in, n_out) in enumerate([(37, 150), (301, 5), (64, 1)]):
+    x = rng.normal(size=(n_in + n_out, 4, 4, 2)).astype(np.float32)
+    y = rng.integers(0, 3, n_in + n_out).astype(np.int32)
+    ins.append(tasks.Split(f"env{e}_in", x[:n_in], y[:n_in]))
+    outs.append(tasks.Split(f"env{e}_out", x[n_in:], y[n_in:]))
+  model = mlp(3, (8,))
+  task = tasks.DomainBedTask(model, ins, outs, test_envs=[2], eval_batch_size=50)
+  state = (task.init_params(jax.random.key(0)), ())
+  predict = lambda ms, x: model.apply({"params": ms[0]}, x)
+  single, single_loss = task.evaluate(state, 0, predict), task.val_loss(state, predict)
+  for e in range(3):   # reference: one unchunked forward pass per split, numpy argmax / CE
+    for split, key in ((ins[e], f"env{e}_in_acc"), (outs[e], f"env{e}_out_acc")):
+      logits = np.asarray(predict(state, jnp.asarray(split.x)), np.float64)
+      assert single[key] == np.mean(np.argmax(logits, -1) == split.y), key
+  ref_losses = []
+  for e in task.train_envs:
+    logits = np.asarray(predict(state, jnp.asarray(outs[e].x)), np.float64)
+    logp = logits - np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1,
+                                  keepdims=True)) - logits.max(-1, keepdims=True)
+    ref_losses.append(-np.mean(logp[np.arange(len(outs[e].y)), outs[e].y]))
+  np.testing.assert_allclose(single_loss, np.mean(ref_losses), rtol=1e-5)
+  meshes = {"2x4": sharding.make_mesh((2, 4)),
+            "1x3": sharding.make_mesh((1, 3), devices=jax.devices()[:3])}
+  for label, mesh in meshes.items():
+    seen = []
+    restore = _spy_put_eval_batch(seen)
+    try:
+      sharded = task.evaluate(state, 0, predict, mesh=mesh)
+      sharded_loss = task.val_loss(state, predict, mesh=mesh)
+    finally:
+      restore()
+    assert sharded == single, (label, sharded, single)          # counts: exact
+    np.testing.assert_allclose(sharded_loss, single_loss, rtol=1e-6, err_msg=label)
+    _assert_split_over(seen, mesh)
+    # chunks: eval_batch_size rounded up to the devices (50 -> 56 or 51), tails padded further
+    assert {a.shape[0] for a in seen} <= {56, 51}, {a.shape[0] for a in seen}
+    # the jitted chunk function compiles with the batch split over the mesh
+    correct = task._accuracy_fn(predict, mesh).correct
+    size = sharding.round_up_to_devices(50, mesh)
+    args = (sharding.on_mesh(state, mesh), np.zeros((size, 4, 4, 2), np.float32),
+            np.zeros(size, np.int32), np.ones(size, bool))
+    in_shardings = correct.lower(*args).compile().input_shardings[0]
+    for s, a in zip(in_shardings[-3:], args[1:]):
+      assert s.is_equivalent_to(sharding.eval_batch_sharding(mesh), a.ndim), s
+    out[f"domainbed {label}"] = {"acc": sharded, "val_loss": [sharded_loss, single_loss]}
+
+  # --- the engine passes its mesh to task.evaluate: a sharded run's records, sharded batches
+  from dgjax import train as train_lib
+  tins, touts = toy_splits()
+  cfg = train_lib.TrainConfig(method="erm", steps=2, checkpoint_freq=1, hparams={"batch_size": 8},
+                              progress=False)
+  single_run = train_lib.train(cfg, mlp(2, (8,)), tins, touts, checkpoint=False)
+  seen = []
+  restore = _spy_put_eval_batch(seen)
+  try:
+    sharded_run = train_lib.train(cfg, mlp(2, (8,)), tins, touts, checkpoint=False,
+                                  mesh=meshes["2x4"])
+  finally:
+    restore()
+  _assert_split_over(seen, meshes["2x4"])
+  keys = [f"env{e}_{s}_acc" for e in range(3) for s in ("in", "out")]
+  assert [[r[k] for k in keys] for r in sharded_run] == [[r[k] for k in keys] for r in single_run]
+
+  # --- ImageTask: 13 + 7 JPEGs, a tiny conv net at 32x32
+  itask, state, predict = _tiny_image_task(tmpdir)
+  a, b = itask.splits_in
+  single = itask.evaluate(state, 0, predict)
+  margins = []
+  for split, key in ((a, "env0_in_acc"), (b, "env1_in_acc")):   # reference: all at once
+    x = np.stack([image_pipeline.decode_eval(p, 32) for p in split.x])
+    logits = np.asarray(jax.jit(lambda s, x: predict(s, image_task.augment.eval_preprocess(x)))(
+        state, x))
+    margins.append(float(np.min(np.abs(logits[:, 0] - logits[:, 1]))))
+    assert single[key] == np.mean(np.argmax(logits, -1) == split.y), key
+  mesh = sharding.make_mesh((2, 2), devices=jax.devices()[:4])
+  seen = []
+  restore = _spy_put_eval_batch(seen)
+  try:
+    sharded = itask.evaluate(state, 0, predict, mesh=mesh)
+  finally:
+    restore()
+  assert sharded == single, (sharded, single)
+  _assert_split_over(seen, mesh)
+  assert {a.shape[0] for a in seen} == {8}                      # 6 rounded up to 4 devices
+  in_shardings = itask._accuracy_fn(predict, mesh).lower(
+      sharding.on_mesh(state, mesh), np.zeros((8, 32, 32, 3), np.uint8), np.zeros(8, np.int32),
+      np.ones(8, bool)).compile().input_shardings[0]
+  for s, ndim in zip(in_shardings[1:], (4, 1, 1)):
+    assert s.is_equivalent_to(sharding.eval_batch_sharding(mesh), ndim), s
+
+  # multi-host row logic, simulated: 2 processes of 2 devices each feed their rows; the rows
+  # they decode reassemble the single-process batches and masks
+  size, local_batches = 8, {}
+  real_rows = sharding.process_rows
+  try:
+    for pid in range(2):
+      sharding.process_rows = lambda mesh, size, pid=pid: np.arange(pid * size // 2, (pid + 1) * size // 2)
+      sharding.put_eval_batch, put = (lambda local, mesh, size: local), sharding.put_eval_batch
+      try:
+        local_batches[pid] = list(itask._process_eval_batches(a, mesh))
+      finally:
+        sharding.put_eval_batch = put
+  finally:
+    sharding.process_rows = real_rows
+  whole = list(image_pipeline.eval_batches(a, size, size=32, num_workers=0))
+  assert len(local_batches[0]) == len(local_batches[1]) == len(whole) == 2
+  for i, w in enumerate(whole):
+    for k in ("x", "y", "mask"):
+      glued = np.concatenate([local_batches[0][i][k], local_batches[1][i][k]])
+      if k == "x":   # padding rows may hold any image; real rows must match
+        glued, ref = glued[w["mask"]], np.asarray(w[k])[w["mask"]]
+      else:
+        ref = np.asarray(w[k])
+      np.testing.assert_array_equal(glued, ref, err_msg=f"batch {i} {k}")
+  out["image"] = {"acc": sharded, "min_logit_margin": min(margins)}
+  print(json.dumps(out))
 
 
 if __name__ == "__main__":
@@ -99,3 +313,6 @@ if __name__ == "__main__":
     jax.config.update("jax_num_cpu_devices", 2)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     process(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+  elif mode == "eval":
+    jax.config.update("jax_num_cpu_devices", 8)
+    eval_equal(sys.argv[2])
