@@ -144,10 +144,10 @@ def _image_dataset(name: str, description: str):
   from dgjax.image_task import IMAGE_HPARAMS
   spec = IMAGE_DATASETS.get(name)
 
-  def environments(data_dir=None, trial_seed=0, max_examples=None):
+  def environments(data_dir=None, trial_seed=0, max_examples=None, data_source="folder"):
     del trial_seed, max_examples
     from dgjax.image_task import image_environments
-    return image_environments(name, data_dir)
+    return image_environments(name, data_dir, data_source)
 
   def make_task(config):
     from dgjax.image_task import make_task as make

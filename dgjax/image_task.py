@@ -206,9 +206,16 @@ class ImageTask:
     self._streams.clear()
 
 
-def image_environments(name: str, data_dir):
+def image_environments(name: str, data_dir, data_source: str = "folder"):
   """The environments of DomainBed image dataset ``name`` (or ``ImageFolder``: ``data_dir`` is
-  the ``<env>/<class>/<image>`` root)."""
+  the ``<env>/<class>/<image>`` root). ``data_source="tfds"``: from a TensorFlow Datasets copy
+  prepared as array_record in ``data_dir`` (default ``$TFDS_DATA_DIR`` or
+  ``~/tensorflow_datasets``; DomainNet only, see :mod:`dgjax.data.tfds_images`)."""
+  if data_source == "tfds":
+    from dgjax.data.tfds_images import tfds_image_environments
+    return tfds_image_environments(name, data_dir)
+  if data_source != "folder":
+    raise ValueError(f"unknown data_source {data_source!r}; valid: folder, tfds")
   if name == "ImageFolder":
     if data_dir is None:
       raise image_folder.DataError("ImageFolder needs --data_dir: a folder of "
@@ -225,7 +232,8 @@ def make_task(config, envs=None):
     raise ValueError("swad averages the weights but would evaluate them with the last step's "
                      "BatchNorm running statistics: run swad with freeze_bn=true (SWAD's own "
                      "protocol: DomainBed's ResNet with frozen BatchNorm)")
-  envs = envs if envs is not None else image_environments(config.dataset, config.data_dir)
+  envs = envs if envs is not None else image_environments(config.dataset, config.data_dir,
+                                                          config.data_source)
   splits_in, splits_out = image_folder.image_splits(envs, config.holdout_fraction, config.trial_seed)
   if config.pretrained is None:
     raise ValueError(missing_weights_message(arch_of(hp)))

@@ -29,7 +29,7 @@ TrainConfig = train_lib.TrainConfig
 FLAG_FIELDS = ("dataset", "method", "preset", "steps", "checkpoint_freq", "seed", "trial_seed",
                "hparams_seed", "holdout_fraction", "data_dir", "max_examples", "downsample",
                "per_domain_impl", "conv_impl", "mesh", "output_dir", "keep_checkpoints",
-               "scan_steps", "eval_batch_size", "pretrained", "image_size", "data_workers", "swad", "swad_n_converge", "swad_n_tolerance",
+               "scan_steps", "eval_batch_size", "pretrained", "image_size", "data_workers", "data_source", "swad", "swad_n_converge", "swad_n_tolerance",
                "swad_tolerance_ratio")
 
 

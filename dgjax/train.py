@@ -40,6 +40,8 @@ from dgjax.tasks import DomainBedTask, Split, TrainData, make_accuracy_fn, make_
 
 PyTree = Any
 
+#: Where an image dataset is read from: DomainBed's folders, or a prepared TFDS copy.
+DATA_SOURCES = ("folder", "tfds")
 PER_DOMAIN_IMPLS = ("auto", "vmap", "unrolled")
 
 
@@ -90,6 +92,7 @@ class TrainConfig:
   pretrained: str | None = None  # image datasets: converted ImageNet weights, or "none"
   image_size: int = 224
   data_workers: int = 2          # image datasets: grain worker processes (0: in this process)
+  data_source: str = "folder"    # image datasets: "folder" (download.py's layout) or "tfds"
   swad: bool = False             # SWAD (dgjax.swad): dense averaging over the loss valley
   swad_n_converge: int = 3
   swad_n_tolerance: int = 6
@@ -112,6 +115,8 @@ class TrainConfig:
       if self.holdout_fraction == 0:
         raise ValueError("swad reads the training-domain validation loss: holdout_fraction "
                          "must be > 0")
+    if self.data_source not in DATA_SOURCES:
+      raise ValueError(f"data_source must be one of {DATA_SOURCES}, got {self.data_source!r}")
     if self.per_domain_impl not in PER_DOMAIN_IMPLS:
       raise ValueError(f"per_domain_impl must be one of {PER_DOMAIN_IMPLS}, got {self.per_domain_impl!r}")
     from dgjax import datasets  # the dataset's own hparams (e.g. the ResNets' resnet_dropout)

@@ -62,6 +62,10 @@ flags.DEFINE_string("pretrained", None, "image datasets: ImageNet weights conver
 flags.DEFINE_integer("image_size", 224, "image datasets: input resolution (DomainBed: 224)")
 flags.DEFINE_integer("data_workers", 2, "image datasets: grain worker processes decoding JPEGs "
                      "(0: in this process)")
+flags.DEFINE_enum("data_source", "folder", ["folder", "tfds"], "image datasets: 'folder' reads "
+                  "DomainBed's download.py layout under --data_dir; 'tfds' a TensorFlow Datasets "
+                  "copy prepared as array_record (DomainNet only; --data_dir = the TFDS data "
+                  "dir, default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
 flags.DEFINE_integer("max_examples", None, "MNIST variants: use only the first N pooled images; "
                      "Spirals: N examples per environment (quick runs)")
 flags.DEFINE_string("output_dir", None, "where results.jsonl goes "
