@@ -57,7 +57,10 @@ def test_resnet18_trains_a_few_steps_on_a_synthetic_pacs_tree(pacs_root, tmp_pat
     records, out = erm_with_dropout
     assert [r["step"] for r in records] == [0, 1, 2]
   else:
-    config = image_config(pacs_root, method, tmp_path / method)
+    # sand: unfrozen BatchNorm (current DomainBed's default); hgp: frozen (the paper's DomainBed)
+    config = image_config(pacs_root, method, tmp_path / method,
+                          hparams={"freeze_bn": method == "hgp"})
+    assert config.resolved_hparams["freeze_bn"] == (method == "hgp")
     assert config.steps == 3 and config.resolved_hparams["lr"] == 5e-5   # DomainBed's image lr
     assert config.resolved_hparams["batch_size"] == 2 and config.resolved_hparams["resnet_dropout"] == 0.0
     records, out = runs.run(config), tmp_path / method
@@ -81,6 +84,10 @@ def test_image_runs_resume_to_the_same_numbers(pacs_root, tmp_path, erm_with_dro
   resumed = runs.run(part, resume=True)
   assert resumed[-1]["step"] == full[-1]["step"] == 2
   np.testing.assert_allclose(resumed[-1]["loss"], full[-1]["loss"], rtol=1e-6)  # same batches, same dropout
+  # evaluation normalises with the BatchNorm running statistics the checkpoint restored
+  for key in full[-1]:
+    if key.endswith("_acc"):
+      assert resumed[-1][key] == full[-1][key], key
 
 
 def test_cli_needs_weights_or_none(pacs_root, tmp_path):

@@ -1,0 +1,194 @@
+"""Unfrozen BatchNorm through the engine (DomainBed's ``freeze_bn=False``).
+
+* Every registered method sees the batch statistics of DomainBed's own forward passes: the
+  pooled statistics where DomainBed runs the network on ``torch.cat`` of the minibatches, each
+  domain's own where it runs it per minibatch (:attr:`dgjax.core.Method.forward_per_domain`).
+  Shown without trusting the code's own claim: a per-domain constant shift of the inputs is
+  removed exactly by per-domain statistics (the losses do not move) and not by pooled ones.
+* The running statistics move by torch's rule, once per DomainBed forward, checked against an
+  explicit loop; frozen BatchNorm never moves; evaluation reads the state's statistics.
+* Per-domain forward passes draw independent dropout masks.
+"""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dgjax import core, methods
+from dgjax.conv import Conv
+from dgjax.models import TorchDense
+from dgjax.resnet import TORCH_BN_MOMENTUM, BatchNorm
+
+D, B = 3, 8
+
+
+class BNFeaturizer(nn.Module):
+  """Unpadded 3x3 convolution (a constant input shift is a constant output shift) -> BatchNorm ->
+  ReLU -> mean pool; or, with ``conv=False``, flatten -> dense -> BatchNorm -> ReLU."""
+  frozen: bool = False
+  conv: bool = True
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    if self.conv:
+      h = Conv(6, kernel_size=3, padding=0, name="conv")(x)
+    else:
+      h = TorchDense(6, name="dense")(x.reshape(x.shape[0], -1))
+    h = nn.relu(BatchNorm(frozen=self.frozen, name="bn")(h, train))
+    z = jnp.mean(h, axis=(1, 2)) if self.conv else h
+    return nn.Dropout(self.dropout, deterministic=not train)(z)
+
+
+class BNNet(nn.Module):
+  """The engine's model protocol with BatchNorm (as :class:`dgjax.resnet.ResNetClassifier`)."""
+  featurizer: BNFeaturizer
+  num_classes: int = 3
+  takes_train = True
+
+  @property
+  def batch_norm_momentum(self):
+    return None if self.featurizer.frozen else TORCH_BN_MOMENTUM
+
+  def setup(self):
+    self.classifier = TorchDense(self.num_classes)
+
+  def features(self, x, train=False):
+    return self.featurizer(x, train)
+
+  def head(self, z):
+    return self.classifier(z)
+
+  def __call__(self, x, train=False):
+    return self.classifier(self.featurizer(x, train))
+
+
+def make(frozen=False, conv=True, dropout=0.0):
+  model = BNNet(BNFeaturizer(frozen=frozen, conv=conv, dropout=dropout, name="featurizer"))
+  x0 = jnp.zeros((1, 6, 6, 2), jnp.float32)
+  variables = model.init(jax.random.key(0), x0)
+  # non-trivial running statistics, so "unchanged" and "moved" are both visible
+  stats = jax.tree.map(lambda v: v + 0.3, variables["batch_stats"])
+  return model, variables["params"], {"batch_stats": stats}
+
+
+def domain_batch(seed=0):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(D, B, 6, 6, 2)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 3, (D, B)), jnp.int32)
+  return x, y
+
+
+def build(name, model, variables, **overrides):
+  hp = methods.resolve_hparams(name, 0, {"batch_size": B, **overrides})
+  return methods.get_method(name).build(core.Context(model, hp, D, variables=variables))
+
+
+HPARAMS = {"hutchinson": {"hutchinson_samples": 2}}
+
+
+@pytest.mark.parametrize("name", sorted(methods.METHODS))
+def test_each_method_sees_the_batch_statistics_of_its_domainbed_forward(name):
+  model, params, variables = make()
+  x, y = domain_batch()
+  rng = np.random.default_rng(1)
+  shift_each = jnp.asarray(rng.normal(size=(D, 1, 1, 1, 2)) * 3, jnp.float32)  # per domain
+  step = build(name, model, variables, **HPARAMS.get(name, {}))
+  state = step.init(params)
+
+  @jax.jit
+  def losses(xs):
+    return jax.vmap(lambda xx: step.update(params, state, {"x": xx, "y": y}, jnp.asarray(0),
+                                           jax.random.key(2))[2]["env_losses"])(xs)
+
+  base, per_domain, common = np.asarray(losses(jnp.stack([x, x + shift_each, x + shift_each[0]])))
+  assert np.all(np.isfinite(base))
+  scale = np.max(np.abs(base))
+  # a shift common to every domain is removed by either rule (not for ARM: its context network,
+  # zero-padded convolutions whose output enters the model's input, sees absolute values)
+  if name != "arm":
+    np.testing.assert_allclose(common, base, atol=2e-5 * scale)
+  if methods.get_method(name).forward_per_domain:   # each domain's own statistics
+    np.testing.assert_allclose(per_domain, base, atol=2e-5 * scale)
+  else:                                             # the pooled statistics see the shifts
+    assert np.max(np.abs(per_domain - base)) > 1e-3 * scale, (base, per_domain)
+
+
+def torch_running_update(r_mean, r_var, h):
+  """torch ``BatchNorm`` in ``train()``: ``r <- 0.9 r + 0.1 s`` with the unbiased variance."""
+  h = np.asarray(h, np.float64).reshape(-1, h.shape[-1])
+  m = TORCH_BN_MOMENTUM
+  return (1 - m) * r_mean + m * h.mean(0), (1 - m) * r_var + m * h.var(0, ddof=1)
+
+
+@pytest.mark.parametrize("name,per_domain", [("erm", False), ("irm", False), ("sand", True),
+                                             ("coral", True)])
+def test_running_statistics_move_once_per_domainbed_forward(name, per_domain):
+  model, params, variables = make(conv=False)
+  x, y = domain_batch()
+  step = build(name, model, variables)
+  state = step.init(params)
+  assert methods.get_method(name).forward_per_domain == per_domain
+  _, new_state, _ = jax.jit(step.update)(params, state, {"x": x, "y": y}, jnp.asarray(0),
+                                         jax.random.key(2))
+  dense = params["featurizer"]["dense"]
+  h = (np.asarray(x, np.float64).reshape(D, B, -1) @ np.asarray(dense["kernel"], np.float64)
+       + np.asarray(dense["bias"], np.float64))                         # the BN input [D, B, 6]
+  r_mean = np.asarray(variables["batch_stats"]["featurizer"]["bn"]["mean"], np.float64)
+  r_var = np.asarray(variables["batch_stats"]["featurizer"]["bn"]["var"], np.float64)
+  if per_domain:   # DomainBed's loop: one forward, one update per domain, in order
+    for d in range(D):
+      r_mean, r_var = torch_running_update(r_mean, r_var, h[d])
+  else:            # one forward of the concatenated batch
+    r_mean, r_var = torch_running_update(r_mean, r_var, h)
+  got = new_state.variables["batch_stats"]["featurizer"]["bn"]
+  np.testing.assert_allclose(got["mean"], r_mean, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got["var"], r_var, rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_batch_norm_never_moves_and_trains_on_the_running_statistics():
+  model, params, variables = make(frozen=True)
+  x, y = domain_batch()
+  step = build("sand", model, variables)
+  state = step.init(params)
+  _, new_state, metrics = jax.jit(step.update)(params, state, {"x": x, "y": y}, jnp.asarray(0),
+                                               jax.random.key(2))
+  for a, b in zip(jax.tree.leaves(new_state.variables), jax.tree.leaves(variables)):
+    np.testing.assert_array_equal(a, b)
+  # training normalised with the running statistics: the losses are evaluation's
+  logits = jax.vmap(lambda xd: step.predict(params, new_state, xd))(x)
+  want = core.env_losses_of(logits, y)
+  np.testing.assert_allclose(metrics["env_losses"], want, rtol=1e-6)
+
+
+def test_evaluation_reads_the_running_statistics_of_the_state():
+  model, params, variables = make()
+  x, y = domain_batch()
+  step = build("erm", model, variables)
+  state = step.init(params)
+  _, new_state, _ = jax.jit(step.update)(params, state, {"x": x, "y": y}, jnp.asarray(0),
+                                         jax.random.key(2))
+  got = step.predict(params, new_state, x[0])
+  want = model.apply({"params": params, **new_state.variables}, x[0])          # train=False
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  before = model.apply({"params": params, **variables}, x[0])
+  assert np.max(np.abs(np.asarray(got) - np.asarray(before))) > 1e-4   # the statistics moved
+
+
+def test_per_domain_forward_passes_draw_independent_dropout_masks():
+  model, params, variables = make(dropout=0.5)
+  x, y = domain_batch()
+  same = {"x": jnp.broadcast_to(x[:1], x.shape), "y": jnp.broadcast_to(y[:1], y.shape)}
+  ctx = dataclasses.replace(core.Context(model, {}, D, variables=variables), train=True,
+                            rng=jax.random.key(3))
+  _, terms = core.per_domain_gradients().grads(ctx, params, (), same, 0, None)
+  assert len(set(np.round(np.asarray(terms.env_losses), 6))) == D   # identical data, new masks
+  z = core.over_domains(ctx, lambda c, xd: c.features(params, xd), same["x"])
+  assert not np.allclose(z[0], z[1])
+  no_dropout = dataclasses.replace(ctx, train=False)
+  _, terms = core.per_domain_gradients().grads(no_dropout, params, (), same, 0, None)
+  np.testing.assert_allclose(terms.env_losses, terms.env_losses[0], rtol=1e-6)
