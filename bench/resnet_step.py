@@ -8,8 +8,10 @@ The step is the engine's (``dgjax.train.make_task_step``) for each of ``--method
 image task's on-device augmentation (for ERM, DomainBed's: one forward of the concatenated
 ``[D*B]`` batch, mean cross-entropy, Adam): uint8 ``x[D, B, 224, 224, 3]`` from the input
 pipeline -> on-device colour augmentation (:func:`dgjax.augment.train_augment`) -> ResNet ->
-loss -> grads -> ``optax.adam``. ``--freeze_bn`` (default on) keeps BN statistics fixed;
-(unfrozen BatchNorm is not wired into the engine yet). Memory is XLA's
+loss -> grads -> ``optax.adam``. ``--bn`` times frozen BatchNorm (running statistics, the
+paper's DomainBed), unfrozen (batch statistics + the running-statistics update of
+:meth:`dgjax.core.Context.updated_variables`, current DomainBed's default) or both, each
+method under each setting timed interleaved in one process. Memory is XLA's
 ``memory_analysis()`` of the compiled step (temp = activations and scratch; args = params,
 optimizer state and the batch). ``images/s`` = D * B / step time: what the input pipeline
 must deliver to keep the step busy.
@@ -68,7 +70,8 @@ def main(argv=None) -> int:
   p.add_argument("--size", type=int, default=224)
   p.add_argument("--classes", type=int, default=7)
   p.add_argument("--reps", type=int, default=3)
-  p.add_argument("--freeze_bn", action=argparse.BooleanOptionalAction, default=True)
+  p.add_argument("--bn", default="both", choices=["frozen", "unfrozen", "both"],
+                 help="BatchNorm setting(s) to time (DomainBed's freeze_bn true / false)")
   p.add_argument("--remat", action="store_true", help="jax.checkpoint every residual block")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--compile_only", action="store_true",
@@ -76,45 +79,50 @@ def main(argv=None) -> int:
   p.add_argument("--json", help="append the result as one JSON line to this file")
   args = p.parse_args(argv)
 
-  if not args.freeze_bn:
-    p.error("--nofreeze_bn: unfrozen BatchNorm is not wired into the engine yet")
   dtype = jnp.dtype(args.dtype)
   rng = np.random.default_rng(0)
   data = {"x": jax.device_put(rng.integers(0, 256, (args.domains, args.batch, args.size, args.size, 3),
                                            dtype=np.uint8)),
           "y": jax.device_put(rng.integers(0, args.classes, (args.domains, args.batch)).astype(np.int32))}
-  rows = []
+  settings = {"frozen": [True], "unfrozen": [False], "both": [True, False]}[args.bn]
+  variants = []   # (method, freeze_bn, compiled step, state, compile s, memory)
   for method in args.methods.split(","):
-    step, state = build(method, args.arch, args.classes, args.domains, args.batch, args.size,
-                        args.freeze_bn, dtype, args.remat)
-    t0 = time.perf_counter()
-    compiled = step.lower(state, data).compile()
-    compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    mb = lambda f: getattr(mem, f, float("nan")) / 2**20 if mem is not None else float("nan")  # noqa: E731
-    times = []
-    if not args.compile_only:
-      state, metrics = compiled(state, data)  # warm-up
-      jax.block_until_ready(metrics)
-      for _ in range(args.reps):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, data)
+    for freeze_bn in settings:
+      step, state = build(method, args.arch, args.classes, args.domains, args.batch, args.size,
+                          freeze_bn, dtype, args.remat)
+      t0 = time.perf_counter()
+      compiled = step.lower(state, data).compile()
+      compile_s = time.perf_counter() - t0
+      if not args.compile_only:
+        state, metrics = compiled(state, data)  # warm-up
         jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t0)
-    ms = 1000 * (statistics.median(times) if times else float("nan"))
+      variants.append([method, freeze_bn, compiled, state, compile_s, compiled.memory_analysis()])
+  times = [[] for _ in variants]
+  for _ in range(0 if args.compile_only else args.reps):   # interleaved: one rep of each in turn
+    for i, v in enumerate(variants):
+      t0 = time.perf_counter()
+      v[3], metrics = v[2](v[3], data)
+      jax.block_until_ready(metrics)
+      times[i].append(time.perf_counter() - t0)
+  rows = []
+  for (method, freeze_bn, _, _, compile_s, mem), ts in zip(variants, times):
+    mb = lambda f: getattr(mem, f, float("nan")) / 2**20 if mem is not None else float("nan")  # noqa: E731
+    ms = 1000 * (statistics.median(ts) if ts else float("nan"))
     n = args.domains * args.batch
-    rows.append({"method": method, "arch": args.arch, "device": jax.devices()[0].device_kind,
+    rows.append({"method": method, "freeze_bn": freeze_bn, "arch": args.arch,
+                 "device": jax.devices()[0].device_kind,
                  "domains": args.domains, "batch": args.batch, "size": args.size,
                  "remat": args.remat, "dtype": args.dtype, "compile_s": round(compile_s, 2),
                  "ms_per_step": round(ms, 1), "images_per_s": round(1000 * n / ms, 1),
                  "temp_mb": round(mb("temp_size_in_bytes"), 1),
                  "arg_mb": round(mb("argument_size_in_bytes"), 1),
                  "reps": 0 if args.compile_only else args.reps})
-  print("| method | arch | device | D x B | remat | dtype | compile s | ms/step | x first | images/s | "
-        "XLA temp MB | args MB |")
-  print("| --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+  print("| method | BatchNorm | arch | device | D x B | remat | dtype | compile s | ms/step | "
+        "x first | images/s | XLA temp MB | args MB |")
+  print("| --- | --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
   for row in rows:
-    print(f"| {row['method']} | {row['arch']} | {row['device']} | {args.domains} x {args.batch} | "
+    bn = "frozen" if row["freeze_bn"] else "unfrozen"
+    print(f"| {row['method']} | {bn} | {row['arch']} | {row['device']} | {args.domains} x {args.batch} | "
           f"{args.remat} | {args.dtype} | {row['compile_s']:.1f} | {row['ms_per_step']:.0f} | "
           f"{row['ms_per_step'] / rows[0]['ms_per_step']:.2f} | {row['images_per_s']:.1f} | "
           f"{row['temp_mb']:.0f} | {row['arg_mb']:.0f} |")

@@ -225,7 +225,11 @@ class Context:
       new = one_update(self, flatten_domains(x))
     else:
       d = x.shape[0]
-      stacked = jax.vmap(lambda xd, i: one_update(self.for_domain(i), xd))(x, jnp.arange(d))
+      if self.per_domain_impl == "unrolled":   # the same per-domain programs as the gradient's
+        outs = [one_update(self.for_domain(i), x[i]) for i in range(d)]
+        stacked = jax.tree.map(lambda *u: jnp.stack(u), *outs)
+      else:
+        stacked = jax.vmap(lambda xd, i: one_update(self.for_domain(i), xd))(x, jnp.arange(d))
       a = 1.0 - momentum
       weights = a ** jnp.arange(d - 1, -1, -1, dtype=jnp.float32)
       new = jax.tree.map(lambda r, u: a**d * r + jnp.tensordot(weights, u - a * r[None], axes=1),
