@@ -316,9 +316,12 @@ class SwadTracker:
     self.valleys = [LossValley(n_converge, n_tolerance, tolerance_ratio) for _ in range(k_runs)]
 
   def evaluate(self, k: int, step: int, segment: AverageState, model_state: Any, task,
-               predict: Callable) -> dict[str, Any]:
+               predict: Callable, mesh=None) -> dict[str, Any]:
+    """Feeds run ``k``'s segment and validation loss to its valley; evaluates the window's
+    average once it is closed. ``mesh``: evaluate sharded over it (tasks that take one)."""
+    from dgjax.sharding import mesh_kwarg
     t0 = time.perf_counter()
-    val_loss = task.val_loss(model_state, predict)
+    val_loss = task.val_loss(model_state, predict, **mesh_kwarg(task.val_loss, mesh))
     valley = self.valleys[k]
     valley.update(segment, val_loss, step)
     window = valley.final()
@@ -329,8 +332,9 @@ class SwadTracker:
       return record
     averaged = (jax.tree.map(jnp.asarray, window.params()), *model_state[1:])
     record.update(swad_start_step=window.start_step, swad_end_step=window.end_step,
-                  swad_val_loss=task.val_loss(averaged, predict))
-    record.update({f"swad_{n}": v for n, v in task.evaluate(averaged, k, predict).items()})
+                  swad_val_loss=task.val_loss(averaged, predict, **mesh_kwarg(task.val_loss, mesh)))
+    record.update({f"swad_{n}": v for n, v in
+                   task.evaluate(averaged, k, predict, **mesh_kwarg(task.evaluate, mesh)).items()})
     record["swad_eval_time"] = time.perf_counter() - t0
     return record
 

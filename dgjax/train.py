@@ -469,7 +469,7 @@ def _train_locked(configs, task, method, hparams, batch_size, impl, dirs, run_ar
     swad_records = [{} for _ in range(k_runs)]
     if swad is not None:   # SWAD: close each run's segment before its record and checkpoint
       swad_records = [swad.evaluate(k, step, take(state.average, k), (take(state.params, k),
-                                    take(state.opt_state, k)), task, predict_fn(k))
+                                    take(state.opt_state, k)), task, predict_fn(k), mesh)
                       for k in range(k_runs)]
       average = swad_lib.average_reset(state.average)
       state = state._replace(average=average if mesh is None else

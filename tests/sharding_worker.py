@@ -248,6 +248,26 @@ def eval_equal(tmpdir):
   _assert_split_over(seen, meshes["2x4"])
   keys = [f"env{e}_{s}_acc" for e in range(3) for s in ("in", "out")]
   assert [[r[k] for k in keys] for r in sharded_run] == [[r[k] for k in keys] for r in single_run]
+  # SWAD's validation losses and averaged-model evaluations run on the mesh too
+  import dataclasses
+  swad_cfg = dataclasses.replace(cfg, steps=4, swad=True, swad_n_converge=1, swad_n_tolerance=1)
+  single_swad = train_lib.train(swad_cfg, mlp(2, (8,)), tins, touts, checkpoint=False)
+  seen = []
+  restore = _spy_put_eval_batch(seen)
+  try:
+    sharded_swad = train_lib.train(swad_cfg, mlp(2, (8,)), tins, touts, checkpoint=False,
+                                   mesh=meshes["2x4"])
+  finally:
+    restore()
+  _assert_split_over(seen, meshes["2x4"])
+  assert any("swad_val_loss" in r for r in single_swad)
+  for r1, r8 in zip(single_swad, sharded_swad):
+    assert sorted(r1) == sorted(r8)
+    for k, v in r1.items():
+      if k.startswith("swad_") and k.endswith("_acc"):
+        assert r8[k] == v, k
+      elif k in ("val_loss", "swad_val_loss"):
+        np.testing.assert_allclose(r8[k], v, rtol=1e-5, err_msg=k)
 
   # --- ImageTask: 13 + 7 JPEGs, a tiny conv net at 32x32
   itask, state, predict = _tiny_image_task(tmpdir)
