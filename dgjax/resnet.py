@@ -193,6 +193,9 @@ class ResNetClassifier(nn.Module):
   num_classes: int
 
   takes_train = True
+  #: an extra input channel (ARM's context) starts as a copy of the first convolution's
+  #: kernel on image channel ``i mod 3``, as DomainBed's ``ResNet`` adapts ``conv1``
+  copies_input_kernels = True
 
   @property
   def batch_norm_momentum(self):

@@ -86,6 +86,21 @@ def first_conv(params) -> tuple[str, jax.Array]:
   raise ValueError("ARM: the featurizer has no layer with a 'kernel' parameter")
 
 
+def _stride_and_padding(mod) -> tuple[int, int]:
+  """Stride and symmetric padding of a :class:`dgjax.conv.Conv` or a ``flax.linen.Conv``
+  (the ResNets' ``conv1``: ``strides=(s, s)``, ``padding=((p, p), (p, p))``)."""
+  if hasattr(mod, "stride"):
+    return mod.stride, mod.padding
+  strides, padding = mod.strides, mod.padding
+  stride = strides[0] if isinstance(strides, (tuple, list)) else int(strides or 1)
+  pads = {p for pair in padding for p in pair} if isinstance(padding, (tuple, list)) else {None}
+  if len(set(strides if isinstance(strides, (tuple, list)) else [stride])) != 1 or len(pads) != 1 \
+      or None in pads:
+    raise ValueError(f"ARM needs a first convolution with equal strides and symmetric integer "
+                     f"padding, got strides={strides!r} padding={padding!r}")
+  return stride, pads.pop()
+
+
 def group_context(context, support_size: int):
   """DomainBed's grouping: ``N`` examples in groups of ``support_size`` when it divides
   ``N``, else one group of ``N``; each example gets its group's mean context."""
@@ -109,8 +124,9 @@ def logits_with_context(ctx, params, x, context, context_kernel):
     out = next_fun(*args, **kwargs)
     mod = context_.module
     if context_.method_name == "__call__" and mod.path == path:
-      out = out + conv2d(context, context_kernel.astype(context.dtype), mod.stride, mod.padding,
-                         getattr(mod, "impl", "xla"))
+      stride, padding = _stride_and_padding(mod)
+      out = out + conv2d(context.astype(out.dtype), context_kernel.astype(out.dtype), stride,
+                         padding, getattr(mod, "impl", "xla"))
     return out
 
   with nn.intercept_methods(interceptor):
@@ -132,10 +148,13 @@ def arm_gradients() -> GradientSource:
   cross-entropy on the concatenated batch), and one ``Adam(lr, weight_decay)`` trains the
   network, ``h`` and the context channel's first-layer kernel.
 
-  Differences from DomainBed: the network's first-layer kernel on the image channels keeps the
-  model's init (``U(+-1/sqrt(k^2 C))``; DomainBed's layer has fan-in ``k^2 (C + 1)``, which
-  the context kernel's init uses); the model must start with a convolution (DomainBed's ARM
-  also needs images). ``h``'s BatchNorm normalises with the whole batch's statistics in
+  The context channel's kernel starts as DomainBed's: on a ResNet (a model that sets
+  ``copies_input_kernels``), a copy of the first convolution's kernel on image channel 0
+  (DomainBed's ``ResNet`` fills a new input channel ``i`` with the pretrained channel
+  ``i mod 3``); otherwise ``U(+-1/sqrt(k^2 (C + 1)))``, the init of DomainBed's ``C + 1``
+  channel layer. Differences from DomainBed: on non-ResNet models the network's first-layer
+  kernel on the image channels keeps the model's init (``U(+-1/sqrt(k^2 C))``); the model must
+  start with a convolution (DomainBed's ARM also needs images). ``h``'s BatchNorm normalises with the whole batch's statistics in
   training (DomainBed runs ``h`` on the concatenated batch too) and with its running
   statistics at prediction (:func:`arm_predict`).
   """
@@ -145,10 +164,13 @@ def arm_gradients() -> GradientSource:
     k, _, c, f1 = kernel.shape
     key_net, key_kernel = jax.random.split(derived_key(params, 6))
     variables = ContextNet().init(key_net, jnp.zeros((1, 8, 8, c), kernel.dtype), True)
-    bound = 1.0 / float(k * k * (c + 1)) ** 0.5
-    extra = like_params({"context_net": variables["params"],
-                         "context_kernel": jax.random.uniform(key_kernel, (k, k, 1, f1),
-                                                              jnp.float32, -bound, bound)}, params)
+    if getattr(ctx.model, "copies_input_kernels", False):
+      context_kernel = kernel[:, :, :1, :].astype(jnp.float32)
+    else:
+      bound = 1.0 / float(k * k * (c + 1)) ** 0.5
+      context_kernel = jax.random.uniform(key_kernel, (k, k, 1, f1), jnp.float32, -bound, bound)
+    extra = like_params({"context_net": variables["params"], "context_kernel": context_kernel},
+                        params)
     stats = like_params(variables["batch_stats"], params)
     return ARMState(extra, stats, domainbed_adam()(ctx).init(extra))
 
