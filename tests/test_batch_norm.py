@@ -192,3 +192,37 @@ def test_per_domain_forward_passes_draw_independent_dropout_masks():
   no_dropout = dataclasses.replace(ctx, train=False)
   _, terms = core.per_domain_gradients().grads(no_dropout, params, (), same, 0, None)
   np.testing.assert_allclose(terms.env_losses, terms.env_losses[0], rtol=1e-6)
+
+
+def test_arm_context_channel_on_a_flax_convolution_as_domainbeds_resnet():
+  """ARM on a ResNet-style first layer (``flax.linen.Conv``, strides 2, padding 1): the context
+  channel's kernel starts as a copy of image channel 0 (DomainBed's ResNet ``conv1`` adaptation)
+  and the network sees ``concat(x, context)`` through one ``C + 1``-channel convolution."""
+  from dgjax.algorithms import adaptation
+
+  class FlaxConvFeaturizer(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      h = nn.Conv(4, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), use_bias=False,
+                  name="conv1")(x)
+      return jnp.mean(nn.relu(h), axis=(1, 2))
+
+  class ResNetLike(BNNet):
+    copies_input_kernels = True
+
+  model = ResNetLike(FlaxConvFeaturizer(name="featurizer"))
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 6, 6, 3)), jnp.float32)
+  params = model.init(jax.random.key(0), x[:1])["params"]
+  hp = methods.resolve_hparams("arm", 0, {"batch_size": 5})
+  ctx = core.Context(model, hp, 1)
+  state = methods.get_method("arm").gradients.init(ctx, params)
+  kernel = params["featurizer"]["conv1"]["kernel"]                       # [3, 3, 3, 4]
+  np.testing.assert_array_equal(state.extra["context_kernel"], kernel[:, :, :1])
+  context = jnp.asarray(np.random.default_rng(1).normal(size=(5, 6, 6, 1)), jnp.float32)
+  got = adaptation.logits_with_context(ctx, params, x, context, state.extra["context_kernel"])
+  wide = jax.lax.conv_general_dilated(  # the reference: one 4-channel convolution
+      jnp.concatenate([x, context], -1), jnp.concatenate([kernel, kernel[:, :, :1]], 2),
+      (2, 2), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  z = jnp.mean(nn.relu(wide), axis=(1, 2))
+  want = model.apply({"params": params}, z, method="head")
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
