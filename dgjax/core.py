@@ -40,7 +40,7 @@ import numpy as np
 import optax
 
 from dgjax.losses import cross_entropy
-from dgjax.per_domain import per_domain_value_and_grad
+from dgjax.per_domain import map_over_leading, per_domain_value_and_grad
 from dgjax.seeding import seed_hash
 
 PyTree = Any
@@ -225,11 +225,9 @@ class Context:
       new = one_update(self, flatten_domains(x))
     else:
       d = x.shape[0]
-      if self.per_domain_impl == "unrolled":   # the same per-domain programs as the gradient's
-        outs = [one_update(self.for_domain(i), x[i]) for i in range(d)]
-        stacked = jax.tree.map(lambda *u: jnp.stack(u), *outs)
-      else:
-        stacked = jax.vmap(lambda xd, i: one_update(self.for_domain(i), xd))(x, jnp.arange(d))
+      # lowered as the gradient's per-domain passes, so XLA can share the forward
+      stacked = map_over_leading(lambda xi: one_update(self.for_domain(xi[1]), xi[0]),
+                                 (x, jnp.arange(d)), self.per_domain_impl)
       a = 1.0 - momentum
       weights = a ** jnp.arange(d - 1, -1, -1, dtype=jnp.float32)
       new = jax.tree.map(lambda r, u: a**d * r + jnp.tensordot(weights, u - a * r[None], axes=1),

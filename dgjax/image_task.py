@@ -28,7 +28,6 @@ import dataclasses
 from typing import Any, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from dgjax import augment
@@ -37,6 +36,7 @@ from dgjax import sharding
 from dgjax.core import HParam
 from dgjax.data import image_folder
 from dgjax.data import image_pipeline
+from dgjax.tasks import make_accuracy_fn
 
 #: The model and data hparams of DomainBed's image datasets (``hparams_registry.py``).
 IMAGE_HPARAMS: dict[str, HParam] = {
@@ -135,12 +135,11 @@ class ImageTask:
     return step * batch_size / self._min_train
 
   def _accuracy_fn(self, predict, mesh=None):
+    """:func:`dgjax.tasks.make_accuracy_fn`'s jitted chunk count ``correct(model_state, x, y,
+    mask)``, on uint8 images (resized and normalised inside)."""
     if (predict, mesh) not in self._accuracy:
-      def correct(model_state, x, y, mask):
-        logits = predict(model_state, augment.eval_preprocess(x))
-        pred = (logits[..., 0] > 0).astype(y.dtype) if logits.shape[-1] == 1 else jnp.argmax(logits, -1)
-        return jnp.sum((pred == y) & mask)
-      self._accuracy[predict, mesh] = sharding.jit_eval(correct, mesh)
+      on_images = lambda model_state, x: predict(model_state, augment.eval_preprocess(x))  # noqa: E731
+      self._accuracy[predict, mesh] = make_accuracy_fn(on_images, mesh=mesh).correct
     return self._accuracy[predict, mesh]
 
   def accuracy(self, model_state, split, predict, mesh=None) -> float:

@@ -34,6 +34,19 @@ def num_domains(batch: PyTree) -> int:
   return sizes.pop()
 
 
+def map_over_leading(fn: Callable, xs: PyTree, impl: Impl = "vmap"):
+  """``fn`` on each slice of the leading axis of ``xs``, outputs stacked: ``jax.vmap(fn)``, or
+  with ``impl == "unrolled"`` a trace-time loop over the (static) axis (the CPU lowering, see
+  the module docstring)."""
+  if impl == "vmap":
+    return jax.vmap(fn)(xs)
+  if impl == "unrolled":
+    n = num_domains(xs)
+    outs = [fn(jax.tree.map(lambda a, i=i: a[i], xs)) for i in range(n)]
+    return jax.tree.map(lambda *o: jnp.stack(o), *outs)
+  raise ValueError(f"unknown per-domain impl {impl!r}; expected 'vmap' or 'unrolled'")
+
+
 def per_domain_value_and_grad(
     loss_fn: LossFn,
     params: PyTree,
@@ -58,13 +71,7 @@ def per_domain_value_and_grad(
     ``(losses, grads)`` or ``((losses, aux), grads)`` with ``D`` leading every leaf.
   """
   vg = jax.value_and_grad(loss_fn, has_aux=has_aux)
-  if impl == "vmap":
-    return jax.vmap(vg, in_axes=(None, 0) + (None,) * len(args))(params, batch, *args)
-  if impl == "unrolled":
-    d = num_domains(batch)
-    outs = [vg(params, jax.tree.map(lambda x, i=i: x[i], batch), *args) for i in range(d)]
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
-  raise ValueError(f"unknown per-domain impl {impl!r}; expected 'vmap' or 'unrolled'")
+  return map_over_leading(lambda domain_batch: vg(params, domain_batch, *args), batch, impl)
 
 
 def per_domain_grads(loss_fn: LossFn, params: PyTree, batch: PyTree, *args: Any,

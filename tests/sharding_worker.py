@@ -5,6 +5,7 @@
     python tests/sharding_worker.py eval TMPDIR                   # 8 CPU devices
 """
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -145,10 +146,12 @@ def _tiny_image_task(tmpdir):
   return task, state, predict
 
 
-def _spy_put_eval_batch(seen):
-  """Wrap :func:`dgjax.sharding.put_eval_batch` so each device batch it makes is recorded."""
+@contextlib.contextmanager
+def _spy_put_eval_batch():
+  """Within the block, :func:`dgjax.sharding.put_eval_batch` records each device batch it
+  makes in the yielded list."""
   from dgjax import sharding
-  put = sharding.put_eval_batch
+  put, seen = sharding.put_eval_batch, []
 
   def spy(local, mesh, size):
     out = put(local, mesh, size)
@@ -156,7 +159,10 @@ def _spy_put_eval_batch(seen):
     return out
 
   sharding.put_eval_batch = spy
-  return lambda: setattr(sharding, "put_eval_batch", put)
+  try:
+    yield seen
+  finally:
+    sharding.put_eval_batch = put
 
 
 def _assert_split_over(arrays, mesh):
@@ -210,13 +216,9 @@ def eval_equal(tmpdir):
   meshes = {"2x4": sharding.make_mesh((2, 4)),
             "1x3": sharding.make_mesh((1, 3), devices=jax.devices()[:3])}
   for label, mesh in meshes.items():
-    seen = []
-    restore = _spy_put_eval_batch(seen)
-    try:
+    with _spy_put_eval_batch() as seen:
       sharded = task.evaluate(state, 0, predict, mesh=mesh)
       sharded_loss = task.val_loss(state, predict, mesh=mesh)
-    finally:
-      restore()
     assert sharded == single, (label, sharded, single)          # counts: exact
     np.testing.assert_allclose(sharded_loss, single_loss, rtol=1e-6, err_msg=label)
     _assert_split_over(seen, mesh)
@@ -238,13 +240,9 @@ def eval_equal(tmpdir):
   cfg = train_lib.TrainConfig(method="erm", steps=2, checkpoint_freq=1, hparams={"batch_size": 8},
                               progress=False)
   single_run = train_lib.train(cfg, mlp(2, (8,)), tins, touts, checkpoint=False)
-  seen = []
-  restore = _spy_put_eval_batch(seen)
-  try:
+  with _spy_put_eval_batch() as seen:
     sharded_run = train_lib.train(cfg, mlp(2, (8,)), tins, touts, checkpoint=False,
                                   mesh=meshes["2x4"])
-  finally:
-    restore()
   _assert_split_over(seen, meshes["2x4"])
   keys = [f"env{e}_{s}_acc" for e in range(3) for s in ("in", "out")]
   assert [[r[k] for k in keys] for r in sharded_run] == [[r[k] for k in keys] for r in single_run]
@@ -252,13 +250,9 @@ def eval_equal(tmpdir):
   import dataclasses
   swad_cfg = dataclasses.replace(cfg, steps=4, swad=True, swad_n_converge=1, swad_n_tolerance=1)
   single_swad = train_lib.train(swad_cfg, mlp(2, (8,)), tins, touts, checkpoint=False)
-  seen = []
-  restore = _spy_put_eval_batch(seen)
-  try:
+  with _spy_put_eval_batch() as seen:
     sharded_swad = train_lib.train(swad_cfg, mlp(2, (8,)), tins, touts, checkpoint=False,
                                    mesh=meshes["2x4"])
-  finally:
-    restore()
   _assert_split_over(seen, meshes["2x4"])
   assert any("swad_val_loss" in r for r in single_swad)
   for r1, r8 in zip(single_swad, sharded_swad):
@@ -281,12 +275,8 @@ def eval_equal(tmpdir):
     margins.append(float(np.min(np.abs(logits[:, 0] - logits[:, 1]))))
     assert single[key] == np.mean(np.argmax(logits, -1) == split.y), key
   mesh = sharding.make_mesh((2, 2), devices=jax.devices()[:4])
-  seen = []
-  restore = _spy_put_eval_batch(seen)
-  try:
+  with _spy_put_eval_batch() as seen:
     sharded = itask.evaluate(state, 0, predict, mesh=mesh)
-  finally:
-    restore()
   assert sharded == single, (sharded, single)
   _assert_split_over(seen, mesh)
   assert {a.shape[0] for a in seen} == {8}                      # 6 rounded up to 4 devices

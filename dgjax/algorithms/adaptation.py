@@ -91,14 +91,13 @@ def _stride_and_padding(mod) -> tuple[int, int]:
   (the ResNets' ``conv1``: ``strides=(s, s)``, ``padding=((p, p), (p, p))``)."""
   if hasattr(mod, "stride"):
     return mod.stride, mod.padding
-  strides, padding = mod.strides, mod.padding
-  stride = strides[0] if isinstance(strides, (tuple, list)) else int(strides or 1)
-  pads = {p for pair in padding for p in pair} if isinstance(padding, (tuple, list)) else {None}
-  if len(set(strides if isinstance(strides, (tuple, list)) else [stride])) != 1 or len(pads) != 1 \
-      or None in pads:
+  strides = mod.strides if isinstance(mod.strides, (tuple, list)) else (mod.strides or 1,)
+  pads = ({p for pair in mod.padding for p in pair} if isinstance(mod.padding, (tuple, list))
+          else set())
+  if len(set(strides)) != 1 or len(pads) != 1:
     raise ValueError(f"ARM needs a first convolution with equal strides and symmetric integer "
-                     f"padding, got strides={strides!r} padding={padding!r}")
-  return stride, pads.pop()
+                     f"padding, got strides={mod.strides!r} padding={mod.padding!r}")
+  return strides[0], pads.pop()
 
 
 def group_context(context, support_size: int):
@@ -154,9 +153,9 @@ def arm_gradients() -> GradientSource:
   ``i mod 3``); otherwise ``U(+-1/sqrt(k^2 (C + 1)))``, the init of DomainBed's ``C + 1``
   channel layer. Differences from DomainBed: on non-ResNet models the network's first-layer
   kernel on the image channels keeps the model's init (``U(+-1/sqrt(k^2 C))``); the model must
-  start with a convolution (DomainBed's ARM also needs images). ``h``'s BatchNorm normalises with the whole batch's statistics in
-  training (DomainBed runs ``h`` on the concatenated batch too) and with its running
-  statistics at prediction (:func:`arm_predict`).
+  start with a convolution (DomainBed's ARM also needs images). ``h``'s BatchNorm normalises
+  with the whole batch's statistics in training (DomainBed runs ``h`` on the concatenated
+  batch too) and with its running statistics at prediction (:func:`arm_predict`).
   """
 
   def init(ctx, params):

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -13,18 +13,9 @@ import optax
 
 from dgjax.core import (GradientSource, HParam, Method, Terms, domain_logits, domainbed_adam,
                         env_losses_of)
+from dgjax.per_domain import map_over_leading
 
 PyTree = Any
-
-
-def map_over_leading(fn: Callable, xs: PyTree, impl: str = "vmap"):
-  """``fn`` on each slice of the leading axis of ``xs``, outputs stacked: ``jax.vmap(fn)``, or
-  a trace-time loop (``impl == "unrolled"``, as :func:`dgjax.per_domain_value_and_grad`)."""
-  if impl != "unrolled":
-    return jax.vmap(fn)(xs)
-  n = jax.tree.leaves(xs)[0].shape[0]
-  outs = [fn(jax.tree.map(lambda a, i=i: a[i], xs)) for i in range(n)]
-  return jax.tree.map(lambda *o: jnp.stack(o), *outs)
 
 
 def meta_split(num_domains: int, num_meta_test: int):
