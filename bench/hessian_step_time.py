@@ -62,7 +62,7 @@ def build_irm(method, overrides, n=4166, seed=0, steps_per_call=1):
   rng = np.random.default_rng(seed)
   x = rng.uniform(size=(2, n, 392)).astype(np.float32) * (rng.uniform(size=(2, n, 1)) < 0.5)
   y = rng.integers(0, 2, (2, n)).astype(np.int32)
-  task = B.IRMTask([{"train_x": x, "train_y": y, "test_x": x[0], "gray_x": x[0], "test_y": y[0]}],
+  task = B.IRMTask([{"train_x": x, "train_y": y, "test_x": x[0], "gray_x": x[0], "test_y": y[0], "gray_y": y[0]}],
                    hidden=B.HIDDEN)
   hp = B.benchmark_hparams(method, B.IRMConfig(method=method, hparams=overrides), n)
   ms = methods.get_method(method).build(methods.Context(task.model, hp, 2, "vmap"))

@@ -154,6 +154,29 @@ COMMON_HPARAMS: dict[str, HParam] = {
 }
 
 
+#: The penalty forms a method may offer (its ``penalty_form`` hparam): DomainBed's, or the
+#: IRM-style Colored MNIST scripts' (Arjovsky et al.'s ``colored_mnist/main.py``, Fishr's
+#: ``train_coloredmnist.py``, the Hessian paper's ``cmnist_*.py``).
+PENALTY_FORMS = ("domainbed", "script")
+
+
+def penalty_form_hparam() -> HParam:
+  return HParam("domainbed", lambda r: "domainbed", "the penalty's form: DomainBed's, or the "
+                "IRM-style Colored MNIST scripts' (preset irm_cmnist)", kind="choice",
+                choices=PENALTY_FORMS, structural=True)
+
+
+def rescale_loss_hparam() -> HParam:
+  return HParam(False, lambda r: False, "divide the objective by the penalty weight once it "
+                "exceeds 1 (the Colored MNIST scripts; DomainBed never does)", kind="bool",
+                role="rescale_loss")
+
+
+def reset_optimizer_hparam(default: bool, doc: str = "re-create Adam at the penalty switch "
+                           "(DomainBed; the Colored MNIST scripts keep one Adam)") -> HParam:
+  return HParam(default, lambda r: default, doc, kind="bool", role="reset_optimizer")
+
+
 # ----------------------------------------------------------------------------- context
 @dataclasses.dataclass(frozen=True)
 class Context:
@@ -337,8 +360,8 @@ TermsFn = Callable[..., Terms]   # terms(ctx, params, batch, key, state) -> Term
 
 
 def penalized(terms: TermsFn, weight: str | None = None, anneal_iters: str | None = None,
-              before: float = 1.0, init: Callable[[Context, PyTree], Any] | None = None
-              ) -> GradientSource:
+              before: float | Callable[[Mapping[str, Any]], float] = 1.0,
+              init: Callable[[Context, PyTree], Any] | None = None) -> GradientSource:
   """The gradient of ``objective = mean_d loss_d + w(step) * penalty`` from ONE
   ``jax.value_and_grad`` (so one forward and one backward pass through the featurizer).
 
@@ -347,7 +370,8 @@ def penalized(terms: TermsFn, weight: str | None = None, anneal_iters: str | Non
       (leaves ``[D, B, ...]``); ``Terms.penalty is None`` means no penalty.
     weight: name of the hparam holding the penalty weight (``None``: weight 1).
     anneal_iters: name of the hparam holding the switch step (``None``: no schedule).
-    before: the weight before the switch.
+    before: the weight before the switch, or ``before(hparams) -> weight`` where it depends
+      on a structural hparam (Fishr: 0 in DomainBed's form, 1 in the scripts').
     init: the initial ``state`` passed to ``terms`` (e.g. Fishr's moving averages).
 
   Logs ``penalty``, ``penalty_weight`` and ``objective`` when there is a penalty.
@@ -356,7 +380,8 @@ def penalized(terms: TermsFn, weight: str | None = None, anneal_iters: str | Non
   def grads(ctx, params, state, batch, step, key):
     w = ctx.hparams[weight] if weight else 1.0
     if anneal_iters:
-      w = annealed_weight(step, ctx.hparams[anneal_iters], w, before)
+      w = annealed_weight(step, ctx.hparams[anneal_iters], w,
+                          before(ctx.hparams) if callable(before) else before)
 
     def objective(p):
       t = terms(ctx, p, batch, key, state)
@@ -407,22 +432,53 @@ def reset_at_step(inner: optax.GradientTransformation, at: Any,
   return optax.GradientTransformationExtraArgs(init, update)
 
 
+def rescale_by_penalty_weight(weight: Any, anneal_iters: Any, enabled: Any = True,
+                              before: float = 1.0) -> optax.GradientTransformationExtraArgs:
+  """Divides the updates by ``max(w(step), 1)`` when ``enabled`` (extra argument ``step``;
+  ``w`` as :func:`annealed_weight`): the Colored MNIST scripts' ``if penalty_weight > 1.0:
+  loss /= penalty_weight`` (Arjovsky et al.'s ``colored_mnist/main.py``, kept by Fishr and the
+  Hessian paper) "to keep gradients in a reasonable range". Placed after the weight decay, it
+  rescales the L2 term too, as the scripts' division of the whole loss does. All arguments may
+  be traced."""
+
+  def update(updates, state, params=None, *, step, **extra):
+    del params, extra
+    w = annealed_weight(step, anneal_iters, weight, before)
+    factor = jnp.where(enabled, 1.0 / jnp.maximum(w, 1.0), 1.0)
+    return jax.tree.map(lambda u: (factor * u).astype(u.dtype), updates), state
+
+  return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+
+
 def torch_adam(lr) -> optax.GradientTransformation:
   """``torch.optim.Adam(lr)``'s update (betas 0.9/0.999, eps 1e-8)."""
   return optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8)
 
 
-def domainbed_adam(reset_at: str | None = None) -> Callable[[Context], optax.GradientTransformation]:
+def domainbed_adam(reset_at: str | None = None, rescale_by: tuple[str, str] | None = None
+                   ) -> Callable[[Context], optax.GradientTransformation]:
   """DomainBed's optimizer, ``torch.optim.Adam(lr, weight_decay)``: ``weight_decay * param``
-  added to the gradient, then Adam; with ``reset_at`` (an hparam name) Adam is re-created at
-  that step (:func:`reset_at_step`)."""
+  added to the gradient, then Adam.
+
+  Args:
+    reset_at: an hparam name: Adam is re-created at that step (:func:`reset_at_step`), unless
+      the method's hparam ``reset_optimizer`` is false (the Colored MNIST scripts keep one
+      Adam for the whole run).
+    rescale_by: ``(weight, anneal_iters)`` hparam names: when the method's hparam
+      ``rescale_loss`` is true, the gradient (weight decay included) is divided by the
+      penalty weight once it exceeds 1 (:func:`rescale_by_penalty_weight`).
+  """
 
   def make(ctx: Context) -> optax.GradientTransformation:
     hp = ctx.hparams
     adam = torch_adam(hp["lr"])
     if reset_at is not None:
-      adam = reset_at_step(adam, hp[reset_at])
-    return optax.chain(optax.add_decayed_weights(hp["weight_decay"]), adam)
+      adam = reset_at_step(adam, hp[reset_at], enabled=hp.get("reset_optimizer", True))
+    parts = [optax.add_decayed_weights(hp["weight_decay"])]
+    if rescale_by is not None:
+      weight, anneal_iters = rescale_by
+      parts.append(rescale_by_penalty_weight(hp[weight], hp[anneal_iters], hp["rescale_loss"]))
+    return optax.chain(*parts, adam)
 
   return make
 

@@ -52,6 +52,22 @@ def irm_penalty(logits: jax.Array, labels: jax.Array,
   return scale_grad(logits[0::2], labels[0::2]) * scale_grad(logits[1::2], labels[1::2])
 
 
+def irm_penalty_full_batch(logits: jax.Array, labels: jax.Array,
+                           loss_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None
+                           ) -> jax.Array:
+  """IRMv1 penalty of one domain as the Colored MNIST scripts compute it (Arjovsky et al.'s
+  ``colored_mnist/main.py`` ``penalty``; Fishr's and the Hessian paper's
+  ``compute_irm_penalty``): the square of the dummy-scale gradient of the WHOLE batch,
+
+      penalty = ((d/dw R(w * logits))|_{w=1})^2          (never negative)
+
+  instead of DomainBed's product of two half-batch gradients (:func:`irm_penalty`).
+  """
+  loss_fn = cross_entropy if loss_fn is None else loss_fn
+  g = jax.grad(lambda w: loss_fn(logits * w, labels))(jnp.ones((), logits.dtype))
+  return jnp.square(g)
+
+
 # ------------------------------------------------------------------------------ V-REx
 def vrex_penalty(env_losses: jax.Array) -> jax.Array:
   """V-REx penalty (Krueger et al., "Out-of-Distribution Generalization via Risk
@@ -60,6 +76,18 @@ def vrex_penalty(env_losses: jax.Array) -> jax.Array:
       penalty = (1/D) sum_d (R_d - mean_e R_e)^2        (biased, as DomainBed's ``VREx``).
   """
   return jnp.mean(jnp.square(env_losses - jnp.mean(env_losses)))
+
+
+def risk_difference_penalty(env_losses: jax.Array) -> jax.Array:
+  """V-REx penalty as the Colored MNIST scripts compute it (Fishr's and the Hessian paper's
+  ``rex_penalty = (nll_0 - nll_1)^2``), for any number of domains the sum over pairs,
+
+      penalty = sum_{d < e} (R_d - R_e)^2 = D * sum_d (R_d - mean R)^2
+
+  which is ``(R_0 - R_1)^2`` for two domains (4 times DomainBed's :func:`vrex_penalty`).
+  """
+  d = env_losses.shape[0]
+  return d * jnp.sum(jnp.square(env_losses - jnp.mean(env_losses)))
 
 
 # ------------------------------------------------------------------------------ CORAL / MMD
@@ -165,7 +193,7 @@ def domain_gradient_variances(per_example: PyTree) -> PyTree:
   return jax.tree.map(var, per_example)
 
 
-def fishr_penalty(variances: PyTree) -> jax.Array:
+def fishr_penalty(variances: PyTree, reduction: str = "mean") -> jax.Array:
   """Fishr penalty (Rame, Dancette & Cord, "Fishr: Invariant Gradient Variances for
   Out-of-Distribution Generalization", ICML 2022, eq. 4): the distance between each domain's
   gradient variance and their mean, averaged over domains,
@@ -174,8 +202,14 @@ def fishr_penalty(variances: PyTree) -> jax.Array:
 
   where ``k`` runs over every entry of every leaf (DomainBed's ``l2_between_dicts`` takes the
   mean over the concatenated vector). ``variances`` has leaves ``[D, ...]``.
+
+  ``reduction="sum"`` is the Colored MNIST script's form (Fishr's ``train_coloredmnist.py``,
+  ``l2_between_grads_variance`` summed over the two domains): the plain sum over domains and
+  entries, ``sum_d sum_k (v_d[k] - mean_e v_e[k])^2``.
   """
+  if reduction not in ("mean", "sum"):
+    raise ValueError(f"fishr_penalty reduction must be 'mean' or 'sum', got {reduction!r}")
   leaves = jax.tree.leaves(variances)
   total = sum(int(np.prod(v.shape[1:])) for v in leaves)
   sq = sum(jnp.sum(jnp.square(v - jnp.mean(v, 0, keepdims=True))) for v in leaves)
-  return sq / (leaves[0].shape[0] * total)
+  return sq if reduction == "sum" else sq / (leaves[0].shape[0] * total)

@@ -4,9 +4,11 @@ r"""IRM-style Colored MNIST (Arjovsky et al.'s setup, as in Fishr and the Hessia
     python -m experiments.colored_mnist_irm --method=hgp --label_shift=0.97    # label-shift variant
 
 Two training environments (colour flip 0.2 and 0.1) from the MNIST training digits, test
-environment with flip 0.9, full-batch Adam for 501 steps with the published IRM hparams;
-prints train / test / gray-test accuracy (mean +- std over ``--n_restarts``) per method, next
-to the published full-MNIST figures. ``--output`` writes every method's result (per-restart
+environment with flip 0.9, full-batch Adam for the scripts' 501 steps with the published IRM
+hparams and the scripts' penalty forms and schedule (see :mod:`dgjax.irm_benchmark`); prints
+train / test / gray-test accuracy (mean +- standard error over ``--n_restarts``) per method,
+next to the published full-MNIST figures. ``python -m experiments.reproduce irm_cmnist`` runs
+the published set of methods and writes the report. ``--output`` writes every method's result (per-restart
 finals and the evaluation history, penalty values included) as JSON lines. See
 :mod:`dgjax.irm_benchmark`.
 """
@@ -27,7 +29,8 @@ from dgjax.data import DataError, load_mnist
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("method", "erm", "comma-separated methods, from: " + ", ".join(sorted(methods.METHODS)))
-flags.DEFINE_integer("steps", irm_benchmark.STEPS, "full-batch steps")
+flags.DEFINE_integer("steps", irm_benchmark.STEPS, "the scripts' loop length: steps - 1 full-batch "
+                     "updates, then the report (their last iteration's forward pass)")
 flags.DEFINE_integer("n_restarts", 10, "restarts (new data draw and initialisation each)")
 flags.DEFINE_integer("seed", 0, "base seed of the restarts")
 flags.DEFINE_float("label_shift", None, "label-shift variant: env 0 gets this fraction of the digits < 5 "
@@ -66,8 +69,8 @@ def main(argv):
     fail(f"--hparams is not valid JSON: {e}")
   except ValueError as e:
     fail(str(e))
-  if FLAGS.n_restarts < 1 or FLAGS.steps < 1:
-    fail("--n_restarts and --steps must be >= 1")
+  if FLAGS.n_restarts < 1 or FLAGS.steps < 2:
+    fail("--n_restarts must be >= 1 and --steps >= 2")
   if FLAGS.label_shift is not None and not 0 < FLAGS.label_shift < 1:
     fail(f"--label_shift must be in (0, 1), got {FLAGS.label_shift}")
   try:

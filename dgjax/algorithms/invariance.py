@@ -11,6 +11,22 @@ Hyperparameter names, defaults and random-search distributions are DomainBed's
 every switch step the role ``anneal_iters`` (the IRM-style benchmark maps its schedule onto
 them). CORAL, MMD, IGA and SD have no schedule in DomainBed; their ``penalty_anneal_iters``
 (default 0: the weight from the first step, DomainBed's behaviour) is ours.
+
+Two protocols, one method. DomainBed's forms are the defaults. IRM, V-REx and Fishr also carry
+the IRM-style Colored MNIST scripts' forms (Arjovsky et al.'s ``colored_mnist/main.py``,
+Fishr's ``coloredmnist/train_coloredmnist.py``, the Hessian paper's ``cmnist_HGP.py``), chosen
+by ``penalty_form = "script"`` (the ``irm_cmnist`` preset, which the IRM-style task applies):
+
+| method | DomainBed (``penalty_form="domainbed"``) | the scripts (``"script"``) |
+|---|---|---|
+| IRM | mean_d of (half-batch gradient x other half's) | mean_d of (whole-batch gradient)^2 |
+| V-REx | variance of the risks, (R0 - R1)^2 / 4 | (R0 - R1)^2 (sum over pairs) |
+| Fishr | EMA of the variances, mean over domains and entries, weight 0 before the switch | no EMA, sum over domains and entries, weight 1 before |
+
+The scripts' schedule is the task's, through the hparams' roles: ``rescale_loss`` (divide the
+objective, L2 included, by the weight once it exceeds 1; every method here has it) and
+``reset_optimizer`` (IRM, V-REx, Fishr: DomainBed re-creates Adam at the switch, the scripts
+keep one Adam for the run).
 """
 
 from __future__ import annotations
@@ -23,7 +39,8 @@ import optax
 
 from dgjax import penalties
 from dgjax.core import (GradientSource, HParam, Method, Terms, annealed_weight, domain_features_and_logits,
-                        domain_logits, domainbed_adam, env_losses_of, flatten_domains, penalized)
+                        domain_logits, domainbed_adam, env_losses_of, flatten_domains, penalized,
+                        penalty_form_hparam, rescale_loss_hparam, reset_optimizer_hparam)
 from dgjax.losses import cross_entropy
 from dgjax.per_domain import per_domain_value_and_grad
 
@@ -41,19 +58,27 @@ def _no_anneal():
 
 
 # ------------------------------------------------------------------------------ IRM / V-REx
+def _script_form(ctx) -> bool:
+  return ctx.hparams["penalty_form"] == "script"
+
+
 def irm_terms(ctx, params, batch, key, state) -> Terms:
-  """Per-domain CE and the mean over domains of :func:`dgjax.penalties.irm_penalty`."""
+  """Per-domain CE and the mean over domains of :func:`dgjax.penalties.irm_penalty`
+  (the scripts' form: :func:`~dgjax.penalties.irm_penalty_full_batch`)."""
   del key
   logits = domain_logits(ctx, params, batch["x"])
-  per_domain = jax.vmap(lambda lg, y: penalties.irm_penalty(lg, y, cross_entropy))(logits, batch["y"])
+  penalty = penalties.irm_penalty_full_batch if _script_form(ctx) else penalties.irm_penalty
+  per_domain = jax.vmap(lambda lg, y: penalty(lg, y, cross_entropy))(logits, batch["y"])
   return Terms(env_losses_of(logits, batch["y"]), jnp.mean(per_domain), state=state)
 
 
 def vrex_terms(ctx, params, batch, key, state) -> Terms:
-  """Per-domain CE and their variance :func:`dgjax.penalties.vrex_penalty`."""
+  """Per-domain CE and their variance :func:`dgjax.penalties.vrex_penalty` (the scripts'
+  form: :func:`~dgjax.penalties.risk_difference_penalty`)."""
   del key
   env_losses = env_losses_of(domain_logits(ctx, params, batch["x"]), batch["y"])
-  return Terms(env_losses, penalties.vrex_penalty(env_losses), state=state)
+  penalty = penalties.risk_difference_penalty if _script_form(ctx) else penalties.vrex_penalty
+  return Terms(env_losses, penalty(env_losses), state=state)
 
 
 # ------------------------------------------------------------------------------ CORAL / MMD
@@ -170,14 +195,28 @@ def _fishr_init(ctx, params):
 
 def fishr_terms(ctx, params, batch, key, state) -> Terms:
   """Fishr (Rame et al., ICML 2022) as DomainBed's ``Fishr``: the variance across domains of
-  the EMA-smoothed per-domain head-gradient variances; ``state`` is the EMA."""
+  the EMA-smoothed per-domain head-gradient variances; ``state`` is the EMA. The scripts'
+  form: the variances themselves (no EMA; ``state`` passes through), summed
+  (``fishr_penalty(..., reduction="sum")``)."""
   del key
   env_losses, variances = head_gradient_variances(ctx, params, batch)
+  if _script_form(ctx):
+    return Terms(env_losses, penalties.fishr_penalty(variances, "sum"), state=state)
   smoothed, ema_state = moving_average(ctx.hparams["ema"]).update(variances, state)
   return Terms(env_losses, penalties.fishr_penalty(smoothed), state=ema_state)
 
 
 # ------------------------------------------------------------------------------ methods
+#: The ``irm_cmnist`` preset of the methods that have a script form.
+SCRIPT_FORM = {"penalty_form": "script"}
+
+
+def _script_switches():
+  """``penalty_form``, ``rescale_loss`` and ``reset_optimizer`` (DomainBed's values by default)."""
+  return {"penalty_form": penalty_form_hparam(), "rescale_loss": rescale_loss_hparam(),
+          "reset_optimizer": reset_optimizer_hparam(True)}
+
+
 IRM = Method(
     name="irm",
     description="IRMv1: mean CE + lambda * squared gradient of each domain's risk w.r.t. a dummy "
@@ -187,9 +226,12 @@ IRM = Method(
         "irm_lambda": HParam(1e2, lambda r: 10**r.uniform(-1, 5), "penalty weight after the anneal",
                              role="penalty_weight", minimum=0.0),
         "irm_penalty_anneal_iters": _anneal_iters(500),
+        **_script_switches(),
     },
     gradients=penalized(irm_terms, weight="irm_lambda", anneal_iters="irm_penalty_anneal_iters"),
-    optimizer=domainbed_adam(reset_at="irm_penalty_anneal_iters"),
+    optimizer=domainbed_adam(reset_at="irm_penalty_anneal_iters",
+                             rescale_by=("irm_lambda", "irm_penalty_anneal_iters")),
+    presets={"irm_cmnist": SCRIPT_FORM},
 )
 
 VREX = Method(
@@ -200,9 +242,12 @@ VREX = Method(
         "vrex_lambda": HParam(1e1, lambda r: 10**r.uniform(-1, 5), "penalty weight after the anneal",
                               role="penalty_weight", minimum=0.0),
         "vrex_penalty_anneal_iters": _anneal_iters(500),
+        **_script_switches(),
     },
     gradients=penalized(vrex_terms, weight="vrex_lambda", anneal_iters="vrex_penalty_anneal_iters"),
-    optimizer=domainbed_adam(reset_at="vrex_penalty_anneal_iters"),
+    optimizer=domainbed_adam(reset_at="vrex_penalty_anneal_iters",
+                             rescale_by=("vrex_lambda", "vrex_penalty_anneal_iters")),
+    presets={"irm_cmnist": SCRIPT_FORM},
 )
 
 
@@ -216,9 +261,11 @@ CORAL = Method(
     description="Deep CORAL: mean CE + gamma * feature mean/covariance mismatch between domains "
                 "(Sun & Saenko, 2016)",
     domainbed_name="CORAL",
-    hparams={"mmd_gamma": _mmd_gamma(), "penalty_anneal_iters": _no_anneal()},
+    hparams={"mmd_gamma": _mmd_gamma(), "penalty_anneal_iters": _no_anneal(),
+             "rescale_loss": rescale_loss_hparam()},
     gradients=penalized(feature_alignment_terms(penalties.coral_penalty), weight="mmd_gamma",
                         anneal_iters="penalty_anneal_iters"),
+    optimizer=domainbed_adam(rescale_by=("mmd_gamma", "penalty_anneal_iters")),
     forward_per_domain=True,
 )
 
@@ -227,9 +274,11 @@ MMD = Method(
     description="MMD: mean CE + gamma * Gaussian-kernel MMD between domains' features "
                 "(Li et al., CVPR 2018)",
     domainbed_name="MMD",
-    hparams={"mmd_gamma": _mmd_gamma(), "penalty_anneal_iters": _no_anneal()},
+    hparams={"mmd_gamma": _mmd_gamma(), "penalty_anneal_iters": _no_anneal(),
+             "rescale_loss": rescale_loss_hparam()},
     gradients=penalized(feature_alignment_terms(penalties.mmd_penalty), weight="mmd_gamma",
                         anneal_iters="penalty_anneal_iters"),
+    optimizer=domainbed_adam(rescale_by=("mmd_gamma", "penalty_anneal_iters")),
     forward_per_domain=True,
 )
 
@@ -240,8 +289,9 @@ IGA = Method(
     domainbed_name="IGA",
     hparams={"penalty": HParam(1000.0, lambda r: 10**r.uniform(1, 5), "penalty weight",
                                role="penalty_weight", minimum=0.0),
-             "penalty_anneal_iters": _no_anneal()},
+             "penalty_anneal_iters": _no_anneal(), "rescale_loss": rescale_loss_hparam()},
     gradients=iga_gradients(weight="penalty", anneal_iters="penalty_anneal_iters"),
+    optimizer=domainbed_adam(rescale_by=("penalty", "penalty_anneal_iters")),
     forward_per_domain=True,
 )
 
@@ -254,14 +304,18 @@ FISHR = Method(
         "lambda": HParam(1000.0, lambda r: 10**r.uniform(1.0, 4.0), "penalty weight after the anneal",
                          role="penalty_weight", minimum=0.0),
         "penalty_anneal_iters": HParam(1500, lambda r: int(r.uniform(0.0, 5000.0)),
-                                       "steps with weight 0 before the penalty starts", kind="int",
+                                       "steps with weight 0 (script form: 1) before the penalty weight", kind="int",
                                        role="anneal_iters", minimum=0),
-        "ema": HParam(0.95, lambda r: r.uniform(0.90, 0.99), "EMA decay of the gradient variances",
-                      minimum=0.0, maximum=1.0),
+        "ema": HParam(0.95, lambda r: r.uniform(0.90, 0.99), "EMA decay of the gradient variances "
+                      "(DomainBed's form only)", minimum=0.0, maximum=1.0),
+        **_script_switches(),
     },
     gradients=penalized(fishr_terms, weight="lambda", anneal_iters="penalty_anneal_iters",
-                        before=0.0, init=_fishr_init),
-    optimizer=domainbed_adam(reset_at="penalty_anneal_iters"),
+                        before=lambda hp: 1.0 if hp["penalty_form"] == "script" else 0.0,
+                        init=_fishr_init),
+    optimizer=domainbed_adam(reset_at="penalty_anneal_iters",
+                             rescale_by=("lambda", "penalty_anneal_iters")),
+    presets={"irm_cmnist": SCRIPT_FORM},
 )
 
 SD = Method(
@@ -271,8 +325,9 @@ SD = Method(
     domainbed_name="SD",
     hparams={"sd_reg": HParam(0.1, lambda r: 10**r.uniform(-5, -1), "weight of the squared logits",
                               role="penalty_weight", minimum=0.0),
-             "penalty_anneal_iters": _no_anneal()},
+             "penalty_anneal_iters": _no_anneal(), "rescale_loss": rescale_loss_hparam()},
     gradients=penalized(spectral_decoupling_terms, weight="sd_reg", anneal_iters="penalty_anneal_iters"),
+    optimizer=domainbed_adam(rescale_by=("sd_reg", "penalty_anneal_iters")),
 )
 
 METHODS = (IRM, VREX, CORAL, MMD, IGA, FISHR, SD)

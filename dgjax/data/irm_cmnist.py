@@ -11,7 +11,9 @@ Fishr (Rame et al., ICML 2022) and by the Hessian-alignment paper (Hemati et al.
 4. the colour is the label, flipped with probability 0.2 (env 0), 0.1 (env 1), 0.9 (test);
 5. the image has two channels, both copies of the digit; channel ``1 - colour`` is zeroed
    (input ``2 x 14 x 14``, flattened channel-major to 392 values in ``[0, 1]``);
-6. the *gray* test set is the test environment with colour removed (both channels kept).
+6. the *gray* test set is the test digits with colour removed (both channels kept) and their
+   own label noise: the scripts that report it (Fishr's, the Hessian paper's) build it by a
+   second ``make_environment`` call on the same digits, which draws the label flips again.
 
 With fewer digits than 60,000 (e.g. the 10,000 of ``mnist-first10k``) the proportions are kept:
 the first ``round(5/6 N)`` digits train, the rest test.
@@ -24,8 +26,7 @@ proportions.
 
 Differences from the reference: randomness comes from numpy generators seeded by ``seed``
 (the reference uses the global numpy/torch RNGs, drawing new data for every restart; so do we,
-with one seed per restart); the gray test set reuses the test environment's noisy labels (the
-reference draws a second, independent label noise for it).
+with one seed per restart).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class IRMColoredMNIST(NamedTuple):
   images: np.ndarray                # float32 [N, 196]: 14x14 grey digits in [0, 1]
   train: list[IRMEnvironment]
   test: IRMEnvironment
+  gray: IRMEnvironment              # the test digits, own label noise, shown without colour
   num_digits: int                   # N, digits used (<= 60,000)
   num_train_digits: int             # round(5/6 N)
   note: str                         # human-readable description of the split
@@ -121,7 +123,7 @@ def irm_colored_mnist(
     raise ValueError(f"label_shift must be in (0, 1), got {label_shift}")
   digits = np.asarray(labels[:n])
   n_train = int(round(n * TRAIN_FRACTION))
-  seq = np.random.SeedSequence(seed).spawn(4)
+  seq = np.random.SeedSequence(seed).spawn(5)
   perm = np.random.default_rng(seq[0]).permutation(n_train)
   if label_shift is None:
     parts = [perm[0::2], perm[1::2]]
@@ -133,6 +135,8 @@ def irm_colored_mnist(
            for i, (idx, f) in enumerate(zip(parts, train_flips))]
   test = _environment(f"test (flip {test_flip})", np.arange(n_train, n), digits, test_flip,
                       np.random.default_rng(seq[3]), label_noise)
+  gray = _environment(f"gray test (flip {test_flip}, colour removed)", np.arange(n_train, n),
+                      digits, test_flip, np.random.default_rng(seq[4]), label_noise)
   if n == MNIST_TRAIN_SIZE:
     note = f"full MNIST training set: {n_train} train / {n - n_train} test digits"
   else:
@@ -140,4 +144,5 @@ def irm_colored_mnist(
             f"{n_train} train / last 1/6 = {n - n_train} test (the published setup: 50000 / 10000)")
   if label_shift is not None:
     note += f"; label shift {label_shift}: env sizes {len(parts[0])} / {len(parts[1])}"
-  return IRMColoredMNIST(downsample_images(np.asarray(images[:n])), train, test, n, n_train, note)
+  return IRMColoredMNIST(downsample_images(np.asarray(images[:n])), train, test, gray, n, n_train,
+                         note)
