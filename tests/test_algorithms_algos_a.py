@@ -1,4 +1,5 @@
-"""DANN, CDANN, MLDG, MTL, ARM, SagNet, Transfer against slow explicit references.
+"""DANN, CDANN, MLDG, MTL, ARM, SagNet, Transfer against slow explicit references (ARM's:
+tests/test_arm_trm_domainbed.py, with the ARM helpers here).
 
 Each reference writes DomainBed's update out with loops over domains and examples on a tiny
 MLP (6 inputs, 5 hidden units, 3 classes) in float64, and is compared with the method's step
@@ -421,66 +422,8 @@ def _context_reference(net, stats, x, train):
   return _conv(h, net["conv2"]["kernel"], net["conv2"]["bias"], pad=2), new_stats
 
 
-def _arm_reference_logits(params, extra, x, context):
-  """The network on ``concat(x, context)`` with ONE first-layer kernel over C + 1 channels."""
-  f = params["featurizer"]["conv1"]
-  w = jnp.concatenate([f["kernel"], extra["context_kernel"]], axis=2)
-  z = jnp.mean(jnp.maximum(_conv(jnp.concatenate([x, context], axis=-1), w, f["bias"]), 0.0),
-               axis=(1, 2))
-  return z @ params["classifier"]["kernel"] + params["classifier"]["bias"]
-
-
-def test_arm_step_and_prediction_match_the_reference():
-  with X64(True):
-    method = methods.get_method("arm")
-    hp = core.resolve_hparams(method, overrides={"batch_size": 3, "lr": 1e-2, "weight_decay": 0.01})
-    model = _tiny_conv_model()
-    params = model.init(jax.random.key(0), jnp.zeros((1, 5, 5, 2)))["params"]
-    params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
-    ctx = core.Context(model=model, hparams=hp, num_domains=2)
-    step = _jitted(method.build(ctx))
-    state = step.init(params)
-    rng = np.random.RandomState(1)
-    batch = {"x": jnp.asarray(rng.randn(2, 3, 5, 5, 2)),
-             "y": jnp.asarray(rng.randint(0, NUM_CLASSES, (2, 3)).astype(np.int32))}
-    updates, state1, metrics = step.update(params, state, batch, jnp.int32(0), jax.random.key(0))
-    src = state.source
-    stats0 = src.batch_stats
-    y = np.asarray(batch["y"])
-
-    def loss(p, extra):
-      xs = batch["x"].reshape(6, 5, 5, 2)
-      c, _ = _context_reference(extra["context_net"], stats0, xs, True)
-      total = 0.0
-      for i in range(2):        # support set = one domain's minibatch: its mean context
-        mean_c = sum(c[i * 3 + k] for k in range(3)) / 3
-        lg = _arm_reference_logits(p, extra, xs[i * 3:i * 3 + 3],
-                                   jnp.broadcast_to(mean_c, (3,) + mean_c.shape))
-        total = total + sum(_ce(lg[k], int(y[i, k])) for k in range(3)) / 6
-      return total
-
-    g, g_extra = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, src.extra)
-    (p_ref,) = _torch_adam_first_steps([lambda p: g], params, hp["lr"], hp["weight_decay"])
-    (e_ref,) = _torch_adam_first_steps([lambda p: g_extra], src.extra, hp["lr"], hp["weight_decay"])
-    _close(optax_apply(params, updates), p_ref)
-    _close(state1.source.extra, e_ref)
-    _, stats_ref = _context_reference(src.extra["context_net"], stats0,
-                                      batch["x"].reshape(6, 5, 5, 2), True)
-    _close(state1.source.batch_stats, stats_ref)
-    np.testing.assert_allclose(metrics["loss"], loss(params, src.extra), rtol=1e-10)
-
-    # prediction: running statistics; groups of batch_size (3) when they divide len(x), else one
-    for n in (6, 5):
-      x = jnp.asarray(rng.randn(n, 5, 5, 2))
-      c, _ = _context_reference(state1.source.extra["context_net"], state1.source.batch_stats,
-                                x, False)
-      size = 3 if n % 3 == 0 else n
-      want = []
-      for start in range(0, n, size):
-        mean_c = sum(c[start + k] for k in range(size)) / size
-        want.append(_arm_reference_logits(params, state1.source.extra, x[start:start + size],
-                                          jnp.broadcast_to(mean_c, (size,) + mean_c.shape)))
-      _close(step.predict(params, state1, x), jnp.concatenate(want))
+# ARM's steps (several, both train_context_net settings) and predictions against DomainBed's
+# update: tests/test_arm_trm_domainbed.py, with the helpers above.
 
 
 def test_arm_refuses_a_featurizer_without_a_first_convolution():

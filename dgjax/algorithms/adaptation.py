@@ -1,10 +1,11 @@
 """Methods that adapt the prediction to the batch at test time: ARM (ARM-CML).
 
 ARM's context network and the first layer's weights on the context channel live in the
-gradient source's state with their own ``Adam(lr, weight_decay)`` (Adam is elementwise: the
-same as DomainBed's one Adam over the union), initialised from
-:func:`dgjax.algorithms.adversarial.derived_key`; the context network's BatchNorm running
-statistics live there too and are what prediction uses.
+gradient source's state, initialised from :func:`dgjax.algorithms.adversarial.derived_key`;
+the context-channel kernel (and, with ``train_context_net``, the context network) has its own
+``Adam(lr, weight_decay)`` there (Adam is elementwise: the same as one Adam over the union
+with the network). The context network's BatchNorm running statistics live there too and are
+what prediction uses.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import optax
 
 from dgjax.algorithms.adversarial import derived_key, like_params
 from dgjax.conv import Conv, conv2d
-from dgjax.core import (COMMON_HPARAMS, GradientSource, Method, Terms, domainbed_adam,
+from dgjax.core import (COMMON_HPARAMS, GradientSource, HParam, Method, Terms, domainbed_adam,
                         env_losses_of, flatten_domains)
 
 PyTree = Any
@@ -136,6 +137,15 @@ def _support_size(ctx):
   return int(ctx.hparams["batch_size"])
 
 
+def _trained_extra(ctx) -> tuple[str, ...]:
+  """The parts of ARM's extra parameters that its Adam trains: the context-channel kernel
+  always (it is part of DomainBed's network), the context network only with the
+  ``train_context_net`` hparam (the paper's form; DomainBed's code never trains it)."""
+  if bool(ctx.hparams["train_context_net"]):
+    return ("context_kernel", "context_net")
+  return ("context_kernel",)
+
+
 def arm_gradients() -> GradientSource:
   """ARM (Zhang et al., "Adaptive Risk Minimization: Learning to Adapt to Domain Shift",
   NeurIPS 2021), the contextual (ARM-CML) variant DomainBed implements as ``ARM``.
@@ -144,8 +154,21 @@ def arm_gradients() -> GradientSource:
   mean over a support set (in training: one domain's minibatch, DomainBed's
   ``support_size = batch_size``) is concatenated to each image of the set as an extra input
   channel of the classifier network (:func:`logits_with_context`). The loss is ERM's (mean
-  cross-entropy on the concatenated batch), and one ``Adam(lr, weight_decay)`` trains the
-  network, ``h`` and the context channel's first-layer kernel.
+  cross-entropy on the concatenated batch).
+
+  What trains, as DomainBed's code (``domainbed/algorithms.py``, commit b93c22a): ``ARM``
+  subclasses ``ERM`` and calls ``super().__init__`` (line 457) with the ``C + 1``-channel
+  input shape, and ERM's ``__init__`` builds ``torch.optim.Adam(self.network.parameters(),
+  lr, weight_decay)`` (lines 107-111) before ARM creates ``self.context_net`` (line 459). So
+  DomainBed's one Adam holds the network only, the context channel's first-layer kernel
+  included (it is part of the network's ``C + 1``-channel first convolution), with
+  ``weight_decay`` added to its gradient; ``h`` is never updated by any optimizer (its
+  parameters keep their init, though the loss's backward reaches them), and only ``h``'s
+  BatchNorm running statistics move, in its training-mode forward of every step. That is the
+  default here. The paper trains ``h`` jointly with the network (its ARM-CML: ``h`` and the
+  model are meta-learned together); the hparam ``train_context_net`` (default false, never
+  drawn by the search) adds ``h`` to the same ``Adam(lr, weight_decay)``, weight decay
+  included: the update DomainBed gives if ``h``'s parameters are added to its Adam.
 
   The context channel's kernel starts as DomainBed's: on a ResNet (a model that sets
   ``copies_input_kernels``), a copy of the first convolution's kernel on image channel 0
@@ -171,14 +194,17 @@ def arm_gradients() -> GradientSource:
     extra = like_params({"context_net": variables["params"], "context_kernel": context_kernel},
                         params)
     stats = like_params(variables["batch_stats"], params)
-    return ARMState(extra, stats, domainbed_adam()(ctx).init(extra))
+    trained = {name: extra[name] for name in _trained_extra(ctx)}
+    return ARMState(extra, stats, domainbed_adam()(ctx).init(trained))
 
   def grads(ctx, params, state, batch, step, key):
     del step, key
     d, b = batch["y"].shape
     x = flatten_domains(batch["x"])
+    trained = {name: state.extra[name] for name in _trained_extra(ctx)}
 
-    def objective(p, extra):
+    def objective(p, trained_extra):
+      extra = {**state.extra, **trained_extra}
       context, new_vars = ContextNet().apply(
           {"params": extra["context_net"], "batch_stats": state.batch_stats}, x, True,
           mutable=["batch_stats"])
@@ -188,11 +214,11 @@ def arm_gradients() -> GradientSource:
       return jnp.mean(env_losses), (env_losses, new_vars["batch_stats"])
 
     (_, (env_losses, stats)), (g, g_extra) = jax.value_and_grad(
-        objective, argnums=(0, 1), has_aux=True)(params, state.extra)
+        objective, argnums=(0, 1), has_aux=True)(params, trained)
     tx = domainbed_adam()(ctx)
-    updates, extra_opt = tx.update(g_extra, state.extra_opt, state.extra)
-    new_state = ARMState(optax.apply_updates(state.extra, updates), stats, extra_opt)
-    return g, Terms(env_losses, None, {}, new_state)
+    updates, extra_opt = tx.update(g_extra, state.extra_opt, trained)
+    extra = {**state.extra, **optax.apply_updates(trained, updates)}
+    return g, Terms(env_losses, None, {}, ARMState(extra, stats, extra_opt))
 
   return GradientSource(grads, init)
 
@@ -209,10 +235,17 @@ def arm_predict(ctx, params, state, x):
 
 
 def _arm_hparams():
-  """ARM has no hparams of its own; DomainBed fixes its batch size to 8 on large images."""
-  return {"batch_size": dataclasses.replace(
-      COMMON_HPARAMS["batch_size"], large_default=8, large_sample=lambda r: 8,
-      doc="examples per domain per step (also ARM's support-set size)")}
+  """DomainBed's ARM has no hparams of its own and fixes its batch size to 8 on large images;
+  ``train_context_net`` is ours (the paper's form, see :func:`arm_gradients`)."""
+  return {
+      "batch_size": dataclasses.replace(
+          COMMON_HPARAMS["batch_size"], large_default=8, large_sample=lambda r: 8,
+          doc="examples per domain per step (also ARM's support-set size)"),
+      "train_context_net": HParam(
+          False, lambda r: False, "train the context network with the network's Adam (the "
+          "paper); false: DomainBed's code, whose Adam never holds it", kind="bool",
+          structural=True),
+  }
 
 
 ARM = Method(
@@ -221,6 +254,7 @@ ARM = Method(
                 "adapting predictions to each test batch (Zhang et al., NeurIPS 2021)",
     domainbed_name="ARM",
     hparams=_arm_hparams(),
+    presets={"paper": {"train_context_net": True}},
     gradients=arm_gradients(),
     predict=arm_predict,
 )

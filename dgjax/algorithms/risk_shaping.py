@@ -224,7 +224,8 @@ def _trm_init(ctx, params):
   d = ctx.num_domains
   heads = treedef.unflatten([jax.random.uniform(k, (d,) + leaf.shape, leaf.dtype, -bound, bound)
                              for k, leaf in zip(keys, leaves)])
-  return TRMState(heads, jnp.ones((d, d), jnp.float32) - jnp.eye(d, dtype=jnp.float32))
+  dtype = _head_kernel(head).dtype     # the network's precision (float64 under jax_enable_x64)
+  return TRMState(heads, jnp.ones((d, d), dtype) - jnp.eye(d, dtype=dtype))
 
 
 def neumann_inverse_hvp(hvp, v0: jax.Array, steps: int = TRM_NEUMANN_STEPS, bound: float = 10.0,
@@ -233,10 +234,11 @@ def neumann_inverse_hvp(hvp, v0: jax.Array, steps: int = TRM_NEUMANN_STEPS, boun
   ``v_j = (I - H) v_{j-1}`` and the running sum ``h``; it stops after the step where
   ``max |h| > bound`` (that ``h`` is returned).
 
-  ``alias_first_term``: DomainBed's code starts the sum as the SAME tensor as ``v`` and then
-  updates ``v`` in place, so its first step gives ``h = 2 v_1`` instead of ``v_0 + v_1``:
-  ``h = 2 v_1 + v_2 + ... + v_k``. True (DomainBed's numbers) by default; False gives the
-  series as written in the paper."""
+  ``alias_first_term`` (TRM's hparam of that name; may be traced): DomainBed's code
+  (``TRM.neum``, ``h_estimate = v`` then ``v -= hv``) starts the sum as the SAME tensor as
+  ``v`` and then updates ``v`` in place, so its first step gives ``h = 2 v_1`` instead of
+  ``v_0 + v_1``: ``h = 2 v_1 + v_2 + ... + v_k``. True (DomainBed's numbers) by default;
+  False gives the series as written in the paper."""
 
   def body(i, carry):
     v, h, done = carry
@@ -250,7 +252,7 @@ def neumann_inverse_hvp(hvp, v0: jax.Array, steps: int = TRM_NEUMANN_STEPS, boun
   return h
 
 
-def trm_gradients(alias_first_term: bool = True) -> GradientSource:
+def trm_gradients() -> GradientSource:
   """TRM as DomainBed's ``TRM.update``. Before step ``iters``: ERM on the concatenated
   minibatch. From ``iters`` on, with ``z = featurizer(x)`` (one pooled forward):
 
@@ -267,8 +269,24 @@ def trm_gradients(alias_first_term: bool = True) -> GradientSource:
   5. objective ``= CE(head(z), y) + (1/D) sum_Q swap_Q``; the heads ``c_Q`` are constants in
      it (DomainBed's backward reaches them but their gradients are discarded).
 
+  DomainBed's two aliasing quirks, each an hparam (true: DomainBed's numbers, the default;
+  false: the paper's formula; preset ``paper`` sets both false):
+
+  * ``alias_alpha_weight``: DomainBed (``domainbed/algorithms.py``, commit b93c22a) weights
+    ``loss_P`` by ``self.alpha[Q, i].data.detach()`` (line 1821), a view that shares storage
+    with ``alpha`` (and, through ``.data``, not its version counter, so autograd does not
+    complain), then updates ``alpha[Q, i]`` in place (line 1831) before
+    ``loss_swap.backward()`` (line 1851). The multiplication's backward reads the weight
+    then: the VALUE of ``P_Q`` (logged ``trm_loss``, and the ``alpha`` update itself) uses
+    the step's normalised ``alpha``, but the GRADIENT of ``P_Q`` reaching the featurizer is
+    weighted by the UPDATED ``alpha[Q, i]`` (step 4's new value). ``d P_Q / d W_Q`` for the
+    Neumann term is taken before the update and uses the old weights either way. False:
+    the old weights for value and gradient (DomainBed with ``.clone()``).
+  * ``alias_first_term``: the Neumann sum's first term (:func:`neumann_inverse_hvp`).
+
   The main network is trained by Adam (DomainBed's two Adams over featurizer and head equal
-  one). DomainBed keeps ``D + 1`` heads; the last is never used and is omitted here. Logs
+  one). DomainBed keeps ``D + 1`` heads; the last is never used and is omitted here. ``alpha``
+  has the network's dtype (DomainBed's is float32; here float64 runs stay float64). Logs
   ``nll`` and ``trm_loss`` (DomainBed's keys; ``objective = nll + trm_loss``).
   """
 
@@ -280,6 +298,8 @@ def trm_gradients(alias_first_term: bool = True) -> GradientSource:
     _head_kernel(params["classifier"])
     head_logits = lambda head, z: ctx.head_logits(head, z)
     ce = lambda head, z, yy: cross_entropy(head_logits(head, z), yy)
+    alias_alpha = jnp.asarray(hp["alias_alpha_weight"], bool)
+    alias_first_term = jnp.asarray(hp["alias_first_term"], bool)
 
     def erm_branch(operand):
       p, st = operand
@@ -318,12 +338,19 @@ def trm_gradients(alias_first_term: bool = True) -> GradientSource:
       def objective(head_main, zz):
         logits = head_logits(head_main, zz.reshape((d * b,) + zz.shape[2:]))
         env_losses = env_losses_of(logits.reshape((d, b) + logits.shape[1:]), y)
-        swaps, weighted = [], []
+        swaps, new_rows = [], []
         for q in range(d):
           head_q = jax.tree.map(lambda h: h[q], heads)
           cross = jax.vmap(lambda zi, yi: ce(head_q, zi, yi))(zz, y)             # [D]
           w_q = jnp.where(eye[q], 0.0, alpha[q])
-          loss_p = jnp.sum(jnp.where(eye[q], 0.0, w_q * cross))
+          weighted = jax.lax.stop_gradient(w_q * cross)
+          new_row = jnp.where(eye[q], alpha[q],
+                              alpha[q] * jnp.exp(hp["groupdro_eta"] * weighted))
+          # the value with this step's weights; the gradient with the updated ones if aliased
+          w_grad = jnp.where(eye[q], 0.0, jnp.where(alias_alpha, new_row, w_q))
+          cross_const = jax.lax.stop_gradient(cross)
+          loss_p = jnp.sum(jnp.where(eye[q], 0.0,
+                                     w_q * cross_const + w_grad * (cross - cross_const)))
           grad_p = jax.grad(lambda k: jnp.sum(jnp.where(eye[q], 0.0, w_q * jax.vmap(
               lambda zi, yi: ce(dict(head_q, kernel=k), zi, yi))(z_const, y))))(head_q["kernel"])
           hvp = lambda v: jax.jvp(lambda k: kernel_grad(dict(head_q, kernel=k), z_const[q], y[q]),
@@ -332,17 +359,17 @@ def trm_gradients(alias_first_term: bool = True) -> GradientSource:
                                                           alias_first_term=alias_first_term))
           g_q = kernel_grad(head_q, zz[q], y[q])
           swaps.append(loss_p - hp["cos_lambda"] * jnp.vdot(h_q, g_q))
-          weighted.append(jax.lax.stop_gradient(w_q * cross))
+          new_rows.append(new_row)
         swap = sum(swaps) / d
         nll = jnp.mean(env_losses)
-        return nll + swap, (env_losses, swap, jnp.stack(weighted))
+        return nll + swap, (env_losses, swap, jnp.stack(new_rows))
 
-      (_, (env_losses, swap, weighted)), (g_head, g_z) = jax.value_and_grad(
+      (_, (env_losses, swap, new_alpha)), (g_head, g_z) = jax.value_and_grad(
           objective, argnums=(0, 1), has_aux=True)(p["classifier"], z)
       g = features_vjp(g_z.reshape(z_flat.shape))[0]
       g = dict(g, classifier=jax.tree.map(jnp.add, g["classifier"], g_head))
-      new_alpha = jnp.where(eye, alpha, alpha * jnp.exp(hp["groupdro_eta"] * weighted))
-      return g, env_losses, swap, TRMState(heads, new_alpha)
+      return (g, env_losses, swap.astype(env_losses.dtype),
+              TRMState(heads, new_alpha.astype(st.alpha.dtype)))
 
     g, env_losses, swap, new_state = jax.lax.cond(step >= hp["iters"], trm_branch, erm_branch,
                                                   (params, state))
@@ -424,7 +451,14 @@ TRM = Method(
                                minimum=0.0),
         "class_balanced": HParam(False, lambda r: False, "copy the main head's kernel into every "
                                  "domain head each step (DomainBed's common hparam)", kind="bool"),
+        "alias_alpha_weight": HParam(True, lambda r: True, "the transfer risk's gradient weighted "
+                                     "by alpha after this step's update, as DomainBed's in-place "
+                                     "aliasing; false: this step's alpha (the paper)", kind="bool"),
+        "alias_first_term": HParam(True, lambda r: True, "the Neumann sum's first term aliased "
+                                   "as DomainBed's code (2 v1); false: v0 + v1 (the paper)",
+                                   kind="bool"),
     },
+    presets={"paper": {"alias_alpha_weight": False, "alias_first_term": False}},
     gradients=trm_gradients(),
     optimizer=domainbed_adam(),
 )
