@@ -76,7 +76,7 @@ chain with these transforms works as usual (they keep the updates' shape).
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence, Union
+from typing import Any, Callable, Mapping, NamedTuple, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -102,9 +102,16 @@ def head_selector(head: HeadSpec = DEFAULT_HEAD) -> Callable[[PyTree], PyTree]:
   path = (head,) if isinstance(head, str) else tuple(head)
 
   def select(params):
-    for k in path:
-      params = params[k]
-    return params
+    tree = params
+    for depth, k in enumerate(path):
+      if not isinstance(tree, Mapping) or k not in tree:
+        have = sorted(tree) if isinstance(tree, Mapping) else type(tree).__name__
+        hint = (" (model.init returns {'params': ...}: pass its ['params'])"
+                if isinstance(tree, Mapping) and list(tree) == ["params"] else "")
+        raise KeyError(f"head {path!r}: no key {k!r} at {path[:depth]!r} of the params; "
+                       f"found {have}{hint}. Point head= at the head's parameters.")
+      tree = tree[k]
+    return tree
 
   return select
 
