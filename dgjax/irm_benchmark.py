@@ -291,7 +291,7 @@ def run(cfg: IRMConfig, images: np.ndarray, labels: np.ndarray,
           "summary": summary, "history": history, "note": datasets[0].note,
           "hparams": dict(configs[0].resolved_hparams), "n_restarts": cfg.n_restarts,
           "train_seconds": time.perf_counter() - t0, "env_size": int(n_env),
-          "label_shift": cfg.label_shift}
+          "label_shift": cfg.label_shift, "steps": cfg.steps, "seed": cfg.seed}
 
 
 METRICS = ("train_acc", "test_acc", "gray_acc")

@@ -40,6 +40,9 @@ def parse_args(argv):
   irm.add_argument("--data_dir", default=None, help="MNIST IDX files (default: TFDS 'mnist')")
   irm.add_argument("--restarts_impl", choices=["auto", "vmap", "sequential"], default="auto",
                    help="auto: sequential on CPU, vmapped elsewhere")
+  irm.add_argument("--results", default=None,
+                   help="JSON lines of each method's result, appended as it finishes; a method "
+                        "already there with the same restarts, steps and seed is not run again")
   irm.add_argument("--output", default=None, help="write the Markdown report here")
   db = sub.add_parser("domainbed", help="DomainBed's sweep protocol and selection",
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -77,6 +80,7 @@ def write(report: str, output: str | None) -> None:
 def run_irm_cmnist(args) -> int:
   from dgjax import irm_benchmark, methods, reproduce
   from dgjax.data import DataError, load_mnist
+  from dgjax.results import append_jsonl, read_jsonl
   try:
     for m in args.methods:
       methods.get_method(m)
@@ -89,14 +93,25 @@ def run_irm_cmnist(args) -> int:
   if impl == "auto":
     import jax
     impl = "sequential" if jax.default_backend() == "cpu" else "vmap"
+  done = {}
+  if args.results and Path(args.results).exists():
+    for r in read_jsonl(args.results):
+      if (r["n_restarts"], r["steps"], r["seed"]) == (args.n_restarts, args.steps, args.seed):
+        done[r["method"]] = r
   results = []
   for m in args.methods:
+    if m in done:
+      print(f"== {m}: from {args.results}", flush=True)
+      results.append(done[m])
+      continue
     cfg = irm_benchmark.IRMConfig(method=m, steps=args.steps, n_restarts=args.n_restarts,
                                   seed=args.seed, restarts_impl=impl)
     print(f"== {m}: {args.n_restarts} restarts ({impl})", flush=True)
     r = irm_benchmark.run(cfg, mnist.images, mnist.labels, log=lambda line: print("  " + line, flush=True))
     print(f"   {r['train_seconds']:.0f} s", flush=True)
     results.append(r)
+    if args.results:
+      append_jsonl(args.results, r)
   scale = (f"{results[0]['note']}; {args.steps} steps, {args.n_restarts} restarts per method, "
            f"seed {args.seed}; data: {mnist.source}")
   write(reproduce.irm_cmnist_report(results, scale), args.output)
