@@ -42,8 +42,8 @@ import optax
 from dgjax.losses import cross_entropy
 from dgjax.per_domain import map_over_leading, per_domain_value_and_grad
 from dgjax.seeding import seed_hash
+from dgjax.types import PyTree
 
-PyTree = Any
 Sampler = Callable[[np.random.RandomState], Any]
 
 #: DomainBed's ``SMALL_IMAGES``: datasets whose common hparams are the MNIST-sized ones.

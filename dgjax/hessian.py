@@ -76,7 +76,7 @@ chain with these transforms works as usual (they keep the updates' shape).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, NamedTuple, Sequence, Union
+from typing import Callable, Mapping, NamedTuple, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -84,8 +84,8 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from dgjax import masks
+from dgjax.types import PyTree
 
-PyTree = Any
 ObjFn = Callable[[PyTree, PyTree], jax.Array]      # obj_fn(head_params, domain_inputs) -> scalar
 HeadSpec = Union[str, Sequence[str], Callable[[PyTree], PyTree]]
 Weight = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]

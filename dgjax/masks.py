@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-PyTree = Any
+from dgjax.types import PyTree
 
 _RESCALE_EPS = 1e-10  # DomainBed's guard in 1 / (1e-10 + mean(mask))
 

@@ -11,15 +11,15 @@ each docstring names the paper and any choice DomainBed makes that the paper lea
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dgjax.losses import cross_entropy
+from dgjax.types import PyTree
 
-PyTree = Any
 
 #: DomainBed's Gaussian-kernel bandwidths for MMD: ``k(x, y) = sum_g exp(-g |x - y|^2)``.
 MMD_GAMMAS = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)

@@ -19,7 +19,8 @@ from typing import Any, Callable, Literal
 import jax
 import jax.numpy as jnp
 
-PyTree = Any
+from dgjax.types import PyTree
+
 LossFn = Callable[..., Any]
 
 Impl = Literal["vmap", "unrolled"]

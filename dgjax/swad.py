@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-PyTree = Any
+from dgjax.types import PyTree
 
 
 # ------------------------------------------------------------------- dense averaging

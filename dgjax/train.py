@@ -37,8 +37,7 @@ from dgjax import swad as swad_lib
 from dgjax.checkpoints import CheckpointError, Checkpoints, key_from_data, key_to_data
 from dgjax.progress import Progress
 from dgjax.tasks import DomainBedTask, Split, TrainData, make_accuracy_fn, make_train_data, sample_batch  # noqa: F401
-
-PyTree = Any
+from dgjax.types import PyTree
 
 #: Where an image dataset is read from: DomainBed's folders, or a prepared TFDS copy.
 DATA_SOURCES = ("folder", "tfds")

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1] / "dgjax"
 
 #: The bottom layer: pure maths, no method protocol, no engine.
 MATHS = {"dgjax.losses", "dgjax.per_domain", "dgjax.masks", "dgjax.penalties", "dgjax.hessian",
-         "dgjax.seeding"}
+         "dgjax.seeding", "dgjax.types"}
 
 
 def module_name(path: Path) -> str:

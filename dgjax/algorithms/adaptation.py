@@ -11,7 +11,7 @@ what prediction uses.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -22,8 +22,7 @@ from dgjax.algorithms.adversarial import derived_key, like_params
 from dgjax.conv import Conv, conv2d
 from dgjax.core import (COMMON_HPARAMS, GradientSource, HParam, Method, Terms, domainbed_adam,
                         env_losses_of, flatten_domains)
-
-PyTree = Any
+from dgjax.types import PyTree
 
 
 class TorchBatchNorm2d(nn.Module):

@@ -44,7 +44,7 @@ featurizers both load the same pretrained weights), as a copy of the model's fea
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -54,8 +54,8 @@ import optax
 from dgjax.core import GradientSource, HParam, Method, Terms, flatten_domains
 from dgjax.losses import cross_entropy
 from dgjax.models import TorchDense
+from dgjax.types import PyTree
 
-PyTree = Any
 #: Folded into ``jax.random.key(0)`` to initialise ADRMX's added networks.
 ADRMX_SEED = 2308
 

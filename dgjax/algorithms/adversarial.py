@@ -15,7 +15,7 @@ key argument at ``init``).
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -26,8 +26,7 @@ from dgjax.core import (GradientSource, HParam, Method, Terms, domainbed_adam, e
                         flatten_domains, over_domains)
 from dgjax.losses import cross_entropy
 from dgjax.models import TorchDense
-
-PyTree = Any
+from dgjax.types import PyTree
 
 
 # ----------------------------------------------------------------------------- helpers

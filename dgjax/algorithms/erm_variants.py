@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -23,8 +23,7 @@ import optax
 from dgjax.core import (GradientSource, HParam, Method, Terms, env_losses_of,
                         flatten_domains, penalized, pooled_erm_terms, torch_adam)
 from dgjax.models import TorchDense
-
-PyTree = Any
+from dgjax.types import PyTree
 
 
 class ExtraNet(NamedTuple):

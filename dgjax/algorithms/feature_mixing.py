@@ -8,7 +8,7 @@ those networks' Adam states live in the gradient source's state, initialised fro
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +18,7 @@ from dgjax.algorithms.adversarial import derived_key, head_shape, like_params
 from dgjax.core import (GradientSource, HParam, Method, Terms, domainbed_adam, env_losses_of,
                         domain_features, flatten_domains)
 from dgjax.losses import cross_entropy
-
-PyTree = Any
+from dgjax.types import PyTree
 
 
 def torch_linear_init(key, fan_in: int, outputs: int, dtype=jnp.float32) -> dict:

@@ -31,7 +31,7 @@ keep one Adam for the run).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,8 +43,7 @@ from dgjax.core import (GradientSource, HParam, Method, Terms, annealed_weight, 
                         penalty_form_hparam, rescale_loss_hparam, reset_optimizer_hparam)
 from dgjax.losses import cross_entropy
 from dgjax.per_domain import per_domain_value_and_grad
-
-PyTree = Any
+from dgjax.types import PyTree
 
 
 def _anneal_iters(default, doc="steps before the penalty weight switches (weight 1 before)"):

@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -14,8 +12,6 @@ import optax
 from dgjax.core import (GradientSource, HParam, Method, Terms, domain_logits, domainbed_adam,
                         env_losses_of)
 from dgjax.per_domain import map_over_leading
-
-PyTree = Any
 
 
 def meta_split(num_domains: int, num_meta_test: int):

@@ -38,8 +38,7 @@ from dgjax.core import (GradientSource, HParam, Method, Terms, annealed_weight,
                         flatten_domains, penalized, torch_adam)
 from dgjax.losses import cross_entropy
 from dgjax.models import TorchDense
-
-PyTree = Any
+from dgjax.types import PyTree
 
 
 # ------------------------------------------------------------------------------ helpers

@@ -27,8 +27,7 @@ from dgjax.algorithms.representation import derived_init_key
 from dgjax.core import (COMMON_HPARAMS, GradientSource, HParam, Method, Terms, domain_logits,
                         domainbed_adam, env_losses_of, flatten_domains, penalized, reset_at_step)
 from dgjax.losses import cross_entropy
-
-PyTree = Any
+from dgjax.types import PyTree
 
 
 # ------------------------------------------------------------------------------ optimizer
