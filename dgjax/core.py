@@ -137,20 +137,21 @@ class HParam:
     return value
 
 
-def _log_uniform(lo, hi):
+def log_uniform(lo, hi) -> Sampler:
+  """DomainBed's ``10 ** r.uniform(lo, hi)``: a log-uniform draw on ``[10^lo, 10^hi)``."""
   return lambda r: float(10**r.uniform(lo, hi))
 
 
 #: DomainBed's hparams shared by every method (small-image values; large-image ones beside).
 COMMON_HPARAMS: dict[str, HParam] = {
-    "lr": HParam(1e-3, _log_uniform(-4.5, -2.5), "Adam learning rate", role="lr", positive=True,
-                 large_default=5e-5, large_sample=_log_uniform(-5, -3.5)),
+    "lr": HParam(1e-3, log_uniform(-4.5, -2.5), "Adam learning rate", role="lr", positive=True,
+                 large_default=5e-5, large_sample=log_uniform(-5, -3.5)),
     "batch_size": HParam(64, lambda r: int(2**r.uniform(3, 9)), "examples per domain per step",
                          kind="int", structural=True, role="batch_size", minimum=1,
                          large_default=32, large_sample=lambda r: int(2**r.uniform(3, 5.5))),
     "weight_decay": HParam(0.0, lambda r: 0.0, "L2 weight decay added to the gradient (torch Adam)",
                            role="weight_decay", minimum=0.0,
-                           large_default=0.0, large_sample=_log_uniform(-6, -2)),
+                           large_default=0.0, large_sample=log_uniform(-6, -2)),
 }
 
 

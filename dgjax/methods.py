@@ -1,8 +1,9 @@
 """The registry of training methods: ``--method`` name -> :class:`dgjax.core.Method`.
 
 Each method is defined in its family's module under :mod:`dgjax.algorithms`; adding one is
-that module's block plus one line here. Name-based helpers (hparam specs, defaults, DomainBed's
-random draws, override resolution) look the method up and defer to :mod:`dgjax.core`.
+that module's block plus one entry in :data:`ALL_METHODS`, the one list the registry is filled
+from. Name-based helpers (hparam specs, defaults, DomainBed's random draws, override
+resolution) look the method up and defer to :mod:`dgjax.core`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,20 @@ from dgjax.algorithms import risk_shaping as _risk_shaping
 from dgjax.core import Context, HParam, Method, MethodStep  # noqa: F401  (the protocol, for users)
 from dgjax.losses import cross_entropy  # noqa: F401
 
+#: Every training method, in the registry's (and the results tables') order.
+ALL_METHODS: tuple[Method, ...] = (
+    _combination.ERM, _combination.AND_MASK, _combination.SAND_MASK, _combination.GROUP_DRO,
+    _invariance.IRM, _invariance.VREX, _invariance.CORAL, _invariance.MMD, _invariance.IGA,
+    _invariance.FISHR, _invariance.SD, _mixing.MIXUP, _meta.FISH, _hessian.HGP,
+    _hessian.HUTCHINSON, _hessian.CMA,
+    _adversarial.DANN, _adversarial.CDANN, _meta_gradient.MLDG, _feature_mixing.MTL,
+    _feature_mixing.SAGNET, _adaptation.ARM, _adversarial.TRANSFER,
+    _representation.IB_ERM, _representation.IB_IRM, _representation.RSC, _representation.SELFREG,
+    _risk_shaping.EQRM, _risk_shaping.RDM, _risk_shaping.TRM,
+    _causal.CAUSIRL_CORAL, _causal.CAUSIRL_MMD, _contrastive.CAD, _contrastive.COND_CAD,
+    _erm_variants.ERM_PLUS_PLUS, _erm_variants.URM, _adrmx.ADRMX,
+)
+
 METHODS: dict[str, Method] = {}
 
 
@@ -37,46 +52,10 @@ def register(method: Method) -> Method:
     raise ValueError(f"method {method.name!r} is already registered")
   METHODS[method.name] = method
   return method
-register(_combination.ERM)
-register(_combination.AND_MASK)
-register(_combination.SAND_MASK)
-register(_combination.GROUP_DRO)
-register(_invariance.IRM)
-register(_invariance.VREX)
-register(_invariance.CORAL)
-register(_invariance.MMD)
-register(_invariance.IGA)
-register(_invariance.FISHR)
-register(_invariance.SD)
-register(_mixing.MIXUP)
-register(_meta.FISH)
-register(_hessian.HGP)
-register(_hessian.HUTCHINSON)
-register(_hessian.CMA)
 
-register(_adversarial.DANN)
-register(_adversarial.CDANN)
-register(_meta_gradient.MLDG)
-register(_feature_mixing.MTL)
-register(_feature_mixing.SAGNET)
-register(_adaptation.ARM)
-register(_adversarial.TRANSFER)
 
-register(_representation.IB_ERM)
-register(_representation.IB_IRM)
-register(_representation.RSC)
-register(_representation.SELFREG)
-register(_risk_shaping.EQRM)
-register(_risk_shaping.RDM)
-register(_risk_shaping.TRM)
-
-register(_causal.CAUSIRL_CORAL)
-register(_causal.CAUSIRL_MMD)
-register(_contrastive.CAD)
-register(_contrastive.COND_CAD)
-register(_erm_variants.ERM_PLUS_PLUS)
-register(_erm_variants.URM)
-register(_adrmx.ADRMX)
+for _method in ALL_METHODS:
+  register(_method)
 
 
 def get_method(name: str) -> Method:

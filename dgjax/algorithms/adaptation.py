@@ -257,5 +257,3 @@ ARM = Method(
     gradients=arm_gradients(),
     predict=arm_predict,
 )
-
-METHODS = (ARM,)

@@ -370,5 +370,3 @@ ADRMX = Method(
     optimizer=adrmx_optimizer,
     predict=adrmx_predict,
 )
-
-METHODS = (ADRMX,)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from dgjax.core import (GradientSource, HParam, Method, Terms, domainbed_adam, env_losses_of,
-                        flatten_domains, over_domains)
+                        flatten_domains, log_uniform, over_domains)
 from dgjax.losses import cross_entropy
 from dgjax.models import TorchDense
 from dgjax.types import PyTree
@@ -266,21 +266,17 @@ def _generator_optimizer(ctx):
                        dann_generator_step(ctx))
 
 
-def _log_uniform(lo, hi):
-  return lambda r: float(10**r.uniform(lo, hi))
-
-
 def _dann_hparams() -> dict[str, HParam]:
   """DomainBed's ``DANN``/``CDANN`` hparams (``hparams_registry.py``)."""
   return {
-      "lambda": HParam(1.0, _log_uniform(-2, 2), "weight of the adversarial (domain) loss in "
+      "lambda": HParam(1.0, log_uniform(-2, 2), "weight of the adversarial (domain) loss in "
                        "the generator loss", minimum=0.0),
-      "weight_decay_d": HParam(0.0, _log_uniform(-6, -2), "discriminator Adam weight decay",
+      "weight_decay_d": HParam(0.0, log_uniform(-6, -2), "discriminator Adam weight decay",
                                minimum=0.0),
       "d_steps_per_g_step": HParam(1, lambda r: int(2**r.uniform(0, 3)),
                                    "discriminator steps per generator step", kind="int",
                                    minimum=0),
-      "grad_penalty": HParam(0.0, _log_uniform(-2, 1), "weight of the discriminator's "
+      "grad_penalty": HParam(0.0, log_uniform(-2, 1), "weight of the discriminator's "
                              "input-gradient penalty", minimum=0.0),
       "beta1": HParam(0.5, lambda r: float(r.choice([0.0, 0.5])), "Adam beta1 of both "
                       "optimizers (beta2 is 0.9)", minimum=0.0, maximum=0.999),
@@ -290,13 +286,13 @@ def _dann_hparams() -> dict[str, HParam]:
                           "layers)", kind="int", structural=True, minimum=2),
       "mlp_dropout": HParam(0.0, lambda r: float(r.choice([0.0, 0.1, 0.5])),
                             "discriminator dropout rate", minimum=0.0, maximum=0.99),
-      "lr_g": HParam(1e-3, _log_uniform(-4.5, -2.5), "generator (featurizer + classifier) "
+      "lr_g": HParam(1e-3, log_uniform(-4.5, -2.5), "generator (featurizer + classifier) "
                      "Adam learning rate", positive=True, large_default=5e-5,
-                     large_sample=_log_uniform(-5, -3.5)),
-      "lr_d": HParam(1e-3, _log_uniform(-4.5, -2.5), "discriminator Adam learning rate",
-                     positive=True, large_default=5e-5, large_sample=_log_uniform(-5, -3.5)),
+                     large_sample=log_uniform(-5, -3.5)),
+      "lr_d": HParam(1e-3, log_uniform(-4.5, -2.5), "discriminator Adam learning rate",
+                     positive=True, large_default=5e-5, large_sample=log_uniform(-5, -3.5)),
       "weight_decay_g": HParam(0.0, lambda r: 0.0, "generator Adam weight decay", minimum=0.0,
-                               large_default=0.0, large_sample=_log_uniform(-6, -2)),
+                               large_default=0.0, large_sample=log_uniform(-6, -2)),
   }
 
 
@@ -424,24 +420,22 @@ TRANSFER = Method(
                 "classifier kept near the classifier (Zhang et al., NeurIPS 2021)",
     domainbed_name="Transfer",
     hparams={
-        "t_lambda": HParam(1.0, _log_uniform(-2, 1), "weight of the loss gap",
+        "t_lambda": HParam(1.0, log_uniform(-2, 1), "weight of the loss gap",
                            minimum=0.0),
         "delta": HParam(2.0, lambda r: float(r.uniform(0.1, 3.0)), "radius of the ball around "
                         "the classifier that holds the adversarial classifier", minimum=0.0),
         "d_steps_per_g": HParam(10, lambda r: int(r.choice([1, 2, 5])), "adversarial SGD "
                                 "ascent steps per step", kind="int", minimum=0),
-        "weight_decay_d": HParam(0.0, _log_uniform(-6, -2), "registered by DomainBed, unused "
+        "weight_decay_d": HParam(0.0, log_uniform(-6, -2), "registered by DomainBed, unused "
                                  "by its Transfer (and ours)", minimum=0.0),
         "gda": HParam(False, lambda r: True, "DomainBed's gda branch: its optimizer then holds "
                       "only the adversarial classifier, so the network never trains",
                       kind="bool", structural=True),
         "beta1": HParam(0.5, lambda r: float(r.choice([0.0, 0.5])), "registered by DomainBed, "
                         "unused by its Transfer (and ours)", minimum=0.0, maximum=0.999),
-        "lr_d": HParam(1e-3, _log_uniform(-4.5, -2.5), "adversarial classifier SGD step size",
+        "lr_d": HParam(1e-3, log_uniform(-4.5, -2.5), "adversarial classifier SGD step size",
                        positive=True),
     },
     gradients=transfer_gradients(),
     optimizer=lambda ctx: optax.sgd(1.0),
 )
-
-METHODS = (DANN, CDANN, TRANSFER)

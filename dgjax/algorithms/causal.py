@@ -126,5 +126,3 @@ CAUSIRL_MMD = Method(
     gradients=penalized(causirl_terms(masked_mmd_distance), weight="mmd_gamma"),
     forward_per_domain=True,
 )
-
-METHODS = (CAUSIRL_CORAL, CAUSIRL_MMD)

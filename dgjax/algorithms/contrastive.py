@@ -207,5 +207,3 @@ COND_CAD = Method(
     hparams=_cad_hparams(),
     gradients=cad_gradients(conditional=True),
 )
-
-METHODS = (CAD, COND_CAD)

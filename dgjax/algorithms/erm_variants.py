@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from dgjax.core import (GradientSource, HParam, Method, Terms, env_losses_of,
-                        flatten_domains, penalized, pooled_erm_terms, torch_adam)
+                        flatten_domains, log_uniform, penalized, pooled_erm_terms, torch_adam)
 from dgjax.models import TorchDense
 from dgjax.types import PyTree
 
@@ -296,10 +296,6 @@ def urm_gradients() -> GradientSource:
   return GradientSource(grads, init)
 
 
-def _log_uniform(lo, hi):
-  return lambda r: float(10**r.uniform(lo, hi))
-
-
 URM = Method(
     name="urm",
     description="URM: bounded features pushed towards a uniform distribution by an adversarial "
@@ -324,12 +320,10 @@ URM = Method(
             "tanh", lambda r: str(r.choice(["tanh", "relu"])), "activation on the features "
             "(the noise is uniform on its range)", kind="choice",
             choices=("tanh", "relu", "sigmoid"), structural=True),
-        "urm_discriminator_lr": HParam(1e-3, _log_uniform(-5.5, -3.5), "discriminator learning "
+        "urm_discriminator_lr": HParam(1e-3, log_uniform(-5.5, -3.5), "discriminator learning "
                                        "rate", positive=True, large_default=5e-5,
-                                       large_sample=_log_uniform(-6, -4.5)),
+                                       large_sample=log_uniform(-6, -4.5)),
     },
     gradients=urm_gradients(),
     predict=urm_predict,
 )
-
-METHODS = (ERM_PLUS_PLUS, URM)

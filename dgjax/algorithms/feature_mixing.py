@@ -270,5 +270,3 @@ SAGNET = Method(
     gradients=sagnet_gradients(),
     optimizer=lambda ctx: optax.sgd(1.0),
 )
-
-METHODS = (MTL, SAGNET)

@@ -104,5 +104,3 @@ GROUP_DRO = Method(
     logged_state={"groupdro_q": "q", "robust_loss": "robust_loss"},
     forward_per_domain=True,
 )
-
-METHODS = (ERM, AND_MASK, SAND_MASK, GROUP_DRO)

@@ -194,5 +194,3 @@ CMA = _alignment_method(
     {**_alpha_beta(1.0, lambda r: 10**r.uniform(-2, 2), 1.0, lambda r: 10**r.uniform(-2, 2)),
      **_schedule(weight=1e2, anneal=500, reset=True)},
     {"irm_cmnist": {"alpha": 1.0, "beta": 1.0}})   # no script: dgjax's earlier values
-
-METHODS = (HGP, HUTCHINSON, CMA)

@@ -328,5 +328,3 @@ SD = Method(
     gradients=penalized(spectral_decoupling_terms, weight="sd_reg", anneal_iters="penalty_anneal_iters"),
     optimizer=domainbed_adam(rescale_by=("sd_reg", "penalty_anneal_iters")),
 )
-
-METHODS = (IRM, VREX, CORAL, MMD, IGA, FISHR, SD)

@@ -95,5 +95,3 @@ MLDG = Method(
     optimizer=domainbed_adam(),
     forward_per_domain=True,
 )
-
-METHODS = (MLDG,)

@@ -59,5 +59,3 @@ FISH = Method(
     optimizer=lambda ctx: optax.sgd(ctx.hparams["meta_lr"]),
     forward_per_domain=True,
 )
-
-METHODS = (FISH,)

@@ -49,5 +49,3 @@ MIXUP = Method(
     gradients=penalized(mixup_terms),
     forward_per_domain=True,
 )
-
-METHODS = (MIXUP,)

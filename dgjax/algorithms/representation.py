@@ -349,5 +349,3 @@ SELFREG = Method(
     hparams={},
     gradients=penalized(selfreg_terms, init=_selfreg_init),
 )
-
-METHODS = (IB_ERM, IB_IRM, RSC, SELFREG)

@@ -461,5 +461,3 @@ TRM = Method(
     gradients=trm_gradients(),
     optimizer=domainbed_adam(),
 )
-
-METHODS = (EQRM, RDM, TRM)
