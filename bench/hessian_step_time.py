@@ -49,8 +49,7 @@ def build_cnn(method, overrides, d=2, b=64, n=1000, seed=0, conv_impl="xla"):
   hp = methods.resolve_hparams(method, 0, overrides)
   ms = methods.get_method(method).build(methods.Context(model, hp, d, train_lib.resolve_per_domain_impl("auto")))
   params = model.init(jax.random.key(seed), jnp.zeros((1, 28, 28, 2)))["params"]
-  state = train_lib.TrainState(jnp.zeros((), jnp.int32), params, jax.jit(ms.init)(params),
-                               jax.random.key(1))
+  state = train_lib.init_state(ms, params, seed)
   return train_lib.make_train_step(ms, b), state, data
 
 

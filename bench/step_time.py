@@ -49,9 +49,7 @@ def build(method, per_domain_impl, conv_impl, pooled=False, d=2, b=64, n=2000, s
   method_step = methods.get_method(method).build(ctx)
   loss_fn = ctx.loss
   params = model.init(jax.random.key(seed), jnp.zeros((1, 28, 28, 2)))["params"]
-  # jitted init: fresh buffers (a method state may hold the params themselves; donation)
-  state = train_lib.TrainState(jnp.zeros((), jnp.int32), params, jax.jit(method_step.init)(params),
-                               jax.random.key(1))
+  state = train_lib.init_state(method_step, params, seed)
   if not pooled:
     step = train_lib.make_train_step(method_step, b)
   else:

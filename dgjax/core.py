@@ -12,12 +12,16 @@ A :class:`Method` is three parts, and :func:`build_step` is the only code that a
   ``combine`` transform; :func:`penalized` gives the gradient of ``mean_d loss_d + w(step) *
   penalty`` from ONE ``value_and_grad`` (one forward and one backward through the network);
   a family may define its own (Fish's inner loop returns a pseudo-gradient). A source may
-  carry state (Fishr's moving averages, Fish's inner optimizer).
+  carry state (Fishr's moving averages, Fish's inner optimizer), and networks of its own
+  beside the model, each an :class:`ExtraNet` (parameters and their own optimizer's state)
+  drawn at ``init`` from the run's key (:func:`extra_net_key`), so trials of different seeds
+  start them from different weights.
 * ``combine`` (optional): an optax transform from per-domain gradients to one gradient (the
   masks, GroupDRO). It receives the extra arguments ``losses`` ``[D]`` and ``step``.
 * ``optimizer``: an optax transform, by default DomainBed's ``torch.optim.Adam(lr,
   weight_decay)`` (:func:`domainbed_adam`), with the Adam reset at a penalty switch as a
-  transform that owns its inner state (:func:`reset_at_step`).
+  transform that owns its inner state (:func:`reset_at_step`), and optimizers that move only on
+  some steps as :func:`on_steps` (``optax.conditionally_mask``).
 
 Every schedule reads one clock, the train state's ``step``, passed to the transforms as the
 extra argument ``step``. Metrics come back from the step; state that must be logged is read by
@@ -330,11 +334,44 @@ class Terms(NamedTuple):
   state: Any = ()
 
 
+def _no_state(ctx, params, key):
+  del ctx, params, key
+  return ()
+
+
 class GradientSource(NamedTuple):
   """``grads(ctx, params, state, batch, step, key) -> (gradients, Terms)`` and
-  ``init(ctx, params) -> state`` (the source's own state; ``()`` when it has none)."""
+  ``init(ctx, params, key) -> state`` (the source's own state; ``()`` when it has none).
+  ``key`` is the run's key for the source's own networks: each is drawn from
+  :func:`extra_net_key` of it and the network's name."""
   grads: Callable[..., tuple[PyTree, Terms]]
-  init: Callable[[Context, PyTree], Any] = lambda ctx, params: ()
+  init: Callable[[Context, PyTree, jax.Array], Any] = _no_state
+
+
+def extra_net_key(key: jax.Array, name: str) -> jax.Array:
+  """The key of a method's own network ``name`` (its initial draw): ``fold_in(key,
+  seed_hash(name))`` of the run's method key, so every network has its own stream and adding
+  a network changes no other's draw."""
+  return jax.random.fold_in(key, seed_hash(name))
+
+
+class ExtraNet(NamedTuple):
+  """A network a method trains beside the model (DANN's discriminator, CAD's projection head,
+  URM's discriminator, ADRMX's networks, ...): its parameters and its own optimizer's state,
+  kept in the gradient source's state. The optimizer is a transform of the hparams (which may
+  be traced), so the method builds it where it is used and passes it in."""
+  params: PyTree
+  opt_state: optax.OptState
+
+  @classmethod
+  def create(cls, params: PyTree, tx: optax.GradientTransformation) -> "ExtraNet":
+    """``params`` with ``tx``'s initial state."""
+    return cls(params, tx.init(params))
+
+  def apply_gradients(self, grads: PyTree, tx: optax.GradientTransformation) -> "ExtraNet":
+    """One step of ``tx`` on ``grads``: the new parameters and optimizer state."""
+    updates, opt_state = tx.update(grads, self.opt_state, self.params)
+    return ExtraNet(optax.apply_updates(self.params, updates), opt_state)
 
 
 def per_domain_gradients() -> GradientSource:
@@ -362,7 +399,7 @@ TermsFn = Callable[..., Terms]   # terms(ctx, params, batch, key, state) -> Term
 
 def penalized(terms: TermsFn, weight: str | None = None, anneal_iters: str | None = None,
               before: float | Callable[[Mapping[str, Any]], float] = 1.0,
-              init: Callable[[Context, PyTree], Any] | None = None) -> GradientSource:
+              init: Callable[[Context, PyTree, jax.Array], Any] | None = None) -> GradientSource:
   """The gradient of ``objective = mean_d loss_d + w(step) * penalty`` from ONE
   ``jax.value_and_grad`` (so one forward and one backward pass through the featurizer).
 
@@ -373,7 +410,8 @@ def penalized(terms: TermsFn, weight: str | None = None, anneal_iters: str | Non
     anneal_iters: name of the hparam holding the switch step (``None``: no schedule).
     before: the weight before the switch, or ``before(hparams) -> weight`` where it depends
       on a structural hparam (Fishr: 0 in DomainBed's form, 1 in the scripts').
-    init: the initial ``state`` passed to ``terms`` (e.g. Fishr's moving averages).
+    init: ``init(ctx, params, key)``, the initial ``state`` passed to ``terms`` (e.g.
+      Fishr's moving averages, SelfReg's projection drawn from ``key``).
 
   Logs ``penalty``, ``penalty_weight`` and ``objective`` when there is a penalty.
   """
@@ -398,7 +436,7 @@ def penalized(terms: TermsFn, weight: str | None = None, anneal_iters: str | Non
                      objective=value)
     return g, t._replace(metrics=metrics)
 
-  return GradientSource(grads, init or (lambda ctx, params: ()))
+  return GradientSource(grads, init or _no_state)
 
 
 def pooled_erm_terms(ctx, params, batch, key, state) -> Terms:
@@ -417,14 +455,19 @@ def reset_at_step(inner: optax.GradientTransformation, at: Any,
                   enabled: Any = True) -> optax.GradientTransformationExtraArgs:
   """``inner``, re-initialised at ``step == at`` (extra argument ``step``) when ``at > 0``
   and ``enabled``: DomainBed re-creates Adam at a penalty switch "because it may not like
-  the sharp jump in gradient magnitudes". ``at`` and ``enabled`` may be traced."""
+  the sharp jump in gradient magnitudes". ``at`` may be a tuple of switch steps (IB-IRM
+  re-creates Adam at each of its two); ``at`` and ``enabled`` may be traced."""
+  switch_steps = at if isinstance(at, (tuple, list)) else (at,)
 
   def init(params):
     return ResetState(inner.init(params))
 
   def update(updates, state, params=None, *, step, **extra):
     del extra
-    switch = (step == at) & (at > 0) & enabled
+    switch = jnp.zeros((), bool)
+    for a in switch_steps:
+      switch = switch | ((step == a) & (a > 0))
+    switch = switch & enabled
     fresh = inner.init(params)
     inner_state = jax.tree.map(lambda f, o: jnp.where(switch, f, o), fresh, state.inner)
     updates, inner_state = inner.update(updates, inner_state, params)
@@ -449,6 +492,18 @@ def rescale_by_penalty_weight(weight: Any, anneal_iters: Any, enabled: Any = Tru
     return jax.tree.map(lambda u: (factor * u).astype(u.dtype), updates), state
 
   return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+
+
+def on_steps(inner: optax.GradientTransformation,
+             active: Callable[[jax.Array], jax.Array]) -> optax.GradientTransformationExtraArgs:
+  """``inner`` on the steps where ``active(step)`` is true (``step``: the engine's extra
+  argument); on the others a zero update and ``inner``'s state unchanged, as a torch optimizer
+  whose ``step()`` is not called (Adam's moments and bias-correction count do not advance).
+  ``optax.conditionally_mask`` with the condition read from the engine's ``step`` (the call
+  counter optax keeps in its state is not read). The adversarial methods' generator
+  optimizers (DANN, CDANN, ADRMX) skip the discriminator's steps this way."""
+  return optax.conditionally_mask(inner, lambda count, *, step, **extra: active(step),
+                                  forward_extra_args=True)
 
 
 def torch_adam(lr) -> optax.GradientTransformation:
@@ -488,7 +543,8 @@ def domainbed_adam(reset_at: str | None = None, rescale_by: tuple[str, str] | No
 class MethodStep(NamedTuple):
   """A method's part of the train step, pure and jittable.
 
-  ``init(params) -> state``;
+  ``init(params, key) -> state``, ``key`` the run's key for the method's own networks (the
+  engine derives it from the run's seed: :func:`dgjax.train.method_key`);
   ``update(params, state, batch, step, key) -> (updates, state, metrics)`` where ``batch``
   leaves are ``[D, B, ...]`` and ``metrics`` has at least ``loss`` and ``env_losses`` ``[D]``.
   The engine applies ``updates`` with ``optax.apply_updates``.
@@ -499,7 +555,7 @@ class MethodStep(NamedTuple):
   ``predict(params, state, x) -> logits``: what evaluation scores (DomainBed's
   ``algorithm.predict``); the network's logits unless the method says otherwise.
   """
-  init: Callable[[Any], Any]
+  init: Callable[[PyTree, jax.Array], Any]
   update: Callable[..., tuple[Any, Any, dict[str, Any]]]
   diagnostics: Callable[..., dict[str, Any]] | None = None
   predict: Callable[..., Any] | None = None
@@ -569,8 +625,8 @@ def build_step(method: Method, ctx: Context) -> MethodStep:
   tx = optax.chain(*parts)
   source = method.gradients
 
-  def init(params):
-    return StepState(source.init(ctx, params), tx.init(params), dict(ctx.variables))
+  def init(params, key):
+    return StepState(source.init(ctx, params, key), tx.init(params), dict(ctx.variables))
 
   def update(params, state, batch, step, key):
     step_ctx = dataclasses.replace(

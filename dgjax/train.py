@@ -191,12 +191,26 @@ def make_train_step(method_step: core.MethodStep, batch_size: int, mesh=None) ->
                                                 data, mesh), donate_argnums=0)
 
 
+#: Folded into ``key(seed)`` for the method's key (:func:`method_key`).
+METHOD_KEY_TAG = 0x6D657468
+
+
+def method_key(seed_key: jax.Array) -> jax.Array:
+  """The key a run's method draws its own networks from (:class:`dgjax.core.ExtraNet`):
+  ``fold_in(key(seed), METHOD_KEY_TAG)``, beside ``split(key(seed))``'s params and state keys
+  (which it leaves as they were)."""
+  return jax.random.fold_in(seed_key, METHOD_KEY_TAG)
+
+
 def init_state(method_step: core.MethodStep, params, seed: int) -> TrainState:
   """A run's initial state from its params and seed, as the engine makes it (the state key
-  is the second half of ``split(key(seed))``; the first initialises the params)."""
-  _, state_key = jax.random.split(jax.random.key(seed))
+  is the second half of ``split(key(seed))``; the first initialises the params; the method's
+  networks come from :func:`method_key`)."""
+  seed_key = jax.random.key(seed)
+  _, state_key = jax.random.split(seed_key)
   # jitted: fresh buffers, so a method state holding the params themselves can be donated
-  return TrainState(jnp.zeros((), jnp.int32), params, jax.jit(method_step.init)(params), state_key)
+  return TrainState(jnp.zeros((), jnp.int32), params,
+                    jax.jit(method_step.init)(params, method_key(seed_key)), state_key)
 
 
 def _check_group(configs: Sequence[TrainConfig]):
@@ -338,7 +352,8 @@ def _train_locked(configs, task, method, hparams, batch_size, impl, dirs, run_ar
   def init_one(seed_key, hp_traced):
     init_key, state_key = jax.random.split(seed_key)
     params = task.init_params(init_key)
-    return TrainState(jnp.zeros((), jnp.int32), params, build(hp_traced).init(params), state_key,
+    return TrainState(jnp.zeros((), jnp.int32), params,
+                      build(hp_traced).init(params, method_key(seed_key)), state_key,
                       swad_lib.average_init(params) if config.swad else None)
 
   def chunk_one(state, hp_traced, data, n):

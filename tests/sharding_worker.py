@@ -51,7 +51,7 @@ def equal(method_names):
     ctx = methods.Context(model=model, hparams=hp, num_domains=2, per_domain_impl="vmap")
     ms = methods.get_method(name).build(ctx)
     params = model.init(jax.random.key(0), jnp.asarray(ins[0].x[:1]))["params"]
-    state0 = train_lib.TrainState(jnp.zeros((), jnp.int32), params, ms.init(params), jax.random.key(1))
+    state0 = train_lib.init_state(ms, params, 1)
     finals = {}
     meshes = (("2x4", (2, 4)), ("1x8", (1, 8))) if name in ("erm", "sand") else (("2x4", (2, 4)),)
     for label, shape in (("single", None),) + meshes:

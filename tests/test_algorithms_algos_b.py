@@ -36,7 +36,7 @@ def source_fn(name, model, num_domains, overrides=None):
   hp = methods.resolve_hparams(name, 0, overrides or {})
   ctx = core.Context(model, hp, num_domains)
   fn = jax.jit(lambda p, s, b, st, k: method.gradients.grads(ctx, p, s, b, st, k))
-  return fn, hp, lambda params: method.gradients.init(ctx, params)
+  return fn, hp, lambda params: method.gradients.init(ctx, params, jax.random.key(0))
 
 
 def source_grads(name, model, params, batch, step=0, key=None, overrides=None, state=None):
@@ -238,13 +238,16 @@ def test_selfreg_matches_reference():
     value, ref_g = jax.jit(jax.value_and_grad(ref_loss))(params)
     assert_tree_close(g, ref_g, rtol=1e-6, atol=1e-9)    # lam is drawn in float32
     np.testing.assert_allclose(terms.metrics["objective"], value, rtol=1e-6)
-    # the projection is fixed (DomainBed never optimises it) and differs across initialisations
+    # the projection is fixed (DomainBed never optimises it); it is drawn from the run's key
+    # alone: another key, another projection; the same key, the same one
     assert_tree_close(terms.state, state)
     _, params2, _ = setup(4)
-    other = methods.get_method("selfreg").gradients.init(
-        core.Context(model, methods.resolve_hparams("selfreg"), D), params2)
+    init = lambda p, k: methods.get_method("selfreg").gradients.init(
+        core.Context(model, methods.resolve_hparams("selfreg"), D), p, k)
     assert proj["TorchDense_0"]["kernel"].shape == (HID, 2 * HID)
-    assert not np.allclose(proj["TorchDense_0"]["kernel"], other.projection["TorchDense_0"]["kernel"])
+    other = init(params, jax.random.key(1)).projection
+    assert not np.allclose(proj["TorchDense_0"]["kernel"], other["TorchDense_0"]["kernel"])
+    assert_tree_close(init(params2, jax.random.key(0)).projection, proj, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------ EQRM
@@ -420,7 +423,7 @@ def test_trm_matches_reference(class_balanced):
     method = methods.get_method("trm")
     hp = methods.resolve_hparams("trm", 0, over)
     ctx = core.Context(model, hp, D)
-    state = method.gradients.init(ctx, params)
+    state = method.gradients.init(ctx, params, jax.random.key(0))
     state = state._replace(alpha=state.alpha * jnp.array([[1., 2., 3.], [1., 1., 4.], [2., 1., 1.]]))
     grads = jax.jit(lambda st: method.gradients.grads(ctx, params, state, batch, st,
                                                       jax.random.key(0)))

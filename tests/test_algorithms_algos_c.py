@@ -218,7 +218,7 @@ def test_cad_method_gradients_and_projection_step(name, conditional, project):
     ctx = context(name, model, 3, lmbda=0.5, temperature=0.05, is_project=project,
                   weight_decay=0.01, lr=0.01)
     source = methods.get_method(name).gradients
-    state = to64(source.init(ctx, params))
+    state = to64(source.init(ctx, params, jax.random.key(0)))
     g, terms = fast_jit(lambda p, st: source.grads(ctx, p, st, batch, 0, jax.random.key(0)))(
         params, state)
     y = np.asarray(batch["y"]).reshape(-1)
@@ -271,7 +271,7 @@ def test_urm_network_gradient_and_discriminator_step(overrides):
     hp = ctx.hparams
     act = jnp.tanh if hp["urm_generator_output"] == "tanh" else jax.nn.relu
     source = methods.get_method("urm").gradients
-    state = to64(source.init(ctx, params))
+    state = to64(source.init(ctx, params, jax.random.key(0)))
     disc = state.discriminator.params
     assert len(disc) == hp["urm_discriminator_hidden_layers"] + 2
     key = jax.random.key(7)
@@ -331,7 +331,7 @@ def test_erm_plus_plus_probe_switch_and_weight_average_match_reference():
     hp = dict(linear_lr=0.03, lr=0.01, weight_decay=0.02, linear_steps=2, sma_start_iter=4)
     ctx = context("erm_plus_plus", model, 3, **hp)
     step = methods.get_method("erm_plus_plus").build(ctx)
-    state = to64(step.init(params))
+    state = to64(step.init(params, jax.random.key(0)))
     batches = [problem(classes=2, seed=10 + t)[2] for t in range(6)]
 
     def pooled_ce(p, batch):
@@ -511,7 +511,7 @@ def test_adrmx_alternating_steps_match_reference():
     ctx = context("adrmx", model, 3, mlp_width=7, mlp_depth=3, dclf_lambda=0.7, rmxd_lambda=1.3,
                   cnt_lambda=0.4, disc_lambda=0.75, lr=0.01, beta1=0.5)
     step = methods.get_method("adrmx").build(ctx)
-    state = to64(step.init(params))
+    state = to64(step.init(params, jax.random.key(0)))
     gen, disc = state.source.generator.params, state.source.discriminator.params
     y = batch["y"].reshape(-1)
     dom = jnp.repeat(jnp.arange(3), 4)

@@ -84,7 +84,7 @@ def test_arm_steps_match_domainbeds_update(train_context_net):
     model = _tiny_conv_model()
     params = _jitted_init(model, jnp.zeros((1, 5, 5, 2)))
     step = _jitted(method.build(core.Context(model=model, hparams=hp, num_domains=d)))
-    state = jax.jit(step.init)(params)
+    state = jax.jit(step.init)(params, jax.random.key(0))
     rng = np.random.RandomState(1)
     batches = [{"x": jnp.asarray(rng.randn(d, b, 5, 5, 2)),
                 "y": jnp.asarray(rng.randint(0, NUM_CLASSES, (d, b)).astype(np.int32))}
@@ -266,7 +266,7 @@ def test_trm_steps_match_domainbeds_update_in_float64(form):
     assert hp["alias_alpha_weight"] is (form == "domainbed")
     assert hp["alias_first_term"] is (form != "paper_preset")
     step = _jitted(method.build(core.Context(model=model, hparams=hp, num_domains=D)))
-    state = jax.jit(step.init)(params)
+    state = jax.jit(step.init)(params, jax.random.key(0))
     assert state.source.alpha.dtype == jnp.float64
 
     ref = _DomainBedTRM([{k: np.array(v[e]) for k, v in state.source.heads.items()}

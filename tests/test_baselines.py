@@ -90,8 +90,7 @@ def run_steps(method, envs, test_env, num_classes, steps=20, batch_size=8, overr
 
     def initial_state():
       params = model.init(jax.random.key(0), x0)["params"]
-      return train_lib.TrainState(jnp.zeros((), jnp.int32), params, ms.init(params),
-                                  jax.random.key(1))
+      return train_lib.init_state(ms, params, 1)
 
     init = jax.jit(initial_state).lower().compile(FAST_COMPILE)
     step = train_lib.make_train_step(ms, batch_size).lower(init(), data).compile(FAST_COMPILE)

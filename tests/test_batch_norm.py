@@ -98,7 +98,7 @@ def test_each_method_sees_the_batch_statistics_of_its_domainbed_forward(name):
   rng = np.random.default_rng(1)
   shift_each = jnp.asarray(rng.normal(size=(D, 1, 1, 1, 2)) * 3, jnp.float32)  # per domain
   step = build(name, model, variables, **HPARAMS.get(name, {}))
-  state = step.init(params)
+  state = step.init(params, jax.random.key(0))
 
   @jax.jit
   def losses(xs):
@@ -131,7 +131,7 @@ def test_running_statistics_move_once_per_domainbed_forward(name, per_domain):
   model, params, variables = make(conv=False)
   x, y = domain_batch()
   step = build(name, model, variables)
-  state = step.init(params)
+  state = step.init(params, jax.random.key(0))
   assert methods.get_method(name).forward_per_domain == per_domain
   _, new_state, _ = jax.jit(step.update)(params, state, {"x": x, "y": y}, jnp.asarray(0),
                                          jax.random.key(2))
@@ -154,7 +154,7 @@ def test_frozen_batch_norm_never_moves_and_trains_on_the_running_statistics():
   model, params, variables = make(frozen=True)
   x, y = domain_batch()
   step = build("sand", model, variables)
-  state = step.init(params)
+  state = step.init(params, jax.random.key(0))
   _, new_state, metrics = jax.jit(step.update)(params, state, {"x": x, "y": y}, jnp.asarray(0),
                                                jax.random.key(2))
   for a, b in zip(jax.tree.leaves(new_state.variables), jax.tree.leaves(variables)):
@@ -169,7 +169,7 @@ def test_evaluation_reads_the_running_statistics_of_the_state():
   model, params, variables = make()
   x, y = domain_batch()
   step = build("erm", model, variables)
-  state = step.init(params)
+  state = step.init(params, jax.random.key(0))
   _, new_state, _ = jax.jit(step.update)(params, state, {"x": x, "y": y}, jnp.asarray(0),
                                          jax.random.key(2))
   got = step.predict(params, new_state, x[0])
@@ -215,7 +215,7 @@ def test_arm_context_channel_on_a_flax_convolution_as_domainbeds_resnet():
   params = model.init(jax.random.key(0), x[:1])["params"]
   hp = methods.resolve_hparams("arm", 0, {"batch_size": 5})
   ctx = core.Context(model, hp, 1)
-  state = methods.get_method("arm").gradients.init(ctx, params)
+  state = methods.get_method("arm").gradients.init(ctx, params, jax.random.key(0))
   kernel = params["featurizer"]["conv1"]["kernel"]                       # [3, 3, 3, 4]
   np.testing.assert_array_equal(state.extra["context_kernel"], kernel[:, :, :1])
   context = jnp.asarray(np.random.default_rng(1).normal(size=(5, 6, 6, 1)), jnp.float32)

@@ -183,7 +183,7 @@ def test_registered_methods_step_under_jit():
     model = models.mlp(2, hidden=(8,))
     ms = methods.get_method(name).build(methods.Context(model, hp, 2))
     params = model.init(jax.random.key(0), jnp.zeros((1, 6)))["params"]
-    state = T.TrainState(jnp.zeros((), jnp.int32), params, ms.init(params), jax.random.key(1))
+    state = T.init_state(ms, params, 1)
     step = T.make_train_step(ms, 8)
     for _ in range(3):
       state, m = step(state, data)
@@ -210,7 +210,7 @@ def test_hutchinson_method_draws_probes_from_the_step_key():
   ms = methods.get_method("hutchinson").build(ctx)
   params = model.init(jax.random.key(0), jnp.zeros((1, 6)))["params"]
   update = jax.jit(ms.update)
-  state0 = ms.init(params)
+  state0 = ms.init(params, jax.random.key(2))
   _, _, m_a = update(params, state0, batch, 0, jax.random.key(11))
   _, _, m_b = update(params, state0, batch, 0, jax.random.key(11))
   _, _, m_c = update(params, state0, batch, 0, jax.random.key(12))
@@ -246,7 +246,7 @@ def test_alignment_methods_run_the_featurizer_once_per_step(name):
   hp = methods.resolve_hparams(name, 0, {"hutchinson_samples": 2} if name == "hutchinson" else {})
   ms = methods.get_method(name).build(methods.Context(model, hp, 3))
   params = model.init(jax.random.key(0), jnp.zeros((1, 6)))["params"]
-  state = ms.init(params)
+  state = ms.init(params, jax.random.key(2))
   calls.clear()
   jax.jit(ms.update).lower(params, state, batch, 0, jax.random.key(1))
   assert calls == [(16, 6)], calls     # one domain's batch, vmapped over the 3 domains, once

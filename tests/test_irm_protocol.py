@@ -105,7 +105,7 @@ def _dgjax_run(method, params, data):
   ctx = core.Context(model=mlp(1, hidden=(HIDDEN,)), hparams=hp, num_domains=2)
   step = methods.get_method(method).build(ctx)
   update = jax.jit(step.update)
-  state, p = step.init(params), params
+  state, p = step.init(params, jax.random.key(0)), params
   for s in range(STEPS):
     updates, state, metrics = update(p, state, data, jnp.asarray(s), jax.random.key(s))
     p = optax.apply_updates(p, updates)
@@ -145,7 +145,7 @@ def test_each_protocol_difference_matters():
                                       penalty_anneal_iters=ANNEAL, hparams=change)
         hp = irm_benchmark.benchmark_hparams(method, cfg, N)
         step = methods.get_method(method).build(core.Context(mlp(1, hidden=(HIDDEN,)), hp, 2))
-        state, p, update = step.init(params), params, jax.jit(step.update)
+        state, p, update = step.init(params, jax.random.key(0)), params, jax.jit(step.update)
         for s in range(STEPS):
           u, state, _ = update(p, state, data, jnp.asarray(s), jax.random.key(s))
           p = optax.apply_updates(p, u)

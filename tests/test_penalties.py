@@ -227,7 +227,7 @@ def test_fishr_ema_state_is_carried_in_the_method_state():
   hp = methods.resolve_hparams("fishr", 0, {"ema": 0.5, "penalty_anneal_iters": 0})
   ctx = methods.Context(model, hp, 2)
   ms = methods.get_method("fishr").build(ctx)
-  state = ms.init(params)
+  state = ms.init(params, jax.random.key(0))
   batch = {"x": x, "y": y}
   update = jax.jit(ms.update)
   _, state1, m1 = update(params, state, batch, jnp.int32(0), jax.random.key(0))
@@ -307,7 +307,7 @@ def test_fish_matches_a_python_loop_of_inner_adam_steps():
   hp = methods.resolve_hparams("fish", 0, {"meta_lr": 0.1, "lr": 1e-2})
   ctx = methods.Context(model, hp, d)
   ms = methods.get_method("fish").build(ctx)
-  state = ms.init(params)
+  state = ms.init(params, jax.random.key(0))
   inner_tx = core.domainbed_adam()(ctx)
   ref_inner = inner_tx.init(params)
   ref_params = params
@@ -339,7 +339,8 @@ def test_spectral_decoupling_step_matches_an_explicit_reference():
   params = model.init(jax.random.key(6), x[0])["params"]
   hp = methods.resolve_hparams("sd", 0, {"sd_reg": sd_reg, "lr": 1e-2})
   ms = methods.get_method("sd").build(methods.Context(model, hp, d))
-  updates, _, metrics = jax.jit(ms.update)(params, ms.init(params), {"x": x, "y": y}, 0, None)
+  updates, _, metrics = jax.jit(ms.update)(params, ms.init(params, jax.random.key(0)),
+                                           {"x": x, "y": y}, 0, None)
 
   def reference(p):
     total, squares, n = 0.0, 0.0, 0

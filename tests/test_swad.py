@@ -323,9 +323,8 @@ def test_engine_writes_swad_keys_and_averages_the_chosen_steps(engine_run):
   ctx = core.Context(model=task.model, hparams=dict(cfg.resolved_hparams), num_domains=task.num_domains,
                      per_domain_impl=train_lib.resolve_per_domain_impl("auto"))
   step_fn = method.build(ctx)
-  init_key, state_key = jax.random.split(jax.random.key(cfg.seed))
-  params = task.init_params(init_key)
-  state = train_lib.TrainState(jnp.zeros((), jnp.int32), params, step_fn.init(params), state_key)
+  init_key, _ = jax.random.split(jax.random.key(cfg.seed))
+  state = train_lib.init_state(step_fn, task.init_params(init_key), cfg.seed)
   train_step = train_lib.make_train_step(step_fn, cfg.resolved_hparams["batch_size"])
   per_step, method_states = [], []
   for _ in range(STEPS):

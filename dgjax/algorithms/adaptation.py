@@ -1,11 +1,12 @@
 """Methods that adapt the prediction to the batch at test time: ARM (ARM-CML).
 
 ARM's context network and the first layer's weights on the context channel live in the
-gradient source's state, initialised from :func:`dgjax.algorithms.adversarial.derived_key`;
-the context-channel kernel (and, with ``train_context_net``, the context network) has its own
-``Adam(lr, weight_decay)`` there (Adam is elementwise: the same as one Adam over the union
-with the network). The context network's BatchNorm running statistics live there too and are
-what prediction uses.
+gradient source's state, drawn from the run's key (:func:`dgjax.core.extra_net_key`; earlier
+versions hashed the model's initial parameters into a key, so the initial draws differ from
+those versions'); the context-channel kernel (and, with ``train_context_net``, the context
+network) has its own ``Adam(lr, weight_decay)`` there (Adam is elementwise: the same as one
+Adam over the union with the network). The context network's BatchNorm running statistics
+live there too and are what prediction uses.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dgjax.algorithms.adversarial import derived_key, like_params
+from dgjax.algorithms.adversarial import like_params
 from dgjax.conv import Conv, conv2d
 from dgjax.core import (COMMON_HPARAMS, GradientSource, HParam, Method, Terms, domainbed_adam,
-                        env_losses_of, flatten_domains)
+                        env_losses_of, extra_net_key, flatten_domains)
 from dgjax.types import PyTree
 
 
@@ -180,10 +181,10 @@ def arm_gradients() -> GradientSource:
   batch too) and with its running statistics at prediction (:func:`arm_predict`).
   """
 
-  def init(ctx, params):
+  def init(ctx, params, key):
     _, kernel = first_conv(params)
     k, _, c, f1 = kernel.shape
-    key_net, key_kernel = jax.random.split(derived_key(params, 6))
+    key_net, key_kernel = extra_net_key(key, "context_net"), extra_net_key(key, "context_kernel")
     variables = ContextNet().init(key_net, jnp.zeros((1, 8, 8, c), kernel.dtype), True)
     if getattr(ctx.model, "copies_input_kernels", False):
       context_kernel = kernel[:, :, :1, :].astype(jnp.float32)

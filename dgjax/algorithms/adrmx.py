@@ -26,8 +26,9 @@ Steps alternate (DomainBed's ``update_count``, here ``step + 1``): when ``(step 
 ``disc_loss``; otherwise every other network takes one on ``gen_loss``, the discriminator
 held. Both optimizers are ``Adam(lr, betas=(beta1, 0.9))`` without weight decay (the common
 ``weight_decay`` hparam is unused, as in DomainBed). The model's own parameters go through the
-engine's optimizer, which skips the discriminator steps (:func:`on_generator_steps`: no update
-and no Adam state change); the added networks and their Adam states are this method's state.
+engine's optimizer, which skips the discriminator steps (:func:`dgjax.core.on_steps`: no
+update and no Adam state change); the added networks and their Adam states are this method's
+state (two :class:`dgjax.core.ExtraNet`).
 ``predict`` is ``c_1(f_l(x))`` (DomainBed's ``network``); the model's linear head is unused
 (its gradient is 0, so Adam leaves it as it was).
 
@@ -36,9 +37,15 @@ step (DomainBed logs ``loss_total`` on generator steps and only ``loss_disc`` on
 discriminator steps; both are logged here, with ``discriminator_step``); ``env_losses`` are the
 per-domain ``CE(c_1(z_l), y)``. ``f_d`` starts as an independent draw of the featurizer's
 torch-default initialisation (:func:`redraw_torch_init`, DomainBed's behaviour for randomly
-initialised featurizers, key ``fold_in(key(0), ADRMX_SEED)``) or, with
-``domain_featurizer_init = "copy"`` (the default on large-image datasets, whose DomainBed
-featurizers both load the same pretrained weights), as a copy of the model's featurizer.
+initialised featurizers) or, with ``domain_featurizer_init = "copy"`` (the default on
+large-image datasets, whose DomainBed featurizers both load the same pretrained weights), as a
+copy of the model's featurizer.
+
+Every added network is drawn from the run's key (:func:`dgjax.core.extra_net_key`, one stream
+per network name), so trials of different seeds start them from different weights, as
+DomainBed's (drawn from the run's torch seed). Earlier versions drew them from the fixed
+``fold_in(key(0), 2308)``: the same networks in every trial; their initial draws differ from
+those versions'.
 """
 
 from __future__ import annotations
@@ -51,13 +58,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dgjax.core import GradientSource, HParam, Method, Terms, flatten_domains
+from dgjax.core import (ExtraNet, GradientSource, HParam, Method, Terms, extra_net_key,
+                        flatten_domains, on_steps)
 from dgjax.losses import cross_entropy
 from dgjax.models import TorchDense
 from dgjax.types import PyTree
-
-#: Folded into ``jax.random.key(0)`` to initialise ADRMX's added networks.
-ADRMX_SEED = 2308
 
 
 class NonlinearClassifier(nn.Module):
@@ -174,36 +179,6 @@ def is_discriminator_step(step, d_steps_per_g_step):
   return (step + 1) % (1 + d_steps_per_g_step) < d_steps_per_g_step
 
 
-class SkipState(NamedTuple):
-  inner: optax.OptState
-
-
-def on_generator_steps(inner: optax.GradientTransformation,
-                       d_steps_per_g_step) -> optax.GradientTransformationExtraArgs:
-  """``inner`` on generator steps; on discriminator steps (:func:`is_discriminator_step` of
-  the extra argument ``step``) a zero update and ``inner``'s state unchanged.
-  ``d_steps_per_g_step`` may be traced."""
-
-  def init(params):
-    return SkipState(inner.init(params))
-
-  def update(updates, state, params=None, *, step, **extra):
-    del extra
-    new_updates, new_inner = inner.update(updates, state.inner, params)
-    skip = is_discriminator_step(step, d_steps_per_g_step)
-    keep = lambda old, new: jax.tree.map(lambda o, n: jnp.where(skip, o, n), old, new)
-    zeros = jax.tree.map(jnp.zeros_like, new_updates)
-    return keep(zeros, new_updates), SkipState(keep(state.inner, new_inner))
-
-  return optax.GradientTransformationExtraArgs(init, update)
-
-
-class ExtraNet(NamedTuple):
-  """An extra network's parameters and its optimizer state."""
-  params: PyTree
-  opt_state: optax.OptState
-
-
 class ADRMXState(NamedTuple):
   generator: ExtraNet       # featurizer_domain, classifier_label_1/2, classifier_domain
   discriminator: ExtraNet
@@ -270,24 +245,22 @@ def adrmx_losses(ctx, params, generator, discriminator, batch, key):
 
 def adrmx_gradients() -> GradientSource:
   """Discriminator steps update the discriminator inside this source (model gradient 0, which
-  the engine's :func:`on_generator_steps` optimizer skips anyway); generator steps return the
+  the engine's optimizer skips anyway, :func:`adrmx_optimizer`); generator steps return the
   model's gradient of ``gen_loss`` and update the added networks here."""
 
-  def init(ctx, params):
+  def init(ctx, params, key):
     f, out = _sizes(ctx, params)
     nets = _networks(ctx, f, out)
-    key = jax.random.fold_in(jax.random.key(0), ADRMX_SEED)
-    keys = dict(zip(sorted(nets), jax.random.split(key, len(nets))))
     z = jnp.zeros((1, f), jnp.float32)
-    extra = {name: net.init(keys[name], z)["params"] for name, net in nets.items()}
+    extra = {name: net.init(extra_net_key(key, name), z)["params"] for name, net in nets.items()}
     if ctx.hparams["domain_featurizer_init"] == "copy":
       extra["featurizer_domain"] = jax.tree.map(jnp.asarray, params["featurizer"])
     else:
       extra["featurizer_domain"] = redraw_torch_init(params["featurizer"],
-                                                     jax.random.fold_in(key, 1))
+                                                     extra_net_key(key, "featurizer_domain"))
     disc = extra.pop("discriminator")
     tx = adrmx_adam(ctx)
-    return ADRMXState(ExtraNet(extra, tx.init(extra)), ExtraNet(disc, tx.init(disc)))
+    return ADRMXState(ExtraNet.create(extra, tx), ExtraNet.create(disc, tx))
 
   def grads(ctx, params, state, batch, step, key):
     tx = adrmx_adam(ctx)
@@ -297,17 +270,15 @@ def adrmx_gradients() -> GradientSource:
       (_, (terms, env_losses)), g_disc = jax.value_and_grad(
           lambda dp: (lambda t: (t[0]["loss_disc"], t))(
               adrmx_losses(ctx, params, gen.params, dp, batch, key)), has_aux=True)(disc.params)
-      u, s = tx.update(g_disc, disc.opt_state, disc.params)
       zeros = jax.tree.map(jnp.zeros_like, params)
-      return zeros, gen, ExtraNet(optax.apply_updates(disc.params, u), s), terms, env_losses
+      return zeros, gen, disc.apply_gradients(g_disc, tx), terms, env_losses
 
     def generator_step(_):
       (_, (terms, env_losses)), (g, g_gen) = jax.value_and_grad(
           lambda p, gp: (lambda t: (t[0]["loss_total"], t))(
               adrmx_losses(ctx, p, gp, disc.params, batch, key)),
           argnums=(0, 1), has_aux=True)(params, gen.params)
-      u, s = tx.update(g_gen, gen.opt_state, gen.params)
-      return g, ExtraNet(optax.apply_updates(gen.params, u), s), disc, terms, env_losses
+      return g, gen.apply_gradients(g_gen, tx), disc, terms, env_losses
 
     disc_turn = is_discriminator_step(step, ctx.hparams["d_steps_per_g_step"])
     g, new_gen, new_disc, terms, env_losses = jax.lax.cond(
@@ -320,7 +291,11 @@ def adrmx_gradients() -> GradientSource:
 
 
 def adrmx_optimizer(ctx) -> optax.GradientTransformation:
-  return on_generator_steps(adrmx_adam(ctx), ctx.hparams["d_steps_per_g_step"])
+  """The model's ``Adam(lr, betas=(beta1, 0.9))`` on generator steps only (discriminator steps:
+  no update, Adam's state unchanged)."""
+  d_steps = ctx.hparams["d_steps_per_g_step"]
+  return on_steps(adrmx_adam(ctx),
+                  lambda step: jnp.logical_not(is_discriminator_step(step, d_steps)))
 
 
 def adrmx_predict(ctx, params, state, x):

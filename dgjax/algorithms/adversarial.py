@@ -1,47 +1,38 @@
 """Adversarial methods with their own networks and optimizers: DANN, CDANN, Transfer.
 
-Each method's extra network (DANN's domain discriminator, CDANN's class embeddings,
-Transfer's adversarial classifier) and that network's optimizer state live in the gradient
-source's state; the source updates them itself, and returns the gradient of the main network
-(featurizer + classifier) for the method's optimizer. Steps on which DomainBed does not move
-the main network are skipped by :func:`only_on_steps`, which also keeps the inner optimizer's
-state (Adam's moments and step count) unchanged on those steps, as a torch optimizer that is
-not stepped.
+Each method's extra network (DANN's domain discriminator and CDANN's class embeddings, one
+:class:`dgjax.core.ExtraNet` with their optimizer's state; Transfer's adversarial classifier)
+lives in the gradient source's state; the source updates it itself, and returns the gradient
+of the main network (featurizer + classifier) for the method's optimizer. Steps on which
+DomainBed does not move the main network are skipped by :func:`dgjax.core.on_steps`
+(``optax.conditionally_mask``), which also keeps the inner optimizer's state (Adam's moments
+and step count) unchanged on those steps, as a torch optimizer that is not stepped.
 
-Extra networks are initialised from :func:`derived_key`, a key computed from the main
-network's initial parameters (so runs of different seeds get different extra networks, with no
-key argument at ``init``).
+Extra networks are drawn from the run's key (:func:`dgjax.core.extra_net_key`), so trials of
+different seeds start them from different weights (as DomainBed's, drawn from the run's torch
+seed). Before the engine passed a key to ``init`` they were drawn from a key hashed from the
+main network's initial parameters: DANN's and CDANN's initial discriminators differ from
+those earlier versions' draws.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from dgjax.core import (GradientSource, HParam, Method, Terms, domainbed_adam, env_losses_of,
-                        flatten_domains, log_uniform, over_domains)
+from dgjax.core import (ExtraNet, GradientSource, HParam, Method, Terms, domainbed_adam,
+                        env_losses_of, extra_net_key, flatten_domains, log_uniform, on_steps,
+                        over_domains)
 from dgjax.losses import cross_entropy
 from dgjax.models import TorchDense
 from dgjax.types import PyTree
 
 
 # ----------------------------------------------------------------------------- helpers
-def derived_key(params: PyTree, tag: int) -> jax.Array:
-  """A PRNG key for an extra network's init, derived deterministically from the main
-  network's (initial) parameters and a method-specific ``tag``: ``key(0)`` folded with
-  ``tag`` and then with the bit pattern of the sum of every parameter leaf. Runs of different
-  seeds (different initial parameters) get different keys; the same run always the same."""
-  key = jax.random.fold_in(jax.random.key(0), tag)
-  for leaf in jax.tree.leaves(params):
-    bits = jax.lax.bitcast_convert_type(jnp.sum(leaf.astype(jnp.float32)), jnp.uint32)
-    key = jax.random.fold_in(key, bits)
-  return key
-
-
 def head_shape(params: PyTree) -> tuple[int, int]:
   """``(features, classes)`` of the linear head ``params["classifier"]``."""
   kernel = params["classifier"]["kernel"]
@@ -65,33 +56,6 @@ def torch_adam_betas(lr, weight_decay, b1, b2) -> optax.GradientTransformation:
 def select_tree(pred, on_true: PyTree, on_false: PyTree) -> PyTree:
   """Leafwise ``jnp.where(pred, on_true, on_false)`` for a scalar (possibly traced) ``pred``."""
   return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
-
-
-class OnlyOnStepsState(NamedTuple):
-  inner: optax.OptState
-
-
-def only_on_steps(inner: optax.GradientTransformation,
-                  active: Callable[[jax.Array], jax.Array]) -> optax.GradientTransformationExtraArgs:
-  """``inner`` on the steps where ``active(step)`` is true (extra argument ``step``); on the
-  others a zero update and ``inner``'s state unchanged, as a torch optimizer whose ``step()``
-  is not called (its moments and bias-correction count do not advance).
-
-  DANN/CDANN's generator optimizer runs only on generator steps (:func:`dann_generator_step`).
-  """
-
-  def init(params):
-    return OnlyOnStepsState(inner.init(params))
-
-  def update(updates, state, params=None, *, step, **extra):
-    del extra
-    on = active(step)
-    new_updates, new_inner = inner.update(updates, state.inner, params)
-    zeros = jax.tree.map(jnp.zeros_like, new_updates)
-    return (select_tree(on, new_updates, zeros),
-            OnlyOnStepsState(select_tree(on, new_inner, state.inner)))
-
-  return optax.GradientTransformationExtraArgs(init, update)
 
 
 def dropout(x, rate, key):
@@ -135,8 +99,7 @@ def _embedding_init(key, shape, dtype=jnp.float32):
 
 # ----------------------------------------------------------------------------- DANN / CDANN
 class DANNState(NamedTuple):
-  disc: PyTree            # {"mlp": discriminator params[, "embedding": [C, F] (CDANN)]}
-  disc_opt: optax.OptState
+  discriminator: ExtraNet   # params {"mlp": the MLP's[, "embedding": [C, F] (CDANN)]}
 
 
 def dann_discriminator_step(step, d_steps_per_g_step):
@@ -193,7 +156,7 @@ def dann_gradients(conditional: bool, class_balance: bool) -> GradientSource:
   ``Adam(lr_d, weight_decay_d, betas=(beta1, 0.9))`` step on ``disc_loss`` and the network
   does not move; on generator steps the featurizer and classifier take one
   ``Adam(lr_g, weight_decay_g, betas=(beta1, 0.9))`` step on ``gen_loss`` (the method's
-  optimizer, skipped on discriminator steps by :func:`only_on_steps`) and the discriminator
+  optimizer, skipped on discriminator steps by :func:`dgjax.core.on_steps`) and the discriminator
   does not move. Both gradients come from ONE backward pass: ``u`` is built from ``z``
   through :func:`scale_gradient` with scale ``-lambda``, so differentiating
   ``CE(classifier(z), y) + disc_loss`` gives ``d disc_loss`` for the discriminator and
@@ -207,15 +170,15 @@ def dann_gradients(conditional: bool, class_balance: bool) -> GradientSource:
   both over every step.
   """
 
-  def init(ctx, params):
+  def init(ctx, params, key):
     mlp, feats = _dann_mlp(ctx, params)
     _, classes = head_shape(params)
-    k_mlp, k_emb = jax.random.split(derived_key(params, 1 + int(conditional)))
+    k_mlp = extra_net_key(key, "discriminator")
     disc = {"mlp": mlp.init({"params": k_mlp, "dropout": k_mlp}, jnp.zeros((1, feats)))["params"]}
     if conditional:
-      disc["embedding"] = _embedding_init(k_emb, (classes, feats))
+      disc["embedding"] = _embedding_init(extra_net_key(key, "class_embedding"), (classes, feats))
     disc = like_params(disc, params)
-    return DANNState(disc, _dann_disc_tx(ctx).init(disc))
+    return DANNState(ExtraNet.create(disc, _dann_disc_tx(ctx)))
 
   def grads(ctx, params, state, batch, step, key):
     hp = ctx.hparams
@@ -244,14 +207,13 @@ def dann_gradients(conditional: bool, class_balance: bool) -> GradientSource:
       cls_loss = cross_entropy(logits, y)
       return cls_loss + disc_loss, (env_losses, cls_loss, disc_loss, penalty)
 
+    disc = state.discriminator
     (_, (env_losses, cls_loss, disc_loss, penalty)), (g_net, g_disc) = jax.value_and_grad(
-        total, argnums=(0, 1), has_aux=True)(params, state.disc)
+        total, argnums=(0, 1), has_aux=True)(params, disc.params)
 
     is_disc = dann_discriminator_step(step, hp["d_steps_per_g_step"])
-    updates, new_opt = _dann_disc_tx(ctx).update(g_disc, state.disc_opt, state.disc)
-    new_disc = optax.apply_updates(state.disc, updates)
-    new_state = DANNState(select_tree(is_disc, new_disc, state.disc),
-                          select_tree(is_disc, new_opt, state.disc_opt))
+    new_state = DANNState(select_tree(is_disc, disc.apply_gradients(g_disc, _dann_disc_tx(ctx)),
+                                      disc))
     gen_loss = cls_loss - hp["lambda"] * disc_loss
     metrics = {"disc_loss": disc_loss, "gen_loss": gen_loss, "grad_penalty": penalty,
                "disc_step": is_disc.astype(jnp.float32)}
@@ -262,8 +224,8 @@ def dann_gradients(conditional: bool, class_balance: bool) -> GradientSource:
 
 def _generator_optimizer(ctx):
   hp = ctx.hparams
-  return only_on_steps(torch_adam_betas(hp["lr_g"], hp["weight_decay_g"], hp["beta1"], 0.9),
-                       dann_generator_step(ctx))
+  return on_steps(torch_adam_betas(hp["lr_g"], hp["weight_decay_g"], hp["beta1"], 0.9),
+                  dann_generator_step(ctx))
 
 
 def _dann_hparams() -> dict[str, HParam]:
@@ -370,7 +332,8 @@ def transfer_gradients() -> GradientSource:
   d_steps_per_g) D`` training-mode featurizer calls.
   """
 
-  def init(ctx, params):
+  def init(ctx, params, key):
+    del key   # the adversarial classifier starts as a copy of the classifier
     tx = domainbed_adam()(ctx)
     return TransferState(params["classifier"], tx.init(params["featurizer"]),
                          tx.init(params["classifier"]))

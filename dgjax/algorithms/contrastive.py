@@ -16,8 +16,10 @@ Differences from DomainBed: DomainBed's ``is_project=True`` raises (its projecti
 refers to an undefined ``feature_dim``); here it builds the head the code meant,
 ``Linear(F, F) -> ReLU -> Linear(F, 128)`` on our features (``F`` read from the classifier
 head's kernel), its parameters and their torch-Adam (``lr``, ``weight_decay``: the same as
-DomainBed's one Adam over the union, Adam being elementwise) in the method's state, initialised
-from ``jax.random.fold_in(jax.random.key(0), PROJECTION_SEED)``. DomainBed logs
+DomainBed's one Adam over the union, Adam being elementwise) in the method's state (a
+:class:`dgjax.core.ExtraNet`), drawn from the run's key (:func:`dgjax.core.extra_net_key`), so
+trials of different seeds start it from different weights; earlier versions drew it from the
+fixed ``fold_in(key(0), 2003)``, the same head in every trial. DomainBed logs
 ``clf_loss``, ``bn_loss`` and ``total_loss`` and no ``loss``; here ``loss`` is the classifier
 cross-entropy (``clf_loss``), ``bn_loss`` (= ``penalty``) and ``objective`` (= ``total_loss``).
 """
@@ -29,16 +31,13 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
-from dgjax.core import (GradientSource, HParam, Method, Terms, domainbed_adam, env_losses_of,
-                        flatten_domains)
+from dgjax.core import (ExtraNet, GradientSource, HParam, Method, Terms, domainbed_adam,
+                        env_losses_of, extra_net_key, flatten_domains)
 from dgjax.models import TorchDense
 
 #: DomainBed's ``base_temperature``: the bottleneck is scaled by ``temperature / 0.07``.
 BASE_TEMPERATURE = 0.07
-#: Folded into ``jax.random.key(0)`` to initialise the projection head.
-PROJECTION_SEED = 2003
 
 
 def _masked_logsumexp(x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -115,12 +114,6 @@ class ProjectionHead(nn.Module):
     return TorchDense(self.out, name="dense1")(hidden)
 
 
-class ExtraNet(NamedTuple):
-  """An extra network's parameters and its optimizer state."""
-  params: dict
-  opt_state: optax.OptState
-
-
 class CADState(NamedTuple):
   projection: ExtraNet | tuple   # ``()`` without a projection head
 
@@ -133,13 +126,13 @@ def cad_gradients(conditional: bool) -> GradientSource:
   """The gradient of ``CE + lmbda * bottleneck`` (one pooled forward pass); with
   ``is_project`` the projection head takes its own torch-Adam step from the same objective."""
 
-  def init(ctx, params):
+  def init(ctx, params, key):
     if not ctx.hparams["is_project"]:
       return CADState(())
     f = _feature_dim(params)
-    head = ProjectionHead(f).init(jax.random.fold_in(jax.random.key(0), PROJECTION_SEED),
+    head = ProjectionHead(f).init(extra_net_key(key, "projection"),
                                   jnp.zeros((1, f), jnp.float32))["params"]
-    return CADState(ExtraNet(head, domainbed_adam()(ctx).init(head)))
+    return CADState(ExtraNet.create(head, domainbed_adam()(ctx)))
 
   def grads(ctx, params, state, batch, step, key):
     del step, key
@@ -164,9 +157,7 @@ def cad_gradients(conditional: bool) -> GradientSource:
         objective, argnums=(0, 1), has_aux=True)(params, head)
     new_state = state
     if project:
-      tx = domainbed_adam()(ctx)
-      u, s = tx.update(g_head, state.projection.opt_state, head)
-      new_state = CADState(ExtraNet(optax.apply_updates(head, u), s))
+      new_state = CADState(state.projection.apply_gradients(g_head, domainbed_adam()(ctx)))
     metrics = {"bn_loss": bn, "objective": total,
                "penalty_weight": jnp.asarray(hp["lmbda"], jnp.float32)}
     return g, Terms(env_losses, bn, metrics, new_state)

@@ -8,7 +8,10 @@
 * URM (Krishnamachari, Ng & Foo, "Uniformly Distributed Feature Representations for Fair
   and Robust Learning", TMLR 2024; DomainBed's ``URM``): the featurizer's output goes through
   a bounded activation (``tanh`` by default) and an adversarial MLP discriminator tells those
-  features from uniform noise; the network is trained to fool it.
+  features from uniform noise; the network is trained to fool it. The discriminator (a
+  :class:`dgjax.core.ExtraNet`) is drawn from the run's key (:func:`dgjax.core.extra_net_key`),
+  so trials of different seeds start it from different weights; earlier versions drew it from
+  the fixed ``fold_in(key(0), 235)``, the same discriminator in every trial.
 """
 
 from __future__ import annotations
@@ -20,16 +23,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dgjax.core import (GradientSource, HParam, Method, Terms, env_losses_of,
-                        flatten_domains, log_uniform, penalized, pooled_erm_terms, torch_adam)
+from dgjax.core import (ExtraNet, GradientSource, HParam, Method, Terms, env_losses_of,
+                        extra_net_key, flatten_domains, log_uniform, penalized, pooled_erm_terms,
+                        torch_adam)
 from dgjax.models import TorchDense
 from dgjax.types import PyTree
-
-
-class ExtraNet(NamedTuple):
-  """An extra network's parameters and its optimizer state."""
-  params: PyTree
-  opt_state: optax.OptState
 
 
 # ============================================================================== ERM++
@@ -183,8 +181,6 @@ ERM_PLUS_PLUS = Method(
 #: URM's bounded feature activations and the interval of their uniform noise.
 URM_OUTPUTS = {"tanh": (jnp.tanh, -1.0, 1.0), "relu": (jax.nn.relu, 0.0, 1.0),
                "sigmoid": (jax.nn.sigmoid, 0.0, 1.0)}
-#: Folded into ``jax.random.key(0)`` to initialise URM's discriminator.
-URM_DISCRIMINATOR_SEED = 235
 
 
 class URMDiscriminator(nn.Module):
@@ -255,12 +251,11 @@ def urm_gradients() -> GradientSource:
   step 1) and ``discriminator_loss``. Randomness (noise, soft labels) from the step's key.
   """
 
-  def init(ctx, params):
+  def init(ctx, params, key):
     f = params["classifier"]["kernel"].shape[0]
-    disc = _urm_discriminator(ctx).init(
-        jax.random.fold_in(jax.random.key(0), URM_DISCRIMINATOR_SEED),
-        jnp.zeros((1, f), jnp.float32))["params"]
-    return URMState(ExtraNet(disc, _urm_discriminator_optimizer(ctx).init(disc)))
+    disc = _urm_discriminator(ctx).init(extra_net_key(key, "discriminator"),
+                                        jnp.zeros((1, f), jnp.float32))["params"]
+    return URMState(ExtraNet.create(disc, _urm_discriminator_optimizer(ctx)))
 
   def grads(ctx, params, state, batch, step, key):
     del step
@@ -288,8 +283,8 @@ def urm_gradients() -> GradientSource:
               + lam * bce(disc_net.apply({"params": dp}, h), fake_y))
 
     d_loss, dg = jax.value_and_grad(disc_loss)(disc)
-    u, s = _urm_discriminator_optimizer(ctx).update(dg, state.discriminator.opt_state, disc)
-    new_state = URMState(ExtraNet(optax.apply_updates(disc, u), s))
+    new_state = URMState(state.discriminator.apply_gradients(
+        dg, _urm_discriminator_optimizer(ctx)))
     metrics = {"loss": total, "urm_adv_loss": adv, "discriminator_loss": d_loss}
     return g, Terms(env_losses, None, metrics, new_state)
 

@@ -1,9 +1,12 @@
 """Methods that mix extra information into the features: MTL (a domain embedding concatenated
 to the features) and SagNet (style and content randomisation of the features).
 
-Their extra networks (MTL's embedding half of the classifier, SagNet's style classifier) and
-those networks' Adam states live in the gradient source's state, initialised from
-:func:`dgjax.algorithms.adversarial.derived_key`.
+Their extra networks (MTL's embedding half of the classifier, SagNet's style classifier),
+each a :class:`dgjax.core.ExtraNet` with its Adam state, live in the gradient source's state,
+drawn from the run's key (:func:`dgjax.core.extra_net_key`), so trials of different seeds start
+them from different weights. Before the engine passed a key to ``init`` they were drawn from a
+key hashed from the main network's initial parameters: their initial draws differ from those
+earlier versions'.
 """
 
 from __future__ import annotations
@@ -14,11 +17,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dgjax.algorithms.adversarial import derived_key, head_shape, like_params
-from dgjax.core import (GradientSource, HParam, Method, Terms, domainbed_adam, env_losses_of,
-                        domain_features, flatten_domains)
+from dgjax.algorithms.adversarial import head_shape, like_params
+from dgjax.core import (ExtraNet, GradientSource, HParam, Method, Terms, domainbed_adam,
+                        env_losses_of, domain_features, extra_net_key, flatten_domains)
 from dgjax.losses import cross_entropy
-from dgjax.types import PyTree
 
 
 def torch_linear_init(key, fan_in: int, outputs: int, dtype=jnp.float32) -> dict:
@@ -36,8 +38,7 @@ def _adam(ctx):
 
 # ----------------------------------------------------------------------------- MTL
 class MTLState(NamedTuple):
-  embedding_head: jax.Array   # [F, C]: the classifier's weights on the embedding half
-  head_opt: optax.OptState    # its Adam(lr, weight_decay) state
+  embedding_head: ExtraNet    # [F, C]: the classifier's weights on the embedding half, its Adam
   embeddings: jax.Array       # [D, F]: the stored per-domain embeddings (DomainBed's buffer)
 
 
@@ -73,11 +74,11 @@ def mtl_gradients() -> GradientSource:
   ``loss``, as DomainBed reports it); ``env_losses`` are the per-domain terms.
   """
 
-  def init(ctx, params):
+  def init(ctx, params, key):
     feats, classes = head_shape(params)
-    head_e = like_params(torch_linear_init(derived_key(params, 4), 2 * feats, classes)["kernel"][:feats],
-                         params)
-    return MTLState(head_e, _adam(ctx).init(head_e),
+    linear = torch_linear_init(extra_net_key(key, "embedding_head"), 2 * feats, classes)
+    head_e = like_params(linear["kernel"][:feats], params)
+    return MTLState(ExtraNet.create(head_e, _adam(ctx)),
                     jnp.zeros((ctx.num_domains, feats), head_e.dtype))
 
   def grads(ctx, params, state, batch, step, key):
@@ -100,10 +101,8 @@ def mtl_gradients() -> GradientSource:
       return jnp.sum(env_losses), (env_losses, jax.lax.stop_gradient(stored))
 
     (total, (env_losses, embeddings)), (g, g_e) = jax.value_and_grad(
-        objective, argnums=(0, 1), has_aux=True)(params, state.embedding_head)
-    tx = _adam(ctx)
-    updates, head_opt = tx.update(g_e, state.head_opt, state.embedding_head)
-    new_state = MTLState(optax.apply_updates(state.embedding_head, updates), head_opt, embeddings)
+        objective, argnums=(0, 1), has_aux=True)(params, state.embedding_head.params)
+    new_state = MTLState(state.embedding_head.apply_gradients(g_e, _adam(ctx)), embeddings)
     return g, Terms(env_losses, None, {"loss": total}, new_state)
 
   return GradientSource(grads, init)
@@ -119,7 +118,7 @@ def mtl_predict(ctx, params, state, x):
                           z.dtype)
   else:
     e = jnp.broadcast_to(jnp.mean(z, axis=0, keepdims=True), z.shape)
-  return mtl_logits(ctx, params, state.source.embedding_head, z, e)
+  return mtl_logits(ctx, params, state.source.embedding_head.params, z, e)
 
 
 MTL = Method(
@@ -144,10 +143,9 @@ MTL = Method(
 
 # ----------------------------------------------------------------------------- SagNet
 class SagNetState(NamedTuple):
-  style_head: PyTree           # the style network: a linear head {"kernel", "bias"}
+  style_head: ExtraNet         # the style network: a linear head {"kernel", "bias"}, its Adam
   featurizer_opt: optax.OptState
   content_opt: optax.OptState
-  style_opt: optax.OptState
 
 
 def randomize(z, key, what: str, eps: float = 1e-5):
@@ -202,12 +200,13 @@ def sagnet_gradients() -> GradientSource:
   ``loss_s`` and ``loss_adv`` are logged as DomainBed returns them.
   """
 
-  def init(ctx, params):
+  def init(ctx, params, key):
     feats, classes = head_shape(params)
-    style = like_params(torch_linear_init(derived_key(params, 5), feats, classes), params)
+    style = like_params(torch_linear_init(extra_net_key(key, "style_head"), feats, classes),
+                        params)
     tx = _adam(ctx)
-    return SagNetState(style, tx.init(params["featurizer"]), tx.init(params["classifier"]),
-                       tx.init(style))
+    return SagNetState(ExtraNet.create(style, tx), tx.init(params["featurizer"]),
+                       tx.init(params["classifier"]))
 
   def grads(ctx, params, state, batch, step, key):
     del step
@@ -239,8 +238,10 @@ def sagnet_gradients() -> GradientSource:
     # 2. style head on content-randomised features of the updated featurizer
     z1 = jax.lax.stop_gradient(features(f1))
     loss_s, g_s = jax.value_and_grad(
-        lambda s: cross_entropy(_linear(s, randomize(z1, k_s, "content")), y))(state.style_head)
-    s1, s_opt = step_tree(state.style_head, g_s, state.style_opt)
+        lambda s: cross_entropy(_linear(s, randomize(z1, k_s, "content")), y))(
+            state.style_head.params)
+    style = state.style_head.apply_gradients(g_s, tx)
+    s1 = style.params
 
     # 3. adversarial: featurizer makes the style head uniform
     def adv_loss(f):
@@ -253,7 +254,7 @@ def sagnet_gradients() -> GradientSource:
     new = {**params, "featurizer": f2, "classifier": c1}
     pseudo = jax.tree.map(lambda p, q: p - q, params, new)
     metrics = {"loss_c": loss_c, "loss_s": loss_s, "loss_adv": loss_adv}
-    return pseudo, Terms(env_losses, None, metrics, SagNetState(s1, f_opt, c_opt, s_opt))
+    return pseudo, Terms(env_losses, None, metrics, SagNetState(style, f_opt, c_opt))
 
   return GradientSource(grads, init)
 

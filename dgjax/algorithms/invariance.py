@@ -187,7 +187,8 @@ def head_gradient_variances(ctx, params, batch):
   return env_losses_of(logits, y), penalties.domain_gradient_variances(grads)
 
 
-def _fishr_init(ctx, params):
+def _fishr_init(ctx, params, key):
+  del key
   like = jax.tree.map(lambda p: jnp.zeros((ctx.num_domains,) + p.shape, p.dtype), params["classifier"])
   return moving_average(ctx.hparams["ema"]).init(like)
 

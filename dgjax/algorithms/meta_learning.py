@@ -28,7 +28,8 @@ def fish_gradients() -> GradientSource:
   pseudo-gradient ``theta - theta~``; the method's optimizer is ``optax.sgd(meta_lr)``.
   """
 
-  def init(ctx, params):
+  def init(ctx, params, key):
+    del key
     return FishState(domainbed_adam()(ctx).init(params))
 
   def grads(ctx, params, state, batch, step, key):

@@ -18,14 +18,15 @@ Single-logit (binary) models are handled as the two-class softmax model with log
 (:func:`two_class_logits`): its cross-entropy equals the logistic loss used elsewhere.
 
 Extra networks (SelfReg's projection) live in the gradient source's state; their initial
-parameters come from a key derived deterministically from the model's initial parameters
-(:func:`derived_init_key`), so runs with different seeds get different extra networks, as in
-DomainBed where both come from the run's torch seed.
+parameters are drawn from the run's key (:func:`dgjax.core.extra_net_key`), so runs with
+different seeds get different extra networks, as in DomainBed where both come from the run's
+torch seed. Earlier versions derived that key from the model's first parameter, so SelfReg's
+initial projection differs from those versions' draws.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -34,24 +35,14 @@ import optax
 
 from dgjax import penalties
 from dgjax.core import (GradientSource, HParam, Method, Terms, annealed_weight,
-                        domain_features_and_logits, domainbed_adam, env_losses_of,
-                        flatten_domains, penalized, torch_adam)
+                        domain_features_and_logits, domainbed_adam, env_losses_of, extra_net_key,
+                        flatten_domains, penalized, reset_at_step, torch_adam)
 from dgjax.losses import cross_entropy
 from dgjax.models import TorchDense
 from dgjax.types import PyTree
 
 
 # ------------------------------------------------------------------------------ helpers
-def derived_init_key(params: PyTree, tag: int) -> jax.Array:
-  """A key for an extra network's initial parameters, derived from the model's: the bits of
-  the first element of the first parameter leaf folded into ``key(0)`` folded with ``tag``
-  (a method-specific integer). Deterministic, traceable (works under the runs vmap), and
-  different for runs whose model initialisations differ."""
-  first = jax.tree.leaves(params)[0].reshape(-1)[0].astype(jnp.float32)
-  bits = jax.lax.bitcast_convert_type(first, jnp.uint32)
-  return jax.random.fold_in(jax.random.fold_in(jax.random.key(0), tag), bits)
-
-
 def two_class_logits(logits: jax.Array) -> jax.Array:
   """``[N, C]`` logits as they are for ``C >= 2``; a single logit column ``s`` (our binary
   models) as the equivalent two-class logits ``[-s/2, s/2]`` (``softmax = [1 - sigmoid(s),
@@ -119,36 +110,12 @@ def ib_irm_gradients() -> GradientSource:
   return GradientSource(grads)
 
 
-class ResetAtStepsState(NamedTuple):
-  inner: optax.OptState
-
-
-def reset_at_steps(inner: optax.GradientTransformation, *at: Any) -> optax.GradientTransformationExtraArgs:
-  """``inner``, re-initialised when the extra argument ``step`` equals any of ``at`` (> 0;
-  values may be traced): :func:`dgjax.core.reset_at_step` for several switch steps."""
-
-  def init(params):
-    return ResetAtStepsState(inner.init(params))
-
-  def update(updates, state, params=None, *, step, **extra):
-    del extra
-    switch = jnp.zeros((), bool)
-    for a in at:
-      switch = switch | ((step == a) & (a > 0))
-    fresh = inner.init(params)
-    inner_state = jax.tree.map(lambda f, o: jnp.where(switch, f, o), fresh, state.inner)
-    updates, inner_state = inner.update(updates, inner_state, params)
-    return updates, ResetAtStepsState(inner_state)
-
-  return optax.GradientTransformationExtraArgs(init, update)
-
-
 def ib_irm_adam(ctx) -> optax.GradientTransformation:
   """``torch.optim.Adam(lr, weight_decay)`` re-created when ``step`` equals either switch step
   (``irm_penalty_anneal_iters`` or ``ib_penalty_anneal_iters``), as DomainBed's ``IB_IRM``."""
   hp = ctx.hparams
-  adam = reset_at_steps(torch_adam(hp["lr"]), hp["irm_penalty_anneal_iters"],
-                        hp["ib_penalty_anneal_iters"])
+  adam = reset_at_step(torch_adam(hp["lr"]),
+                       (hp["irm_penalty_anneal_iters"], hp["ib_penalty_anneal_iters"]))
   return optax.chain(optax.add_decayed_weights(hp["weight_decay"]), adam)
 
 
@@ -235,9 +202,6 @@ class SelfRegState(NamedTuple):
   projection: PyTree  # SelfRegProjection params (fixed: see selfreg_terms)
 
 
-SELFREG_INIT_TAG = 5301
-
-
 def _feature_dim(params) -> int:
   kernel = params["classifier"].get("kernel") if hasattr(params["classifier"], "get") else None
   if kernel is None or kernel.ndim != 2:
@@ -246,11 +210,11 @@ def _feature_dim(params) -> int:
   return kernel.shape[0]
 
 
-def _selfreg_init(ctx, params):
+def _selfreg_init(ctx, params, key):
   f = _feature_dim(params)
   net = SelfRegProjection(f)
   z0 = jnp.zeros((2, f), jnp.float32)
-  return SelfRegState(net.init(derived_init_key(params, SELFREG_INIT_TAG), z0)["params"])
+  return SelfRegState(net.init(extra_net_key(key, "projection"), z0)["params"])
 
 
 def within_class_partners(key: jax.Array, labels: jax.Array) -> jax.Array:

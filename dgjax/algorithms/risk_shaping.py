@@ -10,7 +10,10 @@
 
 Semantics are DomainBed's (``domainbed/algorithms.py``, classes ``EQRM``, ``RDM``, ``TRM``),
 including its schedule quirks, documented per method. EQRM and RDM switch to a second
-learning rate at their switch step (:func:`switched_adam`).
+learning rate at their switch step (:func:`switched_adam`). TRM's per-domain heads are drawn
+from the run's key (:func:`dgjax.core.extra_net_key`), so trials of different seeds start them
+from different weights; earlier versions drew them from a key derived from the model's first
+parameter, so their initial draws differ from those versions'.
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ import numpy as np
 import optax
 from jax.scipy.special import ndtr, ndtri
 
-from dgjax.algorithms.representation import derived_init_key
 from dgjax.core import (COMMON_HPARAMS, GradientSource, HParam, Method, Terms, domain_logits,
-                        domainbed_adam, env_losses_of, flatten_domains, penalized, reset_at_step)
+                        domainbed_adam, env_losses_of, extra_net_key, flatten_domains, penalized,
+                        reset_at_step)
 from dgjax.losses import cross_entropy
 from dgjax.types import PyTree
 
@@ -198,7 +201,6 @@ class TRMState(NamedTuple):
   alpha: jax.Array  # [D, D] transfer weights (unnormalised, zero diagonal)
 
 
-TRM_INIT_TAG = 5302
 TRM_HEAD_SGD_STEPS = 30      # DomainBed: 30 SGD steps on the per-domain heads per step
 TRM_HEAD_LR = 0.1            # DomainBed: torch.optim.SGD(lr=1e-1)
 TRM_NEUMANN_STEPS = 10       # DomainBed: 10 Neumann terms, stopped when max |h| > 10
@@ -211,15 +213,15 @@ def _head_kernel(head):
   return head["kernel"]
 
 
-def _trm_init(ctx, params):
+def _trm_init(ctx, params, key):
   """``D`` fresh heads shaped like ``params['classifier']`` with torch's Linear init
-  (``U(+-1/sqrt(fan_in))`` for kernel and bias), from :func:`derived_init_key`; alpha
+  (``U(+-1/sqrt(fan_in))`` for kernel and bias), drawn from the run's ``key``; alpha
   ``= 1 - I``."""
   head = params["classifier"]
   fan_in = _head_kernel(head).shape[0]
   bound = 1.0 / np.sqrt(fan_in)
   leaves, treedef = jax.tree.flatten(head)
-  keys = jax.random.split(derived_init_key(params, TRM_INIT_TAG), len(leaves))
+  keys = jax.random.split(extra_net_key(key, "heads"), len(leaves))
   d = ctx.num_domains
   heads = treedef.unflatten([jax.random.uniform(k, (d,) + leaf.shape, leaf.dtype, -bound, bound)
                              for k, leaf in zip(keys, leaves)])
