@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 _LAZY_SUBMODULES = ("algorithms", "checkpoints", "collect", "conv", "core", "data", "datasets",
                     "domainbed_format", "hessian", "irm_benchmark", "losses", "methods", "models",
                     "penalties", "plots", "progress", "results", "runs", "selection", "sharding",
-                    "sweep", "tasks", "train")
+                    "sweep", "tasks", "train", "types")
 
 
 def __getattr__(name):
