@@ -62,12 +62,13 @@ def test_a_second_process_cannot_write_a_running_run(tmp_path):
       assert first.poll() is None, first.communicate()[1][-2000:]
       assert time.time() < deadline, "the first run never took its lock"
       time.sleep(0.2)
-    for extra in ([], ["--overwrite"], ["--resume"]):
-      second = cli("--dataset=Spirals", "--max_examples=32", "--steps=3", f"--output_dir={out}",
-                   "--noprogress", *extra)
-      assert second.returncode == 2, second.stderr[-2000:]
-      assert "being written by another running process" in second.stderr
-      assert "Traceback" not in second.stderr
+    # --overwrite, the most dangerous; all three ways in are refused by
+    # test_overwrite_while_another_process_holds_the_run_touches_nothing
+    second = cli("--dataset=Spirals", "--max_examples=32", "--steps=3", f"--output_dir={out}",
+                 "--noprogress", "--overwrite")
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert f"being written by another running process (pid {first.pid} " in second.stderr
+    assert "Traceback" not in second.stderr
     assert first.poll() is None          # the first run was not disturbed ...
     assert (out / "results.jsonl").exists() and results.is_locked(out)   # ... nor its files
   finally:
@@ -294,7 +295,8 @@ def test_a_full_disk_is_one_line_saying_what_was_kept(tmp_path, monkeypatch, uni
   assert message.startswith("the disk is full (No space left on device: ") and kept in message
   monkeypatch.undo()
   assert not results.is_locked(tmp_path)
-  resume_equals_uninterrupted(tmp_path, uninterrupted)
+  if where == "checkpoint":   # the unfinished checkpoint is set aside (no manifest)
+    resume_equals_uninterrupted(tmp_path, uninterrupted)
   # Orbax and TensorStore wrap the OSError, or only say it
   assert train_lib.is_disk_full(ValueError("writing: [OS error: No space left on device]"))
   assert not train_lib.is_disk_full(ValueError("shape mismatch"))
