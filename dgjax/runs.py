@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+import jax
+
 from dgjax import checkpoints
 from dgjax import config as config_lib
 from dgjax import datasets
@@ -103,7 +105,8 @@ def open_output_dir(config: TrainConfig, resume: bool = False,
     raise ValueError("pass --overwrite or --resume, not both")
   out = Path(config.output_dir)
   train_lib.ensure_writable(out)
-  lock = results_lib.RunLock(out).acquire()
+  writer = jax.process_index() == 0   # multi-process: process 0 locks and writes
+  lock = results_lib.RunLock(out).acquire() if writer else _NoLock(out)
   try:
     existing = [p for p in ("results.jsonl", "checkpoints", "done") if (out / p).exists()]
     if existing and not (resume or overwrite):
@@ -112,12 +115,28 @@ def open_output_dir(config: TrainConfig, resume: bool = False,
                             "another --output_dir")
     if resume:
       checkpoints.check_identity(out, config.identity())
-    if overwrite:
+    if overwrite and writer:
       clear_run(out)
   except BaseException:
     lock.release()
     raise
   return lock
+
+
+class _NoLock:
+  """What a process other than process 0 holds: nothing (process 0 holds the lock)."""
+
+  def __init__(self, output_dir: Path):
+    self.dir = output_dir
+
+  def release(self) -> None:
+    pass
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    pass
 
 
 def clear_run(output_dir: str | Path) -> None:
@@ -131,7 +150,6 @@ def clear_run(output_dir: str | Path) -> None:
 def make_mesh(config: TrainConfig):
   """The device mesh ``config.mesh`` asks for (:func:`dgjax.sharding.parse_mesh_shape`), or
   ``None`` for one device ("none", or "auto" with a single device)."""
-  import jax
   spec = (config.mesh or "none").lower()
   if spec == "none" or (spec == "auto" and jax.device_count() == 1):
     return None
