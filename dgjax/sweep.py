@@ -78,8 +78,9 @@ SWEEP_FIELDS = config_lib.sweep_fields()
 INCOMPLETE_POLICIES: dict[str, tuple[str, ...] | None] = {
     "restart": ("--overwrite",), "resume": ("--resume",), "skip": None}
 
+
 def train_arg_fields() -> list[str]:
-  """The :class:`~dgjax.train.TrainConfig` fields ``--train_arg`` may set."""
+  """The :class:`~dgjax.config.TrainConfig` fields ``--train_arg`` may set."""
   return sorted(f.name for f in config_lib.config_fields() if f.name not in SWEEP_FIELDS)
 
 

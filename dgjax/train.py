@@ -173,7 +173,9 @@ def train_many(configs: Sequence[TrainConfig], task, splits_in: Sequence[Split] 
       ``splits_out`` (then the task is :class:`~dgjax.tasks.DomainBedTask`).
     output_dirs: per run, where ``results.jsonl`` (one line per evaluation), the checkpoints
       and, at the end, ``done`` (DomainBed's marker) go; ``None``: records in memory only.
-      Each directory is locked for the run's life (a second writer fails at once).
+      Each directory is locked for the run's life (a second writer fails at once), unless
+      this process holds its lock already (:func:`dgjax.runs.open_output_dir` takes it
+      before anything there is read or deleted).
     args: per run, recorded verbatim under ``"args"`` in every record.
     resume: continue from the checkpoints in ``output_dirs`` (records after the restored
       checkpoint are dropped and recomputed; the numbers equal an uninterrupted run's,
