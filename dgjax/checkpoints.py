@@ -13,6 +13,7 @@ refused with an error naming the field that differs.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import os
@@ -148,6 +149,17 @@ def _quiet_orbax():
       lg.setLevel(level)
 
 
+def _drop_orbax_leftovers() -> None:
+  """A failed Orbax read leaves coroutines it never awaited; collected later, each would print
+  an "Exception ignored" traceback. Collect them now, quietly."""
+  hook = sys.unraisablehook
+  sys.unraisablehook = lambda *_: None
+  try:
+    gc.collect()
+  finally:
+    sys.unraisablehook = hook
+
+
 class Checkpoints:
   """The checkpoints of one run. ``to_tree(state)`` / ``from_tree(tree)`` convert the train
   state to and from a tree of arrays (the PRNG key as its raw data)."""
@@ -212,6 +224,8 @@ class Checkpoints:
       except Exception as e:  # orbax raises many kinds: missing files, bad metadata, shapes
         errors.append(f"step {step}: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
         bad.append(step)
+        del e
+        _drop_orbax_leftovers()
         continue
       if errors:
         aside = self.dir.parent / "checkpoints_unreadable"
