@@ -34,6 +34,7 @@ from dgjax import augment
 from dgjax import resnet
 from dgjax import sharding
 from dgjax.core import HParam
+from dgjax.data import image_check
 from dgjax.data import image_folder
 from dgjax.data import image_pipeline
 from dgjax.tasks import make_accuracy_fn
@@ -233,6 +234,8 @@ def make_task(config, envs=None):
                      "protocol: DomainBed's ResNet with frozen BatchNorm)")
   envs = envs if envs is not None else image_environments(config.dataset, config.data_dir,
                                                           config.data_source)
+  if config.data_source == "folder":   # every file an image, before any compiling
+    image_check.check_image_files(path for env in envs for path in env.x)
   splits_in, splits_out = image_folder.image_splits(envs, config.holdout_fraction, config.trial_seed)
   if config.pretrained is None:
     raise ValueError(missing_weights_message(arch_of(hp)))

@@ -1,10 +1,12 @@
 """A run directory's results file, ``<output_dir>/results.jsonl`` (one JSON object per
 evaluation), and the lock that makes its run its only writer.
 
-* :class:`RunLock`: an exclusive, non-blocking ``filelock`` on ``<output_dir>/.lock``, held
-  for the life of a run; a second writer fails at once with :class:`RunLockedError`. The
-  operating system releases it when the process dies, so a killed run never leaves a stale
-  lock. :func:`is_locked` tells a sweep which jobs are running.
+* :class:`RunLock`: an exclusive, non-blocking ``filelock`` on ``<output_dir>/.lock``, taken
+  before anything in the directory is read or deleted and held for the life of a run; a
+  second writer fails at once with :class:`RunLockedError` naming the holder (its process id,
+  host and command line, from ``.lock.holder``). The operating system releases it when the
+  process dies, so a killed run never leaves a stale lock. :func:`is_locked` tells a sweep
+  which jobs are running.
 * :func:`append_jsonl`: one line per call, written with a single ``write`` on a file opened
   for appending (a reader such as ``tail -f`` never sees half a line from a live run), flushed
   and, with ``sync=True`` (at evaluations), ``fsync``-ed. Strict JSON: a non-finite number is
@@ -17,10 +19,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
+import sys
+import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 LOCK_NAME = ".lock"
+HOLDER_NAME = ".lock.holder"
 
 
 class RunLockedError(RuntimeError):
@@ -102,45 +108,88 @@ def truncate_jsonl(path: str | os.PathLike, last_step: int | None) -> list[dict[
 
 
 class RunLock:
-  """An exclusive lock on a run directory, held from :meth:`acquire` to :meth:`release`."""
+  """An exclusive lock on a run directory, held from :meth:`acquire` to :meth:`release`.
+
+  Beside the lock, ``.lock.holder`` says who holds it (process id, host, start time and
+  command line), so that a refused writer can name the holder."""
 
   def __init__(self, output_dir: str | os.PathLike):
     from filelock import FileLock
     self.dir = Path(output_dir)
     self._lock = FileLock(str(self.dir / LOCK_NAME), is_singleton=False)
 
+  @property
+  def _key(self) -> str:
+    return os.path.realpath(self.dir)
+
   def acquire(self, timeout: float = 1.0) -> "RunLock":
     """Takes the lock, waiting up to ``timeout`` seconds (a status probe holds it for an
-    instant) before failing with :class:`RunLockedError`."""
+    instant) before failing with :class:`RunLockedError`, which names the holder."""
     from filelock import Timeout
     self.dir.mkdir(parents=True, exist_ok=True)
+    if self._key in _HELD:
+      raise RunLockedError(f"{self.dir} is already being written by this process (pid "
+                           f"{os.getpid()})")
     try:
       self._lock.acquire(timeout=timeout)
     except Timeout:
       raise RunLockedError(
-          f"{self.dir} is being written by another running process (its lock "
-          f"{self.dir / LOCK_NAME} is held); wait for it to finish, stop it, or choose another "
-          "output directory") from None
+          f"{self.dir} is being written by another running process ({holder(self.dir)}); wait "
+          "for it to finish, stop it, or choose another output directory") from None
+    _HELD[self._key] = self
+    try:
+      (self.dir / HOLDER_NAME).write_text(json.dumps(
+          {"pid": os.getpid(), "host": socket.gethostname(),
+           "since": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv}))
+    except OSError:
+      pass   # only a message would lose its detail
     return self
 
   def release(self) -> None:
     if self._lock.is_locked:
+      _HELD.pop(self._key, None)
+      (self.dir / HOLDER_NAME).unlink(missing_ok=True)
       self._lock.release()
 
   def __enter__(self):
-    return self.acquire()
+    return self if self._lock.is_locked else self.acquire()
 
   def __exit__(self, *exc):
     self.release()
 
 
+#: The run locks this process holds, by real path.
+_HELD: dict[str, RunLock] = {}
+
+
+def held_here(output_dir: str | os.PathLike) -> bool:
+  """Whether this process holds ``output_dir``'s run lock."""
+  return os.path.realpath(output_dir) in _HELD
+
+
+def holder(output_dir: str | os.PathLike) -> str:
+  """Who holds ``output_dir``'s run lock, in words (from ``.lock.holder``)."""
+  try:
+    info = json.loads((Path(output_dir) / HOLDER_NAME).read_text())
+    argv = " ".join(str(a) for a in info.get("argv", []))
+    argv = argv if len(argv) <= 120 else argv[:117] + "..."
+    return f"pid {info['pid']} on {info['host']} since {info['since']}: {argv}"
+  except (OSError, ValueError, KeyError, TypeError):
+    return f"its lock {Path(output_dir) / LOCK_NAME} is held"
+
+
 def is_locked(output_dir: str | os.PathLike) -> bool:
-  """Whether a live process holds ``output_dir``'s run lock."""
+  """Whether a live process (this one included) holds ``output_dir``'s run lock."""
+  from filelock import FileLock, Timeout
+  if held_here(output_dir):
+    return True
   path = Path(output_dir) / LOCK_NAME
   if not path.exists():
     return False
+  probe = FileLock(str(path), is_singleton=False)
   try:
-    RunLock(output_dir).acquire(timeout=0).release()
-  except RunLockedError:
+    probe.acquire(timeout=0)
+  except Timeout:
     return True
+  probe.release()
   return False

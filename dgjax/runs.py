@@ -1,36 +1,35 @@
 """A run from its configuration: load the dataset, build the task, train, record DomainBed's args.
 
-One :class:`dgjax.train.TrainConfig` describes a run completely. The command line builds it
-from flags (``python -m experiments.train``), a sweep builds it directly, and either launches
-it in this process (:func:`run`, :func:`run_many`) or as ``python -m experiments.train`` with
-the same values (:func:`command`, whose flags :func:`config_from_flags` turns back into an equal
-config).
+One :class:`dgjax.config.TrainConfig` describes a run completely. The command line builds it
+from flags (``python -m experiments.train``, flags derived from the config's fields), a sweep
+builds it directly, and either launches it in this process (:func:`run`, :func:`run_many`) or
+as ``python -m experiments.train`` with the same values (:func:`command`, whose flags
+``experiments.train.config_from_flags`` turns back into an equal config). A run first takes
+its directory's lock (:func:`open_output_dir`), then reads, checks or deletes anything there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
+import jax
+
+from dgjax import checkpoints
+from dgjax import config as config_lib
 from dgjax import datasets
 from dgjax import domainbed_format
 from dgjax import methods
 from dgjax import results as results_lib
+from dgjax import sharding
 from dgjax import train as train_lib
 from dgjax.tasks import DomainBedTask
 
-TrainConfig = train_lib.TrainConfig
-
-#: The config fields that are flags of ``experiments.train`` (same names).
-FLAG_FIELDS = ("dataset", "method", "preset", "steps", "checkpoint_freq", "seed", "trial_seed",
-               "hparams_seed", "holdout_fraction", "data_dir", "max_examples", "downsample",
-               "per_domain_impl", "conv_impl", "mesh", "output_dir", "keep_checkpoints",
-               "scan_steps", "eval_batch_size", "pretrained", "image_size", "data_workers", "data_source", "swad", "swad_n_converge", "swad_n_tolerance",
-               "swad_tolerance_ratio")
+TrainConfig = config_lib.TrainConfig
 
 
 def test_envs_of(dataset: str, test_envs: Sequence[int] | None, data_dir=None) -> tuple[int, ...]:
@@ -75,68 +74,88 @@ def make_config(dataset: str = "ColoredMNIST", test_envs: Sequence[int] | None =
 def command(config: TrainConfig, python: str = sys.executable, module: str = "experiments.train",
             extra: Sequence[str] = ()) -> list[str]:
   """The argv that trains ``config`` as a process: ``python -m experiments.train`` with one
-  ``--flag=value`` per set field (hparams as the JSON of the overrides)."""
-  argv = [python, "-m", module]
-  for name in FLAG_FIELDS:
-    value = getattr(config, name)
-    if value is None:
-      continue
-    if isinstance(value, bool):
-      argv.append(f"--{name}" if value else f"--no{name}")
-    else:
-      argv.append(f"--{name}={value}")
-  argv.append("--test_envs=" + ",".join(map(str, config.test_envs)))
-  if config.hparams:
-    argv.append("--hparams=" + json.dumps(dict(config.hparams), sort_keys=True))
-  if not config.progress:
-    argv.append("--noprogress")
-  return argv + list(extra)
+  ``--flag=value`` per set field (:func:`dgjax.config.to_argv`)."""
+  return [python, "-m", module, *config_lib.to_argv(config), *extra]
 
 
 def record_args(config: TrainConfig, **extra: Any) -> dict[str, Any]:
   """The ``args`` of every record: DomainBed's keys (``algorithm``, ``dataset``,
-  ``test_envs``, ``hparams_seed``, ``trial_seed``, ...) and dgjax's settings."""
+  ``test_envs``, ``hparams_seed``, ``trial_seed``, ...) and dgjax's settings (the fields
+  whose ``record`` metadata says so, :func:`dgjax.config.record_fields`)."""
   ds = datasets.get_dataset(config.dataset)
   method = methods.get_method(config.method)
-  dgjax_fields = {n: getattr(config, n) for n in ("preset", "max_examples", "downsample",
-                                                  "per_domain_impl", "conv_impl", "mesh",
-                                                  "scan_steps", "swad", "swad_n_converge",
-                                                  "swad_n_tolerance", "swad_tolerance_ratio")}
   args = domainbed_format.domainbed_args(
-      method=config.method, algorithm=method.domainbed_name, dataset=config.dataset,
-      test_envs=list(config.test_envs), hparams_seed=config.hparams_seed,
-      trial_seed=config.trial_seed, seed=config.seed, output_dir=config.output_dir,
-      holdout_fraction=config.holdout_fraction, steps=config.steps,
-      checkpoint_freq=config.checkpoint_freq, data_dir=config.data_dir,
-      hparams=dict(config.hparams) or None, env_names=list(ds.environment_names(config.data_dir)),
-      **dgjax_fields, **extra)
+      **config_lib.record_fields(config, "domainbed"), algorithm=method.domainbed_name,
+      env_names=list(ds.environment_names(config.data_dir)),
+      **config_lib.record_fields(config, "dgjax"), **extra)
   if len(config.test_envs) == 1:
     args["test_env"] = config.test_envs[0]
   return args
 
 
-def prepare_output_dir(config: TrainConfig, resume: bool = False, overwrite: bool = False) -> Path:
-  """Checks, before any data is loaded, that the run may write its output directory: it is
-  writable, no live process holds it, and an existing run there is only continued with
-  ``resume`` or replaced with ``overwrite`` (which deletes its records, checkpoints and
-  ``done``)."""
+def open_output_dir(config: TrainConfig, resume: bool = False,
+                    overwrite: bool = False) -> results_lib.RunLock:
+  """Takes the run lock of ``config.output_dir`` and returns it held (a context manager that
+  releases it). The lock comes first, before anything in the directory is read or deleted,
+  so a second writer touches nothing and is told who holds the run. Holding it, checks that
+  an existing run there is only continued with ``resume`` (and only by the same run: its
+  checkpoint's identity, :func:`dgjax.checkpoints.check_identity`) or replaced with
+  ``overwrite`` (:func:`clear_run`). All of this before any data is loaded."""
   if resume and overwrite:
     raise ValueError("pass --overwrite or --resume, not both")
   out = Path(config.output_dir)
   train_lib.ensure_writable(out)
-  if results_lib.is_locked(out):
-    raise results_lib.RunLockedError(
-        f"{out} is being written by another running process; wait for it, stop it, or "
-        "choose another --output_dir")
-  existing = [p for p in ("results.jsonl", "checkpoints", "done") if (out / p).exists()]
-  if existing and not (resume or overwrite):
-    raise FileExistsError(f"{out} already holds a run ({', '.join(existing)}); pass --overwrite "
-                          "to replace it, --resume to continue it, or choose another --output_dir")
-  if overwrite:
-    for name in ("results.jsonl", "done", "checkpoint_meta.json"):
-      (out / name).unlink(missing_ok=True)
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
-  return out
+  writer = jax.process_index() == 0   # multi-process: process 0 locks and writes
+  lock = results_lib.RunLock(out).acquire() if writer else _NoLock(out)
+  try:
+    existing = [p for p in ("results.jsonl", "checkpoints", "done") if (out / p).exists()]
+    if existing and not (resume or overwrite):
+      raise FileExistsError(f"{out} already holds a run ({', '.join(existing)}); pass "
+                            "--overwrite to replace it, --resume to continue it, or choose "
+                            "another --output_dir")
+    if resume:
+      checkpoints.check_identity(out, config.identity())
+    if overwrite and writer:
+      clear_run(out)
+  except BaseException:
+    lock.release()
+    raise
+  return lock
+
+
+class _NoLock:
+  """What a process other than process 0 holds: nothing (process 0 holds the lock)."""
+
+  def __init__(self, output_dir: Path):
+    self.dir = output_dir
+
+  def release(self) -> None:
+    pass
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    pass
+
+
+def clear_run(output_dir: str | Path) -> None:
+  """Deletes a run's records, checkpoints, identity and ``done`` (hold its lock)."""
+  out = Path(output_dir)
+  for name in ("results.jsonl", "done", checkpoints.META_NAME):
+    (out / name).unlink(missing_ok=True)
+  shutil.rmtree(out / "checkpoints", ignore_errors=True)
+
+
+def make_mesh(config: TrainConfig):
+  """The device mesh ``config.mesh`` asks for (:func:`dgjax.sharding.parse_mesh_shape`), or
+  ``None`` for one device ("none", or "auto" with a single device)."""
+  spec = (config.mesh or "none").lower()
+  if spec == "none" or (spec == "auto" and jax.device_count() == 1):
+    return None
+  num_train = (len(datasets.get_dataset(config.dataset).environment_names(config.data_dir))
+               - len(config.test_envs))
+  return sharding.make_mesh(sharding.parse_mesh_shape(spec, num_train))
 
 
 def load(config: TrainConfig):
@@ -153,34 +172,38 @@ def load(config: TrainConfig):
   return task, envs
 
 
-def run(config: TrainConfig, resume: bool = False, mesh=None, task=None,
+def _locked(stack: contextlib.ExitStack, config: TrainConfig, resume: bool,
+            overwrite: bool = False) -> None:
+  """Holds ``config.output_dir``'s run lock in ``stack`` unless this process holds it."""
+  if not results_lib.held_here(config.output_dir):
+    stack.enter_context(open_output_dir(config, resume=resume, overwrite=overwrite))
+
+
+def run(config: TrainConfig, resume: bool = False, mesh=None, task=None, overwrite: bool = False,
         **extra_args: Any) -> list[dict[str, Any]]:
-  """Trains ``config`` (its data loaded unless ``task`` is given) into ``config.output_dir``;
-  returns its records."""
-  if task is None:
-    task, _ = load(config)
-  return train_lib.train_many([config], task, output_dirs=[config.output_dir],
-                              args=[record_args(config, **extra_args)], resume=resume, mesh=mesh)[0]
+  """Trains ``config`` into ``config.output_dir`` (:func:`open_output_dir` first, unless this
+  process holds the directory already), its data loaded unless ``task`` is given, on
+  ``mesh`` (default: :func:`make_mesh`); returns its records."""
+  with contextlib.ExitStack() as stack:
+    _locked(stack, config, resume, overwrite)
+    if task is None:
+      task, _ = load(config)
+    mesh = make_mesh(config) if mesh is None else mesh
+    return train_lib.train_many([config], task, output_dirs=[config.output_dir],
+                                args=[record_args(config, **extra_args)], resume=resume,
+                                mesh=mesh)[0]
 
 
 def run_many(configs: Sequence[TrainConfig], resume: bool = False,
              **extra_args: Any) -> list[list[dict[str, Any]]]:
   """Trains runs that share their data and program (seeds and non-structural hparams may
-  differ) as ONE vmapped program in this process; each writes its own output directory, as
-  if run alone."""
-  task, _ = load(configs[0])
-  return train_lib.train_many(configs, task, output_dirs=[c.output_dir for c in configs],
-                              args=[record_args(c, **extra_args) for c in configs], resume=resume)
-
-
-def hparams_json(value: str | None) -> dict[str, Any]:
-  """``--hparams``'s JSON object, or a ``ValueError`` saying what is wrong."""
-  if not value:
-    return {}
-  try:
-    out = json.loads(value)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"--hparams is not valid JSON: {e}") from None
-  if not isinstance(out, Mapping):
-    raise ValueError(f"--hparams must be a JSON object, got {value!r}")
-  return dict(out)
+  differ: :func:`dgjax.config.check_vmap_group`) as ONE vmapped program in this process, on
+  one device; each writes its own output directory, as if run alone."""
+  config_lib.check_vmap_group(configs)
+  with contextlib.ExitStack() as stack:
+    for c in configs:
+      _locked(stack, c, resume)
+    task, _ = load(configs[0])
+    return train_lib.train_many(configs, task, output_dirs=[c.output_dir for c in configs],
+                                args=[record_args(c, **extra_args) for c in configs],
+                                resume=resume)

@@ -3,8 +3,9 @@
 
 A sweep is every combination of trial seed x dataset x method x test environments x
 hyperparameter seed (:func:`make_args_list`). Each combination is a :class:`Job`: DomainBed's
-argument dict, an output directory named by the md5 of that dict, and ONE
-:class:`dgjax.train.TrainConfig` (:meth:`Job.config`, built by :func:`dgjax.runs.make_config`).
+argument dict (its keys are config fields), an output directory named by the md5 of that
+dict, and ONE :class:`dgjax.config.TrainConfig` (:meth:`Job.config`, built by
+:func:`dgjax.runs.make_config`).
 The config draws the job's hparams itself, as DomainBed's ``train.py``: ``hparams_seed == 0``
 gives the method's defaults, any other seed ``random_hparams(method, seed_hash(hparams_seed,
 trial_seed))``, so one hparams seed gives other values in other trials; ``seed =
@@ -49,6 +50,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from dgjax import config as config_lib
 from dgjax import datasets
 from dgjax import methods
 from dgjax import results as results_lib
@@ -65,14 +67,10 @@ STATES = (DONE, RUNNING, INCOMPLETE, NOT_LAUNCHED)
 CLAIM_NAME = ".launch.lock"
 CLAIM_WAIT_S = 0.5
 
-#: Job arguments the sweep sets itself (its own flags); ``--train_arg`` may set any other
-#: :class:`~dgjax.train.TrainConfig` field (:func:`train_arg_fields`).
-SWEEP_FIELDS = {"dataset": "--datasets", "method": "--methods", "test_envs": "--test_envs",
-                "holdout_fraction": "--holdout_fraction", "hparams_seed": "--n_hparams",
-                "trial_seed": "--n_trials", "seed": "(derived from the others)",
-                "steps": "--steps", "checkpoint_freq": "--checkpoint_freq",
-                "data_dir": "--data_dir", "hparams": "--hparams",
-                "output_dir": "(the job's directory)"}
+#: Job arguments the sweep sets itself, each with its flag (the fields whose ``sweep``
+#: metadata says so, :func:`dgjax.config.sweep_fields`); ``--train_arg`` may set any other
+#: :class:`~dgjax.config.TrainConfig` field (:func:`train_arg_fields`).
+SWEEP_FIELDS = config_lib.sweep_fields()
 
 #: How an incomplete job is launched again: flags added to its command, or ``None`` to skip it.
 #: ``restart`` trains from scratch (``--overwrite``); ``resume`` continues from the last
@@ -80,31 +78,21 @@ SWEEP_FIELDS = {"dataset": "--datasets", "method": "--methods", "test_envs": "--
 INCOMPLETE_POLICIES: dict[str, tuple[str, ...] | None] = {
     "restart": ("--overwrite",), "resume": ("--resume",), "skip": None}
 
-#: Config fields that may differ inside one vmapped program (seeds and non-structural hparams
-#: enter the step as traced values); every other field and every structural hparam must agree.
-VMAP_VARYING = ("seed", "hparams_seed", "hparams", "output_dir")
-
 
 def train_arg_fields() -> list[str]:
-  """The :class:`~dgjax.train.TrainConfig` fields ``--train_arg`` may set."""
-  return sorted(f.name for f in dataclasses.fields(runs.TrainConfig)
-                if f.init and f.name not in SWEEP_FIELDS)
+  """The :class:`~dgjax.config.TrainConfig` fields ``--train_arg`` may set."""
+  return sorted(f.name for f in config_lib.config_fields() if f.name not in SWEEP_FIELDS)
 
 
 def check_train_arg(name: str, value: Any) -> None:
   """A ``ValueError`` naming ``name`` unless it is a field ``--train_arg`` may set, with a
-  value of its default's type (any for fields that default to ``None``)."""
+  value of its type (:func:`dgjax.config.check_field_value`)."""
   if name in SWEEP_FIELDS:
     raise ValueError(f"--train_arg may not set {name!r}: the sweep sets it ({SWEEP_FIELDS[name]})")
   if name not in train_arg_fields():
     raise ValueError(f"--train_arg {name!r} is not a training config field; valid: "
                      f"{', '.join(train_arg_fields())}")
-  default = {f.name: f.default for f in dataclasses.fields(runs.TrainConfig)}[name]
-  kind = type(default)
-  same_kind = isinstance(value, kind) and isinstance(value, bool) == (kind is bool)
-  if default is not None and not same_kind:
-    raise ValueError(f"--train_arg {name} must be {kind.__name__} (its default is "
-                     f"{json.dumps(default)}), got {value!r}")
+  config_lib.check_field_value(name, value, "--train_arg ")
 
 
 # ---------------------------------------------------------------------------- enumeration
@@ -222,16 +210,15 @@ class Job:
     return cls(dict(args), Path(sweep_dir) / args_hash(args))
 
   def config(self) -> runs.TrainConfig:
-    """The job's one :class:`~dgjax.train.TrainConfig` (validated; it resolves the hparams
-    from ``hparams_seed``, ``trial_seed`` and the ``hparams`` overrides)."""
-    a = self.args
-    extra = {k: v for k, v in a.items() if k not in SWEEP_FIELDS}
-    overrides = runs.hparams_json(a.get("hparams"))
-    return runs.make_config(
-        a["dataset"], a["test_envs"], steps=a.get("steps"), checkpoint_freq=a.get("checkpoint_freq"),
-        method=a["method"], seed=a["seed"], trial_seed=a["trial_seed"],
-        hparams_seed=a["hparams_seed"], holdout_fraction=a["holdout_fraction"],
-        data_dir=a.get("data_dir"), hparams=overrides, output_dir=str(self.output_dir), **extra)
+    """The job's one :class:`~dgjax.config.TrainConfig` (validated; it resolves the hparams
+    from ``hparams_seed``, ``trial_seed`` and the ``hparams`` overrides), built once: the
+    job's arguments are config fields by name."""
+    if "_config" not in self.__dict__:   # frozen: cached beside the fields
+      fields = {**self.args, "hparams": config_lib.parse_json_object("hparams",
+                                                                     self.args.get("hparams")),
+                "output_dir": str(self.output_dir)}
+      self.__dict__["_config"] = runs.make_config(**fields)
+    return self.__dict__["_config"]
 
   def command(self, extra: Sequence[str] = (), python: str = sys.executable,
               module: str = "experiments.train") -> list[str]:
@@ -494,13 +481,10 @@ def launch_submitit(jobs: Sequence[Job], executor, incomplete: str = "resume",
 
 # ------------------------------------------------------------------ K runs in one program
 def vmap_group_key(config: runs.TrainConfig) -> str:
-  """What runs in one vmapped program share: every config field but :data:`VMAP_VARYING`,
-  and the value of every structural hparam (:func:`dgjax.methods.structural_hparams`, e.g.
-  ``batch_size``, Hutchinson's ``hutchinson_samples``)."""
-  fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-            if f.init and f.name not in VMAP_VARYING}
-  structural = {n: config.resolved_hparams[n] for n in methods.structural_hparams(config.method)}
-  return json.dumps([fields, structural], sort_keys=True, default=str)
+  """What runs in one vmapped program share: the engine's rule,
+  :func:`dgjax.config.vmap_group_key` (every field but the ``per_run`` ones, and the value of
+  every structural hparam, e.g. ``batch_size``, Hutchinson's ``hutchinson_samples``)."""
+  return config_lib.vmap_group_key(config)
 
 
 def vmap_groups(jobs: Sequence[Job]) -> list[list[Job]]:
@@ -539,17 +523,18 @@ def _train_group(group: Sequence[Job], flags: tuple[str, ...], log) -> None:
   from dgjax.checkpoints import CheckpointError
   configs = [job.config() for job in group]
   resume = flags == ("--resume",)
-  for config in configs:
-    runs.prepare_output_dir(config, resume=resume, overwrite=not resume)
-  try:
-    runs.run_many(configs, resume=resume)
-  except CheckpointError as e:
-    if not resume:
-      raise
-    log(f"cannot resume this group ({e}); restarting it")
+  with contextlib.ExitStack() as locks:   # every run's lock first, then its checks
     for config in configs:
-      runs.prepare_output_dir(config, overwrite=True)
-    runs.run_many(configs, resume=False)
+      locks.enter_context(runs.open_output_dir(config, resume=resume, overwrite=not resume))
+    try:
+      runs.run_many(configs, resume=resume)
+    except CheckpointError as e:
+      if not resume:
+        raise
+      log(f"cannot resume this group ({e}); restarting it")
+      for config in configs:
+        runs.clear_run(config.output_dir)
+      runs.run_many(configs, resume=False)
 
 
 def launch_vmap(jobs: Sequence[Job], incomplete: str = "resume",

@@ -17,8 +17,7 @@ parts do the rest: :mod:`dgjax.results` (the lock and the records file),
 
 from __future__ import annotations
 
-import dataclasses
-import math
+import errno
 import os
 import time
 from pathlib import Path
@@ -29,19 +28,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dgjax import checkpoints as checkpoints_lib
+from dgjax import config as config_lib
 from dgjax import core
 from dgjax import methods
 from dgjax import results as results_lib
 from dgjax import sharding as sharding_lib
 from dgjax import swad as swad_lib
 from dgjax.checkpoints import CheckpointError, Checkpoints, key_from_data, key_to_data
+from dgjax.config import DATA_SOURCES, PER_DOMAIN_IMPLS, TrainConfig  # noqa: F401
 from dgjax.progress import Progress
 from dgjax.tasks import DomainBedTask, Split, TrainData, make_accuracy_fn, make_train_data, sample_batch  # noqa: F401
 from dgjax.types import PyTree
-
-#: Where an image dataset is read from: DomainBed's folders, or a prepared TFDS copy.
-DATA_SOURCES = ("folder", "tfds")
-PER_DOMAIN_IMPLS = ("auto", "vmap", "unrolled")
 
 
 class TrainState(NamedTuple):
@@ -56,81 +54,13 @@ class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or infinite."""
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  """Everything one run depends on (DomainBed's ``train.py`` arguments), validated on
-  construction; ``resolved_hparams`` is the run's full hparams, resolved once here
-  (defaults or DomainBed's draw for ``hparams_seed``, the method's ``preset``, then the
-  ``hparams`` overrides).
+class RunInterrupted(KeyboardInterrupt):
+  """Ctrl-C stopped the runs; the message says what each output directory kept."""
 
-  The loop reads ``method`` to ``scan_steps``; the data and launch settings (``dataset`` to
-  ``output_dir``) are read by :func:`dgjax.runs.run` and the command line.
-  """
-  method: str = "erm"
-  test_envs: tuple[int, ...] = (2,)
-  steps: int = 5001
-  checkpoint_freq: int = 100
-  seed: int = 0
-  trial_seed: int = 0
-  hparams_seed: int = 0
-  hparams: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-  preset: str | None = None
-  holdout_fraction: float = 0.2
-  eval_batch_size: int = 1000
-  per_domain_impl: str = "auto"
-  progress: bool = True
-  keep_checkpoints: int = 3
-  scan_steps: int = 1
-  dataset: str | None = None
-  data_dir: str | None = None
-  max_examples: int | None = None
-  downsample: bool = False
-  conv_impl: str = "auto"
-  mesh: str = "auto"
-  output_dir: str | None = None
-  pretrained: str | None = None  # image datasets: converted ImageNet weights, or "none"
-  image_size: int = 224
-  data_workers: int = 2          # image datasets: grain worker processes (0: in this process)
-  data_source: str = "folder"    # image datasets: "folder" (download.py's layout) or "tfds"
-  swad: bool = False             # SWAD (dgjax.swad): dense averaging over the loss valley
-  swad_n_converge: int = 3
-  swad_n_tolerance: int = 6
-  swad_tolerance_ratio: float = 0.3
-  resolved_hparams: Mapping[str, Any] = dataclasses.field(init=False, compare=False, repr=False)
 
-  def __post_init__(self):
-    object.__setattr__(self, "test_envs", tuple(int(e) for e in self.test_envs))
-    object.__setattr__(self, "hparams", dict(self.hparams or {}))
-    for name in ("steps", "checkpoint_freq", "eval_batch_size", "keep_checkpoints", "scan_steps"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if self.max_examples is not None and (isinstance(self.max_examples, bool) or self.max_examples < 1):
-      raise ValueError(f"max_examples must be >= 1, got {self.max_examples!r}")
-    if not 0.0 <= self.holdout_fraction < 1.0:
-      raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction!r}")
-    if self.swad:
-      swad_lib.LossValley(self.swad_n_converge, self.swad_n_tolerance, self.swad_tolerance_ratio)
-      if self.holdout_fraction == 0:
-        raise ValueError("swad reads the training-domain validation loss: holdout_fraction "
-                         "must be > 0")
-    if self.data_source not in DATA_SOURCES:
-      raise ValueError(f"data_source must be one of {DATA_SOURCES}, got {self.data_source!r}")
-    if self.per_domain_impl not in PER_DOMAIN_IMPLS:
-      raise ValueError(f"per_domain_impl must be one of {PER_DOMAIN_IMPLS}, got {self.per_domain_impl!r}")
-    from dgjax import datasets  # the dataset's own hparams (e.g. the ResNets' resnet_dropout)
-    extra = datasets.DATASETS[self.dataset].hparams if self.dataset in datasets.DATASETS else {}
-    object.__setattr__(self, "resolved_hparams", methods.resolve_hparams(
-        self.method, self.hparams_seed, self.hparams, self.trial_seed, self.dataset, self.preset,
-        extra))
-
-  def identity(self) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed by this run."""
-    return {"method": self.method, "test_envs": list(self.test_envs), "seed": self.seed,
-            "trial_seed": self.trial_seed, "hparams_seed": self.hparams_seed,
-            "holdout_fraction": self.holdout_fraction, "hparams": dict(self.resolved_hparams),
-            "swad": [self.swad_n_converge, self.swad_n_tolerance, self.swad_tolerance_ratio]
-                    if self.swad else None}
+class DiskFullError(OSError):
+  """The disk filled up while the runs saved; the message says what each output directory
+  kept."""
 
 
 def resolve_per_domain_impl(impl: str) -> str:
@@ -213,21 +143,8 @@ def init_state(method_step: core.MethodStep, params, seed: int) -> TrainState:
                     jax.jit(method_step.init)(params, method_key(seed_key)), state_key)
 
 
-def _check_group(configs: Sequence[TrainConfig]):
-  """Runs in one program may differ only in seeds and non-structural hparams."""
-  first = configs[0]
-  for c in configs[1:]:
-    for f in ("method", "dataset", "test_envs", "steps", "checkpoint_freq", "holdout_fraction",
-              "eval_batch_size", "per_domain_impl", "trial_seed", "scan_steps", "swad",
-              "swad_n_converge", "swad_n_tolerance", "swad_tolerance_ratio"):
-      if getattr(c, f) != getattr(first, f):
-        raise ValueError(f"runs in one vmapped program must share {f!r}: "
-                         f"{getattr(first, f)!r} vs {getattr(c, f)!r}")
-  for name in methods.structural_hparams(first.method):
-    values = [c.resolved_hparams[name] for c in configs]
-    if any(v != values[0] for v in values):
-      raise ValueError(f"runs in one vmapped program must share the structural hparam {name!r} "
-                       f"(got {sorted(set(values))}); group them into separate programs")
+#: The engine's rule for runs in one vmapped program (:func:`dgjax.config.check_vmap_group`).
+_check_group = config_lib.check_vmap_group
 
 
 def ensure_writable(output_dir: str | os.PathLike) -> Path:
@@ -269,7 +186,9 @@ def train_many(configs: Sequence[TrainConfig], task, splits_in: Sequence[Split] 
       ``splits_out`` (then the task is :class:`~dgjax.tasks.DomainBedTask`).
     output_dirs: per run, where ``results.jsonl`` (one line per evaluation), the checkpoints
       and, at the end, ``done`` (DomainBed's marker) go; ``None``: records in memory only.
-      Each directory is locked for the run's life (a second writer fails at once).
+      Each directory is locked for the run's life (a second writer fails at once), unless
+      this process holds its lock already (:func:`dgjax.runs.open_output_dir` takes it
+      before anything there is read or deleted).
     args: per run, recorded verbatim under ``"args"`` in every record.
     resume: continue from the checkpoints in ``output_dirs`` (records after the restored
       checkpoint are dropped and recomputed; the numbers equal an uninterrupted run's,
@@ -283,6 +202,8 @@ def train_many(configs: Sequence[TrainConfig], task, splits_in: Sequence[Split] 
   Raises:
     NonFiniteLossError: a loss became NaN/inf (the message gives the run, step, per-domain
       losses and hparams); records written before stay on disk.
+    RunInterrupted: Ctrl-C (a ``KeyboardInterrupt``); DiskFullError: ENOSPC while saving.
+      Either message says what each directory kept (:func:`kept_summary`).
     CheckpointError: ``resume`` found only corrupt checkpoints, or those of another run.
     RunLockedError: another process is writing one of the output directories.
   """
@@ -313,13 +234,68 @@ def train_many(configs: Sequence[TrainConfig], task, splits_in: Sequence[Split] 
     for d in dirs:
       if d is not None:
         ensure_writable(d)
-        if writer:
+        if writer and not results_lib.held_here(d):   # dgjax.runs takes it before any check
           locks.append(results_lib.RunLock(d).acquire())
     return _train_locked(configs, task, method, hparams, batch_size, impl, dirs, run_args,
                          resume, checkpoint, mesh, writer)
+  except KeyboardInterrupt:
+    raise RunInterrupted(f"interrupted (Ctrl-C); {kept_summary(dirs)}") from None
+  except Exception as e:
+    if not is_disk_full(e):
+      raise
+    full = DiskFullError(f"the disk is full ({_disk_full_detail(e)}); {kept_summary(dirs)}; "
+                         "free some space, then --resume")
+    full.errno = errno.ENOSPC
+    raise full from None
   finally:
     for lock in locks:
       lock.release()
+
+
+def is_disk_full(error: BaseException) -> bool:
+  """Whether ``error`` or an error it came from is ENOSPC (Orbax and TensorStore wrap it)."""
+  seen = set()
+  stack = [error]
+  while stack:
+    e = stack.pop()
+    if e is None or id(e) in seen:
+      continue
+    seen.add(id(e))
+    if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
+      return True
+    stack.extend([e.__cause__, e.__context__, *getattr(e, "exceptions", ())])
+  return False
+
+
+def _disk_full_detail(error: BaseException) -> str:
+  e = error
+  while e is not None:
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+      return f"{e.strerror or 'No space left on device'}{f': {e.filename}' if e.filename else ''}"
+    e = e.__cause__ or e.__context__
+  return "No space left on device"
+
+
+def kept_summary(dirs: Sequence[Path | None]) -> str:
+  """What each output directory keeps, read from the disk: its records and its newest
+  complete checkpoint (where ``--resume`` continues)."""
+  parts = []
+  for d in dirs:
+    if d is None:
+      continue
+    try:
+      recs = results_lib.read_jsonl(d / "results.jsonl") if (d / "results.jsonl").exists() else []
+      step = checkpoints_lib.latest_good_step(d)
+    except (OSError, ValueError) as e:
+      parts.append(f"{d}: unreadable ({e})")
+      continue
+    ckpt = "no checkpoint" if step is None else f"the checkpoint of step {step}"
+    last = f" (last step {recs[-1].get('step')})" if recs else ""
+    parts.append(f"{d} keeps {len(recs)} records{last} and {ckpt}")
+  if not parts:
+    return "nothing was saved (no output directory)"
+  return "; ".join(parts) + ("; --resume continues from the checkpoint" if any(
+      "the checkpoint of step" in p for p in parts) else "")
 
 
 def _train_locked(configs, task, method, hparams, batch_size, impl, dirs, run_args, resume,

@@ -13,8 +13,11 @@ from __future__ import annotations
 import sys
 
 from absl import app
+from absl import flags
 
 from experiments import train
+
+flags.adopt_module_key_flags(train)   # --help lists experiments.train's flags
 
 
 def main(argv):

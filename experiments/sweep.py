@@ -18,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 
+from dgjax import config as config_lib
 from dgjax import methods
 from dgjax import sweep
 
@@ -85,14 +86,18 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
+  try:
+    return _main(argv)
+  except KeyboardInterrupt:   # the launchers stop the jobs they started; each keeps its records
+    print("\ninterrupted (Ctrl-C); `status` lists what each job kept, `launch` resumes the "
+          "incomplete ones", file=sys.stderr)
+    return 130
+
+
+def _main(argv=None) -> int:
   args = parse_args(argv)
   try:
-    if args.hparams is not None:
-      try:
-        if not isinstance(json.loads(args.hparams), dict):
-          raise ValueError
-      except ValueError:
-        raise ValueError(f"--hparams must be a JSON object, got {args.hparams!r}") from None
+    config_lib.parse_json_object("hparams", args.hparams)
     if args.max_parallel < 1:
       raise ValueError(f"--max_parallel must be >= 1, got {args.max_parallel}")
     args_list = sweep.make_args_list(

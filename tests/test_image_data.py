@@ -149,6 +149,35 @@ def test_unreadable_image_raises_naming_the_file(tmp_path):
     pipe.load_rgb(str(tmp_path / "cut.jpg"), allow_truncated=False)
 
 
+@pytest.mark.parametrize("threads", [False, True])
+def test_files_that_are_no_images_are_named_in_one_line(tmp_path, monkeypatch, threads):
+  from dgjax.data import image_check
+  if threads:
+    monkeypatch.setattr(image_check, "_THREADS_ABOVE", 0)
+  rng = np.random.default_rng(0)
+  for i in range(3):
+    write_jpeg(tmp_path / f"{i}.jpg", rng)
+  Image.fromarray(rng.integers(0, 256, (9, 9, 3), dtype=np.uint8)).save(tmp_path / "png.jpg",
+                                                                         format="PNG")
+  (tmp_path / "notes.jpg").write_text("not an image at all")
+  (tmp_path / "empty.png").touch()
+  good = [str(tmp_path / f"{i}.jpg") for i in range(3)] + [str(tmp_path / "png.jpg")]
+  warnings = []
+  image_check.check_image_files(good, warn=warnings.append)      # a PNG named .jpg decodes
+  assert warnings == []
+  with pytest.raises(DataError) as err:
+    image_check.check_image_files(good + [str(tmp_path / "notes.jpg"), str(tmp_path / "empty.png")])
+  assert str(err.value) == (
+      f"2 of 6 image files are not images (their first bytes match no image format): "
+      f"{tmp_path / 'notes.jpg'} (starts b'not an image'), {tmp_path / 'empty.png'} (starts b''); "
+      "remove or replace them")
+  (tmp_path / "cut.jpg").write_bytes((tmp_path / "0.jpg").read_bytes()[:-100])
+  image_check.check_image_files(good + [str(tmp_path / "cut.jpg")], warn=warnings.append)
+  assert warnings == [f"warning: 1 image files end early (truncated; decoded as far as they go, "
+                      f"as DomainBed does): {tmp_path / 'cut.jpg'}"]
+  assert image_check.sniff(str(tmp_path / "png.jpg")).format == "png"
+
+
 # --------------------------------------------------------------------------- host augmentation
 def test_random_resized_crop_box_statistics():
   rng = np.random.default_rng(0)

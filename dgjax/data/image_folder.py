@@ -38,7 +38,9 @@ Nothing is decoded here: an environment is a list of paths and labels (decoding 
 classes or images, a class folder without images, and class sets that differ between
 environments (torchvision would silently number the classes of each environment on its own,
 so one missing class shifts every later label; DomainBed takes ``num_classes`` from the last
-environment only). An unreadable image is found when it is decoded (the error names the file).
+environment only). A file that is no image at all is named before training by
+:func:`dgjax.data.image_check.check_image_files` (called by :func:`dgjax.image_task.make_task`);
+one that fails later, when it is decoded, raises naming the file.
 """
 
 from __future__ import annotations
