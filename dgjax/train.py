@@ -119,11 +119,9 @@ class TrainConfig:
       raise ValueError(f"data_source must be one of {DATA_SOURCES}, got {self.data_source!r}")
     if self.per_domain_impl not in PER_DOMAIN_IMPLS:
       raise ValueError(f"per_domain_impl must be one of {PER_DOMAIN_IMPLS}, got {self.per_domain_impl!r}")
-    from dgjax import datasets  # the dataset's own hparams (e.g. the ResNets' resnet_dropout)
-    extra = datasets.DATASETS[self.dataset].hparams if self.dataset in datasets.DATASETS else {}
+    # the dataset (a registered name) gives small- or large-image values and its own hparams
     object.__setattr__(self, "resolved_hparams", methods.resolve_hparams(
-        self.method, self.hparams_seed, self.hparams, self.trial_seed, self.dataset, self.preset,
-        extra))
+        self.method, self.hparams_seed, self.hparams, self.trial_seed, self.dataset, self.preset))
 
   def identity(self) -> dict[str, Any]:
     """What a checkpoint must match to be resumed by this run."""
