@@ -227,10 +227,6 @@ def make_task(config, envs=None):
   """``(task, envs)`` for ``config`` (a :class:`dgjax.train.TrainConfig` of an image dataset)."""
   from dgjax.convert_weights import missing_weights_message
   hp = config.resolved_hparams
-  if config.swad and not hp["freeze_bn"]:
-    raise ValueError("swad averages the weights but would evaluate them with the last step's "
-                     "BatchNorm running statistics: run swad with freeze_bn=true (SWAD's own "
-                     "protocol: DomainBed's ResNet with frozen BatchNorm)")
   envs = envs if envs is not None else image_environments(config.dataset, config.data_dir,
                                                           config.data_source)
   splits_in, splits_out = image_folder.image_splits(envs, config.holdout_fraction, config.trial_seed)

@@ -28,7 +28,8 @@ start and an end step read from a training-domain validation loss:
       swad_params = valley.final_params()
 
 * :func:`update_bn`: BatchNorm statistics of averaged weights, recomputed by forward passes
-  (the reference's ``swa_utils.update_bn``).
+  (the reference's ``swa_utils.update_bn``); the engine runs it before SWAD's final
+  evaluation of a model whose BatchNorm trains (``freeze_bn=false``), as the reference.
 
 The engine (:mod:`dgjax.train`, ``TrainConfig(swad=True)``, ``--swad``) keeps the segment's
 sum in its train state (jitted, checkpointed) and, through :class:`SwadTracker`, feeds one
@@ -316,9 +317,18 @@ class SwadTracker:
     self.valleys = [LossValley(n_converge, n_tolerance, tolerance_ratio) for _ in range(k_runs)]
 
   def evaluate(self, k: int, step: int, segment: AverageState, model_state: Any, task,
-               predict: Callable, mesh=None) -> dict[str, Any]:
+               predict: Callable, mesh=None,
+               bn_batches: Callable[[], Iterable[Any]] | None = None) -> dict[str, Any]:
     """Feeds run ``k``'s segment and validation loss to its valley; evaluates the window's
-    average once it is closed. ``mesh``: evaluate sharded over it (tasks that take one)."""
+    average once it is closed. ``mesh``: evaluate sharded over it (tasks that take one).
+
+    ``model_state`` is ``(params, method state)``; the average is evaluated with the method
+    state's variables. A model whose BatchNorm trains (its ``batch_norm_momentum`` is set:
+    DomainBed's ``freeze_bn=false``) has no running statistics for the averaged weights:
+    its average is evaluated only when ``bn_batches()`` gives training inputs, after
+    :func:`update_bn` recomputes the statistics over them (the reference does so once,
+    before its final evaluation; the engine passes them at the last step); records without
+    them carry the window but not its scores."""
     from dgjax.sharding import mesh_kwarg
     t0 = time.perf_counter()
     val_loss = task.val_loss(model_state, predict, **mesh_kwarg(task.val_loss, mesh))
@@ -330,9 +340,13 @@ class SwadTracker:
                               "swad_segments": 0 if window is None else window.segments}
     if window is None:
       return record
+    record.update(swad_start_step=window.start_step, swad_end_step=window.end_step)
     averaged = (jax.tree.map(jnp.asarray, window.params()), *model_state[1:])
-    record.update(swad_start_step=window.start_step, swad_end_step=window.end_step,
-                  swad_val_loss=task.val_loss(averaged, predict, **mesh_kwarg(task.val_loss, mesh)))
+    if getattr(task.model, "batch_norm_momentum", None) is not None:   # BatchNorm trains
+      if bn_batches is None:
+        return record
+      averaged = with_batch_norm_recomputed(task.model, averaged, bn_batches())
+    record["swad_val_loss"] = task.val_loss(averaged, predict, **mesh_kwarg(task.val_loss, mesh))
     record.update({f"swad_{n}": v for n, v in
                    task.evaluate(averaged, k, predict, **mesh_kwarg(task.evaluate, mesh)).items()})
     record["swad_eval_time"] = time.perf_counter() - t0
@@ -367,6 +381,17 @@ def _new_statistic_weight(module, args, kwargs) -> float | None:
   return None
 
 
+def with_batch_norm_recomputed(model, model_state: tuple, inputs: Iterable[Any]) -> tuple:
+  """``(params, method state)`` with the method state's ``batch_stats`` (its ``variables``,
+  :class:`dgjax.core.StepState`) recomputed for ``params`` by :func:`update_bn` over
+  ``inputs`` (the featurizer in training mode, where every BatchNorm sits)."""
+  params, method_state = model_state[:2]
+  variables = update_bn(model, {"params": params, **method_state.variables}, inputs,
+                        method="features", train=True, rngs={"dropout": jax.random.key(0)})
+  del variables["params"]
+  return (params, method_state._replace(variables=variables), *model_state[2:])
+
+
 def update_bn(model, variables: Mapping[str, Any], batches: Iterable[Any],
               **apply_kwargs: Any) -> dict[str, Any]:
   """``variables`` with ``batch_stats`` recomputed for their params by forward passes, as
@@ -385,9 +410,10 @@ def update_bn(model, variables: Mapping[str, Any], batches: Iterable[Any],
   mode (an unfrozen dgjax BatchNorm, or a ``flax.linen.BatchNorm``).
 
   No-op (``variables`` returned as given) without ``batch_stats``: dgjax's MNIST networks
-  use GroupNorm. The engine calls it for SWAD's final evaluation of a model whose BatchNorm
-  trains (DomainBed's ``freeze_bn=false``), over the :data:`BN_UPDATE_BATCHES` training
-  batches the run would draw next; frozen BatchNorm keeps the weights' statistics.
+  use GroupNorm. The engine calls it (:meth:`SwadTracker.evaluate`) for SWAD's final
+  evaluation of a ResNet whose BatchNorm trains (DomainBed's ``freeze_bn=false``), over the
+  :data:`BN_UPDATE_BATCHES` training batches the run would draw next; frozen BatchNorm
+  (``freeze_bn=true``, SWAD's default) keeps the statistics of the weights file.
   """
   import flax.linen as nn
   from flax import traverse_util

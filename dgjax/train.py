@@ -198,6 +198,21 @@ def init_state(method_step: core.MethodStep, params, seed: int) -> TrainState:
   return TrainState(jnp.zeros((), jnp.int32), params, jax.jit(method_step.init)(params), state_key)
 
 
+def _next_training_inputs(task, stream, data, key, batch_size: int, start_step: int, n: int):
+  """The inputs (domains concatenated, ``[D * B, ...]``) of the ``n`` training batches a run
+  whose state key is ``key`` draws from step ``start_step`` on (``stream``: the task's batch
+  stream, else its ``data``): what SWAD's ``update_bn`` reads on from the training iterator."""
+  draw = jax.jit(lambda d, k: core.flatten_domains(task.batch(d, k, batch_size)["x"]))
+  batches = stream(start_step) if stream is not None else None
+  try:
+    for _ in range(n):
+      key, sample_key, _ = jax.random.split(key, 3)   # as the step splits its key
+      yield draw(next(batches) if batches is not None else data, sample_key)
+  finally:
+    if batches is not None:
+      batches.close()
+
+
 def _check_group(configs: Sequence[TrainConfig]):
   """Runs in one program may differ only in seeds and non-structural hparams."""
   first = configs[0]
@@ -456,10 +471,20 @@ def _train_locked(configs, task, method, hparams, batch_size, impl, dirs, run_ar
     if diag_fns[k] is None:
       return {}
     key = jax.random.fold_in(jax.random.key(configs[k].seed), step)
-    data_k = take(data, k) if task.per_run_data else (
-        data if mesh is None else sharding_lib.local_copy(data))
     return {n: float(v) for n, v in
-            jax.device_get(diag_fns[k](params_k, method_state_k, data_k, key)).items()}
+            jax.device_get(diag_fns[k](params_k, method_state_k, data_of(k), key)).items()}
+
+  def data_of(k):
+    return take(data, k) if task.per_run_data else (
+        data if mesh is None else sharding_lib.local_copy(data))
+
+  def swad_bn_batches(k, step):
+    """At the last step, run ``k``'s next training inputs (SWAD's final ``update_bn``)."""
+    if step != config.steps - 1:
+      return None
+    key_k, data_k = take(state.key, k), None if stream is not None else data_of(k)
+    return lambda: _next_training_inputs(task, stream, data_k, key_k, batch_size, config.steps,
+                                         swad_lib.BN_UPDATE_BATCHES)
 
   def evaluate(step):
     nonlocal state
@@ -467,7 +492,8 @@ def _train_locked(configs, task, method, hparams, batch_size, impl, dirs, run_ar
     swad_records = [{} for _ in range(k_runs)]
     if swad is not None:   # SWAD: close each run's segment before its record and checkpoint
       swad_records = [swad.evaluate(k, step, take(state.average, k), (take(state.params, k),
-                                    take(state.opt_state, k)), task, predict_fn(k), mesh)
+                                    take(state.opt_state, k)), task, predict_fn(k), mesh,
+                                    swad_bn_batches(k, step))
                       for k in range(k_runs)]
       average = swad_lib.average_reset(state.average)
       state = state._replace(average=average if mesh is None else

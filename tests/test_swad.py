@@ -242,7 +242,7 @@ def test_update_bn_averages_batch_statistics():
   model = BNNet()
   rng = np.random.RandomState(0)
   batches = [rng.normal(size=(16, 4)).astype(np.float32) * (i + 1) for i in range(3)]
-  variables = model.init(jax.random.key(0), batches[0])
+  variables = jax.jit(model.init)(jax.random.key(0), batches[0])   # one compile, not many
   new = swad.update_bn(model, variables, batches, train=True)
   p = variables["params"]
   means, vars_, means_top, vars_top = [], [], [], []
@@ -314,11 +314,10 @@ def test_update_bn_on_dgjax_batch_norm_is_torchs_cumulative_update():
   batches = [rng.normal(size=(b, 5, 5, 3)).astype(np.float32) * (i + 1) + i
              for i, b in enumerate((6, 6, 4))]   # unequal sizes: the unbiased factor differs
   model = TinyResNet()
-  variables = model.init(jax.random.key(0), batches[0])
-  # non-trivial affine parameters and running statistics (the reset must discard the latter)
-  params = jax.tree.map(lambda a: a + 0.1 * rng.normal(size=a.shape).astype(np.float32),
-                        variables["params"])
-  stale = jax.tree.map(lambda a: a + 3.0, variables["batch_stats"])
+  shapes = jax.eval_shape(model.init, jax.random.key(0), batches[0])   # traced, not compiled
+  # random weights, affine parameters and running statistics (the reset must discard these)
+  params, stale = (jax.tree.map(lambda a: (0.5 * rng.normal(size=a.shape)).astype(np.float32),
+                                shapes[c]) for c in ("params", "batch_stats"))
   new = swad.update_bn(model, {"params": params, "batch_stats": stale}, batches, train=True)
   want = torch_update_bn_reference(params, batches)
   got = {"bn": new["batch_stats"]["bn"], "block/bn1": new["batch_stats"]["block"]["bn1"],
