@@ -190,6 +190,29 @@ def make_train_step(method_step: core.MethodStep, batch_size: int, mesh=None) ->
                                                 data, mesh), donate_argnums=0)
 
 
+def _method_step(method: core.Method, task, hparams: Mapping[str, Any], impl: str) -> core.MethodStep:
+  """``method``'s step on ``task``'s model, domains and variables (the engine's one Context)."""
+  return method.build(core.Context(model=task.model, hparams=hparams, num_domains=task.num_domains,
+                                   per_domain_impl=impl, variables=getattr(task, "variables", {})))
+
+
+def build_run(method: str, task, hparams: Mapping[str, Any], seed: int = 0,
+              per_domain_impl: str = "auto", steps_per_call: int = 1,
+              mesh=None) -> tuple[Callable, TrainState]:
+  """One run of ``method`` on ``task`` built as :func:`train_many` builds it (K = 1, no
+  SWAD): ``(step, state)``, ``step(state, data) -> (state, metrics)`` the jitted engine step
+  (:func:`make_task_step`: ``steps_per_call`` steps per call, the state donated) and
+  ``state`` the run's initial :class:`TrainState` (params from ``task.init_params`` and the
+  state key, both drawn from ``seed`` as the engine draws them). ``hparams``: the run's
+  resolved hparams (:func:`dgjax.methods.resolve_hparams`); ``data``: the task's one-run
+  data. For benchmarks (``bench/``) and tests."""
+  method_step = _method_step(methods.get_method(method), task, dict(hparams),
+                             resolve_per_domain_impl(per_domain_impl))
+  init_key, _ = jax.random.split(jax.random.key(seed))
+  state = init_state(method_step, task.init_params(init_key), seed)
+  return make_task_step(method_step, task, int(hparams["batch_size"]), steps_per_call, mesh), state
+
+
 def init_state(method_step: core.MethodStep, params, seed: int) -> TrainState:
   """A run's initial state from its params and seed, as the engine makes it (the state key
   is the second half of ``split(key(seed))``; the first initialises the params)."""
@@ -329,12 +352,9 @@ def _train_locked(configs, task, method, hparams, batch_size, impl, dirs, run_ar
   varying = sorted(n for n in hparams[0] if any(h[n] != hparams[0][n] for h in hparams))
   static_hp = {n: v for n, v in hparams[0].items() if n not in varying}
   traced_hp = {n: jnp.asarray([h[n] for h in hparams]) for n in varying}
-  variables = getattr(task, "variables", {})
 
   def build(hp_traced) -> core.MethodStep:
-    ctx = core.Context(model=task.model, hparams={**static_hp, **hp_traced},
-                       num_domains=task.num_domains, per_domain_impl=impl, variables=variables)
-    return method.build(ctx)
+    return _method_step(method, task, {**static_hp, **hp_traced}, impl)
 
   data_axis = 0 if task.per_run_data else None
 

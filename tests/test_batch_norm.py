@@ -260,12 +260,7 @@ def test_swad_recomputes_the_averaged_models_batch_norm_before_its_final_evaluat
   last = records[-1]
 
   # the engine's trajectory, step by step, with its final state key
-  hp = dict(cfg.resolved_hparams)
-  step_fn = methods.get_method("erm").build(core.Context(
-      model, hp, task.num_domains, train_lib.resolve_per_domain_impl("auto"), variables=variables))
-  init_key, _ = jax.random.split(jax.random.key(cfg.seed))
-  state = train_lib.init_state(step_fn, task.init_params(init_key), cfg.seed)
-  train_step = train_lib.make_train_step(step_fn, B)
+  train_step, state = train_lib.build_run("erm", task, cfg.resolved_hparams, cfg.seed)
   per_step = []
   for _ in range(steps):
     state, _ = train_step(state, task.data)
@@ -285,7 +280,8 @@ def test_swad_recomputes_the_averaged_models_batch_norm_before_its_final_evaluat
   stats = {"featurizer": {"bn": {"mean": np.mean(means, 0).astype(np.float32),
                                  "var": np.mean(variances, 0).astype(np.float32)}}}
   averaged = (mean, state.opt_state._replace(variables={"batch_stats": stats}))
-  predict = lambda model_state, x: step_fn.predict(model_state[0], model_state[1], x)  # noqa: E731
+  def predict(model_state, x):   # ERM's: the network with the state's statistics, evaluation mode
+    return model.apply({"params": model_state[0], **model_state[1].variables}, x)
   np.testing.assert_allclose(last["swad_val_loss"], task.val_loss(averaged, predict), rtol=1e-4)
   for name, value in task.evaluate(averaged, 0, predict).items():
     assert abs(last[f"swad_{name}"] - value) <= 1 / 8 + 1e-9, name   # at most one example off
