@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -31,7 +30,7 @@ from common import compile_stats, time_interleaved, warm_up  # noqa: E402
 
 from dgjax import methods  # noqa: E402
 from dgjax import train as train_lib  # noqa: E402
-from dgjax.models import mlp, mnist_cnn  # noqa: E402
+from dgjax.models import mnist_cnn  # noqa: E402
 
 
 def variants(samples):
@@ -40,22 +39,28 @@ def variants(samples):
   return out
 
 
-def build_cnn(method, overrides, d=2, b=64, n=1000, seed=0, conv_impl="xla"):
+def cnn_task(d=2, n=1000, seed=0, conv_impl="xla"):
+  """DomainBed's Colored MNIST CNN on ``d`` environments of ``n`` random 28x28x2 images
+  (timing only): a :class:`dgjax.tasks.DomainBedTask`, every environment a training one."""
   rng = np.random.default_rng(seed)
-  envs = [(rng.uniform(size=(n, 28, 28, 2)).astype(np.float32), rng.integers(0, 2, n).astype(np.int32))
-          for _ in range(d)]
-  data = train_lib.make_train_data(envs)
-  model = mnist_cnn(2, conv_impl=conv_impl)
-  hp = methods.resolve_hparams(method, 0, overrides)
-  ms = methods.get_method(method).build(methods.Context(model, hp, d, train_lib.resolve_per_domain_impl("auto")))
-  params = model.init(jax.random.key(seed), jnp.zeros((1, 28, 28, 2)))["params"]
-  state = train_lib.init_state(ms, params, seed)
-  return train_lib.make_train_step(ms, b), state, data
+  splits = [train_lib.Split(f"env{e}_in", rng.uniform(size=(n, 28, 28, 2)).astype(np.float32),
+                            rng.integers(0, 2, n).astype(np.int32)) for e in range(d)]
+  return train_lib.DomainBedTask(mnist_cnn(2, conv_impl=conv_impl), splits, splits, test_envs=())
+
+
+def build_cnn(method, overrides, d=2, b=64, n=1000, seed=0, conv_impl="xla", steps_per_call=1,
+              per_domain_impl="auto"):
+  """The engine's step (:func:`dgjax.train.build_run`) of ``method`` on :func:`cnn_task`,
+  ``b`` images per domain; ``steps_per_call`` steps per jit call (``lax.scan``)."""
+  task = cnn_task(d, n, seed, conv_impl)
+  hp = methods.resolve_hparams(method, 0, {"batch_size": b, **overrides})
+  step, state = train_lib.build_run(method, task, hp, seed, per_domain_impl, steps_per_call)
+  return step, state, task.data
 
 
 def build_irm(method, overrides, n=4166, seed=0, steps_per_call=1):
   """The IRM-style benchmark's own step (:class:`dgjax.irm_benchmark.IRMTask`, full batch)
-  through the engine's :func:`dgjax.train.make_task_step`; ``steps_per_call`` steps per jit
+  through the engine's :func:`dgjax.train.build_run`; ``steps_per_call`` steps per jit
   call (``lax.scan``)."""
   from dgjax import irm_benchmark as B
   rng = np.random.default_rng(seed)
@@ -64,10 +69,8 @@ def build_irm(method, overrides, n=4166, seed=0, steps_per_call=1):
   task = B.IRMTask([{"train_x": x, "train_y": y, "test_x": x[0], "gray_x": x[0], "test_y": y[0], "gray_y": y[0]}],
                    hidden=B.HIDDEN)
   hp = B.benchmark_hparams(method, B.IRMConfig(method=method, hparams=overrides), n)
-  ms = methods.get_method(method).build(methods.Context(task.model, hp, 2, "vmap"))
-  state = train_lib.init_state(ms, task.init_params(jax.random.key(seed)), seed)
-  data = jax.tree.map(lambda a: a[0], task.data)
-  return train_lib.make_task_step(ms, task, n, steps_per_call), state, data
+  step, state = train_lib.build_run(method, task, hp, seed, "vmap", steps_per_call)
+  return step, state, jax.tree.map(lambda a: a[0], task.data)   # the one run's data
 
 
 def measure(setting, names, reps):

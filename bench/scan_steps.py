@@ -3,7 +3,7 @@ r"""Several steps per jit call (``lax.scan``, the engine's ``scan_steps``) vs on
     python bench/scan_steps.py                      # IRM MLP full batch and CMNIST CNN 2x64
     python bench/scan_steps.py --setting irm --calls 1,10,100 --reps 5
 
-Each variant is the engine's step (:func:`dgjax.train.make_task_step`) with ``steps_per_call``
+Each variant is the engine's step (:func:`dgjax.train.build_run`) with ``steps_per_call``
 steps per call; its time per call is divided by the steps it runs. Variants are timed
 interleaved (medians), so the ratios hold on a busy machine.
 """
@@ -21,20 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import compile_stats, time_interleaved, warm_up  # noqa: E402
 import hessian_step_time as H  # noqa: E402
-
-from dgjax import methods  # noqa: E402
-from dgjax import train as train_lib  # noqa: E402
-from dgjax.tasks import DomainBedTask  # noqa: E402
-
-
-def build_cnn(method, steps_per_call):
-  step, state, data = H.build_cnn(method, {}, conv_impl="auto")
-  del step
-  ms_task = train_lib._MinibatchTask  # the engine's per-domain minibatch rule
-  ms = methods.get_method(method).build(methods.Context(
-      H.mnist_cnn(2, conv_impl="auto"), methods.resolve_hparams(method), 2,
-      train_lib.resolve_per_domain_impl("auto")))
-  return train_lib.make_task_step(ms, ms_task, 64, steps_per_call), state, data
 
 
 def main():
@@ -57,7 +43,7 @@ def main():
       if setting == "irm":
         step, state, data = H.build_irm(args.method, {}, steps_per_call=n)
       else:
-        step, state, data = build_cnn(args.method, n)
+        step, state, data = H.build_cnn(args.method, {}, conv_impl="auto", steps_per_call=n)
       stats = compile_stats(step, state, data)
       state = warm_up(stats["compiled"], state, data)
       live.append({"n": n, "step": stats["compiled"], "state": state, "data": data, **stats})

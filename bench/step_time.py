@@ -21,50 +21,43 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import compile_stats, matmul_rate, time_interleaved, warm_up  # noqa: E402,F401
+from hessian_step_time import cnn_task  # noqa: E402
 
 from dgjax import conv as conv_lib  # noqa: E402
 from dgjax import methods  # noqa: E402
 from dgjax import train as train_lib  # noqa: E402
-from dgjax.models import mnist_cnn  # noqa: E402
+from dgjax.losses import cross_entropy  # noqa: E402
 
 
 def build(method, per_domain_impl, conv_impl, pooled=False, d=2, b=64, n=2000, seed=0):
-  """A jitted step, its initial state and data; ``pooled`` = one gradient of the mean
-  loss over all d*b images (the ERM lower bound: no per-domain split)."""
-  rng = np.random.default_rng(seed)
-  envs = [(rng.uniform(size=(n, 28, 28, 2)).astype(np.float32),
-           rng.integers(0, 2, n).astype(np.int32)) for _ in range(d)]
-  data = train_lib.make_train_data(envs)
-  model = mnist_cnn(2, conv_impl=conv_impl)
-  hp = methods.default_hparams(method)
-  ctx = methods.Context(model=model, hparams=hp, num_domains=d, per_domain_impl=per_domain_impl)
-  method_step = methods.get_method(method).build(ctx)
-  loss_fn = ctx.loss
-  params = model.init(jax.random.key(seed), jnp.zeros((1, 28, 28, 2)))["params"]
-  state = train_lib.init_state(method_step, params, seed)
-  if not pooled:
-    step = train_lib.make_train_step(method_step, b)
-  else:
+  """A jitted step, its initial state and data: the engine's (:func:`dgjax.train.build_run`
+  on :func:`hessian_step_time.cnn_task`), or with ``pooled`` one gradient of the mean loss
+  over all d*b images and plain Adam (the ERM lower bound: no per-domain split)."""
+  task = cnn_task(d, n, seed, conv_impl)
+  hp = methods.resolve_hparams(method, 0, {"batch_size": b})
+  step, state = train_lib.build_run(method, task, hp, seed, per_domain_impl)
+  if pooled:
     adam = optax.adam(hp["lr"])
-    state = state._replace(opt_state=adam.init(params))
+    state = state._replace(opt_state=adam.init(state.params))
+
+    def loss_fn(params, batch):
+      return cross_entropy(task.model.apply({"params": params}, batch["x"]), batch["y"])
 
     @jax.jit
     def step(state, data):
       key, sk = jax.random.split(state.key)
-      batch = train_lib.sample_batch(sk, data, b)
+      batch = task.batch(data, sk, b)
       flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), batch)
       loss, g = jax.value_and_grad(loss_fn)(state.params, flat)
       upd, opt = adam.update(g, state.opt_state, state.params)
       return train_lib.TrainState(state.step + 1, optax.apply_updates(state.params, upd), opt, key), {"loss": loss}
-  return step, state, data
+  return step, state, task.data
 
 
 def measure(variants, reps):

@@ -184,11 +184,10 @@ class TrainConfig:
       if self.holdout_fraction == 0:
         raise ValueError("swad reads the training-domain validation loss: holdout_fraction "
                          "must be > 0")
-    from dgjax import datasets, methods  # the dataset's own hparams (e.g. resnet_dropout)
-    extra = datasets.DATASETS[self.dataset].hparams if self.dataset in datasets.DATASETS else {}
+    from dgjax import methods  # the dataset (a registered name) gives small- or large-image
+    # values and its own hparams (e.g. the ResNets' resnet_dropout)
     object.__setattr__(self, "resolved_hparams", methods.resolve_hparams(
-        self.method, self.hparams_seed, self.hparams, self.trial_seed, self.dataset, self.preset,
-        extra))
+        self.method, self.hparams_seed, self.hparams, self.trial_seed, self.dataset, self.preset))
 
   def identity(self) -> dict[str, Any]:
     """What a checkpoint must match to be resumed by this run: every ``identity`` field (the

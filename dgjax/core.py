@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -50,9 +50,14 @@ from dgjax.types import PyTree
 
 Sampler = Callable[[np.random.RandomState], Any]
 
-#: DomainBed's ``SMALL_IMAGES``: datasets whose common hparams are the MNIST-sized ones.
-SMALL_IMAGE_DATASETS = frozenset({"ColoredMNIST", "RotatedMNIST", "ColoredFashionMNIST",
-                                  "Spirals", "Debug28"})
+
+
+class DatasetFacts(Protocol):
+  """What the hparam rules read of a dataset (:class:`dgjax.datasets.Dataset` declares them)."""
+  name: str             # per-dataset values (:attr:`HParam.per_dataset`) are keyed by it
+  small_images: bool    # DomainBed's ``SMALL_IMAGES``: the MNIST-sized common hparams
+  hparams: Mapping[str, Any]   # the dataset's own model and data hparams (name -> HParam)
+
 
 #: Roles a benchmark may map onto (see :attr:`HParam.role`).
 ROLES = ("lr", "batch_size", "weight_decay", "penalty_weight", "anneal_iters", "rescale_loss",
@@ -76,8 +81,8 @@ class HParam:
     role: what the value means to a benchmark that maps its own settings onto methods
       (one of :data:`ROLES`), e.g. ``"penalty_weight"`` for IRM's ``irm_lambda``.
     minimum, maximum: allowed range (inclusive; ``positive`` excludes 0).
-    large_default, large_sample: the values for DomainBed's large-image datasets, where
-      they differ.
+    large_default, large_sample: the values for DomainBed's large-image datasets (a
+      dataset whose ``small_images`` is false), where they differ.
     per_dataset: ``{dataset: (default, sample)}`` for single datasets where DomainBed's
       registry singles them out (over the small/large values).
   """
@@ -101,13 +106,14 @@ class HParam:
     if self.role is not None and self.role not in ROLES:
       raise ValueError(f"HParam role must be one of {ROLES}, got {self.role!r}")
 
-  def for_dataset(self, dataset: str | None) -> "HParam":
-    """This hparam with the default and distribution of ``dataset`` (DomainBed's rule:
-    the small-image values for ``SMALL_IMAGE_DATASETS`` and ``None``, else the large ones)."""
-    if dataset in self.per_dataset:
-      default, sample = self.per_dataset[dataset]
+  def for_dataset(self, dataset: DatasetFacts | None) -> "HParam":
+    """This hparam with the default and distribution of ``dataset`` (DomainBed's rule: its
+    :attr:`per_dataset` values if it names the dataset, else the small-image values for a
+    dataset with ``small_images`` and for ``None``, else the large ones)."""
+    if dataset is not None and dataset.name in self.per_dataset:
+      default, sample = self.per_dataset[dataset.name]
       return dataclasses.replace(self, default=default, sample=sample)
-    if dataset is None or dataset in SMALL_IMAGE_DATASETS:
+    if dataset is None or dataset.small_images:
       return self
     return dataclasses.replace(
         self, default=self.default if self.large_default is None else self.large_default,
@@ -656,44 +662,43 @@ def build_step(method: Method, ctx: Context) -> MethodStep:
 
 
 # ----------------------------------------------------------------------------- hparam specs
-def hparam_specs(method: Method, dataset: str | None = None,
-                 extra: Mapping[str, HParam] | None = None) -> dict[str, HParam]:
-  """The common hparams, ``extra`` ones (a dataset's model and data hparams, e.g. the ResNets'
-  ``resnet_dropout``) and the method's, with ``dataset``'s defaults and ranges."""
-  specs = {**COMMON_HPARAMS, **(extra or {}), **method.hparams}
+def hparam_specs(method: Method, dataset: DatasetFacts | None = None) -> dict[str, HParam]:
+  """The common hparams, the dataset's own (its model's and data's, e.g. the ResNets'
+  ``resnet_dropout``) and the method's, with ``dataset``'s defaults and ranges
+  (:meth:`HParam.for_dataset`; ``None``: the small-image values)."""
+  specs = {**COMMON_HPARAMS, **(dataset.hparams if dataset is not None else {}), **method.hparams}
   return {name: spec.for_dataset(dataset) for name, spec in specs.items()}
 
 
-def default_hparams(method: Method, dataset: str | None = None,
-                    extra: Mapping[str, HParam] | None = None) -> dict[str, Any]:
-  return {name: spec.default for name, spec in hparam_specs(method, dataset, extra).items()}
+def default_hparams(method: Method, dataset: DatasetFacts | None = None) -> dict[str, Any]:
+  return {name: spec.default for name, spec in hparam_specs(method, dataset).items()}
 
 
-def random_hparams(method: Method, seed: int, dataset: str | None = None,
-                   extra: Mapping[str, HParam] | None = None) -> dict[str, Any]:
+def random_hparams(method: Method, seed: int, dataset: DatasetFacts | None = None) -> dict[str, Any]:
   """DomainBed's rule: seed 0 gives the defaults, any other seed draws every hparam from its
   distribution with a generator seeded by ``seed_hash(seed, name)``."""
   if seed == 0:
-    return default_hparams(method, dataset, extra)
+    return default_hparams(method, dataset)
   return {name: spec.sample(np.random.RandomState(seed_hash(seed, name)))
-          for name, spec in hparam_specs(method, dataset, extra).items()}
+          for name, spec in hparam_specs(method, dataset).items()}
 
 
 def resolve_hparams(method: Method, hparams_seed: int = 0,
                     overrides: Mapping[str, Any] | None = None, trial_seed: int = 0,
-                    dataset: str | None = None, preset: str | None = None,
-                    extra: Mapping[str, HParam] | None = None) -> dict[str, Any]:
+                    dataset: DatasetFacts | None = None, preset: str | None = None) -> dict[str, Any]:
   """Defaults (``hparams_seed == 0``) or DomainBed's random draw, then the method's
-  ``preset`` (by name), then ``overrides``; ``extra`` are the dataset's own hparams.
+  ``preset`` (by name), then ``overrides``; ``dataset`` (a :class:`DatasetFacts`, e.g. a
+  :class:`dgjax.datasets.Dataset`) chooses the small- or large-image values and adds its own
+  hparams.
 
   As DomainBed's ``train.py``, a non-zero ``hparams_seed`` draws from
   ``random_hparams(method, seed_hash(hparams_seed, trial_seed))``, so every trial gets its own
   draw. An override naming no hparam of the method raises, listing the valid names; a value
   of the wrong kind or out of range raises naming the hparam.
   """
-  specs = hparam_specs(method, dataset, extra)
-  hp = (default_hparams(method, dataset, extra) if hparams_seed == 0 else
-        random_hparams(method, seed_hash(hparams_seed, trial_seed), dataset, extra))
+  specs = hparam_specs(method, dataset)
+  hp = (default_hparams(method, dataset) if hparams_seed == 0 else
+        random_hparams(method, seed_hash(hparams_seed, trial_seed), dataset))
   unknown = sorted(set(overrides or {}) - set(hp))
   if unknown:
     raise ValueError(

@@ -34,11 +34,16 @@ Environments = Sequence[Any]  # each with .name, .x, .y
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-  """How to build one benchmark.
+  """How to build one benchmark, and every fact about it the library reads.
 
   ``environments(data_dir, trial_seed, **options)`` returns the environments (each with
   ``name``, ``x``, ``y``); ``model(conv_impl)`` the flax classifier; ``default_test_env``
-  the environment held out when none is given (negative: counted from the end); ``data`` says what ``data_dir`` must hold.
+  the environment held out when none is given (negative: counted from the end); ``data``
+  says what ``data_dir`` must hold; ``small_images`` is DomainBed's ``SMALL_IMAGES``: the
+  common hparams' MNIST-sized defaults and ranges (lr 1e-3, batch size 64) rather than the
+  large-image ones (lr 5e-5, batch size 32; :class:`dgjax.core.HParam`), so every dataset
+  says which it is. ``env_names`` are the environments' names (records, tables, plots);
+  ``hparams`` the dataset's own model and data hparams, added to every method's.
   """
   name: str
   description: str
@@ -46,6 +51,7 @@ class Dataset:
   model: Callable[[str], Any]
   default_test_env: int
   data: str
+  small_images: bool
   env_names: tuple[str, ...] = ()
   options: tuple[str, ...] = ()
   steps: int = 5001            # DomainBed's N_STEPS
@@ -114,30 +120,6 @@ def register(dataset: Dataset) -> Dataset:
   return dataset
 
 
-register(Dataset(
-    "ColoredMNIST", "DomainBed's Colored MNIST: label digit<5 (25% noise), colour agrees with "
-    "the label 90% / 80% / 10% (Arjovsky et al., 2019)",
-    _colored("mnist", "MNIST"), _cnn(2), default_test_env=2,
-    data="MNIST IDX files (default: TFDS 'mnist')", env_names=("+90%", "+80%", "-90%"),
-    options=("downsample",)))
-register(Dataset(
-    "ColoredFashionMNIST", "Colored MNIST's construction on Fashion-MNIST, label class<5 "
-    "(Ahuja et al., 2020)",
-    _colored("fashion_mnist", "Fashion-MNIST"), _cnn(2), default_test_env=2,
-    data="Fashion-MNIST IDX files (default: TFDS 'fashion_mnist')", env_names=("+90%", "+80%", "-90%"),
-    options=("downsample",)))
-register(Dataset(
-    "RotatedMNIST", "DomainBed's Rotated MNIST: digits rotated 0/15/30/45/60/75 degrees, 10 "
-    "classes (Ghifary et al., 2015)",
-    _rotated, _cnn(10), default_test_env=0, data="MNIST IDX files (default: TFDS 'mnist')",
-    env_names=("0", "15", "30", "45", "60", "75")))
-register(Dataset(
-    "Spirals", "Synthetic spirals with per-environment shortcut signatures (Parascandolo et al., "
-    "2021); no download",
-    _spirals, _spirals_mlp, default_test_env=-1, data="nothing (synthetic)",
-    env_names=tuple(f"train{i}" for i in range(16)) + ("test",)))
-
-
 def _image_dataset(name: str, description: str):
   """A DomainBed image dataset (:mod:`dgjax.data.image_folder`, :mod:`dgjax.image_task`)."""
   from dgjax.data.image_folder import IMAGE_DATASETS
@@ -161,11 +143,25 @@ def _image_dataset(name: str, description: str):
       name, description, environments, model=lambda conv_impl="auto": None, default_test_env=0,
       data=(f"DomainBed's download.py layout: <data_dir>/{spec.folder}/<env>/<class>/<image>"
             if spec else "<data_dir>/<environment>/<class>/<image> (your own images)"),
-      env_names=spec.env_names if spec else (), steps=spec.n_steps if spec else 5001,
+      small_images=False, env_names=spec.env_names if spec else (), steps=spec.n_steps if spec else 5001,
       checkpoint_freq=spec.checkpoint_freq if spec else 300, hparams=IMAGE_HPARAMS,
       make_task=make_task, discover_env_names=None if spec else discover)
 
 
+# In DomainBed's ``datasets.DATASETS`` order, then dgjax's own: tables list datasets in this
+# order (:func:`dgjax.domainbed_format.dataset_order`).
+register(Dataset(
+    "ColoredMNIST", "DomainBed's Colored MNIST: label digit<5 (25% noise), colour agrees with "
+    "the label 90% / 80% / 10% (Arjovsky et al., 2019)",
+    _colored("mnist", "MNIST"), _cnn(2), default_test_env=2,
+    data="MNIST IDX files (default: TFDS 'mnist')", small_images=True,
+    env_names=("+90%", "+80%", "-90%"),
+    options=("downsample",)))
+register(Dataset(
+    "RotatedMNIST", "DomainBed's Rotated MNIST: digits rotated 0/15/30/45/60/75 degrees, 10 "
+    "classes (Ghifary et al., 2015)",
+    _rotated, _cnn(10), default_test_env=0, data="MNIST IDX files (default: TFDS 'mnist')",
+    small_images=True, env_names=("0", "15", "30", "45", "60", "75")))
 register(_image_dataset("VLCS", "VLCS: Caltech101, LabelMe, SUN09, VOC2007; 5 classes (Fang et al., 2013)"))
 register(_image_dataset("PACS", "PACS: art painting, cartoon, photo, sketch; 7 classes (Li et al., 2017)"))
 register(_image_dataset("OfficeHome", "Office-Home: art, clipart, product, real world; 65 classes "
@@ -174,6 +170,18 @@ register(_image_dataset("TerraIncognita", "Terra Incognita: camera-trap location
                         "10 classes (Beery et al., 2018)"))
 register(_image_dataset("DomainNet", "DomainNet: clipart, infograph, painting, quickdraw, real, "
                         "sketch; 345 classes (Peng et al., 2019)"))
+register(Dataset(
+    "ColoredFashionMNIST", "Colored MNIST's construction on Fashion-MNIST, label class<5 "
+    "(Ahuja et al., 2020)",
+    _colored("fashion_mnist", "Fashion-MNIST"), _cnn(2), default_test_env=2,
+    data="Fashion-MNIST IDX files (default: TFDS 'fashion_mnist')", small_images=True,
+    env_names=("+90%", "+80%", "-90%"),
+    options=("downsample",)))
+register(Dataset(
+    "Spirals", "Synthetic spirals with per-environment shortcut signatures (Parascandolo et al., "
+    "2021); no download",
+    _spirals, _spirals_mlp, default_test_env=-1, data="nothing (synthetic)", small_images=True,
+    env_names=tuple(f"train{i}" for i in range(16)) + ("test",)))
 register(_image_dataset("ImageFolder", "your own images: <data_dir>/<environment>/<class>/<image>, "
                         "environments and classes in sorted order"))
 

@@ -30,20 +30,13 @@ from typing import Any, Mapping, Sequence
 
 Record = dict[str, Any]
 
-#: DomainBed's datasets in its ``datasets.DATASETS`` order with their ``ENVIRONMENTS``, then
-#: dgjax's own (``ColoredFashionMNIST``, ``Spirals``). Table headers and plot legends use
-#: these when a record has no ``args.env_names``; tables list datasets in this order.
-ENVIRONMENTS: dict[str, tuple[str, ...]] = {
-    "ColoredMNIST": ("+90%", "+80%", "-90%"),
-    "RotatedMNIST": ("0", "15", "30", "45", "60", "75"),
-    "VLCS": ("C", "L", "S", "V"),
-    "PACS": ("A", "C", "P", "S"),
-    "OfficeHome": ("A", "C", "P", "R"),
-    "TerraIncognita": ("L100", "L38", "L43", "L46"),
-    "DomainNet": ("clip", "info", "paint", "quick", "real", "sketch"),
-    "ColoredFashionMNIST": ("+90%", "+80%", "-90%"),
-    "Spirals": tuple(f"train{i}" for i in range(16)) + ("test",),
-}
+
+def _registered_datasets():
+  """The dataset registry (:data:`dgjax.datasets.DATASETS`: each dataset's environment names,
+  in DomainBed's order then dgjax's own), imported lazily: it pulls in jax."""
+  from dgjax import datasets
+  return datasets.DATASETS
+
 
 #: Where the method name comes from, in order of preference, when reading a record.
 METHOD_KEYS = ("method", "algorithm")
@@ -223,18 +216,19 @@ def num_envs(record: Record) -> int:
 
 def environment_names(record: Record, n: int | None = None) -> list[str]:
   """Names for a record's ``n`` environments (default: :func:`num_envs`): ``args.env_names``,
-  else DomainBed's names for ``args.dataset`` (:data:`ENVIRONMENTS`), else ``env{i}``; a
-  source whose length is not ``n`` is skipped."""
+  else those its registered dataset declares (DomainBed's ``ENVIRONMENTS``), else ``env{i}``;
+  a source whose length is not ``n`` is skipped."""
   n = num_envs(record) if n is None else n
   args = record.get("args", {})
-  for names in (args.get("env_names"), ENVIRONMENTS.get(str(args.get("dataset")))):
+  registered = _registered_datasets().get(str(args.get("dataset")))
+  for names in (args.get("env_names"), registered.env_names if registered else None):
     if names is not None and len(names) == n:
       return [str(x) for x in names]
   return [f"env{i}" for i in range(n)]
 
 
 def dataset_order(names) -> list[str]:
-  """Datasets in :data:`ENVIRONMENTS` order (DomainBed's), then the others sorted."""
-  names = set(names)
-  return [d for d in ENVIRONMENTS if d in names] + sorted(names - set(ENVIRONMENTS))
+  """Datasets in the registry's order (DomainBed's, then dgjax's own), then the others sorted."""
+  names, registered = set(names), list(_registered_datasets())
+  return [d for d in registered if d in names] + sorted(names - set(registered))
 

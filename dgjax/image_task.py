@@ -8,7 +8,8 @@ with the step's key. The stream is a function of (seed, step) alone, so a resume
 the same batches as an uninterrupted one.
 
 Evaluation: every environment's in and out split, resized to 224x224 and normalised, in
-batches of ``eval_batch_size`` through one jitted, masked accuracy step.
+batches of ``eval_batch_size`` through one jitted, masked accuracy step; SWAD's validation loss
+(:meth:`ImageTask.val_loss`) the same way through a masked cross-entropy sum.
 
 The model is DomainBed's ``ResNet`` featurizer (``resnet18`` hparam: ResNet-18 instead of
 ResNet-50) with ``resnet_dropout`` and a new linear head, from ImageNet weights converted by
@@ -37,7 +38,7 @@ from dgjax.core import HParam
 from dgjax.data import image_check
 from dgjax.data import image_folder
 from dgjax.data import image_pipeline
-from dgjax.tasks import make_accuracy_fn
+from dgjax.tasks import make_accuracy_fn, make_loss_fn
 
 #: The model and data hparams of DomainBed's image datasets (``hparams_registry.py``).
 IMAGE_HPARAMS: dict[str, HParam] = {
@@ -105,6 +106,7 @@ class ImageTask:
     self.variables = {k: v for k, v in like.items() if k != "params"}
     self._min_train = min(len(self.splits_in[e].y) for e in self.train_envs)
     self._accuracy: dict[Any, Any] = {}
+    self._loss: dict[Any, Any] = {}
     self._streams: list[Any] = []
 
   def init_params(self, key):
@@ -143,6 +145,37 @@ class ImageTask:
       self._accuracy[predict, mesh] = make_accuracy_fn(on_images, mesh=mesh).correct
     return self._accuracy[predict, mesh]
 
+  def _loss_fn(self, predict, mesh=None):
+    """:func:`dgjax.tasks.make_loss_fn`'s jitted chunk sum ``loss_sum(model_state, x, y,
+    mask)`` of the per-example cross-entropy, on uint8 images (resized and normalised inside)."""
+    if (predict, mesh) not in self._loss:
+      on_images = lambda model_state, x: predict(model_state, augment.eval_preprocess(x))  # noqa: E731
+      self._loss[predict, mesh] = make_loss_fn(on_images, mesh=mesh).loss_sum
+    return self._loss[predict, mesh]
+
+  def _sum_over(self, fn, model_state, split, mesh=None) -> float:
+    """``sum fn(model_state, x, y, mask)`` over ``split``'s evaluation batches."""
+    if mesh is None:
+      batches = image_pipeline.eval_batches(split, self.eval_batch_size, size=self.image_size,
+                                            num_workers=self.num_workers)
+    else:
+      model_state = sharding.on_mesh(model_state, mesh)
+      batches = self._process_eval_batches(split, mesh)
+    return sum(float(fn(model_state, b["x"], b["y"], b["mask"])) for b in batches)
+
+  def val_loss(self, model_state, predict, mesh=None) -> float:
+    """The training-domain validation loss SWAD reads (as
+    :meth:`dgjax.tasks.DomainBedTask.val_loss`, the reference's ``tr_outloss``): the mean
+    cross-entropy of ``predict(model_state, x)`` on each training environment's out-split
+    (evaluation preprocessing), averaged over the training environments."""
+    empty = [e for e in self.train_envs if len(self.splits_out[e].y) == 0]
+    if empty:
+      raise ValueError(f"no training-domain validation data: the out-split(s) of "
+                       f"environment(s) {empty} hold no images (holdout_fraction must be > 0)")
+    loss_sum = self._loss_fn(predict, mesh)
+    return float(np.mean([self._sum_over(loss_sum, model_state, self.splits_out[e], mesh)
+                          / len(self.splits_out[e].y) for e in self.train_envs]))
+
   def accuracy(self, model_state, split, predict, mesh=None) -> float:
     """Accuracy of ``predict(model_state, x)`` on ``split`` in padded, masked batches of
     ``eval_batch_size`` through one jitted step.
@@ -154,16 +187,7 @@ class ImageTask:
     batches, several decode their share of each (tested with 2 CPU processes on one machine,
     not on multi-host hardware)."""
     correct = self._accuracy_fn(predict, mesh)
-    if mesh is None:
-      batches = image_pipeline.eval_batches(split, self.eval_batch_size, size=self.image_size,
-                                            num_workers=self.num_workers)
-    else:
-      model_state = sharding.on_mesh(model_state, mesh)
-      batches = self._process_eval_batches(split, mesh)
-    total = 0
-    for b in batches:
-      total += int(correct(model_state, b["x"], b["y"], b["mask"]))
-    return total / max(len(split.y), 1)
+    return self._sum_over(correct, model_state, split, mesh) / max(len(split.y), 1)
 
   def _process_eval_batches(self, split, mesh):
     """Global batches of ``eval_batch_size`` (rounded up to the device count) sharded over
@@ -228,10 +252,6 @@ def make_task(config, envs=None):
   """``(task, envs)`` for ``config`` (a :class:`dgjax.train.TrainConfig` of an image dataset)."""
   from dgjax.convert_weights import missing_weights_message
   hp = config.resolved_hparams
-  if config.swad and not hp["freeze_bn"]:
-    raise ValueError("swad averages the weights but would evaluate them with the last step's "
-                     "BatchNorm running statistics: run swad with freeze_bn=true (SWAD's own "
-                     "protocol: DomainBed's ResNet with frozen BatchNorm)")
   envs = envs if envs is not None else image_environments(config.dataset, config.data_dir,
                                                           config.data_source)
   if config.data_source == "folder":   # every file an image, before any compiling

@@ -67,24 +67,34 @@ def get_method(name: str) -> Method:
         f"unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}") from None
 
 
-def hparam_specs(method: str, dataset: str | None = None, extra=None) -> dict[str, HParam]:
-  return core.hparam_specs(get_method(method), dataset, extra)
+def dataset_facts(dataset: str | core.DatasetFacts | None) -> core.DatasetFacts | None:
+  """``dataset`` as the hparam rules read it: a registered dataset's name becomes its
+  :class:`dgjax.datasets.Dataset` (an unknown name raises listing the valid ones)."""
+  if not isinstance(dataset, str):
+    return dataset
+  from dgjax import datasets   # lazily: the dataset registry imports nothing of the methods
+  return datasets.get_dataset(dataset)
 
 
-def default_hparams(method: str, dataset: str | None = None, extra=None) -> dict[str, Any]:
-  return core.default_hparams(get_method(method), dataset, extra)
+def hparam_specs(method: str, dataset: str | core.DatasetFacts | None = None) -> dict[str, HParam]:
+  return core.hparam_specs(get_method(method), dataset_facts(dataset))
 
 
-def random_hparams(method: str, seed: int, dataset: str | None = None, extra=None) -> dict[str, Any]:
-  return core.random_hparams(get_method(method), seed, dataset, extra)
+def default_hparams(method: str, dataset: str | core.DatasetFacts | None = None) -> dict[str, Any]:
+  return core.default_hparams(get_method(method), dataset_facts(dataset))
+
+
+def random_hparams(method: str, seed: int,
+                   dataset: str | core.DatasetFacts | None = None) -> dict[str, Any]:
+  return core.random_hparams(get_method(method), seed, dataset_facts(dataset))
 
 
 def resolve_hparams(method: str, hparams_seed: int = 0, overrides: Mapping[str, Any] | None = None,
-                    trial_seed: int = 0, dataset: str | None = None,
-                    preset: str | None = None, extra=None) -> dict[str, Any]:
-  """See :func:`dgjax.core.resolve_hparams`."""
-  return core.resolve_hparams(get_method(method), hparams_seed, overrides, trial_seed, dataset,
-                              preset, extra)
+                    trial_seed: int = 0, dataset: str | core.DatasetFacts | None = None,
+                    preset: str | None = None) -> dict[str, Any]:
+  """See :func:`dgjax.core.resolve_hparams`; ``dataset`` may be a registered dataset's name."""
+  return core.resolve_hparams(get_method(method), hparams_seed, overrides, trial_seed,
+                              dataset_facts(dataset), preset)
 
 
 def structural_hparams(method: str) -> list[str]:

@@ -28,7 +28,8 @@ start and an end step read from a training-domain validation loss:
       swad_params = valley.final_params()
 
 * :func:`update_bn`: BatchNorm statistics of averaged weights, recomputed by forward passes
-  (the reference's ``swa_utils.update_bn``).
+  (the reference's ``swa_utils.update_bn``); the engine runs it before SWAD's final
+  evaluation of a model whose BatchNorm trains (``freeze_bn=false``), as the reference.
 
 The engine (:mod:`dgjax.train`, ``TrainConfig(swad=True)``, ``--swad``) keeps the segment's
 sum in its train state (jitted, checkpointed) and, through :class:`SwadTracker`, feeds one
@@ -316,9 +317,18 @@ class SwadTracker:
     self.valleys = [LossValley(n_converge, n_tolerance, tolerance_ratio) for _ in range(k_runs)]
 
   def evaluate(self, k: int, step: int, segment: AverageState, model_state: Any, task,
-               predict: Callable, mesh=None) -> dict[str, Any]:
+               predict: Callable, mesh=None,
+               bn_batches: Callable[[], Iterable[Any]] | None = None) -> dict[str, Any]:
     """Feeds run ``k``'s segment and validation loss to its valley; evaluates the window's
-    average once it is closed. ``mesh``: evaluate sharded over it (tasks that take one)."""
+    average once it is closed. ``mesh``: evaluate sharded over it (tasks that take one).
+
+    ``model_state`` is ``(params, method state)``; the average is evaluated with the method
+    state's variables. A model whose BatchNorm trains (its ``batch_norm_momentum`` is set:
+    DomainBed's ``freeze_bn=false``) has no running statistics for the averaged weights:
+    its average is evaluated only when ``bn_batches()`` gives training inputs, after
+    :func:`update_bn` recomputes the statistics over them (the reference does so once,
+    before its final evaluation; the engine passes them at the last step); records without
+    them carry the window but not its scores."""
     from dgjax.sharding import mesh_kwarg
     t0 = time.perf_counter()
     val_loss = task.val_loss(model_state, predict, **mesh_kwarg(task.val_loss, mesh))
@@ -330,9 +340,13 @@ class SwadTracker:
                               "swad_segments": 0 if window is None else window.segments}
     if window is None:
       return record
+    record.update(swad_start_step=window.start_step, swad_end_step=window.end_step)
     averaged = (jax.tree.map(jnp.asarray, window.params()), *model_state[1:])
-    record.update(swad_start_step=window.start_step, swad_end_step=window.end_step,
-                  swad_val_loss=task.val_loss(averaged, predict, **mesh_kwarg(task.val_loss, mesh)))
+    if getattr(task.model, "batch_norm_momentum", None) is not None:   # BatchNorm trains
+      if bn_batches is None:
+        return record
+      averaged = with_batch_norm_recomputed(task.model, averaged, bn_batches())
+    record["swad_val_loss"] = task.val_loss(averaged, predict, **mesh_kwarg(task.val_loss, mesh))
     record.update({f"swad_{n}": v for n, v in
                    task.evaluate(averaged, k, predict, **mesh_kwarg(task.evaluate, mesh)).items()})
     record["swad_eval_time"] = time.perf_counter() - t0
@@ -346,55 +360,99 @@ class SwadTracker:
 
 
 # ------------------------------------------------------------------- BatchNorm
+#: How many training batches :func:`update_bn` reads for the engine's final SWAD evaluation
+#: (the reference's ``update_bn`` over 500 steps of the training iterator).
+BN_UPDATE_BATCHES = 500
+
+
+def _new_statistic_weight(module, args, kwargs) -> float | None:
+  """The weight of the batch statistic in this BatchNorm call's running update, ``None``
+  when the call does not train it (frozen, or evaluation mode)."""
+  import flax.linen as nn
+  from dgjax import resnet
+  if isinstance(module, resnet.BatchNorm):   # torch's rule: r <- (1 - m) r + m s
+    train = kwargs.get("train", args[1] if len(args) > 1 else False)
+    return None if module.frozen or not train else float(module.momentum)
+  if isinstance(module, nn.BatchNorm):       # flax's: r <- m r + (1 - m) s
+    frozen = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
+    if module.use_running_average if frozen is None else frozen:
+      return None
+    return 1.0 - float(module.momentum)
+  return None
+
+
+def with_batch_norm_recomputed(model, model_state: tuple, inputs: Iterable[Any]) -> tuple:
+  """``(params, method state)`` with the method state's ``batch_stats`` (its ``variables``,
+  :class:`dgjax.core.StepState`) recomputed for ``params`` by :func:`update_bn` over
+  ``inputs`` (the featurizer in training mode, where every BatchNorm sits)."""
+  params, method_state = model_state[:2]
+  variables = update_bn(model, {"params": params, **method_state.variables}, inputs,
+                        method="features", train=True, rngs={"dropout": jax.random.key(0)})
+  del variables["params"]
+  return (params, method_state._replace(variables=variables), *model_state[2:])
+
+
 def update_bn(model, variables: Mapping[str, Any], batches: Iterable[Any],
               **apply_kwargs: Any) -> dict[str, Any]:
-  """``variables`` with ``batch_stats`` recomputed for their params by forward passes: the
-  average over ``batches`` of each BatchNorm's batch mean and (biased, flax's) variance, one
-  weight per batch (the reference's ``update_bn``: torch BatchNorm with ``momentum=None``
-  from reset statistics; it runs 500 training batches).
+  """``variables`` with ``batch_stats`` recomputed for their params by forward passes, as
+  the reference's ``swa_utils.update_bn`` (khanrc/swad; torch's ``update_bn``): every
+  BatchNorm's statistics reset, then with ``momentum=None`` (a cumulative average) one
+  training-mode forward per batch, so each running statistic becomes the mean over
+  ``batches`` of the statistic of each batch, one weight per batch. For dgjax's
+  :class:`dgjax.resnet.BatchNorm` (torch's) the variance is the batch's unbiased one, as
+  torch keeps it; for ``flax.linen.BatchNorm`` flax's biased one.
 
-  Each batch runs ``model.apply(variables, x, mutable=["batch_stats"], **apply_kwargs)``;
-  ``apply_kwargs`` must put the BatchNorms in training mode (e.g. ``train=True``). Every
-  ``batch_stats`` leaf must belong to a ``flax.linen.BatchNorm``.
+  Each batch runs ``model.apply(variables, x, mutable=["batch_stats"], **apply_kwargs)``
+  (one jitted function); ``apply_kwargs`` must put the BatchNorms in training mode
+  (``train=True`` for dgjax's models) and may name a ``method`` or give ``rngs`` (the same
+  for every batch: a dropout after the last BatchNorm, as the ResNets', does not change
+  the statistics). Every ``batch_stats`` leaf must belong to a BatchNorm called in training
+  mode (an unfrozen dgjax BatchNorm, or a ``flax.linen.BatchNorm``).
 
   No-op (``variables`` returned as given) without ``batch_stats``: dgjax's MNIST networks
-  use GroupNorm, and its ResNets keep BatchNorm frozen (DomainBed's ``freeze_bn``, as SWAD
-  trains), so the averaged weights keep the frozen statistics and the engine never calls this.
+  use GroupNorm. The engine calls it (:meth:`SwadTracker.evaluate`) for SWAD's final
+  evaluation of a ResNet whose BatchNorm trains (DomainBed's ``freeze_bn=false``), over the
+  :data:`BN_UPDATE_BATCHES` training batches the run would draw next; frozen BatchNorm
+  (``freeze_bn=true``, SWAD's default) keeps the statistics of the weights file.
   """
   import flax.linen as nn
   from flax import traverse_util
 
   if "batch_stats" not in variables:
     return dict(variables)
-  momenta: dict[tuple[str, ...], float] = {}
+  weights: dict[tuple[str, ...], float | None] = {}
 
-  def record_momentum(next_fun, args, kwargs, context):
-    module = context.module
-    if isinstance(module, nn.BatchNorm) and context.method_name == "__call__":
-      frozen = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
-      if not (module.use_running_average if frozen is None else frozen):
-        momenta[tuple(module.scope.path)] = module.momentum
+  def record_weight(next_fun, args, kwargs, context):
+    if context.method_name == "__call__":
+      weight = _new_statistic_weight(context.module, args, kwargs)
+      if weight is not None or tuple(context.module.scope.path) not in weights:
+        weights[tuple(context.module.scope.path)] = weight
     return next_fun(*args, **kwargs)
 
   zeros = jax.tree.map(jnp.zeros_like, variables["batch_stats"])
-  total, n = None, 0
-  for x in batches:
-    with nn.intercept_methods(record_momentum):   # from zero stats, flax stores (1 - m) * batch stat
+
+  @jax.jit
+  def batch_statistics(x):   # from zero statistics, each stores weight * its batch statistic
+    with nn.intercept_methods(record_weight):   # runs while tracing: fills ``weights``
       _, mutated = model.apply({**variables, "batch_stats": zeros}, x, mutable=["batch_stats"],
                                **apply_kwargs)
-    stats = mutated["batch_stats"]
+    flat = traverse_util.flatten_dict(mutated["batch_stats"])
+    for path in flat:
+      weight = weights.get(path[:-1])
+      if weight is None:
+        raise ValueError(f"batch_stats leaf {'/'.join(path)} does not belong to a BatchNorm "
+                         "called in training mode: pass the apply kwargs that put it there "
+                         "(train=True; an unfrozen BatchNorm)")
+      if weight == 0.0:
+        raise ValueError(f"BatchNorm {'/'.join(path[:-1])} never updates its statistics "
+                         "(momentum 0 for dgjax's, 1 for flax's)")
+    return traverse_util.unflatten_dict({p: v / weights[p[:-1]] for p, v in flat.items()})
+
+  total, n = None, 0
+  for x in batches:
+    stats = batch_statistics(x)
     total = stats if total is None else jax.tree.map(jnp.add, total, stats)
     n += 1
   if n == 0:
     raise ValueError("update_bn needs at least one batch")
-  flat = traverse_util.flatten_dict(total)
-  out = {}
-  for path, value in flat.items():
-    module = path[:-1]
-    if module not in momenta:
-      raise ValueError(f"batch_stats leaf {'/'.join(path)} does not belong to a flax BatchNorm "
-                       "called in training mode: pass the apply kwargs that put it there")
-    if momenta[module] == 1.0:
-      raise ValueError(f"BatchNorm {'/'.join(module)} has momentum 1: its statistics never update")
-    out[path] = value / (n * (1 - momenta[module]))
-  return {**variables, "batch_stats": traverse_util.unflatten_dict(out)}
+  return {**variables, "batch_stats": jax.tree.map(lambda t: t / n, total)}

@@ -125,6 +125,7 @@ def make_loss_fn(predict, eval_batch_size: int = 1000, mesh=None):
     params = params if mesh is None else sharding.on_mesh(params, mesh)
     return _chunked_sum(loss_sum, params, x, y, eval_batch_size, mesh) / len(y)
 
+  loss.loss_sum = loss_sum   # the jitted chunk function (image tasks feed it their own batches)
   return loss
 
 

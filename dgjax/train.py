@@ -132,6 +132,29 @@ def method_key(seed_key: jax.Array) -> jax.Array:
   return jax.random.fold_in(seed_key, METHOD_KEY_TAG)
 
 
+def _method_step(method: core.Method, task, hparams: Mapping[str, Any], impl: str) -> core.MethodStep:
+  """``method``'s step on ``task``'s model, domains and variables (the engine's one Context)."""
+  return method.build(core.Context(model=task.model, hparams=hparams, num_domains=task.num_domains,
+                                   per_domain_impl=impl, variables=getattr(task, "variables", {})))
+
+
+def build_run(method: str, task, hparams: Mapping[str, Any], seed: int = 0,
+              per_domain_impl: str = "auto", steps_per_call: int = 1,
+              mesh=None) -> tuple[Callable, TrainState]:
+  """One run of ``method`` on ``task`` built as :func:`train_many` builds it (K = 1, no
+  SWAD): ``(step, state)``, ``step(state, data) -> (state, metrics)`` the jitted engine step
+  (:func:`make_task_step`: ``steps_per_call`` steps per call, the state donated) and
+  ``state`` the run's initial :class:`TrainState` (params from ``task.init_params`` and the
+  state key, both drawn from ``seed`` as the engine draws them). ``hparams``: the run's
+  resolved hparams (:func:`dgjax.methods.resolve_hparams`); ``data``: the task's one-run
+  data. For benchmarks (``bench/``) and tests."""
+  method_step = _method_step(methods.get_method(method), task, dict(hparams),
+                             resolve_per_domain_impl(per_domain_impl))
+  init_key, _ = jax.random.split(jax.random.key(seed))
+  state = init_state(method_step, task.init_params(init_key), seed)
+  return make_task_step(method_step, task, int(hparams["batch_size"]), steps_per_call, mesh), state
+
+
 def init_state(method_step: core.MethodStep, params, seed: int) -> TrainState:
   """A run's initial state from its params and seed, as the engine makes it (the state key
   is the second half of ``split(key(seed))``; the first initialises the params; the method's
@@ -141,6 +164,22 @@ def init_state(method_step: core.MethodStep, params, seed: int) -> TrainState:
   # jitted: fresh buffers, so a method state holding the params themselves can be donated
   return TrainState(jnp.zeros((), jnp.int32), params,
                     jax.jit(method_step.init)(params, method_key(seed_key)), state_key)
+
+
+def _next_training_inputs(task, stream, data, key, batch_size: int, start_step: int, n: int):
+  """The inputs (domains concatenated, ``[D * B, ...]``) of the ``n`` training batches a run
+  whose state key is ``key`` draws from step ``start_step`` on (``stream``: the task's batch
+  stream, else its ``data``): what SWAD's ``update_bn`` reads on from the training iterator."""
+  draw = jax.jit(lambda d, k: core.flatten_domains(task.batch(d, k, batch_size)["x"]))
+  batches = stream(start_step) if stream is not None else None
+  try:
+    for _ in range(n):
+      key, sample_key, _ = jax.random.split(key, 3)   # as the step splits its key
+      yield draw(next(batches) if batches is not None else data, sample_key)
+  finally:
+    if batches is not None:
+      batches.close()
+
 
 
 #: The engine's rule for runs in one vmapped program (:func:`dgjax.config.check_vmap_group`).
@@ -305,12 +344,9 @@ def _train_locked(configs, task, method, hparams, batch_size, impl, dirs, run_ar
   varying = sorted(n for n in hparams[0] if any(h[n] != hparams[0][n] for h in hparams))
   static_hp = {n: v for n, v in hparams[0].items() if n not in varying}
   traced_hp = {n: jnp.asarray([h[n] for h in hparams]) for n in varying}
-  variables = getattr(task, "variables", {})
 
   def build(hp_traced) -> core.MethodStep:
-    ctx = core.Context(model=task.model, hparams={**static_hp, **hp_traced},
-                       num_domains=task.num_domains, per_domain_impl=impl, variables=variables)
-    return method.build(ctx)
+    return _method_step(method, task, {**static_hp, **hp_traced}, impl)
 
   data_axis = 0 if task.per_run_data else None
 
@@ -448,10 +484,20 @@ def _train_locked(configs, task, method, hparams, batch_size, impl, dirs, run_ar
     if diag_fns[k] is None:
       return {}
     key = jax.random.fold_in(jax.random.key(configs[k].seed), step)
-    data_k = take(data, k) if task.per_run_data else (
-        data if mesh is None else sharding_lib.local_copy(data))
     return {n: float(v) for n, v in
-            jax.device_get(diag_fns[k](params_k, method_state_k, data_k, key)).items()}
+            jax.device_get(diag_fns[k](params_k, method_state_k, data_of(k), key)).items()}
+
+  def data_of(k):
+    return take(data, k) if task.per_run_data else (
+        data if mesh is None else sharding_lib.local_copy(data))
+
+  def swad_bn_batches(k, step):
+    """At the last step, run ``k``'s next training inputs (SWAD's final ``update_bn``)."""
+    if step != config.steps - 1:
+      return None
+    key_k, data_k = take(state.key, k), None if stream is not None else data_of(k)
+    return lambda: _next_training_inputs(task, stream, data_k, key_k, batch_size, config.steps,
+                                         swad_lib.BN_UPDATE_BATCHES)
 
   def evaluate(step):
     nonlocal state
@@ -459,7 +505,8 @@ def _train_locked(configs, task, method, hparams, batch_size, impl, dirs, run_ar
     swad_records = [{} for _ in range(k_runs)]
     if swad is not None:   # SWAD: close each run's segment before its record and checkpoint
       swad_records = [swad.evaluate(k, step, take(state.average, k), (take(state.params, k),
-                                    take(state.opt_state, k)), task, predict_fn(k), mesh)
+                                    take(state.opt_state, k)), task, predict_fn(k), mesh,
+                                    swad_bn_batches(k, step))
                       for k in range(k_runs)]
       average = swad_lib.average_reset(state.average)
       state = state._replace(average=average if mesh is None else

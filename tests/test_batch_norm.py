@@ -226,3 +226,65 @@ def test_arm_context_channel_on_a_flax_convolution_as_domainbeds_resnet():
   z = jnp.mean(nn.relu(wide), axis=(1, 2))
   want = model.apply({"params": params}, z, method="head")
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_swad_recomputes_the_averaged_models_batch_norm_before_its_final_evaluation(monkeypatch):
+  """``--swad`` with unfrozen BatchNorm through the engine: before the last step the averaged
+  model is not scored (its running statistics are not its own); at the last step its
+  statistics are recomputed, as SWAD's ``update_bn``, from the BatchNorm inputs of the
+  averaged weights over the training batches the run would draw next (an explicit key chain
+  here), and the recorded scores are those of that model."""
+  from dgjax import swad
+  from dgjax import train as train_lib
+
+  n_bn = 4   # SWAD's update_bn reads 500 batches; fewer here
+  monkeypatch.setattr(swad, "BN_UPDATE_BATCHES", n_bn)
+  model, _, variables = make(conv=False)   # flatten -> dense -> BatchNorm -> ReLU
+  rng = np.random.default_rng(0)
+  ins, outs = [], []
+  for e in range(3):
+    x = rng.normal(size=(40, 6, 6, 2)).astype(np.float32) * (1 + e) + e   # per-domain statistics
+    y = rng.integers(0, 3, 40).astype(np.int32)
+    ins.append(train_lib.Split(f"env{e}_in", x[:32], y[:32]))
+    outs.append(train_lib.Split(f"env{e}_out", x[32:], y[32:]))
+  task = train_lib.DomainBedTask(model, ins, outs, test_envs=(2,))
+  task.variables = variables                      # the model's running statistics
+  steps = 7
+  cfg = train_lib.TrainConfig(method="erm", steps=steps, checkpoint_freq=2, progress=False,
+                              hparams={"batch_size": B, "lr": 1e-2}, swad=True,
+                              swad_n_converge=1, swad_n_tolerance=2, swad_tolerance_ratio=10.0)
+  records = train_lib.train_many([cfg], task)[0]
+  assert [r["step"] for r in records] == [0, 2, 4, 6] and all(r["swad_active"] for r in records)
+  for r in records[:-1]:   # window recorded, average not scored
+    assert "swad_start_step" in r and "swad_val_loss" not in r and "swad_env0_in_acc" not in r
+  last = records[-1]
+
+  # the engine's trajectory, step by step, with its final state key
+  train_step, state = train_lib.build_run("erm", task, cfg.resolved_hparams, cfg.seed)
+  per_step = []
+  for _ in range(steps):
+    state, _ = train_step(state, task.data)
+    per_step.append(jax.device_get(state.params))
+  window = per_step[last["swad_start_step"]:last["swad_end_step"] + 1]
+  mean = jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0), *window)
+
+  dense = jax.tree.map(lambda a: np.asarray(a, np.float64), mean["featurizer"]["dense"])
+  draw = jax.jit(train_lib.sample_batch, static_argnums=2)
+  key, means, variances = state.key, [], []
+  for _ in range(n_bn):   # the next training batches: the step's key split, domains pooled
+    key, sample_key, _ = jax.random.split(key, 3)
+    x = np.asarray(draw(sample_key, task.data, B)["x"], np.float64).reshape(task.num_domains * B, -1)
+    h = x @ dense["kernel"] + dense["bias"]           # the BatchNorm's input
+    means.append(h.mean(0))
+    variances.append(h.var(0, ddof=1))
+  stats = {"featurizer": {"bn": {"mean": np.mean(means, 0).astype(np.float32),
+                                 "var": np.mean(variances, 0).astype(np.float32)}}}
+  averaged = (mean, state.opt_state._replace(variables={"batch_stats": stats}))
+  def predict(model_state, x):   # ERM's: the network with the state's statistics, evaluation mode
+    return model.apply({"params": model_state[0], **model_state[1].variables}, x)
+  np.testing.assert_allclose(last["swad_val_loss"], task.val_loss(averaged, predict), rtol=1e-4)
+  for name, value in task.evaluate(averaged, 0, predict).items():
+    assert abs(last[f"swad_{name}"] - value) <= 1 / 8 + 1e-9, name   # at most one example off
+  # the last step's running statistics would have scored it otherwise
+  stale = task.val_loss((mean, state.opt_state), predict)
+  assert abs(stale - last["swad_val_loss"]) > 1e-3

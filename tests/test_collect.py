@@ -477,10 +477,15 @@ def reference_format(values):
   return f"{mean:.1f} +/- {100 * np.std(np.asarray(values) / np.sqrt(len(values))):.1f}", mean
 
 
+#: DomainBed's ``datasets.DATASETS`` (its first entries): the order of its tables.
+DOMAINBED_DATASETS = ("Debug28", "Debug224", "ColoredMNIST", "RotatedMNIST", "VLCS", "PACS",
+                      "OfficeHome", "TerraIncognita", "DomainNet", "SVIRO")
+
+
 def reference_tables(records, rule, n_envs):
   """{dataset or "Averages": [row cells]} as DomainBed's print_results_tables."""
   method_names = collect.method_order(r["args"]["method"] for r in records)
-  datasets = sorted(n_envs, key=list(domainbed_format.ENVIRONMENTS).index)
+  datasets = sorted(n_envs, key=DOMAINBED_DATASETS.index)
   acc = {}  # (trial, dataset, method, test env) -> sweep acc
   for key in {(r["args"]["trial_seed"], r["args"]["dataset"], r["args"]["method"], e)
               for r in records for e in r["args"]["test_envs"]}:

@@ -144,6 +144,44 @@ def test_dataset_registry_errors_are_clear():
   assert len(ins) == 17 and [len(s.y) for s in ins[:2]] == [15, 15] and len(outs[0].y) == 5
 
 
+def test_a_new_small_image_dataset_is_one_declaration(monkeypatch, tmp_path):
+  """One ``Dataset`` declaration with ``small_images=True``: DomainBed's small-image hparams
+  (lr 1e-3, batch 64, their search ranges), its environment names in the records, and a step
+  through the engine; the same declaration with ``small_images=False`` gets the large ones."""
+  from dgjax import methods, runs
+  from dgjax.data import LabeledEnvironment
+  from dgjax.models import mlp
+
+  def environments(data_dir=None, trial_seed=0, max_examples=None):
+    rng = np.random.default_rng(trial_seed)
+    return [LabeledEnvironment(name, rng.normal(size=(20, 4, 4, 1)).astype(np.float32),
+                               rng.integers(0, 3, 20).astype(np.int32)) for name in ("a", "b", "c")]
+
+  monkeypatch.setattr(datasets, "DATASETS", dict(datasets.DATASETS))   # restored after the test
+  for name, small in (("Tiny28", True), ("Tiny224", False)):
+    datasets.register(datasets.Dataset(
+        name, "three tiny environments", environments, lambda conv_impl="auto": mlp(3, (8,)),
+        default_test_env=-1, data="nothing", small_images=small, env_names=("a", "b", "c")))
+
+  common = ("lr", "batch_size", "weight_decay")
+  assert methods.default_hparams("erm", "Tiny28") == {"lr": 1e-3, "batch_size": 64, "weight_decay": 0.0}
+  assert {k: methods.default_hparams("erm", "Tiny224")[k] for k in common} == {
+      "lr": 5e-5, "batch_size": 32, "weight_decay": 0.0}
+  for seed in (1, 2):   # the search ranges follow too (PACS: DomainBed's large-image ranges)
+    assert methods.random_hparams("erm", seed, "Tiny28") == methods.random_hparams("erm", seed, "ColoredMNIST")
+    large = methods.random_hparams("erm", seed, "PACS")
+    assert methods.random_hparams("erm", seed, "Tiny224") == {k: large[k] for k in common}
+  assert methods.default_hparams("rdm", "Tiny224")["batch_size"] == 88   # RDM's large default
+
+  config = runs.make_config("Tiny28", steps=1, output_dir=str(tmp_path / "run"), progress=False)
+  assert config.test_envs == (2,)
+  assert (config.resolved_hparams["lr"], config.resolved_hparams["batch_size"]) == (1e-3, 64)
+  [record] = runs.run(config)
+  assert record["step"] == 0 and np.isfinite(record["loss"])
+  assert record["hparams"]["lr"] == 1e-3 and record["hparams"]["batch_size"] == 64
+  assert record["args"]["dataset"] == "Tiny28" and record["args"]["env_names"] == ["a", "b", "c"]
+
+
 def run_cli(*args, timeout=300):
   return subprocess.run([sys.executable, "-m", "experiments.train", *args],
                         cwd=ROOT, capture_output=True, text=True, timeout=timeout)

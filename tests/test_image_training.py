@@ -103,3 +103,36 @@ def test_cli_needs_weights_or_none(pacs_root, tmp_path):
                         f"--output_dir={tmp_path / 'y'}"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_image_task_val_loss_is_the_mean_cross_entropy_of_the_training_out_splits(pacs_root):
+  """SWAD's validation loss on an image task: per training environment the mean cross-entropy
+  over its out-split (evaluation preprocessing; padded last batches masked), then the mean
+  over those environments; here against a loop over the images one at a time."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+
+  from dgjax import augment, image_task
+  from dgjax.data import image_folder, image_pipeline
+
+  class Tiny(nn.Module):   # a linear head on the mean colour (cheap to compile)
+    @nn.compact
+    def __call__(self, x, train=False):
+      return nn.Dense(7)(jnp.mean(x, axis=(1, 2)))
+
+  envs = image_task.image_environments("PACS", pacs_root)
+  splits_in, splits_out = image_folder.image_splits(envs, 0.5, trial_seed=0)
+  task = image_task.ImageTask(Tiny(), None, splits_in, splits_out, test_envs=(3,), batch_size=2,
+                              seed=0, eval_batch_size=4, num_workers=0, image_size=16)
+  params = task.init_params(jax.random.key(0))
+  predict = lambda model_state, x: Tiny().apply({"params": model_state}, x)  # noqa: E731
+  per_env = []
+  for e in (0, 1, 2):
+    split = splits_out[e]
+    assert len(split.y) % 4 != 0   # the task's last batch is padded
+    losses = [-jax.nn.log_softmax(predict(params, augment.eval_preprocess(b["x"])))[0, b["y"][0]]
+              for b in image_pipeline.eval_batches(split, 1, size=16, num_workers=0)]
+    assert len(losses) == len(split.y)
+    per_env.append(np.mean(losses))
+  assert task.val_loss(params, predict) == pytest.approx(float(np.mean(per_env)), rel=1e-5)

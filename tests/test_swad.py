@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dgjax import core, methods, results, swad
+from dgjax import core, methods, resnet, results, swad
 from dgjax import train as train_lib
 from dgjax.models import mlp
 
@@ -242,7 +242,7 @@ def test_update_bn_averages_batch_statistics():
   model = BNNet()
   rng = np.random.RandomState(0)
   batches = [rng.normal(size=(16, 4)).astype(np.float32) * (i + 1) for i in range(3)]
-  variables = model.init(jax.random.key(0), batches[0])
+  variables = jax.jit(model.init)(jax.random.key(0), batches[0])   # one compile, not many
   new = swad.update_bn(model, variables, batches, train=True)
   p = variables["params"]
   means, vars_, means_top, vars_top = [], [], [], []
@@ -266,6 +266,72 @@ def test_update_bn_averages_batch_statistics():
   assert swad.update_bn(net, plain, batches) == dict(plain)
   with pytest.raises(ValueError, match="training mode"):
     swad.update_bn(model, variables, batches, train=False)
+
+
+class TinyResNet(nn.Module):
+  """conv -> BatchNorm -> ReLU -> one dgjax ``BasicBlock`` (conv, BN, ReLU, conv, BN, + input,
+  ReLU) -> mean pool, with dgjax's torch-style BatchNorm as in the ResNets."""
+  frozen: bool = False
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    h = nn.Conv(4, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, name="conv")(x)
+    h = nn.relu(resnet.BatchNorm(frozen=self.frozen, name="bn")(h, train))
+    h = resnet.BasicBlock(4, 1, freeze_bn=self.frozen, name="block")(h, train)
+    return jnp.mean(h, axis=(1, 2))
+
+
+def conv3x3(x, kernel):
+  """A 3x3 convolution with padding 1 (NHWC, HWIO), by its nine shifted matmuls."""
+  h, w = x.shape[1:3]
+  padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return sum(padded[:, i:i + h, j:j + w] @ kernel[i, j] for i in range(3) for j in range(3))
+
+
+def torch_update_bn_reference(params, batches):
+  """torch's ``update_bn`` by hand, in float64: each BatchNorm reset, then per batch a
+  training-mode forward (normalised with the batch's mean and biased variance) and the
+  ``momentum=None`` update ``r <- r + (s - r) / k`` with the batch mean and UNBIASED variance."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  layers = {"bn": p["bn"], "block/bn1": p["block"]["bn1"], "block/bn2": p["block"]["bn2"]}
+  running = {n: {"mean": np.zeros(4), "var": np.ones(4)} for n in layers}
+
+  def bn(h, name, k):
+    mean, biased, unbiased = h.mean((0, 1, 2)), h.var((0, 1, 2)), h.var((0, 1, 2), ddof=1)
+    running[name]["mean"] += (mean - running[name]["mean"]) / k
+    running[name]["var"] += (unbiased - running[name]["var"]) / k
+    return (h - mean) / np.sqrt(biased + 1e-5) * layers[name]["scale"] + layers[name]["bias"]
+
+  for k, x in enumerate(batches, start=1):
+    h = np.maximum(bn(conv3x3(np.asarray(x, np.float64), p["conv"]["kernel"]), "bn", k), 0)
+    out = np.maximum(bn(conv3x3(h, p["block"]["conv1"]["kernel"]), "block/bn1", k), 0)
+    bn(conv3x3(out, p["block"]["conv2"]["kernel"]), "block/bn2", k)   # (+ h, ReLU: no BN after)
+  return running
+
+
+def test_update_bn_on_dgjax_batch_norm_is_torchs_cumulative_update():
+  rng = np.random.RandomState(0)
+  batches = [rng.normal(size=(b, 5, 5, 3)).astype(np.float32) * (i + 1) + i
+             for i, b in enumerate((6, 6, 4))]   # unequal sizes: the unbiased factor differs
+  model = TinyResNet()
+  shapes = jax.eval_shape(model.init, jax.random.key(0), batches[0])   # traced, not compiled
+  # random weights, affine parameters and running statistics (the reset must discard these)
+  params, stale = (jax.tree.map(lambda a: (0.5 * rng.normal(size=a.shape)).astype(np.float32),
+                                shapes[c]) for c in ("params", "batch_stats"))
+  new = swad.update_bn(model, {"params": params, "batch_stats": stale}, batches, train=True)
+  want = torch_update_bn_reference(params, batches)
+  got = {"bn": new["batch_stats"]["bn"], "block/bn1": new["batch_stats"]["block"]["bn1"],
+         "block/bn2": new["batch_stats"]["block"]["bn2"]}
+  for name in want:
+    for stat in ("mean", "var"):
+      np.testing.assert_allclose(got[name][stat], want[name][stat], rtol=2e-5, atol=2e-6,
+                                 err_msg=f"{name} {stat}")
+  assert new["params"] is params
+  with pytest.raises(ValueError, match="training mode"):   # evaluation mode: nothing to average
+    swad.update_bn(model, {"params": params, "batch_stats": stale}, batches, train=False)
+  frozen = TinyResNet(frozen=True)
+  with pytest.raises(ValueError, match="training mode"):   # frozen BatchNorm: its own statistics
+    swad.update_bn(frozen, {"params": params, "batch_stats": stale}, batches, train=True)
 
 
 # ------------------------------------------------------------------ the engine
