@@ -15,16 +15,19 @@ from dgjax.models import mlp, mnist_cnn
 #: Methods that need a network starting with a convolution (no Spirals for them).
 CONV_ONLY = {"arm"}
 
+# ours: the IRM-style scripts' switches, DomainBed's behaviour by default (tests/test_irm_protocol.py)
+SCRIPT = {"penalty_form": "domainbed", "rescale_loss": False, "reset_optimizer": True}
+RESCALE = {"rescale_loss": False}
 BASELINES = {  # name -> DomainBed's hparams (name: default)
-    "irm": {"irm_lambda": 1e2, "irm_penalty_anneal_iters": 500},
-    "vrex": {"vrex_lambda": 1e1, "vrex_penalty_anneal_iters": 500},
-    "coral": {"mmd_gamma": 1.0, "penalty_anneal_iters": 0},   # ours: no schedule by default
-    "mmd": {"mmd_gamma": 1.0, "penalty_anneal_iters": 0},
+    "irm": {"irm_lambda": 1e2, "irm_penalty_anneal_iters": 500, **SCRIPT},
+    "vrex": {"vrex_lambda": 1e1, "vrex_penalty_anneal_iters": 500, **SCRIPT},
+    "coral": {"mmd_gamma": 1.0, "penalty_anneal_iters": 0, **RESCALE},   # ours: no schedule by default
+    "mmd": {"mmd_gamma": 1.0, "penalty_anneal_iters": 0, **RESCALE},
     "groupdro": {"groupdro_eta": 1e-2},
     "mixup": {"mixup_alpha": 0.2},
     "fish": {"meta_lr": 0.5},
-    "iga": {"penalty": 1000, "penalty_anneal_iters": 0},
-    "fishr": {"lambda": 1000.0, "penalty_anneal_iters": 1500, "ema": 0.95},
+    "iga": {"penalty": 1000, "penalty_anneal_iters": 0, **RESCALE},
+    "fishr": {"lambda": 1000.0, "penalty_anneal_iters": 1500, "ema": 0.95, **SCRIPT},
 }
 ANNEAL = {"irm": ("irm_penalty_anneal_iters", 1.0, "irm_lambda"),
           "vrex": ("vrex_penalty_anneal_iters", 1.0, "vrex_lambda"),
