@@ -34,9 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dgjax import augment, methods, resnet  # noqa: E402
 from dgjax import train as train_lib  # noqa: E402
+from dgjax.task import TaskBase  # noqa: E402
 
 
-class AugmentTask:
+class AugmentTask(TaskBase):
   """The image task (``dgjax.image_task.ImageTask``) without its input pipeline: ``model``
   with the running statistics of one fresh initialisation, ``domains`` training domains,
   and its batch rule on a fixed uint8 batch (on-device ColorJitter / RandomGrayscale /
@@ -53,6 +54,9 @@ class AugmentTask:
 
   def batch(self, data, key, batch_size):
     return {"x": augment.train_augment(key, data["x"], dtype=self.dtype), "y": data["y"]}
+
+  def evaluate(self, model_state, run, predict, *, step=0, mesh=None):
+    raise NotImplementedError("AugmentTask times the step only; it has no evaluation data")
 
 
 def build(method, arch, num_classes, domains, batch, size, freeze_bn, dtype, remat):

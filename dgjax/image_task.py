@@ -38,6 +38,7 @@ from dgjax.core import HParam
 from dgjax.data import image_check
 from dgjax.data import image_folder
 from dgjax.data import image_pipeline
+from dgjax.task import TaskBase
 from dgjax.tasks import make_accuracy_fn, make_loss_fn
 
 #: The model and data hparams of DomainBed's image datasets (``hparams_registry.py``).
@@ -67,7 +68,7 @@ def make_model(num_classes: int, hparams: Mapping[str, Any]):
                                   freeze_bn=bool(hparams["freeze_bn"]))
 
 
-class ImageTask:
+class ImageTask(TaskBase):
   """Training and evaluation on image file splits (see the module docstring).
 
   Args:
@@ -79,7 +80,8 @@ class ImageTask:
     seed: the run's seed (the stream's randomness derives from it).
     augment: DomainBed's ``data_augmentation``.
   """
-  per_run_data = False
+  streams = True
+  has_val_loss = True
 
   def __init__(self, model, pretrained: str | None, splits_in: Sequence[Any],
                splits_out: Sequence[Any], test_envs: Sequence[int], batch_size: int, seed: int,
@@ -163,7 +165,7 @@ class ImageTask:
       batches = self._process_eval_batches(split, mesh)
     return sum(float(fn(model_state, b["x"], b["y"], b["mask"])) for b in batches)
 
-  def val_loss(self, model_state, predict, mesh=None) -> float:
+  def val_loss(self, model_state, predict, *, mesh=None) -> float:
     """The training-domain validation loss SWAD reads (as
     :meth:`dgjax.tasks.DomainBedTask.val_loss`, the reference's ``tr_outloss``): the mean
     cross-entropy of ``predict(model_state, x)`` on each training environment's out-split
@@ -208,10 +210,11 @@ class ImageTask:
         b = {**b, "mask": valid[i]}
       yield sharding.put_eval_batch(b, mesh, size)
 
-  def evaluate(self, model_state, run: int, predict, mesh=None) -> dict[str, float]:
+  def evaluate(self, model_state, run: int, predict, *, step: int = 0,
+               mesh=None) -> dict[str, float]:
     """Accuracy on every environment's in and out split (:meth:`accuracy`; ``mesh``: sharded
     over its devices)."""
-    del run
+    del run, step
     if mesh is not None:   # replicated once for all the splits
       model_state = sharding.on_mesh(model_state, mesh)
     out = {}

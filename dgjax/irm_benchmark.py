@@ -67,6 +67,7 @@ from dgjax.data import irm_cmnist
 from dgjax.losses import cross_entropy
 from dgjax.models import mlp
 from dgjax.seeding import seed_hash
+from dgjax.task import TaskBase
 
 #: Published values (Arjovsky et al.'s reproduce_paper_results.sh).
 LR = 0.0004898536566546834
@@ -161,12 +162,15 @@ def restart_data(data: irm_cmnist.IRMColoredMNIST, n_env: int) -> dict[str, np.n
           "test_y": data.test.y, "gray_y": data.gray.y}
 
 
-class IRMTask:
+class IRMTask(TaskBase):
   """Arjovsky et al.'s full-batch protocol as an engine task; run ``k`` trains on
-  ``runs[k]`` (from :func:`restart_data`)."""
+  ``runs[k]`` (from :func:`restart_data`).
+
+  ``hessian_gap``: each evaluation also logs ``max_{e,e'} ||H_e - H_e'||_2`` of the head,
+  estimated with random probes keyed by ``fold_in(key(gap_seeds[k]), step)``, the engine's
+  step (a logged diagnostic; it does not touch training)."""
   per_run_data = True
   num_domains = 2
-  variables: Mapping[str, Any] = {}
 
   def __init__(self, runs: list[dict[str, np.ndarray]], hidden: int, hessian_gap: bool = False,
                hessian_gap_iters: int = 20, gap_seeds: list[int] | None = None):
@@ -176,7 +180,6 @@ class IRMTask:
                              *[{"x": r["train_x"], "y": r["train_y"]} for r in runs])
     self.hessian_gap, self.hessian_gap_iters = hessian_gap, hessian_gap_iters
     self.gap_seeds = gap_seeds or list(range(len(runs)))
-    self._evals = [0] * len(runs)
     model = self.model
 
     @functools.partial(jax.jit, static_argnums=0)
@@ -204,10 +207,11 @@ class IRMTask:
     del key, batch_size
     return {"x": data["x"], "y": data["y"]}
 
-  def epoch(self, step, batch_size):
-    return float(step)
-
-  def evaluate(self, model_state, run: int, predict) -> dict[str, float]:
+  def evaluate(self, model_state, run: int, predict, *, step: int = 0,
+               mesh=None) -> dict[str, float]:
+    """Run ``run``'s training, test and gray-test accuracies (and the Hessian gap) at engine
+    step ``step``; on this process's copy of the small full-batch arrays, ``mesh`` or not."""
+    del mesh
     r = self.runs[run]
     acc = lambda x, y: float(self._accuracy(predict, model_state, x, y))
     train = np.mean([acc(r["train_x"][e], r["train_y"][e]) for e in range(2)])
@@ -215,9 +219,8 @@ class IRMTask:
            "gray_acc": acc(r["gray_x"], r["gray_y"])}
     params = model_state[0]
     if self.hessian_gap:
-      key = jax.random.fold_in(jax.random.key(self.gap_seeds[run]), self._evals[run])
+      key = jax.random.fold_in(jax.random.key(self.gap_seeds[run]), step)
       out["hessian_gap"] = float(self._gap(params, r["train_x"], r["train_y"], key))
-    self._evals[run] += 1
     return out
 
   def progress_numbers(self, record):

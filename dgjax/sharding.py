@@ -15,7 +15,7 @@ gathers its own rows of every minibatch from its replica. Multi-host runs
 (``jax.distributed``) use the same program: every host loads the same data and seeds, the
 step is identical on all of them, and only process 0 writes results.
 
-Evaluation (the tasks' ``evaluate(..., mesh=mesh)``) runs its jitted, masked chunks over the
+Evaluation (the tasks' ``evaluate(..., mesh=mesh)``, :class:`dgjax.task.Task`) runs its jitted, masked chunks over the
 same mesh: the chunk's example axis is split over all the mesh's devices (``"domain"`` and
 ``"data"`` flattened, :func:`eval_batch_sharding`), the model state is replicated, and the
 returned sums are replicated scalars every process reads. Each process feeds only its rows
@@ -26,7 +26,6 @@ masked out, so the sums are exact.
 
 from __future__ import annotations
 
-import inspect
 import os
 from typing import Any, Callable, Sequence
 
@@ -131,24 +130,16 @@ def put_eval_batch(local: Any, mesh: Mesh, size: int) -> Any:
       sharding, np.asarray(x), (size,) + np.shape(x)[1:]), local)
 
 
-def jit_eval(fn: Callable, mesh: Mesh | None) -> Callable:
-  """``jax.jit(fn)`` for ``fn(model_state, *batch) -> scalar``; with a mesh, explicit
-  shardings: the model state replicated, every batch argument by
-  :func:`eval_batch_sharding`, the result replicated (every process reads it)."""
+def jit_eval(fn: Callable, mesh: Mesh | None, n_batch: int = 3) -> Callable:
+  """``jax.jit(fn)`` for ``fn(model_state, *batch) -> scalar`` with ``n_batch`` batch
+  arguments (default: ``x, y, valid``); with a mesh, explicit shardings: the model state
+  replicated, every batch argument by :func:`eval_batch_sharding`, the result replicated
+  (every process reads it)."""
   if mesh is None:
     return jax.jit(fn)
   batch = eval_batch_sharding(mesh)
-  n_batch = len(inspect.signature(fn).parameters) - 1
   return jax.jit(fn, in_shardings=(replicated(mesh),) + (batch,) * n_batch,
                  out_shardings=replicated(mesh))
-
-
-def mesh_kwarg(evaluate: Callable, mesh: Mesh | None) -> dict[str, Any]:
-  """``{"mesh": mesh}`` when there is a mesh and ``evaluate`` takes a ``mesh`` keyword, else
-  ``{}``: tasks whose evaluation is not mesh-aware keep running on one device."""
-  if mesh is None or "mesh" not in inspect.signature(evaluate).parameters:
-    return {}
-  return {"mesh": mesh}
 
 
 def local_copy(tree: Any) -> Any:

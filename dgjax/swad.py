@@ -329,9 +329,8 @@ class SwadTracker:
     :func:`update_bn` recomputes the statistics over them (the reference does so once,
     before its final evaluation; the engine passes them at the last step); records without
     them carry the window but not its scores."""
-    from dgjax.sharding import mesh_kwarg
     t0 = time.perf_counter()
-    val_loss = task.val_loss(model_state, predict, **mesh_kwarg(task.val_loss, mesh))
+    val_loss = task.val_loss(model_state, predict, mesh=mesh)
     valley = self.valleys[k]
     valley.update(segment, val_loss, step)
     window = valley.final()
@@ -346,9 +345,9 @@ class SwadTracker:
       if bn_batches is None:
         return record
       averaged = with_batch_norm_recomputed(task.model, averaged, bn_batches())
-    record["swad_val_loss"] = task.val_loss(averaged, predict, **mesh_kwarg(task.val_loss, mesh))
+    record["swad_val_loss"] = task.val_loss(averaged, predict, mesh=mesh)
     record.update({f"swad_{n}": v for n, v in
-                   task.evaluate(averaged, k, predict, **mesh_kwarg(task.evaluate, mesh)).items()})
+                   task.evaluate(averaged, k, predict, step=step, mesh=mesh).items()})
     record["swad_eval_time"] = time.perf_counter() - t0
     return record
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from dgjax import sharding
 from dgjax.losses import cross_entropy
+from dgjax.task import TaskBase
 
 
 @dataclasses.dataclass
@@ -129,7 +130,7 @@ def make_loss_fn(predict, eval_batch_size: int = 1000, mesh=None):
   return loss
 
 
-class DomainBedTask:
+class DomainBedTask(TaskBase):
   """DomainBed's training and evaluation protocol on in-memory environments.
 
   Args:
@@ -140,7 +141,7 @@ class DomainBedTask:
     eval_batch_size: examples per jitted evaluation chunk (with a mesh, rounded up to a
       multiple of its device count).
   """
-  per_run_data = False
+  has_val_loss = True
 
   def __init__(self, model, splits_in: Sequence[Split], splits_out: Sequence[Split],
                test_envs: Sequence[int], eval_batch_size: int = 1000):
@@ -174,11 +175,12 @@ class DomainBedTask:
   def epoch(self, step: int, batch_size: int) -> float:
     return step * batch_size / self._min_train
 
-  def evaluate(self, model_state, run: int, predict, mesh=None) -> dict[str, float]:
+  def evaluate(self, model_state, run: int, predict, *, step: int = 0,
+               mesh=None) -> dict[str, float]:
     """Accuracy of ``predict(model_state, x)`` on every environment's in and out split; with
     a ``("domain", "data")`` ``mesh``, each chunk split over all its devices
     (:func:`make_accuracy_fn`)."""
-    del run
+    del run, step
     accuracy = self._accuracy_fn(predict, mesh)
     if mesh is not None:   # replicated once for all the splits
       model_state = sharding.on_mesh(model_state, mesh)
@@ -193,7 +195,7 @@ class DomainBedTask:
       self._accuracy[predict, mesh] = make_accuracy_fn(predict, self._eval_batch_size, mesh)
     return self._accuracy[predict, mesh]
 
-  def val_loss(self, model_state, predict, mesh=None) -> float:
+  def val_loss(self, model_state, predict, *, mesh=None) -> float:
     """The training-domain validation loss SWAD reads (:mod:`dgjax.swad`; the reference's
     ``tr_outloss``): the mean cross-entropy of ``predict(model_state, x)`` on each training
     environment's out-split, averaged over the training environments. ``mesh``: as in

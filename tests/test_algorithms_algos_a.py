@@ -513,7 +513,8 @@ def test_three_jitted_steps_of_two_vmapped_runs_are_finite(name):
                                 progress=False)
           for s, v in ((0, a), (1, b))]
   model = _tiny_conv_model() if name == "arm" else mlp(NUM_CLASSES, (5,))
-  runs = train_lib.train_many(cfgs, model, splits, splits, checkpoint=False)
+  runs = train_lib.train_many(
+      cfgs, train_lib.DomainBedTask(model, splits, splits, cfgs[0].test_envs), checkpoint=False)
   assert [r[-1]["hparams"][hp_name] for r in runs] == [a, b]
   for r in runs:
     assert all(np.isfinite(rec["loss"]) for rec in r)

@@ -534,7 +534,8 @@ def test_three_jitted_steps_of_two_vmapped_runs(name):
                                 hparams={"batch_size": 4, **switch, **({vary[0]: vary[1 + s]} if vary else {})},
                                 progress=False)
           for s in (0, 1)]
-  runs = train_lib.train_many(cfgs, mlp(1, (4,)), ins, ins, checkpoint=False)
+  runs = train_lib.train_many(cfgs, train_lib.DomainBedTask(mlp(1, (4,)), ins, ins, cfgs[0].test_envs),
+                              checkpoint=False)
   losses = [r[-1]["loss"] for r in runs]
   assert all(np.isfinite(losses)) and losses[0] != losses[1], losses
   if vary:

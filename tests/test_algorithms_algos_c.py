@@ -420,8 +420,9 @@ def test_three_jitted_steps_of_two_vmapped_runs(method, name, a, b, extra):
                                 seed=s, hparams={"batch_size": 4, name: v, **extra},
                                 progress=False)
           for s, v in ((0, a), (1, b))]
-  runs = train_lib.train_many(cfgs, mlp(1, (4 if method != "adrmx" else 8,)), ins, ins,
-                              checkpoint=False)
+  runs = train_lib.train_many(
+      cfgs, train_lib.DomainBedTask(mlp(1, (4 if method != "adrmx" else 8,)), ins, ins,
+                                    cfgs[0].test_envs), checkpoint=False)
   assert [r[-1]["hparams"][name] for r in runs] == [a, b]
   for r in runs:
     assert r[-1]["step"] == 2 and np.isfinite(r[-1]["loss"])

@@ -181,6 +181,7 @@ def test_baselines_take_traced_hparams_in_vmapped_sweeps():
     cfgs = [train_lib.TrainConfig(method=method, test_envs=(2,), steps=3, checkpoint_freq=100,
                                   seed=s, hparams={"batch_size": 4, name: v, **extra}, progress=False)
             for s, v in ((0, a), (1, b))]
-    runs = train_lib.train_many(cfgs, mlp(1, (4,)), ins, ins, checkpoint=False)
+    runs = train_lib.train_many(cfgs, train_lib.DomainBedTask(mlp(1, (4,)), ins, ins, (2,)),
+                                checkpoint=False)
     assert [r[-1]["hparams"][name] for r in runs] == [a, b]
     assert all(np.isfinite(r[-1]["loss"]) for r in runs), method

@@ -84,7 +84,7 @@ def test_k_vmapped_runs_equal_single_runs(tmp_path):
                                    seed=v["seed"], hparams={"batch_size": 16, **v["hparams"]})
              for v in variants]
   model = mlp(2, (16,))
-  together = train_lib.train_many(configs, model, ins, outs,
+  together = train_lib.train_many(configs, train_lib.DomainBedTask(model, ins, outs, configs[0].test_envs),
                                   output_dirs=[tmp_path / f"k{i}" for i in range(3)])
   for i, cfg in enumerate(configs):
     alone = train_lib.train(cfg, model, ins, outs, checkpoint=False)
@@ -100,7 +100,7 @@ def test_k_vmapped_runs_equal_single_runs(tmp_path):
   # runs with different structural hparams cannot share a program
   bad = [configs[0], dataclasses.replace(configs[1], hparams={"batch_size": 8})]
   with pytest.raises(ValueError, match="structural hparam 'batch_size'"):
-    train_lib.train_many(bad, model, ins, outs)
+    train_lib.train_many(bad, train_lib.DomainBedTask(model, ins, outs, bad[0].test_envs))
 
 
 def test_runs_differing_in_a_structural_hparam_cannot_share_a_program():
@@ -111,4 +111,5 @@ def test_runs_differing_in_a_structural_hparam_cannot_share_a_program():
                                    hparams={"batch_size": 8, "hutchinson_samples": n})
              for s, n in ((0, 3), (1, 5))]
   with pytest.raises(ValueError, match="structural hparam 'hutchinson_samples'"):
-    train_lib.train_many(configs, mlp(2, (8,)), ins, outs)
+    train_lib.train_many(configs, train_lib.DomainBedTask(mlp(2, (8,)), ins, outs,
+                                                                  configs[0].test_envs))

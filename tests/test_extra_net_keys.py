@@ -77,7 +77,8 @@ def test_the_engines_vmapped_init_gives_each_run_its_seeds_method_key(monkeypatc
                          rng.randint(0, 2, 8).astype(np.int32)) for e in range(3)]
   cfgs = [train_lib.TrainConfig(method="erm", test_envs=(2,), steps=1, checkpoint_freq=1, seed=s,
                                 hparams={"batch_size": 4}, progress=False) for s in (4, 9)]
-  train_lib.train_many(cfgs, mlp(2, hidden=(8,)), ins, ins, checkpoint=False)
+  train_lib.train_many(cfgs, train_lib.DomainBedTask(mlp(2, hidden=(8,)), ins, ins, (2,)),
+                       checkpoint=False)
   want = [np.asarray(jax.random.key_data(train_lib.method_key(jax.random.key(s)))) for s in (4, 9)]
   assert len(seen) == 2
   np.testing.assert_array_equal(np.stack(seen), np.stack(want))

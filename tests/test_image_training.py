@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from dgjax import results, runs
+from dgjax.task import Task
 
 ROOT = Path(__file__).resolve().parents[1]
 PACS = ("art_painting", "cartoon", "photo", "sketch")
@@ -125,6 +126,7 @@ def test_image_task_val_loss_is_the_mean_cross_entropy_of_the_training_out_split
   splits_in, splits_out = image_folder.image_splits(envs, 0.5, trial_seed=0)
   task = image_task.ImageTask(Tiny(), None, splits_in, splits_out, test_envs=(3,), batch_size=2,
                               seed=0, eval_batch_size=4, num_workers=0, image_size=16)
+  assert isinstance(task, Task)   # the engine's protocol, every member
   params = task.init_params(jax.random.key(0))
   predict = lambda model_state, x: Tiny().apply({"params": model_state}, x)  # noqa: E731
   per_env = []
