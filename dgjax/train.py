@@ -7,10 +7,14 @@ traced values. One step: split the run's key, draw the batch from the task's dev
 data (inside ``jit``), let the method's step (:func:`dgjax.core.build_step`) compute the
 update, apply it. ``scan_steps > 1`` runs that many steps per jit call as a ``lax.scan``.
 
-The loop asks "is it time" to evaluate: at every ``checkpoint_freq``-th step and the last one
-it averages the interval's metrics, runs the task's evaluation and the method's diagnostics,
-appends one record per run to ``<output_dir>/results.jsonl`` and saves a checkpoint. Small
-parts do the rest: :mod:`dgjax.results` (the lock and the records file),
+The task is a :class:`dgjax.task.Task`; the engine reads nothing else of it. The loop is a
+few module-level functions over a :class:`Run` (the runs' static parts): :func:`_init_state`
+(or :meth:`CheckpointHook.restore`), :func:`_run_chunks` up to the next evaluation step and
+:func:`_evaluate` there (:func:`is_eval_step`: every ``checkpoint_freq``-th step and the last
+one), which averages the interval's metrics, runs the task's evaluation and the method's
+diagnostics and appends one record per run to ``<output_dir>/results.jsonl``. The NaN check
+(:class:`NanCheck`, every chunk), SWAD (:class:`SwadHook`) and the checkpoints
+(:class:`CheckpointHook`) are hooks that carry their own state. Small modules do the rest: :mod:`dgjax.results` (the lock and the records file),
 :mod:`dgjax.checkpoints` (Orbax), :mod:`dgjax.progress` (bar or log lines),
 :mod:`dgjax.sharding` (the device mesh).
 """
@@ -179,7 +183,6 @@ def _next_training_inputs(task: Task, data, key, batch_size: int, start_step: in
   finally:
     if batches is not None:
       batches.close()
-
 
 
 #: The engine's rule for runs in one vmapped program (:func:`dgjax.config.check_vmap_group`).
