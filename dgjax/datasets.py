@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from dgjax.tasks import Split
+from dgjax.tasks import DomainBedTask, Split
 from dgjax.data import (colored_mnist, env_split_seed, load_mnist, rotated_mnist, spirals,
                         split_in_out)
 
@@ -69,6 +69,21 @@ class Dataset:
   @property
   def num_environments(self) -> int:
     return len(self.env_names)
+
+  def task(self, config) -> tuple[Any, Environments]:
+    """``(task, environments)`` of ``config`` (a :class:`dgjax.config.TrainConfig`) on this
+    dataset, the one way a dataset's task is built: ``make_task(config)`` for a streaming
+    dataset (:func:`dgjax.image_task.make_task`), else a :class:`dgjax.tasks.DomainBedTask`
+    on DomainBed's in / out splits of the environments in memory."""
+    if self.make_task is not None:
+      return self.make_task(config)
+    options = {"downsample": True} if config.downsample else {}
+    envs = load_environments(self.name, config.data_dir, config.trial_seed,
+                             max_examples=config.max_examples, **options)
+    splits_in, splits_out = make_splits(envs, config.holdout_fraction, config.trial_seed)
+    task = DomainBedTask(self.model(config.conv_impl), splits_in, splits_out, config.test_envs,
+                         config.eval_batch_size)
+    return task, envs
 
 
 def _pooled(data, max_examples):

@@ -27,7 +27,6 @@ from dgjax import methods
 from dgjax import results as results_lib
 from dgjax import sharding
 from dgjax import train as train_lib
-from dgjax.tasks import DomainBedTask
 
 TrainConfig = config_lib.TrainConfig
 
@@ -159,17 +158,8 @@ def make_mesh(config: TrainConfig):
 
 
 def load(config: TrainConfig):
-  """``(task, environments)`` of ``config``'s dataset (DomainBed's in/out splits)."""
-  ds = datasets.get_dataset(config.dataset)
-  if ds.make_task is not None:
-    return ds.make_task(config)
-  options = {"downsample": True} if config.downsample else {}
-  envs = datasets.load_environments(config.dataset, config.data_dir, config.trial_seed,
-                                    max_examples=config.max_examples, **options)
-  splits_in, splits_out = datasets.make_splits(envs, config.holdout_fraction, config.trial_seed)
-  task = DomainBedTask(ds.model(config.conv_impl), splits_in, splits_out, config.test_envs,
-                       config.eval_batch_size)
-  return task, envs
+  """``(task, environments)`` of ``config``'s dataset (:meth:`dgjax.datasets.Dataset.task`)."""
+  return datasets.get_dataset(config.dataset).task(config)
 
 
 def _locked(stack: contextlib.ExitStack, config: TrainConfig, resume: bool,
