@@ -43,9 +43,15 @@ def compile_stats(step, state, data) -> dict:
   def mb(field):
     return getattr(mem, field, float("nan")) / 2**20 if mem is not None else float("nan")
 
-  return {"compiled": compiled, "compile_s": compile_s, "flops": float(cost.get("flops", float("nan"))),
-          "temp_mb": mb("temp_size_in_bytes"), "arg_mb": mb("argument_size_in_bytes"),
-          "out_mb": mb("output_size_in_bytes"), "alias_mb": mb("alias_size_in_bytes")}
+  return {
+    "compiled": compiled,
+    "compile_s": compile_s,
+    "flops": float(cost.get("flops", float("nan"))),
+    "temp_mb": mb("temp_size_in_bytes"),
+    "arg_mb": mb("argument_size_in_bytes"),
+    "out_mb": mb("output_size_in_bytes"),
+    "alias_mb": mb("alias_size_in_bytes"),
+  }
 
 
 def warm_up(step, state, data):

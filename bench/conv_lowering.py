@@ -64,18 +64,21 @@ def _conv_shift3(x, kernel, stride, padding):
   n, h, w, cin = x.shape
   cout = kernel.shape[3]
   xp = jnp.pad(x, ((0, 0), (0, 0), (padding, padding), (0, 0)))
-  rows = jnp.concatenate([xp[:, :, b:b + wo, :] for b in range(kw)], axis=-1)  # [n,h,wo,kw*cin]
+  rows = jnp.concatenate([xp[:, :, b : b + wo, :] for b in range(kw)], axis=-1)  # [n,h,wo,kw*cin]
   wk = jnp.transpose(kernel, (1, 2, 0, 3)).reshape(kw * cin, kh * cout)
   z = dconv._matmul_last(rows, wk).reshape(n, h, wo, kh, cout)
   zp = jnp.pad(z, ((0, 0), (padding, padding), (0, 0), (0, 0), (0, 0)))
-  return sum(zp[:, a:a + ho, :, a, :] for a in range(kh))
+  return sum(zp[:, a : a + ho, :, a, :] for a in range(kh))
 
 
 def _conv_xla_nchw(x, kernel, stride, padding):
   y = jax.lax.conv_general_dilated(
-      jnp.transpose(x, (0, 3, 1, 2)), jnp.transpose(kernel, (3, 2, 0, 1)),
-      (stride, stride), ((padding, padding), (padding, padding)),
-      dimension_numbers=("NCHW", "OIHW", "NCHW"))
+    jnp.transpose(x, (0, 3, 1, 2)),
+    jnp.transpose(kernel, (3, 2, 0, 1)),
+    (stride, stride),
+    ((padding, padding), (padding, padding)),
+    dimension_numbers=("NCHW", "OIHW", "NCHW"),
+  )
   return jnp.transpose(y, (0, 2, 3, 1))
 
 
@@ -110,14 +113,14 @@ def _conv_shift_matmul_mixed(x, kernel, stride, padding):
 
 
 EXPERIMENTAL = {
-    "im2col_cmajor": _conv_im2col_cmajor,
-    "shift_matmul_mixed": _conv_shift_matmul_mixed,
-    "xla_mmdw_ptg": dconv._make_xla_mmdw("ptg"),
-    "x:s2d": _conv_s2d,
-    "x:shift3": _conv_shift3,
-    "x:xla_nchw": _conv_xla_nchw,
-    "x:im2col_small+xla": _conv_im2col_small,
-    "x:shift+s2d": _conv_shift_s2d,
+  "im2col_cmajor": _conv_im2col_cmajor,
+  "shift_matmul_mixed": _conv_shift_matmul_mixed,
+  "xla_mmdw_ptg": dconv._make_xla_mmdw("ptg"),
+  "x:s2d": _conv_s2d,
+  "x:shift3": _conv_shift3,
+  "x:xla_nchw": _conv_xla_nchw,
+  "x:im2col_small+xla": _conv_im2col_small,
+  "x:shift+s2d": _conv_shift_s2d,
 }
 dconv.CONV_IMPLS.update({k: v for k, v in EXPERIMENTAL.items() if k not in dconv.CONV_IMPLS})
 
@@ -135,12 +138,15 @@ def make_step(impl: str, mode: str):
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
   if mode == "pooled":
+
     def step(params, batch):
       x, y = batch
       return jax.value_and_grad(loss_fn)(params, (x.reshape(D * B, *x.shape[2:]), y.reshape(-1)))
   else:
+
     def step(params, batch):
       return per_domain_value_and_grad(loss_fn, params, batch, impl=mode)
+
   return model, jax.jit(step)
 
 
@@ -163,7 +169,7 @@ def matmul_rate(reps: int = 7, n: int = 2048):
     f(a, a).block_until_ready()
     ts.append(time.perf_counter() - t)
     cs.append(time.process_time() - c)
-  return 2 * n ** 3 / statistics.median(ts), 2 * n ** 3 / statistics.median(cs)
+  return 2 * n**3 / statistics.median(ts), 2 * n**3 / statistics.median(cs)
 
 
 def run(variants, reps: int, check: bool = True):
@@ -180,15 +186,15 @@ def run(variants, reps: int, check: bool = True):
     ca = c.cost_analysis()
     ca = ca[0] if isinstance(ca, (list, tuple)) else ca
     compiled[v] = c
-    res[v] = {"compile_s": comp, "flops": float(ca.get("flops", float("nan"))), "ts": [],
-              "cpu": []}
+    res[v] = {"compile_s": comp, "flops": float(ca.get("flops", float("nan"))), "ts": [], "cpu": []}
     if check and mode != "pooled":
       g = jax.tree.leaves(out[1])
       if ref is None:
         ref = g
       else:
-        err = max(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
-                  for a, b in zip(g, ref))
+        err = max(
+          float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30)) for a, b in zip(g, ref)
+        )
         res[v]["rel_err"] = err
   rates, cpu_rates = [], []
   for r in range(reps):
@@ -227,27 +233,35 @@ def print_table(rates, res, flops_ref, title=""):
   cpu_floor_ms = 1e3 * flops_ref / cpu_rate
   if title:
     print(f"\n== {title}")
-  print(f"matmul rate {rate / 1e9:.1f} GFLOP/s wall-clock, {cpu_rate / 1e9:.1f} GFLOP per "
-        f"CPU-second (2048^3 f32, median); step {flops_ref / 1e9:.2f} GFLOP -> floor "
-        f"{floor_ms:.0f} ms; target 1.2x = {1.2 * floor_ms:.0f} ms")
-  print("x floor = ms/step / floor (wall-clock); x floor(cpu) = the same in CPU time of this "
-        "process, which is less sensitive to other load on the machine")
-  print(f"{'variant':30s} {'ms/step':>8s} {'compile s':>9s} {'x floor':>8s} {'x floor(cpu)':>12s}"
-        f" {'XLA GFLOP':>9s} {'rel err':>8s}")
+  print(
+    f"matmul rate {rate / 1e9:.1f} GFLOP/s wall-clock, {cpu_rate / 1e9:.1f} GFLOP per "
+    f"CPU-second (2048^3 f32, median); step {flops_ref / 1e9:.2f} GFLOP -> floor "
+    f"{floor_ms:.0f} ms; target 1.2x = {1.2 * floor_ms:.0f} ms"
+  )
+  print(
+    "x floor = ms/step / floor (wall-clock); x floor(cpu) = the same in CPU time of this "
+    "process, which is less sensitive to other load on the machine"
+  )
+  print(
+    f"{'variant':30s} {'ms/step':>8s} {'compile s':>9s} {'x floor':>8s} {'x floor(cpu)':>12s}"
+    f" {'XLA GFLOP':>9s} {'rel err':>8s}"
+  )
   for v, r in sorted(res.items(), key=lambda kv: kv[1]["ms"]):
     err = f"{r['rel_err']:.1e}" if "rel_err" in r else ""
-    print(f"{v:30s} {r['ms']:8.0f} {r['compile_s']:9.1f} {r['ms'] / floor_ms:8.2f} "
-          f"{r['cpu_ms'] / cpu_floor_ms:12.2f} {r['flops'] / 1e9:9.2f} {err:>8s}")
+    print(
+      f"{v:30s} {r['ms']:8.0f} {r['compile_s']:9.1f} {r['ms'] / floor_ms:8.2f} "
+      f"{r['cpu_ms'] / cpu_floor_ms:12.2f} {r['flops'] / 1e9:9.2f} {err:>8s}"
+    )
 
 
 FLAG_SETS = {
-    "default": "",
-    "onednn": "--xla_cpu_use_onednn=true",
-    "no_xnnpack": "--xla_cpu_use_xnnpack=false",
-    "xnn_graph_greedy": "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
-    "ynn_dot_conv_elt": "--xla_cpu_experimental_ynn_fusion_type="
-                        "dot,individual_convolution,eltwise,reduce",
-    "vec512": "--xla_cpu_prefer_vector_width=512",
+  "default": "",
+  "onednn": "--xla_cpu_use_onednn=true",
+  "no_xnnpack": "--xla_cpu_use_xnnpack=false",
+  "xnn_graph_greedy": "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
+  "ynn_dot_conv_elt": "--xla_cpu_experimental_ynn_fusion_type="
+  "dot,individual_convolution,eltwise,reduce",
+  "vec512": "--xla_cpu_prefer_vector_width=512",
 }
 
 
@@ -270,25 +284,35 @@ def main():
     print("JSON" + json.dumps({"rate": rate, "res": res}))
     return
 
-  print(f"jax {jax.__version__}, backend {jax.default_backend()}, "
-        f"{os.cpu_count()} CPUs, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
-  print(f"exact conv FLOPs: forward {fl['conv_fwd'] / 1e9:.2f} G, forward+backward "
-        f"{fl['conv_fwd_bwd'] / 1e9:.2f} G (128 images)")
+  print(
+    f"jax {jax.__version__}, backend {jax.default_backend()}, "
+    f"{os.cpu_count()} CPUs, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+  )
+  print(
+    f"exact conv FLOPs: forward {fl['conv_fwd'] / 1e9:.2f} G, forward+backward "
+    f"{fl['conv_fwd_bwd'] / 1e9:.2f} G (128 images)"
+  )
   if args.flags:
     variants = args.flag_variants
     out = {k: [] for k in FLAG_SETS}
     for rnd in range(2):  # interleave the flag sets over two rounds
       for name, flags in FLAG_SETS.items():
         env = dict(os.environ, XLA_FLAGS=flags)
-        p = subprocess.run([sys.executable, __file__, "--worker", "--reps", str(args.reps),
-                            "--variants", variants], env=env, capture_output=True, text=True)
+        p = subprocess.run(
+          [sys.executable, __file__, "--worker", "--reps", str(args.reps), "--variants", variants],
+          env=env,
+          capture_output=True,
+          text=True,
+        )
         line = [l for l in p.stdout.splitlines() if l.startswith("JSON")]
         if not line:
           print(f"{name}: failed\n{p.stderr[-2000:]}")
           continue
         out[name].append(json.loads(line[0][4:]))
-    print(f"\nXLA:CPU flag sweep (ms/step, median of per-process medians; each process "
-          f"{args.reps} reps)")
+    print(
+      f"\nXLA:CPU flag sweep (ms/step, median of per-process medians; each process "
+      f"{args.reps} reps)"
+    )
     vs = variants.split(",")
     print("cells: ms/step (x floor of the default-flags matmul rate, wall-clock | CPU-time)")
     print(f"{'flags':18s} {'matmul GF/s':>11s} " + " ".join(f"{v:>24s}" for v in vs))
@@ -308,11 +332,17 @@ def main():
       print(f"{name:18s} {rate / 1e9:11.0f} " + " ".join(f"{c:>24s}" for c in cells))
     return
 
-  variants = [f"{i}/{m}" for i in IMPLS for m in MODES
-              if any(o in f"{i}/{m}" for o in args.only.split(","))]
+  variants = [
+    f"{i}/{m}" for i in IMPLS for m in MODES if any(o in f"{i}/{m}" for o in args.only.split(","))
+  ]
   rate, res = run(variants, args.reps)
-  print_table(rate, res, fl["conv_fwd_bwd"], "per-domain value_and_grad, D=2 x B=64 (pooled: "
-              "one grad over 128); rel err = max |g - g_first| / max |g_first| per leaf")
+  print_table(
+    rate,
+    res,
+    fl["conv_fwd_bwd"],
+    "per-domain value_and_grad, D=2 x B=64 (pooled: "
+    "one grad over 128); rel err = max |g - g_first| / max |g_first| per leaf",
+  )
 
 
 if __name__ == "__main__":

@@ -43,13 +43,28 @@ def cnn_task(d=2, n=1000, seed=0, conv_impl="xla"):
   """DomainBed's Colored MNIST CNN on ``d`` environments of ``n`` random 28x28x2 images
   (timing only): a :class:`dgjax.tasks.DomainBedTask`, every environment a training one."""
   rng = np.random.default_rng(seed)
-  splits = [train_lib.Split(f"env{e}_in", rng.uniform(size=(n, 28, 28, 2)).astype(np.float32),
-                            rng.integers(0, 2, n).astype(np.int32)) for e in range(d)]
+  splits = [
+    train_lib.Split(
+      f"env{e}_in",
+      rng.uniform(size=(n, 28, 28, 2)).astype(np.float32),
+      rng.integers(0, 2, n).astype(np.int32),
+    )
+    for e in range(d)
+  ]
   return train_lib.DomainBedTask(mnist_cnn(2, conv_impl=conv_impl), splits, splits, test_envs=())
 
 
-def build_cnn(method, overrides, d=2, b=64, n=1000, seed=0, conv_impl="xla", steps_per_call=1,
-              per_domain_impl="auto"):
+def build_cnn(
+  method,
+  overrides,
+  d=2,
+  b=64,
+  n=1000,
+  seed=0,
+  conv_impl="xla",
+  steps_per_call=1,
+  per_domain_impl="auto",
+):
   """The engine's step (:func:`dgjax.train.build_run`) of ``method`` on :func:`cnn_task`,
   ``b`` images per domain; ``steps_per_call`` steps per jit call (``lax.scan``)."""
   task = cnn_task(d, n, seed, conv_impl)
@@ -63,14 +78,17 @@ def build_irm(method, overrides, n=4166, seed=0, steps_per_call=1):
   through the engine's :func:`dgjax.train.build_run`; ``steps_per_call`` steps per jit
   call (``lax.scan``)."""
   from dgjax import irm_benchmark as B
+
   rng = np.random.default_rng(seed)
   x = rng.uniform(size=(2, n, 392)).astype(np.float32) * (rng.uniform(size=(2, n, 1)) < 0.5)
   y = rng.integers(0, 2, (2, n)).astype(np.int32)
-  task = B.IRMTask([{"train_x": x, "train_y": y, "test_x": x[0], "gray_x": x[0], "test_y": y[0], "gray_y": y[0]}],
-                   hidden=B.HIDDEN)
+  task = B.IRMTask(
+    [{"train_x": x, "train_y": y, "test_x": x[0], "gray_x": x[0], "test_y": y[0], "gray_y": y[0]}],
+    hidden=B.HIDDEN,
+  )
   hp = B.benchmark_hparams(method, B.IRMConfig(method=method, hparams=overrides), n)
   step, state = train_lib.build_run(method, task, hp, seed, "vmap", steps_per_call)
-  return step, state, jax.tree.map(lambda a: a[0], task.data)   # the one run's data
+  return step, state, jax.tree.map(lambda a: a[0], task.data)  # the one run's data
 
 
 def measure(setting, names, reps):
@@ -83,12 +101,23 @@ def measure(setting, names, reps):
     state = warm_up(stats["compiled"], state, data)
     live.append({"name": label, "step": stats["compiled"], "state": state, "data": data, **stats})
   time_interleaved(live, reps)
-  return [{"setting": setting, "name": v["name"], "ms": v["ms"], "compile_s": v["compile_s"],
-           "flops": v["flops"], "temp_mb": v["temp_mb"]} for v in live]
+  return [
+    {
+      "setting": setting,
+      "name": v["name"],
+      "ms": v["ms"],
+      "compile_s": v["compile_s"],
+      "flops": v["flops"],
+      "temp_mb": v["temp_mb"],
+    }
+    for v in live
+  ]
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--setting", default="cnn,irm", help="comma list of cnn, irm")
   p.add_argument("--samples", default="1,10,100,300", help="Hutchinson S values")
   p.add_argument("--reps", type=int, default=5)
@@ -98,8 +127,10 @@ def main():
   rows = []
   for setting in args.setting.split(","):
     rows += measure(setting, variants(samples), args.reps)
-  print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}; "
-        f"{args.reps} timed steps per variant (median, interleaved)")
+  print(
+    f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}; "
+    f"{args.reps} timed steps per variant (median, interleaved)"
+  )
   print("| setting | method | ms/step | x ERM | compile s |")
   print("|---|---|---|---|---|")
   for setting in args.setting.split(","):
@@ -107,7 +138,9 @@ def main():
     for r in rows:
       if r["setting"] == setting:
         label = "CNN 2x64" if setting == "cnn" else "IRM MLP full batch"
-        print(f"| {label} | {r['name']} | {r['ms']:.1f} | {r['ms'] / erm:.2f} | {r['compile_s']:.1f} |")
+        print(
+          f"| {label} | {r['name']} | {r['ms']:.1f} | {r['ms'] / erm:.2f} | {r['compile_s']:.1f} |"
+        )
   if args.json:
     Path(args.json).write_text(json.dumps(rows, indent=1))
 

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def write_tree(root: Path, sizes, per_class: int, seed: int = 0):
   from PIL import Image
+
   rng = np.random.default_rng(seed)
   for env in ("e0", "e1", "e2"):
     for cls in ("c0", "c1"):
@@ -54,7 +55,9 @@ def rate(fn, n, min_s=1.0):
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--sizes", default="300", help="comma list of WxH or S (square) image sizes")
   p.add_argument("--per_class", type=int, default=40)
   p.add_argument("--domains", type=int, default=3)
@@ -80,15 +83,28 @@ def main(argv=None) -> int:
     envs = imf.ImageFolderDomains(root)[: args.domains]
     paths = [str(x) for e in envs for x in e.x]
     mean_kb = np.mean([os.path.getsize(x) for x in paths]) / 1024
-    rows.append(("decode+resize (1 process)",
-                 rate(lambda i: pipe.decode_eval(paths[i % len(paths)]), 100), ""))
-    rows.append(("decode+crop+flip (1 process)",
-                 rate(lambda i: pipe.decode_train(paths[i % len(paths)], pipe.example_rng((0,), i)), 100), ""))
+    rows.append(
+      (
+        "decode+resize (1 process)",
+        rate(lambda i: pipe.decode_eval(paths[i % len(paths)]), 100),
+        "",
+      )
+    )
+    rows.append(
+      (
+        "decode+crop+flip (1 process)",
+        rate(lambda i: pipe.decode_train(paths[i % len(paths)], pipe.example_rng((0,), i)), 100),
+        "",
+      )
+    )
     per_step = len(envs) * args.batch
     for w in [int(v) for v in args.workers.split(",")]:
       t0 = time.perf_counter()
-      it = iter(pipe.train_batches(envs, jax.random.key(0), args.batch, num_workers=w,
-                                   read_threads=args.read_threads))
+      it = iter(
+        pipe.train_batches(
+          envs, jax.random.key(0), args.batch, num_workers=w, read_threads=args.read_threads
+        )
+      )
       next(it)
       first = time.perf_counter() - t0
       t0 = time.perf_counter()
@@ -97,21 +113,36 @@ def main(argv=None) -> int:
       elapsed = time.perf_counter() - t0
       if hasattr(it, "close"):
         it.close()
-      rows.append((f"grain train_batches, {w} worker(s)", args.steps * per_step / elapsed,
-                   f"first batch {first:.1f} s; {1000 * elapsed / args.steps:.0f} ms/step"))
-    x = jax.device_put(np.random.default_rng(0).integers(
-        0, 256, (len(envs), args.batch, 224, 224, 3), dtype=np.uint8))
+      rows.append(
+        (
+          f"grain train_batches, {w} worker(s)",
+          args.steps * per_step / elapsed,
+          f"first batch {first:.1f} s; {1000 * elapsed / args.steps:.0f} ms/step",
+        )
+      )
+    x = jax.device_put(
+      np.random.default_rng(0).integers(
+        0, 256, (len(envs), args.batch, 224, 224, 3), dtype=np.uint8
+      )
+    )
     f = jax.jit(augment.train_augment)
     f(jax.random.key(0), x).block_until_ready()
     t0 = time.perf_counter()
     reps = 3
     for i in range(reps):
       f(jax.random.key(i), x).block_until_ready()
-    rows.append((f"device colour aug ({jax.devices()[0].platform})",
-                 reps * per_step / (time.perf_counter() - t0), ""))
+    rows.append(
+      (
+        f"device colour aug ({jax.devices()[0].platform})",
+        reps * per_step / (time.perf_counter() - t0),
+        "",
+      )
+    )
 
-  print(f"images {', '.join(f'{w}x{h}' for w, h in sizes)} JPEG (mean {mean_kb:.0f} KiB), "
-        f"{len(envs)} domains x {args.batch}, {os.cpu_count()} CPU cores")
+  print(
+    f"images {', '.join(f'{w}x{h}' for w, h in sizes)} JPEG (mean {mean_kb:.0f} KiB), "
+    f"{len(envs)} domains x {args.batch}, {os.cpu_count()} CPU cores"
+  )
   print(f"| {'stage':<38} | {'images/s':>9} | notes")
   print(f"| {'-' * 38} | {'-' * 9} | -----")
   for name, r, note in rows:

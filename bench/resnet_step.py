@@ -49,7 +49,7 @@ class AugmentTask(TaskBase):
     self._params, self.variables = variables["params"], {"batch_stats": variables["batch_stats"]}
 
   def init_params(self, key):
-    del key   # the one initialisation above (timing only)
+    del key  # the one initialisation above (timing only)
     return self._params
 
   def batch(self, data, key, batch_size):
@@ -62,14 +62,17 @@ class AugmentTask(TaskBase):
 def build(method, arch, num_classes, domains, batch, size, freeze_bn, dtype, remat):
   """The engine's step (:func:`dgjax.train.build_run`) of ``method`` on a ResNet with
   DomainBed's large-image hparams; returns ``(step, state)``."""
-  model = resnet.resnet_classifier(arch, num_classes, dropout=0.0, freeze_bn=freeze_bn,
-                                   dtype=dtype, remat=remat)
+  model = resnet.resnet_classifier(
+    arch, num_classes, dropout=0.0, freeze_bn=freeze_bn, dtype=dtype, remat=remat
+  )
   hp = methods.resolve_hparams(method, 0, {"batch_size": batch}, dataset="PACS")
   return train_lib.build_run(method, AugmentTask(model, domains, size, dtype), hp)
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--methods", default="erm,sand,hgp", help="comma list of registered methods")
   p.add_argument("--arch", default="resnet50", choices=sorted(resnet.ARCHS))
   p.add_argument("--domains", type=int, default=3)
@@ -77,26 +80,43 @@ def main(argv=None) -> int:
   p.add_argument("--size", type=int, default=224)
   p.add_argument("--classes", type=int, default=7)
   p.add_argument("--reps", type=int, default=3)
-  p.add_argument("--bn", default="both", choices=["frozen", "unfrozen", "both"],
-                 help="BatchNorm setting(s) to time (DomainBed's freeze_bn true / false)")
+  p.add_argument(
+    "--bn",
+    default="both",
+    choices=["frozen", "unfrozen", "both"],
+    help="BatchNorm setting(s) to time (DomainBed's freeze_bn true / false)",
+  )
   p.add_argument("--remat", action="store_true", help="jax.checkpoint every residual block")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  p.add_argument("--compile_only", action="store_true",
-                 help="compile and report memory only (no timed steps)")
+  p.add_argument(
+    "--compile_only", action="store_true", help="compile and report memory only (no timed steps)"
+  )
   p.add_argument("--json", help="append the result as one JSON line to this file")
   args = p.parse_args(argv)
 
   dtype = jnp.dtype(args.dtype)
   rng = np.random.default_rng(0)
-  data = {"x": jax.device_put(rng.integers(0, 256, (args.domains, args.batch, args.size, args.size, 3),
-                                           dtype=np.uint8)),
-          "y": jax.device_put(rng.integers(0, args.classes, (args.domains, args.batch)).astype(np.int32))}
+  data = {
+    "x": jax.device_put(
+      rng.integers(0, 256, (args.domains, args.batch, args.size, args.size, 3), dtype=np.uint8)
+    ),
+    "y": jax.device_put(rng.integers(0, args.classes, (args.domains, args.batch)).astype(np.int32)),
+  }
   settings = {"frozen": [True], "unfrozen": [False], "both": [True, False]}[args.bn]
-  variants = []   # (method, freeze_bn, compiled step, state, compile s, memory)
+  variants = []  # (method, freeze_bn, compiled step, state, compile s, memory)
   for method in args.methods.split(","):
     for freeze_bn in settings:
-      step, state = build(method, args.arch, args.classes, args.domains, args.batch, args.size,
-                          freeze_bn, dtype, args.remat)
+      step, state = build(
+        method,
+        args.arch,
+        args.classes,
+        args.domains,
+        args.batch,
+        args.size,
+        freeze_bn,
+        dtype,
+        args.remat,
+      )
       t0 = time.perf_counter()
       compiled = step.lower(state, data).compile()
       compile_s = time.perf_counter() - t0
@@ -105,7 +125,7 @@ def main(argv=None) -> int:
         jax.block_until_ready(metrics)
       variants.append([method, freeze_bn, compiled, state, compile_s, compiled.memory_analysis()])
   times = [[] for _ in variants]
-  for _ in range(0 if args.compile_only else args.reps):   # interleaved: one rep of each in turn
+  for _ in range(0 if args.compile_only else args.reps):  # interleaved: one rep of each in turn
     for i, v in enumerate(variants):
       t0 = time.perf_counter()
       v[3], metrics = v[2](v[3], data)
@@ -116,23 +136,38 @@ def main(argv=None) -> int:
     mb = lambda f: getattr(mem, f, float("nan")) / 2**20 if mem is not None else float("nan")  # noqa: E731
     ms = 1000 * (statistics.median(ts) if ts else float("nan"))
     n = args.domains * args.batch
-    rows.append({"method": method, "freeze_bn": freeze_bn, "arch": args.arch,
-                 "device": jax.devices()[0].device_kind,
-                 "domains": args.domains, "batch": args.batch, "size": args.size,
-                 "remat": args.remat, "dtype": args.dtype, "compile_s": round(compile_s, 2),
-                 "ms_per_step": round(ms, 1), "images_per_s": round(1000 * n / ms, 1),
-                 "temp_mb": round(mb("temp_size_in_bytes"), 1),
-                 "arg_mb": round(mb("argument_size_in_bytes"), 1),
-                 "reps": 0 if args.compile_only else args.reps})
-  print("| method | BatchNorm | arch | device | D x B | remat | dtype | compile s | ms/step | "
-        "x first | images/s | XLA temp MB | args MB |")
+    rows.append(
+      {
+        "method": method,
+        "freeze_bn": freeze_bn,
+        "arch": args.arch,
+        "device": jax.devices()[0].device_kind,
+        "domains": args.domains,
+        "batch": args.batch,
+        "size": args.size,
+        "remat": args.remat,
+        "dtype": args.dtype,
+        "compile_s": round(compile_s, 2),
+        "ms_per_step": round(ms, 1),
+        "images_per_s": round(1000 * n / ms, 1),
+        "temp_mb": round(mb("temp_size_in_bytes"), 1),
+        "arg_mb": round(mb("argument_size_in_bytes"), 1),
+        "reps": 0 if args.compile_only else args.reps,
+      }
+    )
+  print(
+    "| method | BatchNorm | arch | device | D x B | remat | dtype | compile s | ms/step | "
+    "x first | images/s | XLA temp MB | args MB |"
+  )
   print("| --- | --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
   for row in rows:
     bn = "frozen" if row["freeze_bn"] else "unfrozen"
-    print(f"| {row['method']} | {bn} | {row['arch']} | {row['device']} | {args.domains} x {args.batch} | "
-          f"{args.remat} | {args.dtype} | {row['compile_s']:.1f} | {row['ms_per_step']:.0f} | "
-          f"{row['ms_per_step'] / rows[0]['ms_per_step']:.2f} | {row['images_per_s']:.1f} | "
-          f"{row['temp_mb']:.0f} | {row['arg_mb']:.0f} |")
+    print(
+      f"| {row['method']} | {bn} | {row['arch']} | {row['device']} | {args.domains} x {args.batch} | "
+      f"{args.remat} | {args.dtype} | {row['compile_s']:.1f} | {row['ms_per_step']:.0f} | "
+      f"{row['ms_per_step'] / rows[0]['ms_per_step']:.2f} | {row['images_per_s']:.1f} | "
+      f"{row['temp_mb']:.0f} | {row['arg_mb']:.0f} |"
+    )
   if args.json:
     with open(args.json, "a") as f:
       for row in rows:

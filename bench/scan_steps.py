@@ -24,14 +24,18 @@ import hessian_step_time as H  # noqa: E402
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--setting", default="irm,cnn")
   p.add_argument("--calls", default="1,10,100", help="steps per jit call")
   p.add_argument("--method", default="erm")
   p.add_argument("--reps", type=int, default=5)
   args = p.parse_args()
-  print(f"backend {jax.default_backend()}, jax {jax.__version__}; {args.reps} timed calls per "
-        "variant (median, interleaved)")
+  print(
+    f"backend {jax.default_backend()}, jax {jax.__version__}; {args.reps} timed calls per "
+    "variant (median, interleaved)"
+  )
   print("| setting | steps per call | ms/step | x one step per call | compile s |")
   print("|---|---|---|---|---|")
   for setting in args.setting.split(","):
@@ -52,7 +56,9 @@ def main():
     label = "IRM MLP full batch" if setting == "irm" else "CMNIST CNN 2x64"
     for v in live:
       per = v["ms"] / v["n"]
-      print(f"| {label} ({args.method}) | {v['n']} | {per:.2f} | {per / base:.2f} | {v['compile_s']:.1f} |")
+      print(
+        f"| {label} ({args.method}) | {v['n']} | {per:.2f} | {per / base:.2f} | {v['compile_s']:.1f} |"
+      )
 
 
 if __name__ == "__main__":

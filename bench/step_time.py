@@ -56,7 +56,10 @@ def build(method, per_domain_impl, conv_impl, pooled=False, d=2, b=64, n=2000, s
       flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), batch)
       loss, g = jax.value_and_grad(loss_fn)(state.params, flat)
       upd, opt = adam.update(g, state.opt_state, state.params)
-      return train_lib.TrainState(state.step + 1, optax.apply_updates(state.params, upd), opt, key), {"loss": loss}
+      return train_lib.TrainState(
+        state.step + 1, optax.apply_updates(state.params, upd), opt, key
+      ), {"loss": loss}
+
   return step, state, task.data
 
 
@@ -67,21 +70,37 @@ def measure(variants, reps):
   for name, kw in variants:
     step, state, data = build(**kw)
     stats = compile_stats(step, state, data)
-    step = stats["compiled"]                    # time the executable compiled once here
-    state = warm_up(step, state, data)          # (donates the first state)
+    step = stats["compiled"]  # time the executable compiled once here
+    state = warm_up(step, state, data)  # (donates the first state)
     live.append({"name": name, "step": step, "state": state, "data": data, **stats, **kw})
   time_interleaved(live, reps)
-  return [{k: v[k] for k in ("name", "method", "per_domain_impl", "conv_impl", "compile_s", "flops", "temp_mb")}
-          | {"pooled": v.get("pooled", False), "ms": v["ms"]} for v in live]
+  return [
+    {
+      k: v[k]
+      for k in ("name", "method", "per_domain_impl", "conv_impl", "compile_s", "flops", "temp_mb")
+    }
+    | {"pooled": v.get("pooled", False), "ms": v["ms"]}
+    for v in live
+  ]
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--reps", type=int, default=10)
-  p.add_argument("--methods", default="erm,and,sand", help="comma list of registered methods, or 'all'")
+  p.add_argument(
+    "--methods", default="erm,and,sand", help="comma list of registered methods, or 'all'"
+  )
   p.add_argument("--per_domain", default="auto", help="comma list of vmap,unrolled,auto")
-  p.add_argument("--conv", default="auto", help=f"comma list of {','.join(getattr(conv_lib, 'CONV_IMPLS', {'xla': 0}))},auto")
-  p.add_argument("--all", action="store_true", help="every per-domain x conv lowering, for sand and pooled erm")
+  p.add_argument(
+    "--conv",
+    default="auto",
+    help=f"comma list of {','.join(getattr(conv_lib, 'CONV_IMPLS', {'xla': 0}))},auto",
+  )
+  p.add_argument(
+    "--all", action="store_true", help="every per-domain x conv lowering, for sand and pooled erm"
+  )
   p.add_argument("--json", help="also write the rows to this JSON file")
   args = p.parse_args()
   if args.methods == "all":
@@ -93,7 +112,9 @@ def main():
   if args.all:
     convs = list(getattr(conv_lib, "CONV_IMPLS", {"xla": None}))
     for c in convs:
-      variants.append((f"erm pooled / {c}", dict(method="erm", per_domain_impl="vmap", conv_impl=c, pooled=True)))
+      variants.append(
+        (f"erm pooled / {c}", dict(method="erm", per_domain_impl="vmap", conv_impl=c, pooled=True))
+      )
       for pd in ("vmap", "unrolled"):
         variants.append((f"sand {pd} / {c}", dict(method="sand", per_domain_impl=pd, conv_impl=c)))
   else:
@@ -103,22 +124,31 @@ def main():
           rpd = train_lib.resolve_per_domain_impl(pd)
           variants.append((f"{m} {rpd} / {c}", dict(method=m, per_domain_impl=rpd, conv_impl=c)))
         if "erm" in args.methods.split(","):
-          variants.append((f"erm pooled / {c}", dict(method="erm", per_domain_impl="vmap", conv_impl=c, pooled=True)))
+          variants.append(
+            (
+              f"erm pooled / {c}",
+              dict(method="erm", per_domain_impl="vmap", conv_impl=c, pooled=True),
+            )
+          )
 
   rate = matmul_rate()
   rows = measure(variants, args.reps)
   rate_after = matmul_rate()
   rate = max(rate, rate_after)
-  print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}; "
-        f"D=2 domains x 64 images 28x28x2, {args.reps} timed steps per variant (median)")
+  print(
+    f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}; "
+    f"D=2 domains x 64 images 28x28x2, {args.reps} timed steps per variant (median)"
+  )
   print(f"float32 matmul rate: {rate / 1e9:.0f} GFLOP/s (2048^3, best of before/after)")
   head = f"{'variant':34s} {'ms/step':>8s} {'GFLOP':>6s} {'floor ms':>8s} {'x floor':>7s} {'GFLOP/s':>7s} {'compile s':>9s} {'XLA temp MB':>11s}"
   print(head)
   print("-" * len(head))
   for r in rows:
     floor_ms = 1e3 * r["flops"] / rate
-    print(f"{r['name']:34s} {r['ms']:8.1f} {r['flops'] / 1e9:6.1f} {floor_ms:8.1f} {r['ms'] / floor_ms:7.2f} "
-          f"{r['flops'] / r['ms'] / 1e6:7.0f} {r['compile_s']:9.2f} {r['temp_mb']:11.1f}")
+    print(
+      f"{r['name']:34s} {r['ms']:8.1f} {r['flops'] / 1e9:6.1f} {floor_ms:8.1f} {r['ms'] / floor_ms:7.2f} "
+      f"{r['flops'] / r['ms'] / 1e6:7.0f} {r['compile_s']:9.2f} {r['temp_mb']:11.1f}"
+    )
   if args.json:
     Path(args.json).write_text(json.dumps({"matmul_flops_per_s": rate, "rows": rows}, indent=1))
 

@@ -53,17 +53,24 @@ DOMAIN_METHODS = ("erm", "sand", "hgp")
 SAMPLES = (1, 10, 100, 300)
 QUICK_METHODS = ("erm", "sand", "hgp")
 QUICK_DOMAINS = (2, 5)
-LOOP_NOTE = ("XLA's cost analysis counts a loop body once: fish's inner steps are a `lax.scan` "
-             "over the domains, so its GFLOP are one domain's and its GFLOP/s and floor multiple "
-             "are understated (by about the number of domains).")
+LOOP_NOTE = (
+  "XLA's cost analysis counts a loop body once: fish's inner steps are a `lax.scan` "
+  "over the domains, so its GFLOP are one domain's and its GFLOP/s and floor multiple "
+  "are understated (by about the number of domains)."
+)
 
 
 def cnn_variant(label, method, d=2, pooled=False, ref="erm"):
   """A CNN variant: the :func:`step_time.build` step, default hparams, ``auto`` lowerings."""
   pd = train_lib.resolve_per_domain_impl("auto")
   kw = dict(method=method, per_domain_impl=pd, conv_impl="auto", pooled=pooled, d=d)
-  return {"label": label, "method": method, "domains": d, "ref": ref,
-          "build": lambda: step_time.build(**kw)}
+  return {
+    "label": label,
+    "method": method,
+    "domains": d,
+    "ref": ref,
+    "build": lambda: step_time.build(**kw),
+  }
 
 
 def hessian_variant(setting, label, method, overrides=None, ref="erm"):
@@ -80,27 +87,52 @@ def sections(quick: bool):
   """``(key, title, note, variants)`` of every section (``quick``: a subset of 1 and 3)."""
   names = list(QUICK_METHODS) if quick else sorted(methods.METHODS)
   domains = QUICK_DOMAINS if quick else DOMAINS
-  out = [("methods_cnn", "1. Every method, DomainBed Colored MNIST CNN, 2 domains x 64",
-          "`erm pooled`: one gradient of the mean loss over all 128 images (no per-domain split). "
-          + LOOP_NOTE,
-          [cnn_variant(m, m) for m in names]
-          + [cnn_variant("erm pooled", "erm", pooled=True)])]
+  out = [
+    (
+      "methods_cnn",
+      "1. Every method, DomainBed Colored MNIST CNN, 2 domains x 64",
+      "`erm pooled`: one gradient of the mean loss over all 128 images (no per-domain split). "
+      + LOOP_NOTE,
+      [cnn_variant(m, m) for m in names] + [cnn_variant("erm pooled", "erm", pooled=True)],
+    )
+  ]
   if not quick:
-    out.append(("methods_mlp", "2. Every method, IRM-style Colored MNIST MLP, full batch 2 x 4166",
-                "MLP 392-390-390-1 on 2 environments x 4166 examples (2x14x14, the mnist-first10k "
-                "split's shapes; random data), IRM benchmark hparams. " + LOOP_NOTE,
-                [hessian_variant("irm", m, m) for m in names]))
-  out.append(("domains", "3. Number of training domains, CNN, 64 images per domain",
-              "`x ERM` is against ERM with the same number of domains.",
-              [cnn_variant(f"{m} D={d}", m, d=d, ref=f"erm D={d}")
-               for d in domains for m in DOMAIN_METHODS]))
+    out.append(
+      (
+        "methods_mlp",
+        "2. Every method, IRM-style Colored MNIST MLP, full batch 2 x 4166",
+        "MLP 392-390-390-1 on 2 environments x 4166 examples (2x14x14, the mnist-first10k "
+        "split's shapes; random data), IRM benchmark hparams. " + LOOP_NOTE,
+        [hessian_variant("irm", m, m) for m in names],
+      )
+    )
+  out.append(
+    (
+      "domains",
+      "3. Number of training domains, CNN, 64 images per domain",
+      "`x ERM` is against ERM with the same number of domains.",
+      [
+        cnn_variant(f"{m} D={d}", m, d=d, ref=f"erm D={d}") for d in domains for m in DOMAIN_METHODS
+      ],
+    )
+  )
   if not quick:
-    for setting, key, title in (("cnn", "hutchinson_cnn", "4a. Hutchinson samples S, CNN 2 x 64"),
-                                ("irm", "hutchinson_mlp", "4b. Hutchinson samples S, IRM MLP full batch")):
-      out.append((key, title, "S probe vectors per step (`hutchinson_samples`); other hparams default.",
-                  [hessian_variant(setting, "erm", "erm")]
-                  + [hessian_variant(setting, f"hutchinson S={s}", "hutchinson", {"hutchinson_samples": s})
-                     for s in SAMPLES]))
+    for setting, key, title in (
+      ("cnn", "hutchinson_cnn", "4a. Hutchinson samples S, CNN 2 x 64"),
+      ("irm", "hutchinson_mlp", "4b. Hutchinson samples S, IRM MLP full batch"),
+    ):
+      out.append(
+        (
+          key,
+          title,
+          "S probe vectors per step (`hutchinson_samples`); other hparams default.",
+          [hessian_variant(setting, "erm", "erm")]
+          + [
+            hessian_variant(setting, f"hutchinson S={s}", "hutchinson", {"hutchinson_samples": s})
+            for s in SAMPLES
+          ],
+        )
+      )
   return out
 
 
@@ -114,9 +146,26 @@ def run_section(variants, reps):
     live.append({**v, **stats, "step": stats["compiled"], "state": state, "data": data})
     print(f"  compiled {v['label']} ({stats['compile_s']:.1f} s)", file=sys.stderr, flush=True)
   time_interleaved(live, reps)
-  rows = [{k: v[k] for k in ("label", "method", "domains", "ref", "ms", "compile_s", "flops",
-                             "temp_mb", "arg_mb", "out_mb", "alias_mb")}
-          | {"times_ms": [1e3 * t for t in v["times"]]} for v in live]
+  rows = [
+    {
+      k: v[k]
+      for k in (
+        "label",
+        "method",
+        "domains",
+        "ref",
+        "ms",
+        "compile_s",
+        "flops",
+        "temp_mb",
+        "arg_mb",
+        "out_mb",
+        "alias_mb",
+      )
+    }
+    | {"times_ms": [1e3 * t for t in v["times"]]}
+    for v in live
+  ]
   return rows
 
 
@@ -145,10 +194,18 @@ def cpu_model():
 def header(reps, quick):
   """Run metadata (the matmul rates are added after the sections)."""
   dev = jax.devices()[0]
-  return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-          "backend": jax.default_backend(), "device_kind": dev.device_kind,
-          "device_count": jax.device_count(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-          "jax": jax.__version__, "reps": reps, "quick": quick, "load_average_start": load_average()}
+  return {
+    "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    "backend": jax.default_backend(),
+    "device_kind": dev.device_kind,
+    "device_count": jax.device_count(),
+    "cpu": cpu_model(),
+    "cpu_count": os.cpu_count(),
+    "jax": jax.__version__,
+    "reps": reps,
+    "quick": quick,
+    "load_average_start": load_average(),
+  }
 
 
 def fmt(x, spec):
@@ -160,33 +217,50 @@ def markdown(result):
   """The Markdown report: a header, then one table per section."""
   h = result["header"]
   la = lambda t: ", ".join(f"{x:.2f}" for x in t)
-  lines = [f"# dgjax performance suite ({h['backend']})", "",
-           f"- device: {h['device_kind']} x {h['device_count']} ({h['cpu']}, {h['cpu_count']} CPU cores visible)",
-           f"- backend {h['backend']}, jax {h['jax']}; {h['date']}",
-           f"- float32 matmul rate (2048^3): {h['matmul_gflops_before']:.0f} GFLOP/s before, "
-           f"{h['matmul_gflops_after']:.0f} after; the floor uses the best, {h['matmul_gflops']:.0f}",
-           f"- load average (1, 5, 15 min) at start: {la(h['load_average_start'])}; "
-           f"at end: {la(h['load_average_end'])}",
-           f"- {h['reps']} timed steps per variant, median, variants of a section interleaved; "
-           f"total wall time {h['wall_s'] / 60:.1f} min" + (" (--quick)" if h["quick"] else ""), ""]
+  lines = [
+    f"# dgjax performance suite ({h['backend']})",
+    "",
+    f"- device: {h['device_kind']} x {h['device_count']} ({h['cpu']}, {h['cpu_count']} CPU cores visible)",
+    f"- backend {h['backend']}, jax {h['jax']}; {h['date']}",
+    f"- float32 matmul rate (2048^3): {h['matmul_gflops_before']:.0f} GFLOP/s before, "
+    f"{h['matmul_gflops_after']:.0f} after; the floor uses the best, {h['matmul_gflops']:.0f}",
+    f"- load average (1, 5, 15 min) at start: {la(h['load_average_start'])}; "
+    f"at end: {la(h['load_average_end'])}",
+    f"- {h['reps']} timed steps per variant, median, variants of a section interleaved; "
+    f"total wall time {h['wall_s'] / 60:.1f} min" + (" (--quick)" if h["quick"] else ""),
+    "",
+  ]
   for s in result["sections"]:
-    lines += [f"## {s['title']}", "", s["note"], "",
-              "| variant | ms/step | x ERM | compile s | GFLOP | GFLOP/s | x matmul floor | XLA temp MB |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [
+      f"## {s['title']}",
+      "",
+      s["note"],
+      "",
+      "| variant | ms/step | x ERM | compile s | GFLOP | GFLOP/s | x matmul floor | XLA temp MB |",
+      "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in s["rows"]:
-      lines.append(f"| {r['label']} | {fmt(r['ms'], '.1f')} | {fmt(r['x_ref'], '.2f')} | "
-                   f"{fmt(r['compile_s'], '.1f')} | {fmt(r['flops'] / 1e9, '.2f')} | "
-                   f"{fmt(r['gflop_per_s'], '.1f')} | {fmt(r['x_floor'], '.1f')} | {fmt(r['temp_mb'], '.1f')} |")
+      lines.append(
+        f"| {r['label']} | {fmt(r['ms'], '.1f')} | {fmt(r['x_ref'], '.2f')} | "
+        f"{fmt(r['compile_s'], '.1f')} | {fmt(r['flops'] / 1e9, '.2f')} | "
+        f"{fmt(r['gflop_per_s'], '.1f')} | {fmt(r['x_floor'], '.1f')} | {fmt(r['temp_mb'], '.1f')} |"
+      )
     lines.append("")
   return "\n".join(lines)
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--quick", action="store_true", help="sections 1 and 3 only, erm/sand/hgp, D = 2, 5")
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  p.add_argument(
+    "--quick", action="store_true", help="sections 1 and 3 only, erm/sand/hgp, D = 2, 5"
+  )
   p.add_argument("--reps", type=int, default=5, help="timed steps per variant")
-  p.add_argument("--out", help="output prefix (writes <out>.json and <out>.md); "
-                               "default bench/results-<backend>[-quick]")
+  p.add_argument(
+    "--out",
+    help="output prefix (writes <out>.json and <out>.md); default bench/results-<backend>[-quick]",
+  )
   p.add_argument("--sections", help="comma list of section keys to run (default: all)")
   args = p.parse_args()
   plan = sections(args.quick)
@@ -196,7 +270,10 @@ def main():
     if unknown:
       p.error(f"unknown sections {sorted(unknown)}; valid: {[s[0] for s in plan]}")
     plan = [s for s in plan if s[0] in keep]
-  out = Path(args.out or Path(__file__).parent / f"results-{jax.default_backend()}{'-quick' if args.quick else ''}")
+  out = Path(
+    args.out
+    or Path(__file__).parent / f"results-{jax.default_backend()}{'-quick' if args.quick else ''}"
+  )
 
   t0 = time.perf_counter()
   head = header(args.reps, args.quick)
@@ -206,12 +283,18 @@ def main():
     print(f"[{key}] {len(variants)} variants", file=sys.stderr, flush=True)
     ts = time.perf_counter()
     rows = run_section(variants, args.reps)
-    result["sections"].append({"key": key, "title": title, "note": note, "rows": rows,
-                               "wall_s": time.perf_counter() - ts})
+    result["sections"].append(
+      {"key": key, "title": title, "note": note, "rows": rows, "wall_s": time.perf_counter() - ts}
+    )
   after = matmul_rate()
   rate = max(before, after)
-  head.update(matmul_gflops_before=before / 1e9, matmul_gflops_after=after / 1e9, matmul_gflops=rate / 1e9,
-              load_average_end=load_average(), wall_s=time.perf_counter() - t0)
+  head.update(
+    matmul_gflops_before=before / 1e9,
+    matmul_gflops_after=after / 1e9,
+    matmul_gflops=rate / 1e9,
+    load_average_end=load_average(),
+    wall_s=time.perf_counter() - t0,
+  )
   for s in result["sections"]:
     add_ratios(s["rows"], rate)
   text = markdown(result)

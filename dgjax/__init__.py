@@ -22,15 +22,38 @@ __version__ = "0.1.0"
 
 #: Submodules reachable as attributes of ``dgjax`` without an explicit import; loaded on first
 #: use, so ``import dgjax`` stays light (no Orbax, TFDS or plotting until needed).
-_LAZY_SUBMODULES = ("algorithms", "checkpoints", "collect", "conv", "core", "data", "datasets",
-                    "domainbed_format", "hessian", "irm_benchmark", "losses", "methods", "models",
-                    "penalties", "plots", "progress", "results", "runs", "selection", "sharding",
-                    "sweep", "tasks", "train", "types")
+_LAZY_SUBMODULES = (
+  "algorithms",
+  "checkpoints",
+  "collect",
+  "conv",
+  "core",
+  "data",
+  "datasets",
+  "domainbed_format",
+  "hessian",
+  "irm_benchmark",
+  "losses",
+  "methods",
+  "models",
+  "penalties",
+  "plots",
+  "progress",
+  "results",
+  "runs",
+  "selection",
+  "sharding",
+  "sweep",
+  "tasks",
+  "train",
+  "types",
+)
 
 
 def __getattr__(name):
   if name in _LAZY_SUBMODULES:
     import importlib
+
     module = importlib.import_module(f"dgjax.{name}")
     globals()[name] = module
     return module

@@ -28,21 +28,21 @@ import jax
 import jax.numpy as jnp
 
 __all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "adjust_brightness",
-    "adjust_contrast",
-    "adjust_hue",
-    "adjust_saturation",
-    "color_jitter",
-    "eval_preprocess",
-    "hsv_to_rgb",
-    "normalize",
-    "random_grayscale",
-    "rgb_to_grayscale",
-    "rgb_to_hsv",
-    "train_augment",
-    "train_augment_image",
+  "IMAGENET_MEAN",
+  "IMAGENET_STD",
+  "adjust_brightness",
+  "adjust_contrast",
+  "adjust_hue",
+  "adjust_saturation",
+  "color_jitter",
+  "eval_preprocess",
+  "hsv_to_rgb",
+  "normalize",
+  "random_grayscale",
+  "rgb_to_grayscale",
+  "rgb_to_hsv",
+  "train_augment",
+  "train_augment_image",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -52,7 +52,7 @@ _GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
 def rgb_to_grayscale(img):
   """``[..., 3] -> [..., 1]``: ``0.2989 R + 0.587 G + 0.114 B`` (torchvision)."""
-  return (img[..., 0:1] * _GRAY[0] + img[..., 1:2] * _GRAY[1] + img[..., 2:3] * _GRAY[2])
+  return img[..., 0:1] * _GRAY[0] + img[..., 1:2] * _GRAY[1] + img[..., 2:3] * _GRAY[2]
 
 
 def _blend(img, other, factor):
@@ -112,8 +112,14 @@ def adjust_hue(img, factor):
   return hsv_to_rgb(jnp.mod(h + factor, 1.0), s, v)
 
 
-def color_jitter(key, img, brightness: float = 0.3, contrast: float = 0.3,
-                 saturation: float = 0.3, hue: float = 0.3):
+def color_jitter(
+  key,
+  img,
+  brightness: float = 0.3,
+  contrast: float = 0.3,
+  saturation: float = 0.3,
+  hue: float = 0.3,
+):
   """torchvision's ``ColorJitter(brightness, contrast, saturation, hue)`` on one float image
   ``[H, W, 3]`` in ``[0, 1]``: random factors, operations in a random order (module doc)."""
   k_order, k_b, k_c, k_s, k_h = jax.random.split(key, 5)
@@ -122,8 +128,12 @@ def color_jitter(key, img, brightness: float = 0.3, contrast: float = 0.3,
   c = jax.random.uniform(k_c, (), minval=max(0.0, 1 - contrast), maxval=1 + contrast)
   s = jax.random.uniform(k_s, (), minval=max(0.0, 1 - saturation), maxval=1 + saturation)
   h = jax.random.uniform(k_h, (), minval=-hue, maxval=hue)
-  ops = (lambda x: adjust_brightness(x, b), lambda x: adjust_contrast(x, c),
-         lambda x: adjust_saturation(x, s), lambda x: adjust_hue(x, h))
+  ops = (
+    lambda x: adjust_brightness(x, b),
+    lambda x: adjust_contrast(x, c),
+    lambda x: adjust_saturation(x, s),
+    lambda x: adjust_hue(x, h),
+  )
   for k in range(4):
     img = jax.lax.switch(order[k], ops, img)
   return img
@@ -145,8 +155,7 @@ def eval_preprocess(x, dtype=jnp.float32):
   return normalize(x.astype(jnp.float32) / 255.0).astype(dtype)
 
 
-def train_augment_image(key, x, grayscale_p: float = 0.1, jitter: float = 0.3,
-                        dtype=jnp.float32):
+def train_augment_image(key, x, grayscale_p: float = 0.1, jitter: float = 0.3, dtype=jnp.float32):
   """One uint8 ``[H, W, 3]`` image: ColorJitter, RandomGrayscale, normalise (DomainBed's
   order; crop and flip were done on the host)."""
   k_jitter, k_gray = jax.random.split(key)

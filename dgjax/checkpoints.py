@@ -87,32 +87,42 @@ def check_identity(output_dir: str | Path, identity: Mapping[str, Any]) -> None:
   try:
     saved = json.loads(meta_path.read_text())
   except json.JSONDecodeError as e:
-    raise CheckpointError(f"{meta_path} is not valid JSON ({e.msg}): the checkpoint "
-                          "is corrupt; delete the output directory or choose another") from None
-  now = json.loads(json.dumps(dict(identity)))   # normalise tuples -> lists
+    raise CheckpointError(
+      f"{meta_path} is not valid JSON ({e.msg}): the checkpoint "
+      "is corrupt; delete the output directory or choose another"
+    ) from None
+  now = json.loads(json.dumps(dict(identity)))  # normalise tuples -> lists
   diff = []
   for key, value in now.items():
     if key not in saved:
-      diff.append(f"{key}: not recorded in the checkpoint (written by an older dgjax) vs now "
-                  f"{value!r}")
+      diff.append(
+        f"{key}: not recorded in the checkpoint (written by an older dgjax) vs now {value!r}"
+      )
     elif saved[key] != value:
       if isinstance(value, dict) and isinstance(saved[key], dict):
-        diff.extend(f"{key}.{k}: checkpoint {saved[key].get(k)!r} vs now {value.get(k)!r}"
-                    for k in sorted(set(value) | set(saved[key]))
-                    if saved[key].get(k) != value.get(k))
+        diff.extend(
+          f"{key}.{k}: checkpoint {saved[key].get(k)!r} vs now {value.get(k)!r}"
+          for k in sorted(set(value) | set(saved[key]))
+          if saved[key].get(k) != value.get(k)
+        )
       else:
         diff.append(f"{key}: checkpoint {saved[key]!r} vs now {value!r}")
   if diff:
-    raise CheckpointError(f"the checkpoint in {Path(output_dir) / 'checkpoints'} belongs to "
-                          f"another run ({'; '.join(diff)}); use another --output_dir or the "
-                          "same settings")
+    raise CheckpointError(
+      f"the checkpoint in {Path(output_dir) / 'checkpoints'} belongs to "
+      f"another run ({'; '.join(diff)}); use another --output_dir or the "
+      "same settings"
+    )
 
 
 def latest_good_step(output_dir: str | Path) -> int | None:
   """The newest checkpoint step whose save finished (it has its manifest), from the disk."""
   root = Path(output_dir) / "checkpoints"
-  steps = [int(p.name) for p in root.iterdir() if p.name.isdigit()
-           and (p / MANIFEST_NAME).exists()] if root.is_dir() else []
+  steps = (
+    [int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / MANIFEST_NAME).exists()]
+    if root.is_dir()
+    else []
+  )
   return max(steps, default=None)
 
 
@@ -120,8 +130,10 @@ def latest_good_step(output_dir: str | Path) -> int | None:
 def _interrupt_after():
   """Ctrl-C in the block takes effect at its end: a save or restore is never cut in half (its
   Orbax threads would go on writing, and log tracebacks, after the process began to exit)."""
-  if (threading.current_thread() is not threading.main_thread()
-      or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+  if (
+    threading.current_thread() is not threading.main_thread()
+    or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+  ):
     yield
     return
   received = []
@@ -166,6 +178,7 @@ class Checkpoints:
 
   def __init__(self, output_dir: str | Path, identity: Mapping[str, Any], keep: int = 3):
     import orbax.checkpoint as ocp  # slow import: only when checkpointing
+
     if keep < 1:
       raise ValueError(f"keep_checkpoints must be >= 1, got {keep}")
     self._ocp = ocp
@@ -178,8 +191,11 @@ class Checkpoints:
 
   def _open(self):
     return self._ocp.CheckpointManager(
-        self.dir, options=self._ocp.CheckpointManagerOptions(max_to_keep=self.keep,
-                                                             enable_async_checkpointing=False))
+      self.dir,
+      options=self._ocp.CheckpointManagerOptions(
+        max_to_keep=self.keep, enable_async_checkpointing=False
+      ),
+    )
 
   def save(self, step: int, tree: Any) -> None:
     if jax.process_index() == 0 and not self.meta_path.exists():
@@ -187,7 +203,7 @@ class Checkpoints:
       tmp.write_text(json.dumps(self.identity, sort_keys=True, indent=1))
       os.replace(tmp, self.meta_path)
     with _interrupt_after():
-      with _quiet_orbax():   # a failure (a full disk) is raised, not logged as tracebacks
+      with _quiet_orbax():  # a failure (a full disk) is raised, not logged as tracebacks
         self.manager.save(step, args=self._ocp.args.StandardSave(tree), force=True)
         self.manager.wait_until_finished()
       if jax.process_index() == 0:
@@ -210,7 +226,8 @@ class Checkpoints:
     log = log or (lambda msg: print(msg, file=sys.stderr))
     self.check_identity()
     target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), like)
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), like
+    )
     errors, bad = [], []
     for step in reversed(self.steps()):
       damage = verify(self.dir / str(step))
@@ -229,17 +246,21 @@ class Checkpoints:
         continue
       if errors:
         aside = self.dir.parent / "checkpoints_unreadable"
-        for b in bad:   # moved aside (not deleted), so the run can checkpoint those steps again
+        for b in bad:  # moved aside (not deleted), so the run can checkpoint those steps again
           aside.mkdir(exist_ok=True)
           shutil.move(str(self.dir / str(b)), str(aside / f"{b}-{int(time.time())}"))
         self.manager = self._open()
-        log(f"warning: the newest checkpoint(s) in {self.dir} are unreadable "
-            f"({'; '.join(errors)}); resuming from the checkpoint of step {step} (the bad "
-            f"ones are moved to {aside})")
+        log(
+          f"warning: the newest checkpoint(s) in {self.dir} are unreadable "
+          f"({'; '.join(errors)}); resuming from the checkpoint of step {step} (the bad "
+          f"ones are moved to {aside})"
+        )
       return step, tree
-    raise CheckpointError(f"cannot restore any checkpoint in {self.dir} ({'; '.join(errors)}); "
-                          "they are corrupt or from a different model: delete the directory "
-                          "to start over")
+    raise CheckpointError(
+      f"cannot restore any checkpoint in {self.dir} ({'; '.join(errors)}); "
+      "they are corrupt or from a different model: delete the directory "
+      "to start over"
+    )
 
 
 def key_to_data(key: jax.Array) -> jax.Array:

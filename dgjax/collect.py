@@ -85,14 +85,16 @@ def group_records(records: Iterable[Record]) -> dict[GroupKey, list[Record]]:
 
 class Selected(NamedTuple):
   """The run a selection method picked in one group."""
+
   hparams_seed: int
   val_acc: float
   test_acc: float
   step: int
 
 
-def sweep_accs(groups: Mapping[GroupKey, Sequence[Record]],
-               method: selection.SweepSelectionMethod) -> dict[GroupKey, Selected]:
+def sweep_accs(
+  groups: Mapping[GroupKey, Sequence[Record]], method: selection.SweepSelectionMethod
+) -> dict[GroupKey, Selected]:
   """The selected run of every group the selection method can score (DomainBed's
   ``sweep_acc``; groups it cannot score, e.g. leave-one-out without held-out pairs, are
   left out)."""
@@ -127,9 +129,10 @@ def average(cells: Sequence[Cell]) -> float | None:
 @dataclasses.dataclass
 class Table:
   """A results table: ``rows[i][0]`` is a row label, the other cells are :data:`Cell`."""
+
   title: str
-  section: str          # the dataset's name, or "Averages"
-  columns: list[str]    # including the row-label column
+  section: str  # the dataset's name, or "Averages"
+  columns: list[str]  # including the row-label column
   rows: list[list[Cell]]
 
 
@@ -147,8 +150,9 @@ def dataset_environments(records: Sequence[Record]) -> list[str]:
   return domainbed_format.environment_names(widest)
 
 
-def results_tables(records: Sequence[Record],
-                   method: selection.SweepSelectionMethod) -> list[Table]:
+def results_tables(
+  records: Sequence[Record], method: selection.SweepSelectionMethod
+) -> list[Table]:
   """One table per dataset (DomainBed's order, then the others sorted) and the ``Averages``
   table, as DomainBed's ``print_results_tables``: a column for every environment."""
   accs = sweep_accs(group_records(records), method)
@@ -159,12 +163,25 @@ def results_tables(records: Sequence[Record],
     labels = dataset_environments([r for r in records if record_dataset(r) == dataset])
     rows = []
     for m in method_names:
-      cells = [mean_and_error([s.test_acc for k, s in sorted(accs.items())
-                               if (k.dataset, k.method, k.test_env) == (dataset, m, env)])
-               for env in range(len(labels))]
+      cells = [
+        mean_and_error(
+          [
+            s.test_acc
+            for k, s in sorted(accs.items())
+            if (k.dataset, k.method, k.test_env) == (dataset, m, env)
+          ]
+        )
+        for env in range(len(labels))
+      ]
       rows.append([m] + cells + [average(cells)])
-    tables.append(Table(f"Dataset: {dataset}, model selection method: {method.name}", dataset,
-                        ["Algorithm"] + labels + ["Avg"], rows))
+    tables.append(
+      Table(
+        f"Dataset: {dataset}, model selection method: {method.name}",
+        dataset,
+        ["Algorithm"] + labels + ["Avg"],
+        rows,
+      )
+    )
   rows = []
   for m in method_names:
     cells = []
@@ -175,8 +192,14 @@ def results_tables(records: Sequence[Record],
           by_trial.setdefault(k.trial_seed, []).append(s.test_acc)
       cells.append(mean_and_error([sum(v) / len(v) for _, v in sorted(by_trial.items())]))
     rows.append([m] + cells + [average(cells)])
-  tables.append(Table(f"Averages, model selection method: {method.name}", "Averages",
-                      ["Algorithm"] + datasets + ["Avg"], rows))
+  tables.append(
+    Table(
+      f"Averages, model selection method: {method.name}",
+      "Averages",
+      ["Algorithm"] + datasets + ["Avg"],
+      rows,
+    )
+  )
   return tables
 
 
@@ -195,7 +218,9 @@ def format_cell(cell: Cell, fmt: str) -> str:
 
 
 _LATEX_SPECIAL = {c: "\\" + c for c in "&%$#_{}"}
-_LATEX_SPECIAL.update({"\\": "\\textbackslash{}", "~": "\\textasciitilde{}", "^": "\\textasciicircum{}"})
+_LATEX_SPECIAL.update(
+  {"\\": "\\textbackslash{}", "~": "\\textasciitilde{}", "^": "\\textasciicircum{}"}
+)
 
 
 def latex_escape(text: str) -> str:
@@ -216,33 +241,59 @@ def render(table: Table, fmt: str = "text") -> str:
     return "\n".join(lines)
   if fmt == "markdown":
     esc = lambda s: s.replace("|", "\\|")
-    lines = [f"#### {esc(table.title)}", "",
-             "| " + " | ".join(esc(c) for c in table.columns) + " |",
-             "| " + " | ".join(["---"] + ["---:"] * (len(table.columns) - 1)) + " |"]
+    lines = [
+      f"#### {esc(table.title)}",
+      "",
+      "| " + " | ".join(esc(c) for c in table.columns) + " |",
+      "| " + " | ".join(["---"] + ["---:"] * (len(table.columns) - 1)) + " |",
+    ]
     lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in body]
     return "\n".join(lines)
   head = " & ".join(["\\textbf{" + latex_escape(c) + "}" for c in table.columns]) + " \\\\"
   rows = [" & ".join([latex_escape(r[0])] + r[1:]) + " \\\\" for r in body]
-  return "\n".join([f"\\subsubsection{{{latex_escape(table.section)}}}", "",
-                    "\\begin{center}", "\\adjustbox{max width=\\textwidth}{%",
-                    "\\begin{tabular}{l" + "c" * (len(table.columns) - 1) + "}", "\\toprule",
-                    head, "\\midrule", *rows, "\\bottomrule", "\\end{tabular}}", "\\end{center}"])
+  return "\n".join(
+    [
+      f"\\subsubsection{{{latex_escape(table.section)}}}",
+      "",
+      "\\begin{center}",
+      "\\adjustbox{max width=\\textwidth}{%",
+      "\\begin{tabular}{l" + "c" * (len(table.columns) - 1) + "}",
+      "\\toprule",
+      head,
+      "\\midrule",
+      *rows,
+      "\\bottomrule",
+      "\\end{tabular}}",
+      "\\end{center}",
+    ]
+  )
 
 
-def report(records: Sequence[Record], fmt: str = "text",
-           selection_methods: Sequence[selection.SweepSelectionMethod] | None = None) -> str:
+def report(
+  records: Sequence[Record],
+  fmt: str = "text",
+  selection_methods: Sequence[selection.SweepSelectionMethod] | None = None,
+) -> str:
   """Every table of every selection method (DomainBed's order by default) as one document;
   LaTeX is a standalone ``article`` (booktabs, adjustbox)."""
   if fmt not in FORMATS:
     raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
   chosen = list(selection_methods or selection.SWEEP_SELECTION_METHODS.values())
   n_runs = len({json_key(r["args"]) for r in records})
-  note = (f"Total records: {len(records)} from {n_runs} runs. Cells: test-domain accuracy (%), "
-          f"mean {_PM[fmt].strip()} standard error over trial seeds; X: no result.")
+  note = (
+    f"Total records: {len(records)} from {n_runs} runs. Cells: test-domain accuracy (%), "
+    f"mean {_PM[fmt].strip()} standard error over trial seeds; X: no result."
+  )
   parts = []
   if fmt == "latex":
-    parts += ["\\documentclass{article}", "\\usepackage{booktabs}", "\\usepackage{adjustbox}",
-              "\\begin{document}", "\\section{Results}", f"% {note}"]
+    parts += [
+      "\\documentclass{article}",
+      "\\usepackage{booktabs}",
+      "\\usepackage{adjustbox}",
+      "\\begin{document}",
+      "\\section{Results}",
+      f"% {note}",
+    ]
   elif fmt == "markdown":
     parts += ["## Results", note]
   else:

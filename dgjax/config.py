@@ -41,17 +41,32 @@ RECORD_KINDS = ("domainbed", "dgjax", None)
 _UNSET = object()
 
 
-def config_field(default=_UNSET, help: str | Callable[[], str] = "", *, identity: bool = False,
-                 per_run: bool = False, record: str | None = None, sweep: str | None = None,
-                 flag_default: Any = _UNSET, choices: Sequence[Any] | None = None,
-                 minimum: int | None = None, factory: Callable[[], Any] | None = None):
+def config_field(
+  default=_UNSET,
+  help: str | Callable[[], str] = "",
+  *,
+  identity: bool = False,
+  per_run: bool = False,
+  record: str | None = None,
+  sweep: str | None = None,
+  flag_default: Any = _UNSET,
+  choices: Sequence[Any] | None = None,
+  minimum: int | None = None,
+  factory: Callable[[], Any] | None = None,
+):
   """A :class:`TrainConfig` field: its default (or ``factory``) and its metadata (see the
   module docstring)."""
   if record not in RECORD_KINDS:
     raise ValueError(f"record must be one of {RECORD_KINDS}, got {record!r}")
-  metadata = {"help": help, "identity": identity, "per_run": per_run, "record": record,
-              "sweep": sweep, "choices": None if choices is None else tuple(choices),
-              "minimum": minimum}
+  metadata = {
+    "help": help,
+    "identity": identity,
+    "per_run": per_run,
+    "record": record,
+    "sweep": sweep,
+    "choices": None if choices is None else tuple(choices),
+    "minimum": minimum,
+  }
   if flag_default is not _UNSET:
     metadata["flag_default"] = flag_default
   if factory is not None:
@@ -61,11 +76,13 @@ def config_field(default=_UNSET, help: str | Callable[[], str] = "", *, identity
 
 def _datasets_help() -> str:
   from dgjax import datasets
+
   return f"the benchmark, one of: {', '.join(sorted(datasets.DATASETS))}"
 
 
 def _methods_help() -> str:
   from dgjax import methods
+
   return f"training method, one of: {', '.join(sorted(methods.METHODS))}"
 
 
@@ -76,100 +93,203 @@ class TrainConfig:
   (defaults or DomainBed's draw for ``hparams_seed``, the method's ``preset``, then the
   ``hparams`` overrides). See the module docstring for what each field's metadata says.
   """
+
   method: str = config_field(
-      "erm", _methods_help, identity=True, record="domainbed", sweep="--methods")
+    "erm", _methods_help, identity=True, record="domainbed", sweep="--methods"
+  )
   test_envs: tuple[int, ...] = config_field(
-      (2,), "test environments, e.g. 0 or 0,1 (DomainBed's --test_envs; held-out pairs for "
-      "leave-one-domain-out selection). Default: the dataset's", identity=True,
-      record="domainbed", sweep="--test_envs", flag_default=None)
+    (2,),
+    "test environments, e.g. 0 or 0,1 (DomainBed's --test_envs; held-out pairs for "
+    "leave-one-domain-out selection). Default: the dataset's",
+    identity=True,
+    record="domainbed",
+    sweep="--test_envs",
+    flag_default=None,
+  )
   steps: int = config_field(
-      5001, "training steps (default: the dataset's, 5001: hours on a CPU for the MNIST ones)",
-      record="domainbed", sweep="--steps", flag_default=None, minimum=1)
+    5001,
+    "training steps (default: the dataset's, 5001: hours on a CPU for the MNIST ones)",
+    record="domainbed",
+    sweep="--steps",
+    flag_default=None,
+    minimum=1,
+  )
   checkpoint_freq: int = config_field(
-      100, "evaluate and checkpoint every this many steps (default: the dataset's, 100 for the "
-      "MNIST ones)", identity=True, record="domainbed", sweep="--checkpoint_freq",
-      flag_default=None, minimum=1)
+    100,
+    "evaluate and checkpoint every this many steps (default: the dataset's, 100 for the "
+    "MNIST ones)",
+    identity=True,
+    record="domainbed",
+    sweep="--checkpoint_freq",
+    flag_default=None,
+    minimum=1,
+  )
   seed: int = config_field(
-      0, "seed for initialisation and minibatch sampling", identity=True, per_run=True,
-      record="domainbed", sweep="(derived from the others)")
+    0,
+    "seed for initialisation and minibatch sampling",
+    identity=True,
+    per_run=True,
+    record="domainbed",
+    sweep="(derived from the others)",
+  )
   trial_seed: int = config_field(
-      0, "seed for the dataset construction and the in/out splits", identity=True,
-      record="domainbed", sweep="--n_trials")
+    0,
+    "seed for the dataset construction and the in/out splits",
+    identity=True,
+    record="domainbed",
+    sweep="--n_trials",
+  )
   hparams_seed: int = config_field(
-      0, "0: the default hparams; else DomainBed's random draw (seed_hash(hparams_seed, "
-      "trial_seed))", identity=True, per_run=True, record="domainbed", sweep="--n_hparams")
+    0,
+    "0: the default hparams; else DomainBed's random draw (seed_hash(hparams_seed, trial_seed))",
+    identity=True,
+    per_run=True,
+    record="domainbed",
+    sweep="--n_hparams",
+  )
   hparams: Mapping[str, Any] = config_field(
-      help="JSON object of hparam overrides, e.g. '{\"lr\": 1e-4}'; see the README's method "
-      "table for each method's hparams", per_run=True, record="domainbed", sweep="--hparams",
-      factory=dict)
+    help="JSON object of hparam overrides, e.g. '{\"lr\": 1e-4}'; see the README's method "
+    "table for each method's hparams",
+    per_run=True,
+    record="domainbed",
+    sweep="--hparams",
+    factory=dict,
+  )
   preset: str | None = config_field(
-      None, "a named set of the method's hparams, applied before --hparams (e.g. hgp's "
-      "'irm_schedule'; see the README's method table)", per_run=True, record="dgjax")
+    None,
+    "a named set of the method's hparams, applied before --hparams (e.g. hgp's "
+    "'irm_schedule'; see the README's method table)",
+    per_run=True,
+    record="dgjax",
+  )
   holdout_fraction: float = config_field(
-      0.2, "fraction of each environment held out (the out-split)", identity=True,
-      record="domainbed", sweep="--holdout_fraction")
+    0.2,
+    "fraction of each environment held out (the out-split)",
+    identity=True,
+    record="domainbed",
+    sweep="--holdout_fraction",
+  )
   eval_batch_size: int = config_field(1000, "examples per evaluation chunk", minimum=1)
   per_domain_impl: str = config_field(
-      "auto", "lowering of the per-domain gradients (the same numbers up to rounding; auto "
-      "picks the fastest for the backend)", record="dgjax", choices=PER_DOMAIN_IMPLS)
+    "auto",
+    "lowering of the per-domain gradients (the same numbers up to rounding; auto "
+    "picks the fastest for the backend)",
+    record="dgjax",
+    choices=PER_DOMAIN_IMPLS,
+  )
   progress: bool = config_field(
-      True, "show progress (a bar on a terminal, one line per evaluation otherwise); "
-      "--noprogress: none", per_run=True)
+    True,
+    "show progress (a bar on a terminal, one line per evaluation otherwise); --noprogress: none",
+    per_run=True,
+  )
   keep_checkpoints: int = config_field(
-      3, "checkpoints kept (a damaged or unreadable newest one falls back to the previous)",
-      per_run=True, minimum=1)
-  scan_steps: int = config_field(1, "training steps per jit call (lax.scan)", record="dgjax",
-                                 minimum=1)
+    3,
+    "checkpoints kept (a damaged or unreadable newest one falls back to the previous)",
+    per_run=True,
+    minimum=1,
+  )
+  scan_steps: int = config_field(
+    1, "training steps per jit call (lax.scan)", record="dgjax", minimum=1
+  )
   dataset: str | None = config_field(
-      None, _datasets_help, identity=True, record="domainbed", sweep="--datasets",
-      flag_default="ColoredMNIST")
+    None,
+    _datasets_help,
+    identity=True,
+    record="domainbed",
+    sweep="--datasets",
+    flag_default="ColoredMNIST",
+  )
   data_dir: str | None = config_field(
-      None, "where the dataset is read from: MNIST IDX files (Fashion-MNIST ones for "
-      "ColoredFashionMNIST; default: TFDS), DomainBed's download.py folder for the image "
-      "datasets, your <environment>/<class>/<image> tree for ImageFolder; Spirals needs none",
-      record="domainbed", sweep="--data_dir")
+    None,
+    "where the dataset is read from: MNIST IDX files (Fashion-MNIST ones for "
+    "ColoredFashionMNIST; default: TFDS), DomainBed's download.py folder for the image "
+    "datasets, your <environment>/<class>/<image> tree for ImageFolder; Spirals needs none",
+    record="domainbed",
+    sweep="--data_dir",
+  )
   max_examples: int | None = config_field(
-      None, "MNIST variants: use only the first N pooled images; Spirals: N examples per "
-      "environment (quick runs)", identity=True, record="dgjax", minimum=1)
-  downsample: bool = config_field(False, "Colored datasets: subsample images to 14x14",
-                                  identity=True, record="dgjax")
+    None,
+    "MNIST variants: use only the first N pooled images; Spirals: N examples per "
+    "environment (quick runs)",
+    identity=True,
+    record="dgjax",
+    minimum=1,
+  )
+  downsample: bool = config_field(
+    False, "Colored datasets: subsample images to 14x14", identity=True, record="dgjax"
+  )
   conv_impl: str = config_field("auto", "convolution lowering, see dgjax.conv", record="dgjax")
   mesh: str = config_field(
-      "auto", "shard the step over a DOMAINSxDATA device mesh, e.g. 1x8 or 2x4; 'auto': every "
-      "device on the data axis when there are several, else none; 'none': one device "
-      "(vmapped runs always use one)", record="dgjax")
+    "auto",
+    "shard the step over a DOMAINSxDATA device mesh, e.g. 1x8 or 2x4; 'auto': every "
+    "device on the data axis when there are several, else none; 'none': one device "
+    "(vmapped runs always use one)",
+    record="dgjax",
+  )
   output_dir: str | None = config_field(
-      None, "where results.jsonl, the checkpoints and done go (default "
-      "runs/<dataset>/<method>_test<envs>_seed<seed>)", per_run=True, record="domainbed",
-      sweep="(the job's directory)")
+    None,
+    "where results.jsonl, the checkpoints and done go (default "
+    "runs/<dataset>/<method>_test<envs>_seed<seed>)",
+    per_run=True,
+    record="domainbed",
+    sweep="(the job's directory)",
+  )
   pretrained: str | None = config_field(
-      None, "image datasets: ImageNet weights converted by `python -m "
-      "experiments.convert_weights` (a .msgpack file), or 'none' to train the ResNet from "
-      "scratch", record="dgjax")
-  image_size: int = config_field(224, "image datasets: input resolution (DomainBed: 224)",
-                                 identity=True, record="dgjax", minimum=1)
+    None,
+    "image datasets: ImageNet weights converted by `python -m "
+    "experiments.convert_weights` (a .msgpack file), or 'none' to train the ResNet from "
+    "scratch",
+    record="dgjax",
+  )
+  image_size: int = config_field(
+    224,
+    "image datasets: input resolution (DomainBed: 224)",
+    identity=True,
+    record="dgjax",
+    minimum=1,
+  )
   data_workers: int = config_field(
-      2, "image datasets: grain worker processes decoding the JPEGs (0: in this process; "
-      "the numbers do not depend on it)", per_run=True, minimum=0)
+    2,
+    "image datasets: grain worker processes decoding the JPEGs (0: in this process; "
+    "the numbers do not depend on it)",
+    per_run=True,
+    minimum=0,
+  )
   data_source: str = config_field(
-      "folder", "image datasets: 'folder' reads DomainBed's download.py layout under "
-      "--data_dir; 'tfds' a TensorFlow Datasets copy prepared as array_record (DomainNet only; "
-      "--data_dir = the TFDS data dir, default $TFDS_DATA_DIR or ~/tensorflow_datasets)",
-      identity=True, record="dgjax", choices=DATA_SOURCES)
+    "folder",
+    "image datasets: 'folder' reads DomainBed's download.py layout under "
+    "--data_dir; 'tfds' a TensorFlow Datasets copy prepared as array_record (DomainNet only; "
+    "--data_dir = the TFDS data dir, default $TFDS_DATA_DIR or ~/tensorflow_datasets)",
+    identity=True,
+    record="dgjax",
+    choices=DATA_SOURCES,
+  )
   swad: bool = config_field(
-      False, "SWAD (Cha et al. 2021): also average the weights of every step over the "
-      "validation-loss valley and write the averaged model's evaluation as swad_* keys (see "
-      "dgjax.swad)", identity=True, record="dgjax")
-  swad_n_converge: int = config_field(3, "SWAD: convergence window, in evaluations",
-                                      identity=True, record="dgjax")
-  swad_n_tolerance: int = config_field(6, "SWAD: loss-smoothing window, in evaluations",
-                                       identity=True, record="dgjax")
+    False,
+    "SWAD (Cha et al. 2021): also average the weights of every step over the "
+    "validation-loss valley and write the averaged model's evaluation as swad_* keys (see "
+    "dgjax.swad)",
+    identity=True,
+    record="dgjax",
+  )
+  swad_n_converge: int = config_field(
+    3, "SWAD: convergence window, in evaluations", identity=True, record="dgjax"
+  )
+  swad_n_tolerance: int = config_field(
+    6, "SWAD: loss-smoothing window, in evaluations", identity=True, record="dgjax"
+  )
   swad_tolerance_ratio: float = config_field(
-      0.3, "SWAD: how far above the converged validation loss the valley may rise",
-      identity=True, record="dgjax")
+    0.3,
+    "SWAD: how far above the converged validation loss the valley may rise",
+    identity=True,
+    record="dgjax",
+  )
   resolved_hparams: Mapping[str, Any] = dataclasses.field(
-      init=False, compare=False, repr=False,
-      metadata={"identity": True, "per_run": True, "record": None})
+    init=False,
+    compare=False,
+    repr=False,
+    metadata={"identity": True, "per_run": True, "record": None},
+  )
 
   def __post_init__(self):
     object.__setattr__(self, "test_envs", tuple(int(e) for e in self.test_envs))
@@ -180,20 +300,32 @@ class TrainConfig:
       raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction!r}")
     if self.swad:
       from dgjax import swad as swad_lib
+
       swad_lib.LossValley(self.swad_n_converge, self.swad_n_tolerance, self.swad_tolerance_ratio)
       if self.holdout_fraction == 0:
-        raise ValueError("swad reads the training-domain validation loss: holdout_fraction "
-                         "must be > 0")
+        raise ValueError(
+          "swad reads the training-domain validation loss: holdout_fraction must be > 0"
+        )
     from dgjax import methods  # the dataset (a registered name) gives small- or large-image
+
     # values and its own hparams (e.g. the ResNets' resnet_dropout)
-    object.__setattr__(self, "resolved_hparams", methods.resolve_hparams(
-        self.method, self.hparams_seed, self.hparams, self.trial_seed, self.dataset, self.preset))
+    object.__setattr__(
+      self,
+      "resolved_hparams",
+      methods.resolve_hparams(
+        self.method, self.hparams_seed, self.hparams, self.trial_seed, self.dataset, self.preset
+      ),
+    )
 
   def identity(self) -> dict[str, Any]:
     """What a checkpoint must match to be resumed by this run: every ``identity`` field (the
     hparams as resolved), as JSON values."""
-    return json.loads(json.dumps({f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                                  if f.metadata["identity"]}, sort_keys=True))
+    return json.loads(
+      json.dumps(
+        {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["identity"]},
+        sort_keys=True,
+      )
+    )
 
 
 def _check_value(f: dataclasses.Field, value: Any) -> None:
@@ -227,6 +359,7 @@ class FlagSpec(NamedTuple):
   """How a field is a command-line flag: ``kind`` is ``"string"``, ``"integer"``,
   ``"float"``, ``"bool"``, ``"enum"`` (``choices``), ``"list"`` (comma-separated integers) or
   ``"json"`` (a JSON object)."""
+
   name: str
   kind: str
   default: Any
@@ -255,8 +388,14 @@ def value_type(name: str, cls: type = None) -> tuple[type, bool]:
   return origin, optional
 
 
-_KINDS = {int: "integer", float: "float", bool: "bool", str: "string", tuple: "list",
-          Mapping: "json"}
+_KINDS = {
+  int: "integer",
+  float: "float",
+  bool: "bool",
+  str: "string",
+  tuple: "list",
+  Mapping: "json",
+}
 
 
 def flag_specs(cls: type = None) -> list[FlagSpec]:
@@ -325,8 +464,9 @@ def from_flag_values(values: Mapping[str, Any], cls: type = None) -> dict[str, A
       try:
         value = tuple(int(v) for v in items) or None
       except ValueError:
-        raise ValueError(f"--{spec.name} must be integers (got "
-                         f"{','.join(map(str, items))})") from None
+        raise ValueError(
+          f"--{spec.name} must be integers (got {','.join(map(str, items))})"
+        ) from None
     elif spec.kind == "json":
       value = parse_json_object(spec.name, value)
     out[spec.name] = value
@@ -348,8 +488,9 @@ def check_field_value(name: str, value: Any, what: str = "", cls: type = None) -
   if tp is float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
   elif tp is tuple:
-    ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool)
-                                                  for v in value)
+    ok = isinstance(value, (list, tuple)) and all(
+      isinstance(v, int) and not isinstance(v, bool) for v in value
+    )
   elif tp is Mapping:
     ok = isinstance(value, Mapping)
   else:
@@ -358,8 +499,10 @@ def check_field_value(name: str, value: Any, what: str = "", cls: type = None) -
     f = {f.name: f for f in config_fields(cls)}[name]
     default = f.default_factory() if f.default is dataclasses.MISSING else f.default
     kind = {tuple: "a list of integers", Mapping: "a JSON object"}.get(tp, tp.__name__)
-    raise ValueError(f"{what}{name} must be {kind}{' or null' if optional else ''} (its default "
-                     f"is {json.dumps(default)}), got {value!r}")
+    raise ValueError(
+      f"{what}{name} must be {kind}{' or null' if optional else ''} (its default "
+      f"is {json.dumps(default)}), got {value!r}"
+    )
 
 
 def record_fields(config: TrainConfig, kind: str) -> dict[str, Any]:
@@ -384,10 +527,13 @@ def shared_values(config: TrainConfig) -> dict[str, Any]:
   the value of every structural hparam (``batch_size``, Hutchinson's ``hutchinson_samples``,
   ...: they set shapes or Python control flow)."""
   from dgjax import methods
-  out = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-         if not f.metadata["per_run"]}
-  out.update({f"hparam {n}": config.resolved_hparams[n]
-              for n in methods.structural_hparams(config.method)})
+
+  out = {
+    f.name: getattr(config, f.name) for f in dataclasses.fields(config) if not f.metadata["per_run"]
+  }
+  out.update(
+    {f"hparam {n}": config.resolved_hparams[n] for n in methods.structural_hparams(config.method)}
+  )
   return out
 
 
@@ -405,8 +551,11 @@ def check_vmap_group(configs: Sequence[TrainConfig]) -> None:
       if values.get(name) != value:
         if name.startswith("hparam "):
           got = sorted({shared_values(x)[name] for x in configs}, key=str)
-          raise ValueError(f"runs in one vmapped program must share the structural hparam "
-                           f"{name[len('hparam '):]!r} (got {got}); group them into separate "
-                           "programs")
-        raise ValueError(f"runs in one vmapped program must share {name!r}: {value!r} vs "
-                         f"{values.get(name)!r}")
+          raise ValueError(
+            f"runs in one vmapped program must share the structural hparam "
+            f"{name[len('hparam ') :]!r} (got {got}); group them into separate "
+            "programs"
+          )
+        raise ValueError(
+          f"runs in one vmapped program must share {name!r}: {value!r} vs {values.get(name)!r}"
+        )

@@ -89,8 +89,9 @@ def _check(x, kernel, stride, padding):
   ho = _out_size(x.shape[1], kh, stride, padding)
   wo = _out_size(x.shape[2], kw, stride, padding)
   if ho < 1 or wo < 1:
-    raise ValueError(f"empty output for input {x.shape}, kernel {kernel.shape}, "
-                     f"stride {stride}, padding {padding}")
+    raise ValueError(
+      f"empty output for input {x.shape}, kernel {kernel.shape}, stride {stride}, padding {padding}"
+    )
   return kh, kw, ho, wo
 
 
@@ -101,8 +102,11 @@ def _pad_hw(x, padding):
 def _taps(x, kh, kw, ho, wo, stride, padding):
   """The ``kh*kw`` (strided) windows of the padded input, each ``[N, Ho, Wo, C]``."""
   xp = _pad_hw(x, padding)
-  return [xp[:, a:a + stride * (ho - 1) + 1:stride, b:b + stride * (wo - 1) + 1:stride, :]
-          for a in range(kh) for b in range(kw)]
+  return [
+    xp[:, a : a + stride * (ho - 1) + 1 : stride, b : b + stride * (wo - 1) + 1 : stride, :]
+    for a in range(kh)
+    for b in range(kw)
+  ]
 
 
 def _matmul_last(x, w):
@@ -117,9 +121,12 @@ def _patches(x, kh, kw, ho, wo, stride, padding):
 
 def conv_xla(x, kernel, stride, padding):
   return jax.lax.conv_general_dilated(
-      x, kernel, window_strides=(stride, stride),
-      padding=((padding, padding), (padding, padding)),
-      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    x,
+    kernel,
+    window_strides=(stride, stride),
+    padding=((padding, padding), (padding, padding)),
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )
 
 
 def conv_im2col(x, kernel, stride, padding):
@@ -132,8 +139,9 @@ def conv_shift_matmul(x, kernel, stride, padding):
   kh, kw, ho, wo = _check(x, kernel, stride, padding)
   if stride != 1:
     raise ValueError(
-        f"impl='shift_matmul' supports stride 1 only (got stride {stride}); use "
-        "'im2col' or 'xla_mmdw' for strided layers")
+      f"impl='shift_matmul' supports stride 1 only (got stride {stride}); use "
+      "'im2col' or 'xla_mmdw' for strided layers"
+    )
   n, h, w, cin = x.shape
   cout = kernel.shape[3]
   wk = jnp.transpose(kernel, (2, 0, 1, 3)).reshape(cin, kh * kw * cout)
@@ -142,7 +150,7 @@ def conv_shift_matmul(x, kernel, stride, padding):
   y = None
   for a in range(kh):
     for b in range(kw):
-      t = zp[:, a:a + ho, b:b + wo, a * kw + b, :]
+      t = zp[:, a : a + ho, b : b + wo, a * kw + b, :]
       y = t if y is None else y + t
   return y
 
@@ -178,6 +186,7 @@ def _make_xla_mmdw(form):
   def conv(x, kernel, stride, padding):
     _check(x, kernel, stride, padding)
     return f(x, kernel, stride, padding)
+
   return conv
 
 
@@ -185,10 +194,10 @@ conv_xla_mmdw = _make_xla_mmdw("gtp")
 
 
 CONV_IMPLS: Dict[str, ConvFn] = {
-    "xla": conv_xla,
-    "im2col": conv_im2col,
-    "shift_matmul": conv_shift_matmul,
-    "xla_mmdw": conv_xla_mmdw,
+  "xla": conv_xla,
+  "im2col": conv_im2col,
+  "shift_matmul": conv_shift_matmul,
+  "xla_mmdw": conv_xla_mmdw,
 }
 
 
@@ -199,8 +208,9 @@ def resolve_impl(impl: str) -> str:
   return impl
 
 
-def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: int = 1,
-           impl: str = "xla") -> jax.Array:
+def conv2d(
+  x: jax.Array, kernel: jax.Array, stride: int = 1, padding: int = 1, impl: str = "xla"
+) -> jax.Array:
   """NHWC convolution, HWIO kernel, symmetric zero padding ``padding`` (as torch.nn.Conv2d).
 
   ``impl`` selects the lowering (module docstring); all are the same function, differentiable
@@ -210,8 +220,9 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: int = 1,
   try:
     fn = CONV_IMPLS[name]
   except KeyError:
-    raise ValueError(f"unknown conv impl {impl!r}; expected one of "
-                     f"{sorted(CONV_IMPLS) + ['auto']}") from None
+    raise ValueError(
+      f"unknown conv impl {impl!r}; expected one of {sorted(CONV_IMPLS) + ['auto']}"
+    ) from None
   _check(x, kernel, stride, padding)
   return fn(x, kernel, stride, padding)
 
@@ -223,6 +234,7 @@ class Conv(nn.Module):
   PyTorch does (kaiming-uniform with a=sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for
   both kernel and bias). ``impl`` is passed to :func:`conv2d`.
   """
+
   features: int
   kernel_size: int = 3
   stride: int = 1
@@ -234,7 +246,9 @@ class Conv(nn.Module):
     c_in = x.shape[-1]
     fan_in = c_in * self.kernel_size * self.kernel_size
     bound = 1.0 / jnp.sqrt(fan_in)
-    init = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+    init = lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+      key, shape, dtype, -bound, bound
+    )
     kernel = self.param("kernel", init, (self.kernel_size, self.kernel_size, c_in, self.features))
     bias = self.param("bias", init, (self.features,))
     y = conv2d(x, kernel.astype(x.dtype), self.stride, self.padding, self.impl)

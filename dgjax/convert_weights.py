@@ -40,31 +40,40 @@ from typing import Any, Mapping
 import numpy as np
 
 __all__ = [
-    "SOURCES",
-    "WeightsError",
-    "convert_file",
-    "load_pretrained",
-    "missing_weights_message",
-    "read_state_dict",
-    "read_weights",
-    "save_weights",
-    "torch_to_flax",
+  "SOURCES",
+  "WeightsError",
+  "convert_file",
+  "load_pretrained",
+  "missing_weights_message",
+  "read_state_dict",
+  "read_weights",
+  "save_weights",
+  "torch_to_flax",
 ]
 
 FORMAT = "dgjax-resnet-weights-v1"
 
 #: arch -> (model arch, file name, where to download it)
 SOURCES = {
-    "resnet18": ("resnet18", "resnet18-f37072fd.pth",
-                 "https://download.pytorch.org/models/resnet18-f37072fd.pth "
-                 "(torchvision ResNet18_Weights.IMAGENET1K_V1)"),
-    "resnet50": ("resnet50", "resnet50-0676ba61.pth",
-                 "https://download.pytorch.org/models/resnet50-0676ba61.pth "
-                 "(torchvision ResNet50_Weights.IMAGENET1K_V1, DomainBed's pretrained=True)"),
-    "resnet50_augmix": ("resnet50", "model.safetensors",
-                        "https://huggingface.co/timm/resnet50.ram_in1k/resolve/main/"
-                        "model.safetensors (timm hub name 'resnet50.ram_in1k', DomainBed's "
-                        "resnet50_augmix)"),
+  "resnet18": (
+    "resnet18",
+    "resnet18-f37072fd.pth",
+    "https://download.pytorch.org/models/resnet18-f37072fd.pth "
+    "(torchvision ResNet18_Weights.IMAGENET1K_V1)",
+  ),
+  "resnet50": (
+    "resnet50",
+    "resnet50-0676ba61.pth",
+    "https://download.pytorch.org/models/resnet50-0676ba61.pth "
+    "(torchvision ResNet50_Weights.IMAGENET1K_V1, DomainBed's pretrained=True)",
+  ),
+  "resnet50_augmix": (
+    "resnet50",
+    "model.safetensors",
+    "https://huggingface.co/timm/resnet50.ram_in1k/resolve/main/"
+    "model.safetensors (timm hub name 'resnet50.ram_in1k', DomainBed's "
+    "resnet50_augmix)",
+  ),
 }
 
 
@@ -77,10 +86,12 @@ def missing_weights_message(arch: str) -> str:
   if arch not in SOURCES:
     raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(SOURCES)}")
   model_arch, fname, url = SOURCES[arch]
-  return (f"{arch} needs ImageNet weights converted for dgjax. Download {fname} from {url}, "
-          f"convert it once:\n  python -m experiments.convert_weights --arch {arch} "
-          f"--input {fname} --output {arch}.msgpack\nthen pass --pretrained={arch}.msgpack "
-          f"(or --pretrained=none to train from scratch).")
+  return (
+    f"{arch} needs ImageNet weights converted for dgjax. Download {fname} from {url}, "
+    f"convert it once:\n  python -m experiments.convert_weights --arch {arch} "
+    f"--input {fname} --output {arch}.msgpack\nthen pass --pretrained={arch}.msgpack "
+    f"(or --pretrained=none to train from scratch)."
+  )
 
 
 # --------------------------------------------------------------------------- reading
@@ -92,6 +103,7 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
   suffix = path.suffix.lower()
   if suffix == ".safetensors":
     from safetensors.numpy import load_file
+
     try:
       sd = load_file(str(path))
     except Exception as e:  # noqa: BLE001 -- re-raised naming the file
@@ -100,8 +112,10 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
     try:
       import torch
     except ImportError:
-      raise WeightsError(f"reading {path} ({suffix}, a pickled torch file) needs torch: "
-                         f"pip install 'dgjax[convert]', or give the .safetensors file") from None
+      raise WeightsError(
+        f"reading {path} ({suffix}, a pickled torch file) needs torch: "
+        f"pip install 'dgjax[convert]', or give the .safetensors file"
+      ) from None
     try:
       obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
@@ -109,17 +123,27 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
     for wrapper in ("state_dict", "model"):
       if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
         obj = obj[wrapper]
-    sd = {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
-          for k, v in obj.items() if hasattr(v, "numpy")}
+    sd = {
+      k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
+      for k, v in obj.items()
+      if hasattr(v, "numpy")
+    }
   else:
-    raise WeightsError(f"{path}: unknown weights format {suffix!r} "
-                       f"(expected .safetensors, .pth, .pt or .bin)")
-  return {k[len("module."):] if k.startswith("module.") else k: np.asarray(v) for k, v in sd.items()}
+    raise WeightsError(
+      f"{path}: unknown weights format {suffix!r} (expected .safetensors, .pth, .pt or .bin)"
+    )
+  return {
+    k[len("module.") :] if k.startswith("module.") else k: np.asarray(v) for k, v in sd.items()
+  }
 
 
 _BLOCK = re.compile(r"^layer(\d)\.(\d+)\.(.+)$")
-_BN_FIELDS = {"weight": ("params", "scale"), "bias": ("params", "bias"),
-              "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
+_BN_FIELDS = {
+  "weight": ("params", "scale"),
+  "bias": ("params", "bias"),
+  "running_mean": ("batch_stats", "mean"),
+  "running_var": ("batch_stats", "var"),
+}
 
 
 def _target(key: str, include_head: bool):
@@ -135,8 +159,11 @@ def _target(key: str, include_head: bool):
   m = _BLOCK.match(key)
   if m:
     prefix += (f"layer{m.group(1)}_{m.group(2)}",)
-    key = m.group(3).replace("downsample.0.", "downsample_conv.").replace("downsample.1.",
-                                                                          "downsample_bn.")
+    key = (
+      m.group(3)
+      .replace("downsample.0.", "downsample_conv.")
+      .replace("downsample.1.", "downsample_bn.")
+    )
   layer, _, field = key.rpartition(".")
   if layer.startswith("conv") or layer == "downsample_conv":
     if field != "weight":
@@ -174,8 +201,10 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], include_head: bool = Fal
       node = node.setdefault(name, {})
     node[path[-1]] = np.ascontiguousarray(value)
   if unknown:
-    raise WeightsError(f"{len(unknown)} state-dict key(s) that are not part of a torchvision "
-                       f"ResNet: {', '.join(unknown[:10])}")
+    raise WeightsError(
+      f"{len(unknown)} state-dict key(s) that are not part of a torchvision "
+      f"ResNet: {', '.join(unknown[:10])}"
+    )
   return out
 
 
@@ -183,8 +212,14 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], include_head: bool = Fal
 def save_weights(path, variables: Mapping[str, Any], arch: str, source: str = "") -> None:
   """Write converted ``variables`` (``params`` / ``batch_stats``) as flax msgpack."""
   from flax import serialization
-  payload = {"format": FORMAT, "arch": arch, "source": source,
-             "params": variables["params"], "batch_stats": variables["batch_stats"]}
+
+  payload = {
+    "format": FORMAT,
+    "arch": arch,
+    "source": source,
+    "params": variables["params"],
+    "batch_stats": variables["batch_stats"],
+  }
   Path(path).parent.mkdir(parents=True, exist_ok=True)
   tmp = f"{path}.tmp"
   with open(tmp, "wb") as f:
@@ -195,17 +230,22 @@ def save_weights(path, variables: Mapping[str, Any], arch: str, source: str = ""
 def read_weights(path) -> dict:
   """``{"format", "arch", "source", "params", "batch_stats"}`` from a converted file."""
   from flax import serialization
+
   path = Path(path)
   if not path.is_file():
     raise WeightsError(f"weights file {path} does not exist")
   try:
     payload = serialization.msgpack_restore(path.read_bytes())
   except Exception as e:  # noqa: BLE001
-    raise WeightsError(f"cannot read {path} as a dgjax weights file (flax msgpack): {e}; "
-                       f"convert torch/timm files with python -m experiments.convert_weights") from None
+    raise WeightsError(
+      f"cannot read {path} as a dgjax weights file (flax msgpack): {e}; "
+      f"convert torch/timm files with python -m experiments.convert_weights"
+    ) from None
   if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-    raise WeightsError(f"{path} is not a dgjax weights file (format {FORMAT!r}); convert "
-                       f"torch/timm files with python -m experiments.convert_weights")
+    raise WeightsError(
+      f"{path} is not a dgjax weights file (format {FORMAT!r}); convert "
+      f"torch/timm files with python -m experiments.convert_weights"
+    )
   return payload
 
 
@@ -214,12 +254,16 @@ def convert_file(arch: str, input_path, output_path, include_head: bool = False)
   model, write ``output_path``; returns the converted variables."""
   import jax
   from dgjax import resnet
+
   if arch not in SOURCES:
     raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(SOURCES)}")
   model_arch = SOURCES[arch][0]
   converted = torch_to_flax(read_state_dict(input_path), include_head=include_head)
-  num_classes = (converted["params"]["classifier"]["bias"].shape[0]
-                 if include_head and "classifier" in converted["params"] else 1)
+  num_classes = (
+    converted["params"]["classifier"]["bias"].shape[0]
+    if include_head and "classifier" in converted["params"]
+    else 1
+  )
   model = resnet.resnet_classifier(model_arch, num_classes)
   shapes = jax.eval_shape(lambda: resnet.init_variables(model, jax.random.key(0), 64))
   _check(converted, shapes, str(input_path), head=include_head)
@@ -241,20 +285,29 @@ def _flatten(tree, prefix=()) -> dict[tuple[str, ...], Any]:
 def _check(found: Mapping, expected: Mapping, where: str, head: bool) -> None:
   problems = []
   for collection in ("params", "batch_stats"):
-    exp = {k: v for k, v in _flatten(expected.get(collection, {})).items()
-           if head or k[0] == "featurizer"}
+    exp = {
+      k: v
+      for k, v in _flatten(expected.get(collection, {})).items()
+      if head or k[0] == "featurizer"
+    }
     got = _flatten(found.get(collection, {}))
     missing = sorted("/".join((collection,) + k) for k in exp.keys() - got.keys())
     unexpected = sorted("/".join((collection,) + k) for k in got.keys() - exp.keys())
-    wrong = sorted(f"{'/'.join((collection,) + k)}: file {tuple(np.shape(got[k]))}, "
-                   f"model {tuple(exp[k].shape)}"
-                   for k in exp.keys() & got.keys() if tuple(np.shape(got[k])) != tuple(exp[k].shape))
+    wrong = sorted(
+      f"{'/'.join((collection,) + k)}: file {tuple(np.shape(got[k]))}, model {tuple(exp[k].shape)}"
+      for k in exp.keys() & got.keys()
+      if tuple(np.shape(got[k])) != tuple(exp[k].shape)
+    )
     if missing:
-      problems.append(f"missing {len(missing)} key(s): {', '.join(missing[:8])}"
-                      + (" ..." if len(missing) > 8 else ""))
+      problems.append(
+        f"missing {len(missing)} key(s): {', '.join(missing[:8])}"
+        + (" ..." if len(missing) > 8 else "")
+      )
     if unexpected:
-      problems.append(f"unexpected {len(unexpected)} key(s): {', '.join(unexpected[:8])}"
-                      + (" ..." if len(unexpected) > 8 else ""))
+      problems.append(
+        f"unexpected {len(unexpected)} key(s): {', '.join(unexpected[:8])}"
+        + (" ..." if len(unexpected) > 8 else "")
+      )
     if wrong:
       problems.append(f"{len(wrong)} shape mismatch(es): {'; '.join(wrong[:8])}")
   if problems:
@@ -267,14 +320,19 @@ def load_pretrained(path, model_variables: Mapping[str, Any]) -> dict:
   (DomainBed: new ``Linear`` on the pretrained featurizer). Every featurizer key and shape
   is checked; a mismatch raises :class:`WeightsError` naming the missing / unexpected keys."""
   import jax.numpy as jnp
+
   payload = read_weights(path)
-  found = {"params": {"featurizer": payload["params"].get("featurizer", {})},
-           "batch_stats": {"featurizer": payload["batch_stats"].get("featurizer", {})}}
+  found = {
+    "params": {"featurizer": payload["params"].get("featurizer", {})},
+    "batch_stats": {"featurizer": payload["batch_stats"].get("featurizer", {})},
+  }
   _check(found, model_variables, f"weights file {path} (arch {payload.get('arch')})", head=False)
   out = {k: dict(v) for k, v in model_variables.items()}
   for collection in ("params", "batch_stats"):
     dtypes = {k: v.dtype for k, v in _flatten(model_variables[collection]["featurizer"]).items()}
-    flat = {k: jnp.asarray(v, dtypes[k]) for k, v in _flatten(found[collection]["featurizer"]).items()}
+    flat = {
+      k: jnp.asarray(v, dtypes[k]) for k, v in _flatten(found[collection]["featurizer"]).items()
+    }
     out[collection]["featurizer"] = _unflatten(flat)
   return out
 

@@ -51,17 +51,24 @@ from dgjax.types import PyTree
 Sampler = Callable[[np.random.RandomState], Any]
 
 
-
 class DatasetFacts(Protocol):
   """What the hparam rules read of a dataset (:class:`dgjax.datasets.Dataset` declares them)."""
-  name: str             # per-dataset values (:attr:`HParam.per_dataset`) are keyed by it
-  small_images: bool    # DomainBed's ``SMALL_IMAGES``: the MNIST-sized common hparams
-  hparams: Mapping[str, Any]   # the dataset's own model and data hparams (name -> HParam)
+
+  name: str  # per-dataset values (:attr:`HParam.per_dataset`) are keyed by it
+  small_images: bool  # DomainBed's ``SMALL_IMAGES``: the MNIST-sized common hparams
+  hparams: Mapping[str, Any]  # the dataset's own model and data hparams (name -> HParam)
 
 
 #: Roles a benchmark may map onto (see :attr:`HParam.role`).
-ROLES = ("lr", "batch_size", "weight_decay", "penalty_weight", "anneal_iters", "rescale_loss",
-         "reset_optimizer")
+ROLES = (
+  "lr",
+  "batch_size",
+  "weight_decay",
+  "penalty_weight",
+  "anneal_iters",
+  "rescale_loss",
+  "reset_optimizer",
+)
 
 _KINDS = ("float", "int", "bool", "choice")
 
@@ -86,6 +93,7 @@ class HParam:
     per_dataset: ``{dataset: (default, sample)}`` for single datasets where DomainBed's
       registry singles them out (over the small/large values).
   """
+
   default: Any
   sample: Sampler
   doc: str = ""
@@ -116,8 +124,10 @@ class HParam:
     if dataset is None or dataset.small_images:
       return self
     return dataclasses.replace(
-        self, default=self.default if self.large_default is None else self.large_default,
-        sample=self.sample if self.large_sample is None else self.large_sample)
+      self,
+      default=self.default if self.large_default is None else self.large_default,
+      sample=self.sample if self.large_sample is None else self.large_sample,
+    )
 
   def coerce(self, name: str, value: Any) -> Any:
     """``value`` as this hparam's kind, or a ``ValueError`` naming ``name`` and the rule."""
@@ -149,19 +159,40 @@ class HParam:
 
 def log_uniform(lo, hi) -> Sampler:
   """DomainBed's ``10 ** r.uniform(lo, hi)``: a log-uniform draw on ``[10^lo, 10^hi)``."""
-  return lambda r: float(10**r.uniform(lo, hi))
+  return lambda r: float(10 ** r.uniform(lo, hi))
 
 
 #: DomainBed's hparams shared by every method (small-image values; large-image ones beside).
 COMMON_HPARAMS: dict[str, HParam] = {
-    "lr": HParam(1e-3, log_uniform(-4.5, -2.5), "Adam learning rate", role="lr", positive=True,
-                 large_default=5e-5, large_sample=log_uniform(-5, -3.5)),
-    "batch_size": HParam(64, lambda r: int(2**r.uniform(3, 9)), "examples per domain per step",
-                         kind="int", structural=True, role="batch_size", minimum=1,
-                         large_default=32, large_sample=lambda r: int(2**r.uniform(3, 5.5))),
-    "weight_decay": HParam(0.0, lambda r: 0.0, "L2 weight decay added to the gradient (torch Adam)",
-                           role="weight_decay", minimum=0.0,
-                           large_default=0.0, large_sample=log_uniform(-6, -2)),
+  "lr": HParam(
+    1e-3,
+    log_uniform(-4.5, -2.5),
+    "Adam learning rate",
+    role="lr",
+    positive=True,
+    large_default=5e-5,
+    large_sample=log_uniform(-5, -3.5),
+  ),
+  "batch_size": HParam(
+    64,
+    lambda r: int(2 ** r.uniform(3, 9)),
+    "examples per domain per step",
+    kind="int",
+    structural=True,
+    role="batch_size",
+    minimum=1,
+    large_default=32,
+    large_sample=lambda r: int(2 ** r.uniform(3, 5.5)),
+  ),
+  "weight_decay": HParam(
+    0.0,
+    lambda r: 0.0,
+    "L2 weight decay added to the gradient (torch Adam)",
+    role="weight_decay",
+    minimum=0.0,
+    large_default=0.0,
+    large_sample=log_uniform(-6, -2),
+  ),
 }
 
 
@@ -172,19 +203,32 @@ PENALTY_FORMS = ("domainbed", "script")
 
 
 def penalty_form_hparam() -> HParam:
-  return HParam("domainbed", lambda r: "domainbed", "the penalty's form: DomainBed's, or the "
-                "IRM-style Colored MNIST scripts' (preset irm_cmnist)", kind="choice",
-                choices=PENALTY_FORMS, structural=True)
+  return HParam(
+    "domainbed",
+    lambda r: "domainbed",
+    "the penalty's form: DomainBed's, or the IRM-style Colored MNIST scripts' (preset irm_cmnist)",
+    kind="choice",
+    choices=PENALTY_FORMS,
+    structural=True,
+  )
 
 
 def rescale_loss_hparam() -> HParam:
-  return HParam(False, lambda r: False, "divide the objective by the penalty weight once it "
-                "exceeds 1 (the Colored MNIST scripts; DomainBed never does)", kind="bool",
-                role="rescale_loss")
+  return HParam(
+    False,
+    lambda r: False,
+    "divide the objective by the penalty weight once it "
+    "exceeds 1 (the Colored MNIST scripts; DomainBed never does)",
+    kind="bool",
+    role="rescale_loss",
+  )
 
 
-def reset_optimizer_hparam(default: bool, doc: str = "re-create Adam at the penalty switch "
-                           "(DomainBed; the Colored MNIST scripts keep one Adam)") -> HParam:
+def reset_optimizer_hparam(
+  default: bool,
+  doc: str = "re-create Adam at the penalty switch "
+  "(DomainBed; the Colored MNIST scripts keep one Adam)",
+) -> HParam:
   return HParam(default, lambda r: default, doc, kind="bool", role="reset_optimizer")
 
 
@@ -205,7 +249,8 @@ class Context:
   concatenated ``[D * B]`` batch or once per domain (DomainBed's method calls it per
   minibatch), which decides unfrozen BatchNorm's statistics.
   """
-  model: Any                      # a flax module with ``features`` and ``head`` methods
+
+  model: Any  # a flax module with ``features`` and ``head`` methods
   hparams: Mapping[str, Any]
   num_domains: int
   per_domain_impl: str = "vmap"
@@ -250,8 +295,14 @@ class Context:
 
     def one_update(ctx, xb):
       kwargs = {"rngs": {"dropout": ctx.rng}} if ctx.rng is not None else {}
-      _, new = self.model.apply({"params": params, **self.variables}, xb, method="features",
-                                train=True, mutable=["batch_stats"], **kwargs)
+      _, new = self.model.apply(
+        {"params": params, **self.variables},
+        xb,
+        method="features",
+        train=True,
+        mutable=["batch_stats"],
+        **kwargs,
+      )
       return new["batch_stats"]
 
     old = self.variables["batch_stats"]
@@ -260,12 +311,16 @@ class Context:
     else:
       d = x.shape[0]
       # lowered as the gradient's per-domain passes, so XLA can share the forward
-      stacked = map_over_leading(lambda xi: one_update(self.for_domain(xi[1]), xi[0]),
-                                 (x, jnp.arange(d)), self.per_domain_impl)
+      stacked = map_over_leading(
+        lambda xi: one_update(self.for_domain(xi[1]), xi[0]),
+        (x, jnp.arange(d)),
+        self.per_domain_impl,
+      )
       a = 1.0 - momentum
       weights = a ** jnp.arange(d - 1, -1, -1, dtype=jnp.float32)
-      new = jax.tree.map(lambda r, u: a**d * r + jnp.tensordot(weights, u - a * r[None], axes=1),
-                         old, stacked)
+      new = jax.tree.map(
+        lambda r, u: a**d * r + jnp.tensordot(weights, u - a * r[None], axes=1), old, stacked
+      )
     return {**self.variables, "batch_stats": new}
 
   def logits(self, params, x):
@@ -334,6 +389,7 @@ class Terms(NamedTuple):
   ``None`` for methods without one; ``metrics``: more scalars to log; ``state``: the
   source's new state.
   """
+
   env_losses: jax.Array
   penalty: jax.Array | None = None
   metrics: Mapping[str, Any] = {}
@@ -350,6 +406,7 @@ class GradientSource(NamedTuple):
   ``init(ctx, params, key) -> state`` (the source's own state; ``()`` when it has none).
   ``key`` is the run's key for the source's own networks: each is drawn from
   :func:`extra_net_key` of it and the network's name."""
+
   grads: Callable[..., tuple[PyTree, Terms]]
   init: Callable[[Context, PyTree, jax.Array], Any] = _no_state
 
@@ -366,6 +423,7 @@ class ExtraNet(NamedTuple):
   URM's discriminator, ADRMX's networks, ...): its parameters and its own optimizer's state,
   kept in the gradient source's state. The optimizer is a transform of the hparams (which may
   be traced), so the method builds it where it is used and passes it in."""
+
   params: PyTree
   opt_state: optax.OptState
 
@@ -387,8 +445,11 @@ def per_domain_gradients() -> GradientSource:
   def grads(ctx, params, state, batch, step, key):
     del step, key
     losses, g = per_domain_value_and_grad(
-        lambda p, b: ctx.for_domain(b["domain"]).loss(p, b["batch"]), params,
-        {"batch": batch, "domain": jnp.arange(ctx.num_domains)}, impl=ctx.per_domain_impl)
+      lambda p, b: ctx.for_domain(b["domain"]).loss(p, b["batch"]),
+      params,
+      {"batch": batch, "domain": jnp.arange(ctx.num_domains)},
+      impl=ctx.per_domain_impl,
+    )
     return g, Terms(losses, state=state)
 
   return GradientSource(grads)
@@ -400,12 +461,16 @@ def annealed_weight(step, anneal_iters, weight, before=1.0):
   return jnp.where(step >= anneal_iters, weight, before)
 
 
-TermsFn = Callable[..., Terms]   # terms(ctx, params, batch, key, state) -> Terms
+TermsFn = Callable[..., Terms]  # terms(ctx, params, batch, key, state) -> Terms
 
 
-def penalized(terms: TermsFn, weight: str | None = None, anneal_iters: str | None = None,
-              before: float | Callable[[Mapping[str, Any]], float] = 1.0,
-              init: Callable[[Context, PyTree, jax.Array], Any] | None = None) -> GradientSource:
+def penalized(
+  terms: TermsFn,
+  weight: str | None = None,
+  anneal_iters: str | None = None,
+  before: float | Callable[[Mapping[str, Any]], float] = 1.0,
+  init: Callable[[Context, PyTree, jax.Array], Any] | None = None,
+) -> GradientSource:
   """The gradient of ``objective = mean_d loss_d + w(step) * penalty`` from ONE
   ``jax.value_and_grad`` (so one forward and one backward pass through the featurizer).
 
@@ -425,8 +490,9 @@ def penalized(terms: TermsFn, weight: str | None = None, anneal_iters: str | Non
   def grads(ctx, params, state, batch, step, key):
     w = ctx.hparams[weight] if weight else 1.0
     if anneal_iters:
-      w = annealed_weight(step, ctx.hparams[anneal_iters], w,
-                          before(ctx.hparams) if callable(before) else before)
+      w = annealed_weight(
+        step, ctx.hparams[anneal_iters], w, before(ctx.hparams) if callable(before) else before
+      )
 
     def objective(p):
       t = terms(ctx, p, batch, key, state)
@@ -438,8 +504,7 @@ def penalized(terms: TermsFn, weight: str | None = None, anneal_iters: str | Non
     (value, t), g = jax.value_and_grad(objective, has_aux=True)(params)
     metrics = dict(t.metrics)
     if t.penalty is not None:
-      metrics.update(penalty=t.penalty, penalty_weight=jnp.asarray(w, jnp.float32),
-                     objective=value)
+      metrics.update(penalty=t.penalty, penalty_weight=jnp.asarray(w, jnp.float32), objective=value)
     return g, t._replace(metrics=metrics)
 
   return GradientSource(grads, init or _no_state)
@@ -457,8 +522,9 @@ class ResetState(NamedTuple):
   inner: optax.OptState
 
 
-def reset_at_step(inner: optax.GradientTransformation, at: Any,
-                  enabled: Any = True) -> optax.GradientTransformationExtraArgs:
+def reset_at_step(
+  inner: optax.GradientTransformation, at: Any, enabled: Any = True
+) -> optax.GradientTransformationExtraArgs:
   """``inner``, re-initialised at ``step == at`` (extra argument ``step``) when ``at > 0``
   and ``enabled``: DomainBed re-creates Adam at a penalty switch "because it may not like
   the sharp jump in gradient magnitudes". ``at`` may be a tuple of switch steps (IB-IRM
@@ -482,8 +548,9 @@ def reset_at_step(inner: optax.GradientTransformation, at: Any,
   return optax.GradientTransformationExtraArgs(init, update)
 
 
-def rescale_by_penalty_weight(weight: Any, anneal_iters: Any, enabled: Any = True,
-                              before: float = 1.0) -> optax.GradientTransformationExtraArgs:
+def rescale_by_penalty_weight(
+  weight: Any, anneal_iters: Any, enabled: Any = True, before: float = 1.0
+) -> optax.GradientTransformationExtraArgs:
   """Divides the updates by ``max(w(step), 1)`` when ``enabled`` (extra argument ``step``;
   ``w`` as :func:`annealed_weight`): the Colored MNIST scripts' ``if penalty_weight > 1.0:
   loss /= penalty_weight`` (Arjovsky et al.'s ``colored_mnist/main.py``, kept by Fishr and the
@@ -500,16 +567,18 @@ def rescale_by_penalty_weight(weight: Any, anneal_iters: Any, enabled: Any = Tru
   return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
 
 
-def on_steps(inner: optax.GradientTransformation,
-             active: Callable[[jax.Array], jax.Array]) -> optax.GradientTransformationExtraArgs:
+def on_steps(
+  inner: optax.GradientTransformation, active: Callable[[jax.Array], jax.Array]
+) -> optax.GradientTransformationExtraArgs:
   """``inner`` on the steps where ``active(step)`` is true (``step``: the engine's extra
   argument); on the others a zero update and ``inner``'s state unchanged, as a torch optimizer
   whose ``step()`` is not called (Adam's moments and bias-correction count do not advance).
   ``optax.conditionally_mask`` with the condition read from the engine's ``step`` (the call
   counter optax keeps in its state is not read). The adversarial methods' generator
   optimizers (DANN, CDANN, ADRMX) skip the discriminator's steps this way."""
-  return optax.conditionally_mask(inner, lambda count, *, step, **extra: active(step),
-                                  forward_extra_args=True)
+  return optax.conditionally_mask(
+    inner, lambda count, *, step, **extra: active(step), forward_extra_args=True
+  )
 
 
 def torch_adam(lr) -> optax.GradientTransformation:
@@ -517,8 +586,9 @@ def torch_adam(lr) -> optax.GradientTransformation:
   return optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8)
 
 
-def domainbed_adam(reset_at: str | None = None, rescale_by: tuple[str, str] | None = None
-                   ) -> Callable[[Context], optax.GradientTransformation]:
+def domainbed_adam(
+  reset_at: str | None = None, rescale_by: tuple[str, str] | None = None
+) -> Callable[[Context], optax.GradientTransformation]:
   """DomainBed's optimizer, ``torch.optim.Adam(lr, weight_decay)``: ``weight_decay * param``
   added to the gradient, then Adam.
 
@@ -561,6 +631,7 @@ class MethodStep(NamedTuple):
   ``predict(params, state, x) -> logits``: what evaluation scores (DomainBed's
   ``algorithm.predict``); the network's logits unless the method says otherwise.
   """
+
   init: Callable[[PyTree, jax.Array], Any]
   update: Callable[..., tuple[Any, Any, dict[str, Any]]]
   diagnostics: Callable[..., dict[str, Any]] | None = None
@@ -571,6 +642,7 @@ class StepState(NamedTuple):
   """A method's state: its gradient source's, its transforms' (read by name) and the model's
   non-trainable variables (BatchNorm's running statistics, updated by each training step
   when BatchNorm is not frozen; what evaluation normalises with)."""
+
   source: Any
   optimizer: optax.OptState
   variables: Mapping[str, Any] = {}
@@ -606,6 +678,7 @@ class Method:
       forward passes follow it through :func:`domain_logits` / :func:`domain_features`;
       per-domain gradients (:func:`per_domain_gradients`) are per domain by construction.
   """
+
   name: str
   description: str
   hparams: Mapping[str, HParam]
@@ -636,24 +709,30 @@ def build_step(method: Method, ctx: Context) -> MethodStep:
 
   def update(params, state, batch, step, key):
     step_ctx = dataclasses.replace(
-        ctx, variables=state.variables, train=True,
-        rng=None if key is None else jax.random.fold_in(key, 0x64726F70))
+      ctx,
+      variables=state.variables,
+      train=True,
+      rng=None if key is None else jax.random.fold_in(key, 0x64726F70),
+    )
     grads, terms = source.grads(step_ctx, params, state.source, batch, step, key)
-    updates, opt_state = tx.update(grads, state.optimizer, params,
-                                   losses=terms.env_losses, step=step)
-    metrics = {"loss": jnp.mean(terms.env_losses), "env_losses": terms.env_losses,
-               **terms.metrics}
+    updates, opt_state = tx.update(
+      grads, state.optimizer, params, losses=terms.env_losses, step=step
+    )
+    metrics = {"loss": jnp.mean(terms.env_losses), "env_losses": terms.env_losses, **terms.metrics}
     new_state = StepState(terms.state, opt_state, step_ctx.updated_variables(params, batch["x"]))
     for metric, field in method.logged_state.items():
       metrics[metric] = optax.tree_utils.tree_get(new_state, field)
     return updates, new_state, metrics
 
-  def eval_ctx(state):   # the model's variables as the state has them (None: the initial ones)
+  def eval_ctx(state):  # the model's variables as the state has them (None: the initial ones)
     return ctx if state is None else dataclasses.replace(ctx, variables=state.variables)
 
   diagnose = method.diagnostics(ctx) if method.diagnostics is not None else None
-  diagnostics = None if diagnose is None else (
-      lambda params, state, batch, key: method.diagnostics(eval_ctx(state))(params, batch, key))
+  diagnostics = (
+    None
+    if diagnose is None
+    else (lambda params, state, batch, key: method.diagnostics(eval_ctx(state))(params, batch, key))
+  )
   if method.predict is None:
     predict = lambda params, state, x: eval_ctx(state).logits(params, x)
   else:
@@ -674,18 +753,27 @@ def default_hparams(method: Method, dataset: DatasetFacts | None = None) -> dict
   return {name: spec.default for name, spec in hparam_specs(method, dataset).items()}
 
 
-def random_hparams(method: Method, seed: int, dataset: DatasetFacts | None = None) -> dict[str, Any]:
+def random_hparams(
+  method: Method, seed: int, dataset: DatasetFacts | None = None
+) -> dict[str, Any]:
   """DomainBed's rule: seed 0 gives the defaults, any other seed draws every hparam from its
   distribution with a generator seeded by ``seed_hash(seed, name)``."""
   if seed == 0:
     return default_hparams(method, dataset)
-  return {name: spec.sample(np.random.RandomState(seed_hash(seed, name)))
-          for name, spec in hparam_specs(method, dataset).items()}
+  return {
+    name: spec.sample(np.random.RandomState(seed_hash(seed, name)))
+    for name, spec in hparam_specs(method, dataset).items()
+  }
 
 
-def resolve_hparams(method: Method, hparams_seed: int = 0,
-                    overrides: Mapping[str, Any] | None = None, trial_seed: int = 0,
-                    dataset: DatasetFacts | None = None, preset: str | None = None) -> dict[str, Any]:
+def resolve_hparams(
+  method: Method,
+  hparams_seed: int = 0,
+  overrides: Mapping[str, Any] | None = None,
+  trial_seed: int = 0,
+  dataset: DatasetFacts | None = None,
+  preset: str | None = None,
+) -> dict[str, Any]:
   """Defaults (``hparams_seed == 0``) or DomainBed's random draw, then the method's
   ``preset`` (by name), then ``overrides``; ``dataset`` (a :class:`DatasetFacts`, e.g. a
   :class:`dgjax.datasets.Dataset`) chooses the small- or large-image values and adds its own
@@ -697,17 +785,23 @@ def resolve_hparams(method: Method, hparams_seed: int = 0,
   of the wrong kind or out of range raises naming the hparam.
   """
   specs = hparam_specs(method, dataset)
-  hp = (default_hparams(method, dataset) if hparams_seed == 0 else
-        random_hparams(method, seed_hash(hparams_seed, trial_seed), dataset))
+  hp = (
+    default_hparams(method, dataset)
+    if hparams_seed == 0
+    else random_hparams(method, seed_hash(hparams_seed, trial_seed), dataset)
+  )
   unknown = sorted(set(overrides or {}) - set(hp))
   if unknown:
     raise ValueError(
-        f"unknown hparam(s) {', '.join(map(repr, unknown))} for method {method.name!r}; "
-        f"valid hparams: {', '.join(sorted(hp))}")
+      f"unknown hparam(s) {', '.join(map(repr, unknown))} for method {method.name!r}; "
+      f"valid hparams: {', '.join(sorted(hp))}"
+    )
   if preset is not None:
     if preset not in method.presets:
-      raise ValueError(f"method {method.name!r} has no preset {preset!r}; its presets: "
-                       f"{', '.join(sorted(method.presets)) or 'none'}")
+      raise ValueError(
+        f"method {method.name!r} has no preset {preset!r}; its presets: "
+        f"{', '.join(sorted(method.presets)) or 'none'}"
+      )
     for name, value in method.presets[preset].items():
       hp[name] = specs[name].coerce(name, value)
   for name, value in (overrides or {}).items():

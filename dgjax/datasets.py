@@ -26,8 +26,14 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from dgjax.tasks import DomainBedTask, Split
-from dgjax.data import (colored_mnist, env_split_seed, load_mnist, rotated_mnist, spirals,
-                        split_in_out)
+from dgjax.data import (
+  colored_mnist,
+  env_split_seed,
+  load_mnist,
+  rotated_mnist,
+  spirals,
+  split_in_out,
+)
 
 Environments = Sequence[Any]  # each with .name, .x, .y
 
@@ -45,6 +51,7 @@ class Dataset:
   says which it is. ``env_names`` are the environments' names (records, tables, plots);
   ``hparams`` the dataset's own model and data hparams, added to every method's.
   """
+
   name: str
   description: str
   environments: Callable[..., Environments]
@@ -54,11 +61,11 @@ class Dataset:
   small_images: bool
   env_names: tuple[str, ...] = ()
   options: tuple[str, ...] = ()
-  steps: int = 5001            # DomainBed's N_STEPS
-  checkpoint_freq: int = 100   # DomainBed's CHECKPOINT_FREQ
-  hparams: Mapping[str, Any] = dataclasses.field(default_factory=dict)   # the model's and data's
-  make_task: Callable[..., Any] | None = None   # streaming datasets: config -> (task, envs)
-  discover_env_names: Callable[[Any], tuple[str, ...]] | None = None   # env names read from data_dir
+  steps: int = 5001  # DomainBed's N_STEPS
+  checkpoint_freq: int = 100  # DomainBed's CHECKPOINT_FREQ
+  hparams: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # the model's and data's
+  make_task: Callable[..., Any] | None = None  # streaming datasets: config -> (task, envs)
+  discover_env_names: Callable[[Any], tuple[str, ...]] | None = None  # env names read from data_dir
 
   def environment_names(self, data_dir=None) -> tuple[str, ...]:
     """The environments' names (read from ``data_dir`` for a user's own image tree)."""
@@ -78,11 +85,13 @@ class Dataset:
     if self.make_task is not None:
       return self.make_task(config)
     options = {"downsample": True} if config.downsample else {}
-    envs = load_environments(self.name, config.data_dir, config.trial_seed,
-                             max_examples=config.max_examples, **options)
+    envs = load_environments(
+      self.name, config.data_dir, config.trial_seed, max_examples=config.max_examples, **options
+    )
     splits_in, splits_out = make_splits(envs, config.holdout_fraction, config.trial_seed)
-    task = DomainBedTask(self.model(config.conv_impl), splits_in, splits_out, config.test_envs,
-                         config.eval_batch_size)
+    task = DomainBedTask(
+      self.model(config.conv_impl), splits_in, splits_out, config.test_envs, config.eval_batch_size
+    )
     return task, envs
 
 
@@ -97,6 +106,7 @@ def _colored(tfds_name: str, name: str):
   def environments(data_dir=None, trial_seed=0, downsample=False, max_examples=None):
     data = load_mnist(data_dir, tfds_name=tfds_name, name=name)
     return colored_mnist(*_pooled(data, max_examples), seed=trial_seed, downsample=downsample)
+
   return environments
 
 
@@ -115,13 +125,16 @@ def _spirals(data_dir=None, trial_seed=0, max_examples=None):
 def _cnn(num_classes):
   def model(conv_impl="auto"):
     from dgjax.models import mnist_cnn
+
     return mnist_cnn(num_classes=num_classes, conv_impl=conv_impl)
+
   return model
 
 
 def _spirals_mlp(conv_impl="auto"):
   del conv_impl
   from dgjax.models import mlp
+
   return mlp(num_classes=1, hidden=(256, 256, 256))
 
 
@@ -139,66 +152,133 @@ def _image_dataset(name: str, description: str):
   """A DomainBed image dataset (:mod:`dgjax.data.image_folder`, :mod:`dgjax.image_task`)."""
   from dgjax.data.image_folder import IMAGE_DATASETS
   from dgjax.image_task import IMAGE_HPARAMS
+
   spec = IMAGE_DATASETS.get(name)
 
   def environments(data_dir=None, trial_seed=0, max_examples=None, data_source="folder"):
     del trial_seed, max_examples
     from dgjax.image_task import image_environments
+
     return image_environments(name, data_dir, data_source)
 
   def make_task(config):
     from dgjax.image_task import make_task as make
+
     return make(config)
 
   def discover(data_dir):
     from dgjax.image_task import image_environments
+
     return [e.name for e in image_environments(name, data_dir)]
 
   return Dataset(
-      name, description, environments, model=lambda conv_impl="auto": None, default_test_env=0,
-      data=(f"DomainBed's download.py layout: <data_dir>/{spec.folder}/<env>/<class>/<image>"
-            if spec else "<data_dir>/<environment>/<class>/<image> (your own images)"),
-      small_images=False, env_names=spec.env_names if spec else (), steps=spec.n_steps if spec else 5001,
-      checkpoint_freq=spec.checkpoint_freq if spec else 300, hparams=IMAGE_HPARAMS,
-      make_task=make_task, discover_env_names=None if spec else discover)
+    name,
+    description,
+    environments,
+    model=lambda conv_impl="auto": None,
+    default_test_env=0,
+    data=(
+      f"DomainBed's download.py layout: <data_dir>/{spec.folder}/<env>/<class>/<image>"
+      if spec
+      else "<data_dir>/<environment>/<class>/<image> (your own images)"
+    ),
+    small_images=False,
+    env_names=spec.env_names if spec else (),
+    steps=spec.n_steps if spec else 5001,
+    checkpoint_freq=spec.checkpoint_freq if spec else 300,
+    hparams=IMAGE_HPARAMS,
+    make_task=make_task,
+    discover_env_names=None if spec else discover,
+  )
 
 
 # In DomainBed's ``datasets.DATASETS`` order, then dgjax's own: tables list datasets in this
 # order (:func:`dgjax.domainbed_format.dataset_order`).
-register(Dataset(
-    "ColoredMNIST", "DomainBed's Colored MNIST: label digit<5 (25% noise), colour agrees with "
+register(
+  Dataset(
+    "ColoredMNIST",
+    "DomainBed's Colored MNIST: label digit<5 (25% noise), colour agrees with "
     "the label 90% / 80% / 10% (Arjovsky et al., 2019)",
-    _colored("mnist", "MNIST"), _cnn(2), default_test_env=2,
-    data="MNIST IDX files (default: TFDS 'mnist')", small_images=True,
+    _colored("mnist", "MNIST"),
+    _cnn(2),
+    default_test_env=2,
+    data="MNIST IDX files (default: TFDS 'mnist')",
+    small_images=True,
     env_names=("+90%", "+80%", "-90%"),
-    options=("downsample",)))
-register(Dataset(
-    "RotatedMNIST", "DomainBed's Rotated MNIST: digits rotated 0/15/30/45/60/75 degrees, 10 "
+    options=("downsample",),
+  )
+)
+register(
+  Dataset(
+    "RotatedMNIST",
+    "DomainBed's Rotated MNIST: digits rotated 0/15/30/45/60/75 degrees, 10 "
     "classes (Ghifary et al., 2015)",
-    _rotated, _cnn(10), default_test_env=0, data="MNIST IDX files (default: TFDS 'mnist')",
-    small_images=True, env_names=("0", "15", "30", "45", "60", "75")))
-register(_image_dataset("VLCS", "VLCS: Caltech101, LabelMe, SUN09, VOC2007; 5 classes (Fang et al., 2013)"))
-register(_image_dataset("PACS", "PACS: art painting, cartoon, photo, sketch; 7 classes (Li et al., 2017)"))
-register(_image_dataset("OfficeHome", "Office-Home: art, clipart, product, real world; 65 classes "
-                        "(Venkateswara et al., 2017)"))
-register(_image_dataset("TerraIncognita", "Terra Incognita: camera-trap locations 100, 38, 43, 46; "
-                        "10 classes (Beery et al., 2018)"))
-register(_image_dataset("DomainNet", "DomainNet: clipart, infograph, painting, quickdraw, real, "
-                        "sketch; 345 classes (Peng et al., 2019)"))
-register(Dataset(
-    "ColoredFashionMNIST", "Colored MNIST's construction on Fashion-MNIST, label class<5 "
-    "(Ahuja et al., 2020)",
-    _colored("fashion_mnist", "Fashion-MNIST"), _cnn(2), default_test_env=2,
-    data="Fashion-MNIST IDX files (default: TFDS 'fashion_mnist')", small_images=True,
+    _rotated,
+    _cnn(10),
+    default_test_env=0,
+    data="MNIST IDX files (default: TFDS 'mnist')",
+    small_images=True,
+    env_names=("0", "15", "30", "45", "60", "75"),
+  )
+)
+register(
+  _image_dataset("VLCS", "VLCS: Caltech101, LabelMe, SUN09, VOC2007; 5 classes (Fang et al., 2013)")
+)
+register(
+  _image_dataset("PACS", "PACS: art painting, cartoon, photo, sketch; 7 classes (Li et al., 2017)")
+)
+register(
+  _image_dataset(
+    "OfficeHome",
+    "Office-Home: art, clipart, product, real world; 65 classes (Venkateswara et al., 2017)",
+  )
+)
+register(
+  _image_dataset(
+    "TerraIncognita",
+    "Terra Incognita: camera-trap locations 100, 38, 43, 46; 10 classes (Beery et al., 2018)",
+  )
+)
+register(
+  _image_dataset(
+    "DomainNet",
+    "DomainNet: clipart, infograph, painting, quickdraw, real, "
+    "sketch; 345 classes (Peng et al., 2019)",
+  )
+)
+register(
+  Dataset(
+    "ColoredFashionMNIST",
+    "Colored MNIST's construction on Fashion-MNIST, label class<5 (Ahuja et al., 2020)",
+    _colored("fashion_mnist", "Fashion-MNIST"),
+    _cnn(2),
+    default_test_env=2,
+    data="Fashion-MNIST IDX files (default: TFDS 'fashion_mnist')",
+    small_images=True,
     env_names=("+90%", "+80%", "-90%"),
-    options=("downsample",)))
-register(Dataset(
-    "Spirals", "Synthetic spirals with per-environment shortcut signatures (Parascandolo et al., "
+    options=("downsample",),
+  )
+)
+register(
+  Dataset(
+    "Spirals",
+    "Synthetic spirals with per-environment shortcut signatures (Parascandolo et al., "
     "2021); no download",
-    _spirals, _spirals_mlp, default_test_env=-1, data="nothing (synthetic)", small_images=True,
-    env_names=tuple(f"train{i}" for i in range(16)) + ("test",)))
-register(_image_dataset("ImageFolder", "your own images: <data_dir>/<environment>/<class>/<image>, "
-                        "environments and classes in sorted order"))
+    _spirals,
+    _spirals_mlp,
+    default_test_env=-1,
+    data="nothing (synthetic)",
+    small_images=True,
+    env_names=tuple(f"train{i}" for i in range(16)) + ("test",),
+  )
+)
+register(
+  _image_dataset(
+    "ImageFolder",
+    "your own images: <data_dir>/<environment>/<class>/<image>, "
+    "environments and classes in sorted order",
+  )
+)
 
 
 def get_dataset(name: str) -> Dataset:
@@ -207,11 +287,13 @@ def get_dataset(name: str) -> Dataset:
     return DATASETS[name]
   except KeyError:
     raise ValueError(
-        f"unknown dataset {name!r}; valid datasets: {', '.join(sorted(DATASETS))}") from None
+      f"unknown dataset {name!r}; valid datasets: {', '.join(sorted(DATASETS))}"
+    ) from None
 
 
-def load_environments(name: str, data_dir=None, trial_seed: int = 0,
-                      max_examples: int | None = None, **options) -> Environments:
+def load_environments(
+  name: str, data_dir=None, trial_seed: int = 0, max_examples: int | None = None, **options
+) -> Environments:
   """The environments of dataset ``name``.
 
   ``max_examples`` keeps only the first that many pooled images before the environments are
@@ -221,14 +303,21 @@ def load_environments(name: str, data_dir=None, trial_seed: int = 0,
   ds = get_dataset(name)
   unknown = sorted(set(options) - set(ds.options))
   if unknown:
-    raise ValueError(f"dataset {name!r} takes no option(s) {', '.join(unknown)}; "
-                     f"valid: {', '.join(ds.options) or 'none'}")
-  return ds.environments(data_dir=data_dir, trial_seed=trial_seed, max_examples=max_examples,
-                         **options)
+    raise ValueError(
+      f"dataset {name!r} takes no option(s) {', '.join(unknown)}; "
+      f"valid: {', '.join(ds.options) or 'none'}"
+    )
+  return ds.environments(
+    data_dir=data_dir, trial_seed=trial_seed, max_examples=max_examples, **options
+  )
 
 
-def make_splits(envs: Environments, holdout_fraction: float = 0.2, trial_seed: int = 0,
-                max_eval: int | None = None):
+def make_splits(
+  envs: Environments,
+  holdout_fraction: float = 0.2,
+  trial_seed: int = 0,
+  max_eval: int | None = None,
+):
   """DomainBed's in/out split of every environment (seed ``env_split_seed(trial_seed, i)``).
 
   Returns ``(splits_in, splits_out)``, lists of :class:`dgjax.train.Split`; ``max_eval``
@@ -242,4 +331,3 @@ def make_splits(envs: Environments, holdout_fraction: float = 0.2, trial_seed: i
     splits_in.append(Split(f"env{i}_in", np.asarray(env.x)[idx_in], np.asarray(env.y)[idx_in]))
     splits_out.append(Split(f"env{i}_out", np.asarray(env.x)[idx_out], np.asarray(env.y)[idx_out]))
   return splits_in, splits_out
-

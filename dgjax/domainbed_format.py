@@ -35,6 +35,7 @@ def _registered_datasets():
   """The dataset registry (:data:`dgjax.datasets.DATASETS`: each dataset's environment names,
   in DomainBed's order then dgjax's own), imported lazily: it pulls in jax."""
   from dgjax import datasets
+
   return datasets.DATASETS
 
 
@@ -60,19 +61,31 @@ def _check_optional_int(name: str, value: Any, minimum: int) -> int | None:
 def _algorithm_of(method: str) -> str:
   """The registered method's ``domainbed_name`` (imported lazily: the registry pulls in jax)."""
   from dgjax import methods
+
   name = getattr(methods.get_method(method), "domainbed_name", None)
   if not name:
     raise ValueError(f"domainbed_args: method {method!r} has no domainbed_name; pass algorithm=")
   return name
 
 
-def domainbed_args(*, method: str, dataset: str, test_envs: Sequence[int], hparams_seed: int = 0,
-                   trial_seed: int = 0, seed: int = 0, output_dir: str | None = None,
-                   holdout_fraction: float = 0.2, steps: int | None = None,
-                   checkpoint_freq: int | None = None, data_dir: str | None = None,
-                   hparams: str | Mapping[str, Any] | None = None,
-                   algorithm: str | None = None, env_names: Sequence[str] | None = None,
-                   **extra: Any) -> dict[str, Any]:
+def domainbed_args(
+  *,
+  method: str,
+  dataset: str,
+  test_envs: Sequence[int],
+  hparams_seed: int = 0,
+  trial_seed: int = 0,
+  seed: int = 0,
+  output_dir: str | None = None,
+  holdout_fraction: float = 0.2,
+  steps: int | None = None,
+  checkpoint_freq: int | None = None,
+  data_dir: str | None = None,
+  hparams: str | Mapping[str, Any] | None = None,
+  algorithm: str | None = None,
+  env_names: Sequence[str] | None = None,
+  **extra: Any,
+) -> dict[str, Any]:
   """A run's ``args`` in DomainBed's format (what ``vars(args)`` of its ``train.py`` holds).
 
   Args:
@@ -108,19 +121,25 @@ def domainbed_args(*, method: str, dataset: str, test_envs: Sequence[int], hpara
   if algorithm is None:
     algorithm = _algorithm_of(method)
   if not isinstance(algorithm, str) or not algorithm.isidentifier():
-    raise ValueError(f"domainbed_args: algorithm must be a class name such as 'ERM', "
-                     f"got {algorithm!r}")
+    raise ValueError(
+      f"domainbed_args: algorithm must be a class name such as 'ERM', got {algorithm!r}"
+    )
   for name, value in (("hparams_seed", hparams_seed), ("trial_seed", trial_seed), ("seed", seed)):
     _check_int(name, value)
   if hparams_seed < 0 or trial_seed < 0:
-    raise ValueError(f"domainbed_args: hparams_seed and trial_seed must be >= 0, got "
-                     f"{hparams_seed}, {trial_seed}")
+    raise ValueError(
+      f"domainbed_args: hparams_seed and trial_seed must be >= 0, got {hparams_seed}, {trial_seed}"
+    )
   steps = _check_optional_int("steps", steps, 1)
   checkpoint_freq = _check_optional_int("checkpoint_freq", checkpoint_freq, 1)
-  if (isinstance(holdout_fraction, bool) or not isinstance(holdout_fraction, (int, float))
-      or not 0 <= holdout_fraction < 1):
-    raise ValueError(f"domainbed_args: holdout_fraction must be a number in [0, 1), got "
-                     f"{holdout_fraction!r}")
+  if (
+    isinstance(holdout_fraction, bool)
+    or not isinstance(holdout_fraction, (int, float))
+    or not 0 <= holdout_fraction < 1
+  ):
+    raise ValueError(
+      f"domainbed_args: holdout_fraction must be a number in [0, 1), got {holdout_fraction!r}"
+    )
   if env_names is not None:
     env_names = [str(n) for n in env_names]
     if not env_names:
@@ -129,26 +148,28 @@ def domainbed_args(*, method: str, dataset: str, test_envs: Sequence[int], hpara
   if isinstance(hparams, Mapping):
     hparams = json.dumps(dict(hparams), sort_keys=True, allow_nan=False)
   elif hparams is not None and not isinstance(hparams, str):
-    raise TypeError(f"domainbed_args: hparams must be a mapping, a JSON string or None, "
-                    f"got {type(hparams).__name__}")
+    raise TypeError(
+      f"domainbed_args: hparams must be a mapping, a JSON string or None, "
+      f"got {type(hparams).__name__}"
+    )
   args = {
-      "algorithm": algorithm,
-      "checkpoint_freq": checkpoint_freq,
-      "data_dir": None if data_dir is None else str(data_dir),
-      "dataset": dataset,
-      "holdout_fraction": float(holdout_fraction),
-      "hparams": hparams,
-      "hparams_seed": hparams_seed,
-      "output_dir": None if output_dir is None else str(output_dir),
-      "save_model_every_checkpoint": False,
-      "seed": seed,
-      "skip_model_save": False,
-      "steps": steps,
-      "task": "domain_generalization",
-      "test_envs": envs,
-      "trial_seed": trial_seed,
-      "uda_holdout_fraction": 0,
-      "method": method,
+    "algorithm": algorithm,
+    "checkpoint_freq": checkpoint_freq,
+    "data_dir": None if data_dir is None else str(data_dir),
+    "dataset": dataset,
+    "holdout_fraction": float(holdout_fraction),
+    "hparams": hparams,
+    "hparams_seed": hparams_seed,
+    "output_dir": None if output_dir is None else str(output_dir),
+    "save_model_every_checkpoint": False,
+    "seed": seed,
+    "skip_model_save": False,
+    "steps": steps,
+    "task": "domain_generalization",
+    "test_envs": envs,
+    "trial_seed": trial_seed,
+    "uda_holdout_fraction": 0,
+    "method": method,
   }
   if env_names is not None:
     args["env_names"] = env_names
@@ -160,7 +181,8 @@ def domainbed_args(*, method: str, dataset: str, test_envs: Sequence[int], hpara
       json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as e:
       raise ValueError(
-          f"domainbed_args: argument {key}={value!r} is not strict JSON ({e})") from None
+        f"domainbed_args: argument {key}={value!r} is not strict JSON ({e})"
+      ) from None
     args[key] = value
   return args
 
@@ -168,7 +190,8 @@ def domainbed_args(*, method: str, dataset: str, test_envs: Sequence[int], hpara
 def _resolve_test_envs(test_envs: Sequence[int], n: int | None) -> list[int]:
   if isinstance(test_envs, (str, bytes)) or not isinstance(test_envs, Sequence) or not test_envs:
     raise ValueError(
-        f"domainbed_args: test_envs must be a non-empty list of ints, got {test_envs!r}")
+      f"domainbed_args: test_envs must be a non-empty list of ints, got {test_envs!r}"
+    )
   out = []
   for e in test_envs:
     if isinstance(e, bool) or not isinstance(e, int):
@@ -231,4 +254,3 @@ def dataset_order(names) -> list[str]:
   """Datasets in the registry's order (DomainBed's, then dgjax's own), then the others sorted."""
   names, registered = set(names), list(_registered_datasets())
   return [d for d in registered if d in names] + sorted(names - set(registered))
-

@@ -86,7 +86,7 @@ from jax.flatten_util import ravel_pytree
 from dgjax import masks
 from dgjax.types import PyTree
 
-ObjFn = Callable[[PyTree, PyTree], jax.Array]      # obj_fn(head_params, domain_inputs) -> scalar
+ObjFn = Callable[[PyTree, PyTree], jax.Array]  # obj_fn(head_params, domain_inputs) -> scalar
 HeadSpec = Union[str, Sequence[str], Callable[[PyTree], PyTree]]
 Weight = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
 
@@ -106,10 +106,15 @@ def head_selector(head: HeadSpec = DEFAULT_HEAD) -> Callable[[PyTree], PyTree]:
     for depth, k in enumerate(path):
       if not isinstance(tree, Mapping) or k not in tree:
         have = sorted(tree) if isinstance(tree, Mapping) else type(tree).__name__
-        hint = (" (model.init returns {'params': ...}: pass its ['params'])"
-                if isinstance(tree, Mapping) and list(tree) == ["params"] else "")
-        raise KeyError(f"head {path!r}: no key {k!r} at {path[:depth]!r} of the params; "
-                       f"found {have}{hint}. Point head= at the head's parameters.")
+        hint = (
+          " (model.init returns {'params': ...}: pass its ['params'])"
+          if isinstance(tree, Mapping) and list(tree) == ["params"]
+          else ""
+        )
+        raise KeyError(
+          f"head {path!r}: no key {k!r} at {path[:depth]!r} of the params; "
+          f"found {have}{hint}. Point head= at the head's parameters."
+        )
       tree = tree[k]
     return tree
 
@@ -119,7 +124,9 @@ def head_selector(head: HeadSpec = DEFAULT_HEAD) -> Callable[[PyTree], PyTree]:
 def _domain_axis(tree: PyTree) -> int:
   sizes = {leaf.shape[0] for leaf in jax.tree.leaves(tree)}
   if len(sizes) != 1:
-    raise ValueError(f"every leaf of the head inputs needs the same leading domain axis; got {sorted(sizes)}")
+    raise ValueError(
+      f"every leaf of the head inputs needs the same leading domain axis; got {sorted(sizes)}"
+    )
   return sizes.pop()
 
 
@@ -154,13 +161,15 @@ def rademacher_like(key: jax.Array, tree: PyTree, num_samples: int) -> PyTree:
   """``num_samples`` Rademacher (+-1) draws shaped like ``tree`` (leading sample axis)."""
   leaves, treedef = jax.tree.flatten(tree)
   keys = jax.random.split(key, len(leaves))
-  draws = [jax.random.rademacher(k, (num_samples,) + x.shape, dtype=x.dtype)
-           for k, x in zip(keys, leaves)]
+  draws = [
+    jax.random.rademacher(k, (num_samples,) + x.shape, dtype=x.dtype) for k, x in zip(keys, leaves)
+  ]
   return jax.tree.unflatten(treedef, draws)
 
 
-def hutchinson_diagonal(f: Callable[[PyTree], jax.Array], params: PyTree, key: jax.Array,
-                        num_samples: int) -> PyTree:
+def hutchinson_diagonal(
+  f: Callable[[PyTree], jax.Array], params: PyTree, key: jax.Array, num_samples: int
+) -> PyTree:
   """Hutchinson's estimate of ``diag(H)``: ``(1/S) sum_s z_s * (H z_s)``, ``z_s`` Rademacher,
   the ``S`` Hessian-vector products vmapped. Unbiased; the variance of entry ``i`` is
   ``sum_{j != i} H_ij^2 / S``."""
@@ -172,11 +181,14 @@ def hutchinson_diagonal(f: Callable[[PyTree], jax.Array], params: PyTree, key: j
 # --------------------------------------------------------------------------- penalties
 class AlignmentTerms(NamedTuple):
   """Unweighted terms of a Hessian-alignment penalty."""
-  hessian: jax.Array      # the Hessian term (HGP: ||H_e g_e - H g||^2; Hutchinson/CMA: diagonals)
-  gradient: jax.Array     # the gradient term ||g_e - g||^2 (mean over domains)
+
+  hessian: jax.Array  # the Hessian term (HGP: ||H_e g_e - H g||^2; Hutchinson/CMA: diagonals)
+  gradient: jax.Array  # the gradient term ||g_e - g||^2 (mean over domains)
 
 
-def hgp_terms(obj_fn: ObjFn, head: PyTree, inputs: PyTree, detach_target: bool = True) -> AlignmentTerms:
+def hgp_terms(
+  obj_fn: ObjFn, head: PyTree, inputs: PyTree, detach_target: bool = True
+) -> AlignmentTerms:
   """HGP's terms ``(1/E) sum_e ||H_e g_e - H g||^2`` and ``(1/E) sum_e ||g_e - g||^2``.
 
   Args:
@@ -191,20 +203,26 @@ def hgp_terms(obj_fn: ObjFn, head: PyTree, inputs: PyTree, detach_target: bool =
   def domain_products(domain_inputs, g_e):
     f = lambda h: obj_fn(h, domain_inputs)
     tangents = jax.tree.map(lambda a, b: jnp.stack([a, b]), g_e, g_mean)
-    return jax.vmap(lambda v: hvp(f, head, v))(tangents)   # [H_e g_e, H_e g]
+    return jax.vmap(lambda v: hvp(f, head, v))(tangents)  # [H_e g_e, H_e g]
 
-  prods = jax.vmap(domain_products)(inputs, g)             # leaves [E, 2, ...]
+  prods = jax.vmap(domain_products)(inputs, g)  # leaves [E, 2, ...]
   hg_e = jax.tree.map(lambda x: x[:, 0], prods)
-  hg_target = jax.tree.map(lambda x: jnp.mean(x[:, 1], axis=0), prods)   # H g = mean_e H_e g
+  hg_target = jax.tree.map(lambda x: jnp.mean(x[:, 1], axis=0), prods)  # H g = mean_e H_e g
   g_target = g_mean
   if detach_target:
     hg_target, g_target = jax.lax.stop_gradient((hg_target, g_target))
   return AlignmentTerms(_spread(hg_e, hg_target), _spread(g, g_target))
 
 
-def hutchinson_terms(obj_fn: ObjFn, head: PyTree, inputs: PyTree, key: jax.Array,
-                     num_samples: int = 100, detach_target: bool = True,
-                     independent_probes: bool = False) -> AlignmentTerms:
+def hutchinson_terms(
+  obj_fn: ObjFn,
+  head: PyTree,
+  inputs: PyTree,
+  key: jax.Array,
+  num_samples: int = 100,
+  detach_target: bool = True,
+  independent_probes: bool = False,
+) -> AlignmentTerms:
   """Hutchinson's terms ``(1/E) sum_e ||diag(H_e) - diag(H)||^2`` and ``(1/E) sum_e ||g_e - g||^2``.
 
   The diagonals are estimated with ``num_samples`` Rademacher probes. Shared probes (default)
@@ -218,11 +236,14 @@ def hutchinson_terms(obj_fn: ObjFn, head: PyTree, inputs: PyTree, key: jax.Array
     e = _domain_axis(inputs)
     keys = jax.random.split(key, e + 1)
     diag = jax.vmap(lambda d, k: hutchinson_diagonal(lambda h: obj_fn(h, d), head, k, num_samples))(
-        inputs, keys[:e])
+      inputs, keys[:e]
+    )
     mean_obj = lambda h: jnp.mean(jax.vmap(lambda d: obj_fn(h, d))(inputs))
     diag_target = hutchinson_diagonal(mean_obj, head, keys[e], num_samples)
   else:
-    diag = jax.vmap(lambda d: hutchinson_diagonal(lambda h: obj_fn(h, d), head, key, num_samples))(inputs)
+    diag = jax.vmap(lambda d: hutchinson_diagonal(lambda h: obj_fn(h, d), head, key, num_samples))(
+      inputs
+    )
     diag_target = _mean0(diag)
   g_target = _mean0(g)
   if detach_target:
@@ -246,19 +267,27 @@ def split_linear_head(head: PyTree):
   if len(kernels) != 1 or len(biases) > 1 or len(kernels) + len(biases) != len(leaves):
     shapes = ", ".join(f"{jax.tree_util.keystr(p)}: {tuple(jnp.shape(x))}" for p, x in flat)
     raise ValueError(
-        "CMA's closed forms need a linear head, logits = z @ kernel + bias: one 2-D leaf "
-        f"(kernel [k, C]) and at most one 1-D leaf (bias [C]); got {{{shapes}}}. Point head= at "
-        "the last linear layer (a key, a key path, or a function params -> {'kernel': W, "
-        "'bias': b})." + (" A head with more than one layer is not linear in its input features; "
-                          "the layers before the last belong to the featurizer." if len(kernels) > 1 else ""))
+      "CMA's closed forms need a linear head, logits = z @ kernel + bias: one 2-D leaf "
+      f"(kernel [k, C]) and at most one 1-D leaf (bias [C]); got {{{shapes}}}. Point head= at "
+      "the last linear layer (a key, a key path, or a function params -> {'kernel': W, "
+      "'bias': b})."
+      + (
+        " A head with more than one layer is not linear in its input features; "
+        "the layers before the last belong to the featurizer."
+        if len(kernels) > 1
+        else ""
+      )
+    )
   ki = kernels[0]
   bi = biases[0] if biases else None
   kernel = leaves[ki]
   bias = None if bi is None else leaves[bi]
   if bias is not None and jnp.shape(bias) != (kernel.shape[1],):
-    raise ValueError(f"linear head: the bias {jax.tree_util.keystr(flat[bi][0])} has shape "
-                     f"{tuple(jnp.shape(bias))}, the kernel {jax.tree_util.keystr(flat[ki][0])} "
-                     f"{tuple(kernel.shape)} needs [C] = ({kernel.shape[1]},)")
+    raise ValueError(
+      f"linear head: the bias {jax.tree_util.keystr(flat[bi][0])} has shape "
+      f"{tuple(jnp.shape(bias))}, the kernel {jax.tree_util.keystr(flat[ki][0])} "
+      f"{tuple(kernel.shape)} needs [C] = ({kernel.shape[1]},)"
+    )
 
   def rebuild(kernel_like, bias_like):
     out = list(leaves)
@@ -286,10 +315,12 @@ def linear_head_moments(head: PyTree, z: jax.Array, y: jax.Array) -> tuple[PyTre
   """
   kernel, bias, rebuild = split_linear_head(head)
   if z.ndim != 2 or z.shape[-1] != kernel.shape[0]:
-    raise ValueError(f"linear head: features z of shape {tuple(z.shape)} do not match the kernel "
-                     f"{tuple(kernel.shape)}; need z [n, k] with kernel [k, C] (logits = z @ kernel"
-                     " + bias). A weight stored as [C, k] (PyTorch, Equinox) goes in transposed: "
-                     "head=lambda p: {'kernel': W.T, 'bias': b}.")
+    raise ValueError(
+      f"linear head: features z of shape {tuple(z.shape)} do not match the kernel "
+      f"{tuple(kernel.shape)}; need z [n, k] with kernel [k, C] (logits = z @ kernel"
+      " + bias). A weight stored as [C, k] (PyTorch, Equinox) goes in transposed: "
+      "head=lambda p: {'kernel': W.T, 'bias': b}."
+    )
   z = z.astype(kernel.dtype)
   logits = z @ kernel if bias is None else z @ kernel + bias
   n = z.shape[0]
@@ -314,16 +345,29 @@ def cma_terms(head: PyTree, inputs: PyTree) -> AlignmentTerms:
   return AlignmentTerms(_spread(hess, _mean0(hess)), _spread(grad, _mean0(grad)))
 
 
-def hgp_penalty(obj_fn: ObjFn, head: PyTree, inputs: PyTree, alpha: float = 1.0, beta: float = 1.0,
-                detach_target: bool = True) -> jax.Array:
+def hgp_penalty(
+  obj_fn: ObjFn,
+  head: PyTree,
+  inputs: PyTree,
+  alpha: float = 1.0,
+  beta: float = 1.0,
+  detach_target: bool = True,
+) -> jax.Array:
   """HGP penalty ``(1/E) sum_e [alpha ||H_e g_e - H g||^2 + beta ||g_e - g||^2]``."""
   t = hgp_terms(obj_fn, head, inputs, detach_target)
   return alpha * t.hessian + beta * t.gradient
 
 
-def hutchinson_penalty(obj_fn: ObjFn, head: PyTree, inputs: PyTree, key: jax.Array,
-                       num_samples: int = 100, alpha: float = 1.0, beta: float = 1.0,
-                       detach_target: bool = True) -> jax.Array:
+def hutchinson_penalty(
+  obj_fn: ObjFn,
+  head: PyTree,
+  inputs: PyTree,
+  key: jax.Array,
+  num_samples: int = 100,
+  alpha: float = 1.0,
+  beta: float = 1.0,
+  detach_target: bool = True,
+) -> jax.Array:
   """Hutchinson penalty ``(1/E) sum_e [alpha ||diag(H_e) - diag(H)||^2 + beta ||g_e - g||^2]``."""
   t = hutchinson_terms(obj_fn, head, inputs, key, num_samples, detach_target)
   return alpha * t.hessian + beta * t.gradient
@@ -336,8 +380,9 @@ def cma_penalty(head: PyTree, inputs: PyTree, alpha: float = 1.0, beta: float = 
 
 
 # --------------------------------------------------------------------------- diagnostic
-def hessian_difference_norm(obj_fn: ObjFn, head: PyTree, inputs: PyTree, key: jax.Array,
-                            num_iters: int = 20) -> jax.Array:
+def hessian_difference_norm(
+  obj_fn: ObjFn, head: PyTree, inputs: PyTree, key: jax.Array, num_iters: int = 20
+) -> jax.Array:
   """``max_{e < e'} ||H_e - H_e'||_2`` by power iteration on Hessian-vector products.
 
   The spectral norm of the symmetric ``A = H_e - H_e'`` is its largest ``|eigenvalue|``;
@@ -379,6 +424,7 @@ def hessian_difference_norm(obj_fn: ObjFn, head: PyTree, inputs: PyTree, key: ja
 class HessianAlignmentState(NamedTuple):
   """State of the alignment transforms: step count (for weight schedules), the probe key,
   and the last penalty and its unweighted terms (for logging)."""
+
   count: jax.Array
   key: jax.Array
   penalty: jax.Array
@@ -401,16 +447,18 @@ def _refuse_accumulation(name: str, penalty_name: str) -> None:
   for wrapper in masks.enclosing_gradient_wrappers():
     if wrapper in _ACCUMULATING_WRAPPERS:
       raise ValueError(
-          f"{name} cannot sit inside {wrapper}: the wrapper accumulates the gradients it is given "
-          "over micro-batches but calls its inner chain with the extra arguments (head_inputs) of "
-          "the last micro-batch only, so the penalty gradient would come from that micro-batch "
-          "alone. Accumulate the penalised objective instead: per micro-batch, the gradient of "
-          f"loss + weight * dgjax.hessian.{penalty_name}(...) into "
-          "optax.MultiSteps(optax.adam(lr), every_k_schedule=k) (README, 'optax recipes').")
+        f"{name} cannot sit inside {wrapper}: the wrapper accumulates the gradients it is given "
+        "over micro-batches but calls its inner chain with the extra arguments (head_inputs) of "
+        "the last micro-batch only, so the penalty gradient would come from that micro-batch "
+        "alone. Accumulate the penalised objective instead: per micro-batch, the gradient of "
+        f"loss + weight * dgjax.hessian.{penalty_name}(...) into "
+        "optax.MultiSteps(optax.adam(lr), every_k_schedule=k) (README, 'optax recipes')."
+      )
 
 
-def _alignment_transform(terms_fn, combine, weight: Weight, head: HeadSpec,
-                         random_seed, name: str, penalty_name: str) -> optax.GradientTransformationExtraArgs:
+def _alignment_transform(
+  terms_fn, combine, weight: Weight, head: HeadSpec, random_seed, name: str, penalty_name: str
+) -> optax.GradientTransformationExtraArgs:
   select = head_selector(head)
 
   def init_fn(params):
@@ -424,15 +472,18 @@ def _alignment_transform(terms_fn, combine, weight: Weight, head: HeadSpec,
     zero = jnp.zeros((), jnp.float32)
     return HessianAlignmentState(jnp.zeros((), jnp.int32), key, zero, zero, zero, zero)
 
-  def update_fn(updates, state, params=None, *, obj_fn=None, head_inputs=None, key=None,
-                **extra_args):
+  def update_fn(
+    updates, state, params=None, *, obj_fn=None, head_inputs=None, key=None, **extra_args
+  ):
     del extra_args
     _refuse_accumulation(name, penalty_name)
     if params is None:
       raise ValueError("params must be given to a Hessian-alignment transform's update")
     if head_inputs is None:
-      raise ValueError("head_inputs must be given (extra argument): the head's per-domain inputs, "
-                       "or a function params -> inputs so that the penalty reaches the featurizer")
+      raise ValueError(
+        "head_inputs must be given (extra argument): the head's per-domain inputs, "
+        "or a function params -> inputs so that the penalty reaches the featurizer"
+      )
     # ``key`` (extra argument, e.g. a train loop's per-step key) replaces the state's key.
     key, subkey = jax.random.split(state.key if key is None else key)
 
@@ -445,9 +496,13 @@ def _alignment_transform(terms_fn, combine, weight: Weight, head: HeadSpec,
     w = jnp.asarray(_resolve_weight(weight, state.count), jnp.float32)
     updates = jax.tree.map(lambda u, q: u + (w * q).astype(u.dtype), updates, grads)
     new_state = HessianAlignmentState(
-        count=optax.safe_increment(state.count), key=key,
-        penalty=penalty.astype(jnp.float32), hessian_term=terms.hessian.astype(jnp.float32),
-        gradient_term=terms.gradient.astype(jnp.float32), weight=w)
+      count=optax.safe_increment(state.count),
+      key=key,
+      penalty=penalty.astype(jnp.float32),
+      hessian_term=terms.hessian.astype(jnp.float32),
+      gradient_term=terms.gradient.astype(jnp.float32),
+      weight=w,
+    )
     return updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -455,13 +510,19 @@ def _alignment_transform(terms_fn, combine, weight: Weight, head: HeadSpec,
 
 def _need_obj(obj_fn):
   if obj_fn is None:
-    raise ValueError("obj_fn must be given (extra argument): obj_fn(head_params, domain_inputs) -> loss")
+    raise ValueError(
+      "obj_fn must be given (extra argument): obj_fn(head_params, domain_inputs) -> loss"
+    )
   return obj_fn
 
 
-def hessian_gradient_product(alpha: float = 1.0, beta: float = 1.0, weight: Weight = 1.0,
-                             detach_target: bool = True,
-                             head: HeadSpec = DEFAULT_HEAD) -> optax.GradientTransformationExtraArgs:
+def hessian_gradient_product(
+  alpha: float = 1.0,
+  beta: float = 1.0,
+  weight: Weight = 1.0,
+  detach_target: bool = True,
+  head: HeadSpec = DEFAULT_HEAD,
+) -> optax.GradientTransformationExtraArgs:
   """HGP (Hemati et al., ICCV 2023) as a transform: ``updates + weight * grad_params P`` with
   ``P = (1/E) sum_e [alpha ||H_e g_e - H g||^2 + beta ||g_e - g||^2]`` on the head.
 
@@ -480,14 +541,26 @@ def hessian_gradient_product(alpha: float = 1.0, beta: float = 1.0, weight: Weig
   ``loss + weight * hgp_penalty(...)`` per micro-batch instead (module docstring).
   """
   terms_fn = lambda obj, h, x, k: hgp_terms(_need_obj(obj), h, x, detach_target)
-  return _alignment_transform(terms_fn, lambda t: alpha * t.hessian + beta * t.gradient,
-                              weight, head, None, "dgjax.hessian.hessian_gradient_product",
-                              "hgp_penalty")
+  return _alignment_transform(
+    terms_fn,
+    lambda t: alpha * t.hessian + beta * t.gradient,
+    weight,
+    head,
+    None,
+    "dgjax.hessian.hessian_gradient_product",
+    "hgp_penalty",
+  )
 
 
-def hutchinson(alpha: float = 1.0, beta: float = 1.0, weight: Weight = 1.0, num_samples: int = 100,
-               detach_target: bool = True, head: HeadSpec = DEFAULT_HEAD,
-               random_seed: int | jax.Array | None = None) -> optax.GradientTransformationExtraArgs:
+def hutchinson(
+  alpha: float = 1.0,
+  beta: float = 1.0,
+  weight: Weight = 1.0,
+  num_samples: int = 100,
+  detach_target: bool = True,
+  head: HeadSpec = DEFAULT_HEAD,
+  random_seed: int | jax.Array | None = None,
+) -> optax.GradientTransformationExtraArgs:
   """Hutchinson alignment (Hemati et al., ICCV 2023) as a transform:
   ``updates + weight * grad_params P``,
   ``P = (1/E) sum_e [alpha ||diag(H_e) - diag(H)||^2 + beta ||g_e - g||^2]`` with the diagonals
@@ -496,14 +569,23 @@ def hutchinson(alpha: float = 1.0, beta: float = 1.0, weight: Weight = 1.0, num_
   Other arguments and extra arguments as :func:`hessian_gradient_product`; refuses
   ``optax.MultiSteps`` likewise (accumulate ``loss + weight * hutchinson_penalty(...)``).
   """
-  terms_fn = lambda obj, h, x, k: hutchinson_terms(_need_obj(obj), h, x, k, num_samples, detach_target)
-  return _alignment_transform(terms_fn, lambda t: alpha * t.hessian + beta * t.gradient,
-                              weight, head, random_seed, "dgjax.hessian.hutchinson",
-                              "hutchinson_penalty")
+  terms_fn = lambda obj, h, x, k: hutchinson_terms(
+    _need_obj(obj), h, x, k, num_samples, detach_target
+  )
+  return _alignment_transform(
+    terms_fn,
+    lambda t: alpha * t.hessian + beta * t.gradient,
+    weight,
+    head,
+    random_seed,
+    "dgjax.hessian.hutchinson",
+    "hutchinson_penalty",
+  )
 
 
-def moment_alignment(alpha: float = 1.0, beta: float = 1.0, weight: Weight = 1.0,
-                     head: HeadSpec = DEFAULT_HEAD) -> optax.GradientTransformationExtraArgs:
+def moment_alignment(
+  alpha: float = 1.0, beta: float = 1.0, weight: Weight = 1.0, head: HeadSpec = DEFAULT_HEAD
+) -> optax.GradientTransformationExtraArgs:
   """CMA (Chen et al., UAI 2025) as a transform: ``updates + weight * grad_params P`` with
   ``P = alpha Var_e(grad_head) + beta Var_e(diag Hessian_head)`` from the closed forms of a
   linear softmax/sigmoid head (:func:`linear_head_moments`).
@@ -517,5 +599,12 @@ def moment_alignment(alpha: float = 1.0, beta: float = 1.0, weight: Weight = 1.0
   ``loss + weight * cma_penalty(...)``).
   """
   terms_fn = lambda obj, h, x, k: cma_terms(h, x)
-  return _alignment_transform(terms_fn, lambda t: alpha * t.gradient + beta * t.hessian,
-                              weight, head, None, "dgjax.hessian.moment_alignment", "cma_penalty")
+  return _alignment_transform(
+    terms_fn,
+    lambda t: alpha * t.gradient + beta * t.hessian,
+    weight,
+    head,
+    None,
+    "dgjax.hessian.moment_alignment",
+    "cma_penalty",
+  )

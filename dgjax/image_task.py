@@ -43,18 +43,33 @@ from dgjax.tasks import make_accuracy_fn, make_loss_fn
 
 #: The model and data hparams of DomainBed's image datasets (``hparams_registry.py``).
 IMAGE_HPARAMS: dict[str, HParam] = {
-    "resnet18": HParam(False, lambda r: False, "ResNet-18 instead of ResNet-50", kind="bool",
-                       structural=True),
-    "resnet_dropout": HParam(0.0, lambda r: float(r.choice([0.0, 0.1, 0.5])),
-                             "dropout on the ResNet features", kind="choice",
-                             choices=(0.0, 0.1, 0.5), structural=True),
-    "data_augmentation": HParam(True, lambda r: True, "RandomResizedCrop, flip, ColorJitter, "
-                                "RandomGrayscale on the training images", kind="bool",
-                                structural=True),
-    "freeze_bn": HParam(False, lambda r: False, "BatchNorm normalises with its running "
-                        "statistics and never updates them (true: the DomainBed of the paper's "
-                        "tables; false: current DomainBed's default)", kind="bool",
-                        structural=True),
+  "resnet18": HParam(
+    False, lambda r: False, "ResNet-18 instead of ResNet-50", kind="bool", structural=True
+  ),
+  "resnet_dropout": HParam(
+    0.0,
+    lambda r: float(r.choice([0.0, 0.1, 0.5])),
+    "dropout on the ResNet features",
+    kind="choice",
+    choices=(0.0, 0.1, 0.5),
+    structural=True,
+  ),
+  "data_augmentation": HParam(
+    True,
+    lambda r: True,
+    "RandomResizedCrop, flip, ColorJitter, RandomGrayscale on the training images",
+    kind="bool",
+    structural=True,
+  ),
+  "freeze_bn": HParam(
+    False,
+    lambda r: False,
+    "BatchNorm normalises with its running "
+    "statistics and never updates them (true: the DomainBed of the paper's "
+    "tables; false: current DomainBed's default)",
+    kind="bool",
+    structural=True,
+  ),
 }
 
 
@@ -63,9 +78,12 @@ def arch_of(hparams: Mapping[str, Any]) -> str:
 
 
 def make_model(num_classes: int, hparams: Mapping[str, Any]):
-  return resnet.resnet_classifier(arch_of(hparams), num_classes,
-                                  dropout=float(hparams["resnet_dropout"]),
-                                  freeze_bn=bool(hparams["freeze_bn"]))
+  return resnet.resnet_classifier(
+    arch_of(hparams),
+    num_classes,
+    dropout=float(hparams["resnet_dropout"]),
+    freeze_bn=bool(hparams["freeze_bn"]),
+  )
 
 
 class ImageTask(TaskBase):
@@ -80,13 +98,25 @@ class ImageTask(TaskBase):
     seed: the run's seed (the stream's randomness derives from it).
     augment: DomainBed's ``data_augmentation``.
   """
+
   streams = True
   has_val_loss = True
 
-  def __init__(self, model, pretrained: str | None, splits_in: Sequence[Any],
-               splits_out: Sequence[Any], test_envs: Sequence[int], batch_size: int, seed: int,
-               augment: bool = True, eval_batch_size: int = 64, num_workers: int = 2,
-               image_size: int = image_pipeline.IMAGE_SIZE, prefetch: int = 2):
+  def __init__(
+    self,
+    model,
+    pretrained: str | None,
+    splits_in: Sequence[Any],
+    splits_out: Sequence[Any],
+    test_envs: Sequence[int],
+    batch_size: int,
+    seed: int,
+    augment: bool = True,
+    eval_batch_size: int = 64,
+    num_workers: int = 2,
+    image_size: int = image_pipeline.IMAGE_SIZE,
+    prefetch: int = 2,
+  ):
     n = len(splits_in)
     self.model = model
     self.splits_in, self.splits_out = list(splits_in), list(splits_out)
@@ -102,6 +132,7 @@ class ImageTask(TaskBase):
     like = resnet.init_variables(model, jax.random.key(0), image_size)
     if pretrained is not None:
       from dgjax.convert_weights import load_pretrained
+
       like = load_pretrained(pretrained, like)
     self._pretrained_featurizer = like["params"]["featurizer"] if pretrained is not None else None
     # batch_stats: the weights file's running statistics (the train state carries them on)
@@ -113,17 +144,23 @@ class ImageTask(TaskBase):
 
   def init_params(self, key):
     params = resnet.init_variables(self.model, key, self.image_size)["params"]
-    if self._pretrained_featurizer is not None:   # DomainBed: a new head on the pretrained featurizer
+    if (
+      self._pretrained_featurizer is not None
+    ):  # DomainBed: a new head on the pretrained featurizer
       params = {**params, "featurizer": self._pretrained_featurizer}
     return params
 
   def stream(self, start_step: int):
     """Device batches ``{"x": uint8[D, B, H, W, 3], "y": [D, B]}`` from ``start_step`` on."""
     host = image_pipeline.train_batches(
-        [self.splits_in[e] for e in self.train_envs],
-        jax.random.fold_in(jax.random.key(self.seed), 0x696D67), self.batch_size,
-        augment=self.augment, start_step=start_step, size=self.image_size,
-        num_workers=self.num_workers)
+      [self.splits_in[e] for e in self.train_envs],
+      jax.random.fold_in(jax.random.key(self.seed), 0x696D67),
+      self.batch_size,
+      augment=self.augment,
+      start_step=start_step,
+      size=self.image_size,
+      num_workers=self.num_workers,
+    )
     prefetch = image_pipeline.DevicePrefetch(host, size=self.prefetch)
     self._streams.append(prefetch)
     return prefetch
@@ -158,8 +195,9 @@ class ImageTask(TaskBase):
   def _sum_over(self, fn, model_state, split, mesh=None) -> float:
     """``sum fn(model_state, x, y, mask)`` over ``split``'s evaluation batches."""
     if mesh is None:
-      batches = image_pipeline.eval_batches(split, self.eval_batch_size, size=self.image_size,
-                                            num_workers=self.num_workers)
+      batches = image_pipeline.eval_batches(
+        split, self.eval_batch_size, size=self.image_size, num_workers=self.num_workers
+      )
     else:
       model_state = sharding.on_mesh(model_state, mesh)
       batches = self._process_eval_batches(split, mesh)
@@ -172,11 +210,20 @@ class ImageTask(TaskBase):
     (evaluation preprocessing), averaged over the training environments."""
     empty = [e for e in self.train_envs if len(self.splits_out[e].y) == 0]
     if empty:
-      raise ValueError(f"no training-domain validation data: the out-split(s) of "
-                       f"environment(s) {empty} hold no images (holdout_fraction must be > 0)")
+      raise ValueError(
+        f"no training-domain validation data: the out-split(s) of "
+        f"environment(s) {empty} hold no images (holdout_fraction must be > 0)"
+      )
     loss_sum = self._loss_fn(predict, mesh)
-    return float(np.mean([self._sum_over(loss_sum, model_state, self.splits_out[e], mesh)
-                          / len(self.splits_out[e].y) for e in self.train_envs]))
+    return float(
+      np.mean(
+        [
+          self._sum_over(loss_sum, model_state, self.splits_out[e], mesh)
+          / len(self.splits_out[e].y)
+          for e in self.train_envs
+        ]
+      )
+    )
 
   def accuracy(self, model_state, split, predict, mesh=None) -> float:
     """Accuracy of ``predict(model_state, x)`` on ``split`` in padded, masked batches of
@@ -196,26 +243,30 @@ class ImageTask(TaskBase):
     ``mesh``, this process feeding its rows of each (all rows with one process)."""
     size = sharding.round_up_to_devices(self.eval_batch_size, mesh)
     rows = sharding.process_rows(mesh, size)
-    if len(rows) == size:   # one process: every row is ours
+    if len(rows) == size:  # one process: every row is ours
       local, valid = split, None
-    else:                   # global example b * size + r for each batch b and our row r
+    else:  # global example b * size + r for each batch b and our row r
       n = len(split.y)
       index = (np.arange(-(-n // size))[:, None] * size + rows[None, :]).reshape(-1)
       valid = (index < n).reshape(-1, len(rows))
-      take = np.minimum(index, max(n - 1, 0))   # padding rows: any path, masked out
+      take = np.minimum(index, max(n - 1, 0))  # padding rows: any path, masked out
       local = dataclasses.replace(split, x=np.asarray(split.x)[take], y=np.asarray(split.y)[take])
-    for i, b in enumerate(image_pipeline.eval_batches(local, len(rows), size=self.image_size,
-                                                      num_workers=self.num_workers)):
+    for i, b in enumerate(
+      image_pipeline.eval_batches(
+        local, len(rows), size=self.image_size, num_workers=self.num_workers
+      )
+    ):
       if valid is not None:
         b = {**b, "mask": valid[i]}
       yield sharding.put_eval_batch(b, mesh, size)
 
-  def evaluate(self, model_state, run: int, predict, *, step: int = 0,
-               mesh=None) -> dict[str, float]:
+  def evaluate(
+    self, model_state, run: int, predict, *, step: int = 0, mesh=None
+  ) -> dict[str, float]:
     """Accuracy on every environment's in and out split (:meth:`accuracy`; ``mesh``: sharded
     over its devices)."""
     del run, step
-    if mesh is not None:   # replicated once for all the splits
+    if mesh is not None:  # replicated once for all the splits
       model_state = sharding.on_mesh(model_state, mesh)
     out = {}
     for e in range(len(self.splits_in)):
@@ -240,13 +291,15 @@ def image_environments(name: str, data_dir, data_source: str = "folder"):
   ``~/tensorflow_datasets``; DomainNet only, see :mod:`dgjax.data.tfds_images`)."""
   if data_source == "tfds":
     from dgjax.data.tfds_images import tfds_image_environments
+
     return tfds_image_environments(name, data_dir)
   if data_source != "folder":
     raise ValueError(f"unknown data_source {data_source!r}; valid: folder, tfds")
   if name == "ImageFolder":
     if data_dir is None:
-      raise image_folder.DataError("ImageFolder needs --data_dir: a folder of "
-                                   "<environment>/<class>/<image>")
+      raise image_folder.DataError(
+        "ImageFolder needs --data_dir: a folder of <environment>/<class>/<image>"
+      )
     return image_folder.ImageFolderDomains(data_dir)
   return image_folder.image_dataset_environments(name, data_dir)
 
@@ -254,17 +307,32 @@ def image_environments(name: str, data_dir, data_source: str = "folder"):
 def make_task(config, envs=None):
   """``(task, envs)`` for ``config`` (a :class:`dgjax.train.TrainConfig` of an image dataset)."""
   from dgjax.convert_weights import missing_weights_message
+
   hp = config.resolved_hparams
-  envs = envs if envs is not None else image_environments(config.dataset, config.data_dir,
-                                                          config.data_source)
-  if config.data_source == "folder":   # every file an image, before any compiling
+  envs = (
+    envs
+    if envs is not None
+    else image_environments(config.dataset, config.data_dir, config.data_source)
+  )
+  if config.data_source == "folder":  # every file an image, before any compiling
     image_check.check_image_files(path for env in envs for path in env.x)
-  splits_in, splits_out = image_folder.image_splits(envs, config.holdout_fraction, config.trial_seed)
+  splits_in, splits_out = image_folder.image_splits(
+    envs, config.holdout_fraction, config.trial_seed
+  )
   if config.pretrained is None:
     raise ValueError(missing_weights_message(arch_of(hp)))
   pretrained = None if str(config.pretrained).lower() == "none" else config.pretrained
   model = make_model(len(envs[0].classes), hp)
-  task = ImageTask(model, pretrained, splits_in, splits_out, config.test_envs,
-                   int(hp["batch_size"]), config.seed, augment=bool(hp["data_augmentation"]),
-                   image_size=config.image_size, num_workers=config.data_workers)
+  task = ImageTask(
+    model,
+    pretrained,
+    splits_in,
+    splits_out,
+    config.test_envs,
+    int(hp["batch_size"]),
+    config.seed,
+    augment=bool(hp["data_augmentation"]),
+    image_size=config.image_size,
+    num_workers=config.data_workers,
+  )
   return task, envs

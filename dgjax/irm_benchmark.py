@@ -81,13 +81,15 @@ HIDDEN = 390
 #: mean and std over 10 restarts: Rame, Dancette & Cord, "Fishr", ICML 2022, Table 2, as
 #: transcribed in the README of alexrame/fishr ("Main results (Table 2 in Section 6.A)").
 PUBLISHED = {
-    "erm": ((86.4, 0.2), (14.0, 0.7), (71.0, 0.7)),
-    "irm": ((71.0, 0.5), (65.6, 1.8), (66.1, 0.2)),
-    "vrex": ((71.7, 1.5), (67.2, 1.5), (68.6, 2.2)),
-    "fishr": ((71.0, 0.9), (69.5, 1.0), (70.2, 1.1)),
+  "erm": ((86.4, 0.2), (14.0, 0.7), (71.0, 0.7)),
+  "irm": ((71.0, 0.5), (65.6, 1.8), (66.1, 0.2)),
+  "vrex": ((71.7, 1.5), (67.2, 1.5), (68.6, 2.2)),
+  "fishr": ((71.0, 0.9), (69.5, 1.0), (70.2, 1.1)),
 }
-PUBLISHED_SOURCE = ("Fishr (Rame et al., ICML 2022), Table 2, full MNIST (50,000 train / "
-                    "10,000 test digits), 10 restarts, mean ± std")
+PUBLISHED_SOURCE = (
+  "Fishr (Rame et al., ICML 2022), Table 2, full MNIST (50,000 train / "
+  "10,000 test digits), 10 restarts, mean ± std"
+)
 PUBLISHED_RESTARTS = 10
 
 
@@ -105,17 +107,23 @@ class IRMConfig:
   label_shift: Optional[float] = None
   hparams: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   eval_every: int = 100
-  hessian_gap: bool = False          # log max_{e,e'} ||H_e - H_e'||_2 at each evaluation
+  hessian_gap: bool = False  # log max_{e,e'} ||H_e - H_e'||_2 at each evaluation
   hessian_gap_iters: int = 20
-  restarts_impl: str = "vmap"        # "vmap" | "sequential"
-  scan_steps: int = 100              # steps per jit call (full-batch MLP steps are short)
+  restarts_impl: str = "vmap"  # "vmap" | "sequential"
+  scan_steps: int = 100  # steps per jit call (full-batch MLP steps are short)
 
 
 def benchmark_overrides(method: str, cfg: IRMConfig, n_train: int) -> dict[str, Any]:
   """The benchmark's settings as hparam overrides of ``method``, by role, then ``cfg.hparams``."""
-  by_role = {"lr": cfg.lr, "weight_decay": 2.0 * cfg.l2_weight, "batch_size": n_train,
-             "penalty_weight": cfg.penalty_weight, "anneal_iters": cfg.penalty_anneal_iters,
-             "rescale_loss": True, "reset_optimizer": False}
+  by_role = {
+    "lr": cfg.lr,
+    "weight_decay": 2.0 * cfg.l2_weight,
+    "batch_size": n_train,
+    "penalty_weight": cfg.penalty_weight,
+    "anneal_iters": cfg.penalty_anneal_iters,
+    "rescale_loss": True,
+    "reset_optimizer": False,
+  }
   spec = methods.hparam_specs(method)
   overrides = {name: by_role[s.role] for name, s in spec.items() if s.role in by_role}
   overrides.update(cfg.hparams)
@@ -133,8 +141,9 @@ def benchmark_preset(method: str) -> str | None:
 def benchmark_hparams(method: str, cfg: IRMConfig, n_train: int) -> dict[str, Any]:
   """The method's resolved hparams for this benchmark: its ``irm_cmnist`` preset if it has
   one, the benchmark's settings by role, then ``cfg.hparams``."""
-  return methods.resolve_hparams(method, 0, benchmark_overrides(method, cfg, n_train),
-                                 preset=benchmark_preset(method))
+  return methods.resolve_hparams(
+    method, 0, benchmark_overrides(method, cfg, n_train), preset=benchmark_preset(method)
+  )
 
 
 def xavier_init(params, key):
@@ -156,10 +165,14 @@ def restart_data(data: irm_cmnist.IRMColoredMNIST, n_env: int) -> dict[str, np.n
   """One restart's arrays: the two training environments (truncated to ``n_env``), the test
   environment in colour and in gray."""
   train = [irm_cmnist.colorize(data.images, e)[:n_env] for e in data.train]
-  return {"train_x": np.stack(train), "train_y": np.stack([e.y[:n_env] for e in data.train]),
-          "test_x": irm_cmnist.colorize(data.images, data.test),
-          "gray_x": irm_cmnist.colorize(data.images, data.gray, grayscale=True),
-          "test_y": data.test.y, "gray_y": data.gray.y}
+  return {
+    "train_x": np.stack(train),
+    "train_y": np.stack([e.y[:n_env] for e in data.train]),
+    "test_x": irm_cmnist.colorize(data.images, data.test),
+    "gray_x": irm_cmnist.colorize(data.images, data.gray, grayscale=True),
+    "test_y": data.test.y,
+    "gray_y": data.gray.y,
+  }
 
 
 class IRMTask(TaskBase):
@@ -169,15 +182,23 @@ class IRMTask(TaskBase):
   ``hessian_gap``: each evaluation also logs ``max_{e,e'} ||H_e - H_e'||_2`` of the head,
   estimated with random probes keyed by ``fold_in(key(gap_seeds[k]), step)``, the engine's
   step (a logged diagnostic; it does not touch training)."""
+
   per_run_data = True
   num_domains = 2
 
-  def __init__(self, runs: list[dict[str, np.ndarray]], hidden: int, hessian_gap: bool = False,
-               hessian_gap_iters: int = 20, gap_seeds: list[int] | None = None):
+  def __init__(
+    self,
+    runs: list[dict[str, np.ndarray]],
+    hidden: int,
+    hessian_gap: bool = False,
+    hessian_gap_iters: int = 20,
+    gap_seeds: list[int] | None = None,
+  ):
     self.model = mlp(1, hidden=(hidden, hidden))
     self.runs = runs
-    self.data = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)),
-                             *[{"x": r["train_x"], "y": r["train_y"]} for r in runs])
+    self.data = jax.tree.map(
+      lambda *xs: jnp.asarray(np.stack(xs)), *[{"x": r["train_x"], "y": r["train_y"]} for r in runs]
+    )
     self.hessian_gap, self.hessian_gap_iters = hessian_gap, hessian_gap_iters
     self.gap_seeds = gap_seeds or list(range(len(runs)))
     model = self.model
@@ -191,11 +212,12 @@ class IRMTask(TaskBase):
     def gap(params, x, y, key):
       d, b = x.shape[:2]
       z = model.apply({"params": params}, x.reshape(d * b, -1), method="features")
-      obj = lambda head, inp: cross_entropy(model.apply({"params": {"classifier": head}}, inp["z"],
-                                                        method="head"), inp["y"])
-      return hessian.hessian_difference_norm(obj, params["classifier"],
-                                             {"z": z.reshape(d, b, -1), "y": y}, key,
-                                             hessian_gap_iters)
+      obj = lambda head, inp: cross_entropy(
+        model.apply({"params": {"classifier": head}}, inp["z"], method="head"), inp["y"]
+      )
+      return hessian.hessian_difference_norm(
+        obj, params["classifier"], {"z": z.reshape(d, b, -1), "y": y}, key, hessian_gap_iters
+      )
 
     self._accuracy, self._gap = accuracy, gap
 
@@ -207,16 +229,20 @@ class IRMTask(TaskBase):
     del key, batch_size
     return {"x": data["x"], "y": data["y"]}
 
-  def evaluate(self, model_state, run: int, predict, *, step: int = 0,
-               mesh=None) -> dict[str, float]:
+  def evaluate(
+    self, model_state, run: int, predict, *, step: int = 0, mesh=None
+  ) -> dict[str, float]:
     """Run ``run``'s training, test and gray-test accuracies (and the Hessian gap) at engine
     step ``step``; on this process's copy of the small full-batch arrays, ``mesh`` or not."""
     del mesh
     r = self.runs[run]
     acc = lambda x, y: float(self._accuracy(predict, model_state, x, y))
     train = np.mean([acc(r["train_x"][e], r["train_y"][e]) for e in range(2)])
-    out = {"train_acc": float(train), "test_acc": acc(r["test_x"], r["test_y"]),
-           "gray_acc": acc(r["gray_x"], r["gray_y"])}
+    out = {
+      "train_acc": float(train),
+      "test_acc": acc(r["test_x"], r["test_y"]),
+      "gray_acc": acc(r["gray_x"], r["gray_y"]),
+    }
     params = model_state[0]
     if self.hessian_gap:
       key = jax.random.fold_in(jax.random.key(self.gap_seeds[run]), step)
@@ -224,15 +250,22 @@ class IRMTask(TaskBase):
     return out
 
   def progress_numbers(self, record):
-    return {"loss": record["loss"], "train_acc": record["train_acc"], "test_acc": record["test_acc"]}
+    return {
+      "loss": record["loss"],
+      "train_acc": record["train_acc"],
+      "test_acc": record["test_acc"],
+    }
 
 
 def data_split(cfg: IRMConfig, images: np.ndarray, labels: np.ndarray) -> tuple[str, int]:
   """``(note, n_env)``: the data split's description and the per-environment size the runs
   train on (the training environments truncated to the smaller), known before training."""
-  datasets = [irm_cmnist.irm_colored_mnist(images, labels, seed=seed_hash(cfg.seed, r),
-                                           label_shift=cfg.label_shift)
-              for r in range(cfg.n_restarts)]
+  datasets = [
+    irm_cmnist.irm_colored_mnist(
+      images, labels, seed=seed_hash(cfg.seed, r), label_shift=cfg.label_shift
+    )
+    for r in range(cfg.n_restarts)
+  ]
   return datasets[0].note, min(len(e.index) for d in datasets for e in d.train)
 
 
@@ -242,8 +275,9 @@ def updates(cfg: IRMConfig) -> int:
   return cfg.steps - 1
 
 
-def run(cfg: IRMConfig, images: np.ndarray, labels: np.ndarray,
-        log: Callable[[str], None] = print) -> dict[str, Any]:
+def run(
+  cfg: IRMConfig, images: np.ndarray, labels: np.ndarray, log: Callable[[str], None] = print
+) -> dict[str, Any]:
   """Trains ``cfg.method`` ``cfg.n_restarts`` times on the engine; returns finals, summary and
   history.
 
@@ -255,53 +289,96 @@ def run(cfg: IRMConfig, images: np.ndarray, labels: np.ndarray,
   if cfg.restarts_impl not in ("vmap", "sequential"):
     raise ValueError(f"restarts_impl must be 'vmap' or 'sequential', got {cfg.restarts_impl!r}")
   if cfg.steps < 2:
-    raise ValueError(f"steps is the scripts' loop length (>= 2: the report is the forward pass of "
-                     f"the last iteration, after steps - 1 updates), got {cfg.steps}")
-  datasets = [irm_cmnist.irm_colored_mnist(images, labels, seed=seed_hash(cfg.seed, r),
-                                           label_shift=cfg.label_shift)
-              for r in range(cfg.n_restarts)]
+    raise ValueError(
+      f"steps is the scripts' loop length (>= 2: the report is the forward pass of "
+      f"the last iteration, after steps - 1 updates), got {cfg.steps}"
+    )
+  datasets = [
+    irm_cmnist.irm_colored_mnist(
+      images, labels, seed=seed_hash(cfg.seed, r), label_shift=cfg.label_shift
+    )
+    for r in range(cfg.n_restarts)
+  ]
   n_env = min(len(e.index) for d in datasets for e in d.train)
   runs = [restart_data(d, n_env) for d in datasets]
   overrides = benchmark_overrides(cfg.method, cfg, n_env)
   seeds = [seed_hash(cfg.seed, r, "init") for r in range(cfg.n_restarts)]
-  configs = [train_lib.TrainConfig(method=cfg.method, test_envs=(), steps=updates(cfg),
-                                   checkpoint_freq=cfg.eval_every, seed=s, hparams=overrides,
-                                   preset=benchmark_preset(cfg.method),
-                                   per_domain_impl="vmap", progress=False,
-                                   scan_steps=cfg.scan_steps)
-             for s in seeds]
-  groups = [list(range(cfg.n_restarts))] if cfg.restarts_impl == "vmap" else [[r] for r in range(cfg.n_restarts)]
+  configs = [
+    train_lib.TrainConfig(
+      method=cfg.method,
+      test_envs=(),
+      steps=updates(cfg),
+      checkpoint_freq=cfg.eval_every,
+      seed=s,
+      hparams=overrides,
+      preset=benchmark_preset(cfg.method),
+      per_domain_impl="vmap",
+      progress=False,
+      scan_steps=cfg.scan_steps,
+    )
+    for s in seeds
+  ]
+  groups = (
+    [list(range(cfg.n_restarts))]
+    if cfg.restarts_impl == "vmap"
+    else [[r] for r in range(cfg.n_restarts)]
+  )
   t0 = time.perf_counter()
   per_run: list[list[dict]] = [None] * cfg.n_restarts  # type: ignore[list-item]
   for g in groups:
-    task = IRMTask([runs[r] for r in g], cfg.hidden, cfg.hessian_gap, cfg.hessian_gap_iters,
-                   [seeds[r] for r in g])
+    task = IRMTask(
+      [runs[r] for r in g],
+      cfg.hidden,
+      cfg.hessian_gap,
+      cfg.hessian_gap_iters,
+      [seeds[r] for r in g],
+    )
     for r, recs in zip(g, train_lib.train_many([configs[r] for r in g], task)):
       per_run[r] = recs
   keys = [k for k, v in per_run[0][0].items() if k not in ("hparams", "args", "epoch")]
-  history = [{"step": recs[0]["step"],
-              **{k: [per_run[r][i][k] for r in range(cfg.n_restarts)] for k in keys if k != "step"}}
-             for i, recs in enumerate(zip(*per_run))]
+  history = [
+    {
+      "step": recs[0]["step"],
+      **{k: [per_run[r][i][k] for r in range(cfg.n_restarts)] for k in keys if k != "step"},
+    }
+    for i, recs in enumerate(zip(*per_run))
+  ]
   for h in history:
-    log(f"step {h['step']:4d}  loss {np.mean(h['loss']):.4f}  train {100 * np.mean(h['train_acc']):.1f}  "
-        f"test {100 * np.mean(h['test_acc']):.1f}  gray {100 * np.mean(h['gray_acc']):.1f}"
-        + (f"  penalty {np.mean(h['penalty']):.3g}" if "penalty" in h else "")
-        + (f"  hessian_gap {np.mean(h['hessian_gap']):.3g}" if "hessian_gap" in h else ""))
+    log(
+      f"step {h['step']:4d}  loss {np.mean(h['loss']):.4f}  train {100 * np.mean(h['train_acc']):.1f}  "
+      f"test {100 * np.mean(h['test_acc']):.1f}  gray {100 * np.mean(h['gray_acc']):.1f}"
+      + (f"  penalty {np.mean(h['penalty']):.3g}" if "penalty" in h else "")
+      + (f"  hessian_gap {np.mean(h['hessian_gap']):.3g}" if "hessian_gap" in h else "")
+    )
   final = {k: np.asarray(history[-1][k]) for k in ("train_acc", "test_acc", "gray_acc")}
-  summary = {k: (100 * float(np.mean(v)), 100 * float(np.std(v)),
-                 100 * float(np.std(v)) / math.sqrt(len(v))) for k, v in final.items()}
-  return {"method": cfg.method, "final": {k: v.tolist() for k, v in final.items()},
-          "summary": summary, "history": history, "note": datasets[0].note,
-          "hparams": dict(configs[0].resolved_hparams), "n_restarts": cfg.n_restarts,
-          "train_seconds": time.perf_counter() - t0, "env_size": int(n_env),
-          "label_shift": cfg.label_shift, "steps": cfg.steps, "seed": cfg.seed}
+  summary = {
+    k: (100 * float(np.mean(v)), 100 * float(np.std(v)), 100 * float(np.std(v)) / math.sqrt(len(v)))
+    for k, v in final.items()
+  }
+  return {
+    "method": cfg.method,
+    "final": {k: v.tolist() for k, v in final.items()},
+    "summary": summary,
+    "history": history,
+    "note": datasets[0].note,
+    "hparams": dict(configs[0].resolved_hparams),
+    "n_restarts": cfg.n_restarts,
+    "train_seconds": time.perf_counter() - t0,
+    "env_size": int(n_env),
+    "label_shift": cfg.label_shift,
+    "steps": cfg.steps,
+    "seed": cfg.seed,
+  }
 
 
 METRICS = ("train_acc", "test_acc", "gray_acc")
 
 
-def gap_in_standard_errors(ours: tuple[float, float, float], published: tuple[float, float],
-                           published_restarts: int = PUBLISHED_RESTARTS) -> float:
+def gap_in_standard_errors(
+  ours: tuple[float, float, float],
+  published: tuple[float, float],
+  published_restarts: int = PUBLISHED_RESTARTS,
+) -> float:
   """``(ours - published) / sqrt(se_ours^2 + se_published^2)``: ``ours`` is ``(mean, std,
   se)``, ``published`` ``(mean, std)`` over ``published_restarts`` (population std, as the
   scripts' ``np.std``)."""
@@ -310,13 +387,16 @@ def gap_in_standard_errors(ours: tuple[float, float, float], published: tuple[fl
   return (ours[0] - published[0]) / scale if scale > 0 else float("nan")
 
 
-def format_summary(results: list[dict[str, Any]],
-                   published: Mapping[str, tuple] = PUBLISHED) -> str:
+def format_summary(
+  results: list[dict[str, Any]], published: Mapping[str, tuple] = PUBLISHED
+) -> str:
   """Markdown table: each method's train / test / gray-test accuracy, mean ± standard error
   over its restarts, beside the published row (mean ± std) and the gap in standard errors."""
-  lines = ["| method | restarts | train acc | test acc | gray test acc | published train / test / gray "
-           "| gap (SE) train / test / gray |",
-           "|---|---:|---:|---:|---:|---|---|"]
+  lines = [
+    "| method | restarts | train acc | test acc | gray test acc | published train / test / gray "
+    "| gap (SE) train / test / gray |",
+    "|---|---:|---:|---:|---:|---|---|",
+  ]
   for r in results:
     s = r["summary"]
     cells = [f"{s[k][0]:.1f} ± {s[k][2]:.1f}" for k in METRICS]
@@ -326,5 +406,7 @@ def format_summary(results: list[dict[str, Any]],
       gaps = " / ".join(f"{gap_in_standard_errors(s[k], p):+.1f}" for k, p in zip(METRICS, pub))
     else:
       pub_s, gaps = "not published", ""
-    lines.append(f"| {r['method']} | {r['n_restarts']} | " + " | ".join(cells) + f" | {pub_s} | {gaps} |")
+    lines.append(
+      f"| {r['method']} | {r['n_restarts']} | " + " | ".join(cells) + f" | {pub_s} | {gaps} |"
+    )
   return "\n".join(lines)

@@ -61,8 +61,9 @@ def and_mask_weights(per_domain_grads: PyTree, tau: float) -> PyTree:
 
   ``mask = 1[ |mean_d sign(g_d)| >= tau ]`` elementwise, one mask per leaf (no ``D`` axis).
   """
-  return jax.tree.map(lambda g: (sign_agreement(g) >= tau).astype(_stat_dtype(g.dtype)),
-                      per_domain_grads)
+  return jax.tree.map(
+    lambda g: (sign_agreement(g) >= tau).astype(_stat_dtype(g.dtype)), per_domain_grads
+  )
 
 
 def sand_mask_weights(per_domain_grads: PyTree, tau: float, k: float) -> PyTree:
@@ -108,8 +109,9 @@ def _shape_list(items, limit=4) -> str:
   return shown + (f"; ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
-def check_per_domain_grads(per_domain_grads: PyTree, params: PyTree = None,
-                           where: str = "per-domain gradients") -> int:
+def check_per_domain_grads(
+  per_domain_grads: PyTree, params: PyTree = None, where: str = "per-domain gradients"
+) -> int:
   """Checks that every leaf is ``[D, *param.shape]`` with one ``D >= 1``; returns ``D``.
 
   With ``params`` each gradient leaf is compared with its parameter (same tree structure,
@@ -126,8 +128,9 @@ def check_per_domain_grads(per_domain_grads: PyTree, params: PyTree = None,
   if params is not None:
     param_leaves, param_def = jax.tree_util.tree_flatten_with_path(params)
     if grad_def != param_def:
-      raise ValueError(f"{where}: the gradients' tree structure differs from params': "
-                       f"{grad_def} vs {param_def}")
+      raise ValueError(
+        f"{where}: the gradients' tree structure differs from params': {grad_def} vs {param_def}"
+      )
     bad, like_params, sizes = [], 0, set()
     for (path, g), (_, p) in zip(grad_leaves, param_leaves):
       gs, ps = tuple(jnp.shape(g)), tuple(jnp.shape(p))
@@ -137,21 +140,31 @@ def check_per_domain_grads(per_domain_grads: PyTree, params: PyTree = None,
         like_params += gs == ps
         bad.append(f"{jax.tree_util.keystr(path)}: gradient {gs}, param {ps}")
     if bad:
-      hint = (" The gradients are shaped like the parameters, with no domain axis: ordinary "
-              "jax.grad output? Compute them per domain, e.g. dgjax.per_domain_grads(loss_fn, "
-              "params, batch) with batch leaves [D, B, ...]." if like_params == len(bad) else "")
-      raise ValueError(f"{where} need a leading domain axis on every leaf, shaped "
-                       f"[D, *param.shape]; got {_shape_list(bad)}.{hint}")
+      hint = (
+        " The gradients are shaped like the parameters, with no domain axis: ordinary "
+        "jax.grad output? Compute them per domain, e.g. dgjax.per_domain_grads(loss_fn, "
+        "params, batch) with batch leaves [D, B, ...]."
+        if like_params == len(bad)
+        else ""
+      )
+      raise ValueError(
+        f"{where} need a leading domain axis on every leaf, shaped "
+        f"[D, *param.shape]; got {_shape_list(bad)}.{hint}"
+      )
   else:
     sizes = {jnp.shape(g)[0] if jnp.ndim(g) else None for _, g in grad_leaves}
     if None in sizes or len(sizes) > 1:
       shapes = [f"{jax.tree_util.keystr(p)}: {tuple(jnp.shape(g))}" for p, g in grad_leaves]
-      raise ValueError(f"{where} need a leading domain axis D shared by every leaf; got "
-                       f"{_shape_list(shapes)}. Pass params to update() to have each leaf "
-                       "checked against its parameter.")
+      raise ValueError(
+        f"{where} need a leading domain axis D shared by every leaf; got "
+        f"{_shape_list(shapes)}. Pass params to update() to have each leaf "
+        "checked against its parameter."
+      )
   if len(sizes) > 1:
-    raise ValueError(f"{where}: the leaves disagree on the number of domains (leading axis "
-                     f"sizes {sorted(sizes)}); every leaf needs the same D.")
+    raise ValueError(
+      f"{where}: the leaves disagree on the number of domains (leading axis "
+      f"sizes {sorted(sizes)}); every leaf needs the same D."
+    )
   d = sizes.pop()
   if d < 1:
     raise ValueError(f"{where}: the domain axis is empty (D = 0).")
@@ -160,8 +173,12 @@ def check_per_domain_grads(per_domain_grads: PyTree, params: PyTree = None,
 
 # optax wrappers that run their inner transform in one branch of a ``lax.cond`` (or an
 # ``eval_shape``) and return something shaped like their *input* updates in the other.
-_OPTAX_SHAPE_KEEPING_WRAPPERS = ("MultiSteps", "apply_if_finite", "conditionally_transform",
-                                 "conditionally_mask")
+_OPTAX_SHAPE_KEEPING_WRAPPERS = (
+  "MultiSteps",
+  "apply_if_finite",
+  "conditionally_transform",
+  "conditionally_mask",
+)
 _DGJAX_WRAPPERS = ("accumulate_per_domain",)
 _OPTAX_DIR = os.sep + "optax" + os.sep
 
@@ -199,19 +216,21 @@ def _refuse_shape_keeping_wrappers(name: str) -> None:
   for wrapper in enclosing_gradient_wrappers():
     if wrapper == "optax.MultiSteps":
       raise ValueError(
-          f"{name} cannot sit inside optax.MultiSteps: MultiSteps accumulates the gradients it "
-          "is given in a buffer shaped like params, but a mask takes per-domain gradients "
-          "[D, ...] and must see the accumulated per-domain gradients (the mask of a mean is "
-          "not the mean of masks). Use dgjax.masks.accumulate_per_domain(optax.chain(mask, "
-          "optimizer), every_k_schedule=k, num_domains=D) instead (README, 'optax recipes').")
+        f"{name} cannot sit inside optax.MultiSteps: MultiSteps accumulates the gradients it "
+        "is given in a buffer shaped like params, but a mask takes per-domain gradients "
+        "[D, ...] and must see the accumulated per-domain gradients (the mask of a mean is "
+        "not the mean of masks). Use dgjax.masks.accumulate_per_domain(optax.chain(mask, "
+        "optimizer), every_k_schedule=k, num_domains=D) instead (README, 'optax recipes')."
+      )
     if wrapper.startswith("optax."):
       raise ValueError(
-          f"{name} cannot sit inside {wrapper}: when it skips, {wrapper} returns zeros shaped "
-          "like its input (per-domain gradients [D, ...]) while the mask returns params-shaped "
-          f"updates. Put the wrapper after the mask, e.g. optax.chain({name}(...), "
-          "optax.apply_if_finite(optax.adam(lr), max_consecutive_errors)): a NaN or Inf in any "
-          "domain's gradient reaches the mask's output, so the same steps are skipped "
-          "(README, 'optax recipes').")
+        f"{name} cannot sit inside {wrapper}: when it skips, {wrapper} returns zeros shaped "
+        "like its input (per-domain gradients [D, ...]) while the mask returns params-shaped "
+        f"updates. Put the wrapper after the mask, e.g. optax.chain({name}(...), "
+        "optax.apply_if_finite(optax.adam(lr), max_consecutive_errors)): a NaN or Inf in any "
+        "domain's gradient reaches the mask's output, so the same steps are skipped "
+        "(README, 'optax recipes')."
+      )
 
 
 def _is_concrete_number(x) -> bool:
@@ -220,6 +239,7 @@ def _is_concrete_number(x) -> bool:
 
 class MaskState(NamedTuple):
   """Keeps the fraction of gradient entries the last mask let through (for logging)."""
+
   kept_fraction: jax.Array
 
 
@@ -259,8 +279,10 @@ def and_mask(tau: float = 1.0) -> optax.GradientTransformation:
   """
   if _is_concrete_number(tau) and tau > 1.0:
     warnings.warn(
-        f"and_mask(tau={tau}): |mean sign| <= 1, so tau > 1 masks every gradient entry and "
-        "the model will not train. Use tau in [0, 1].", stacklevel=2)
+      f"and_mask(tau={tau}): |mean sign| <= 1, so tau > 1 masks every gradient entry and "
+      "the model will not train. Use tau in [0, 1].",
+      stacklevel=2,
+    )
   return _mask_transform(lambda g: and_mask_weights(g, tau), "dgjax.and_mask")
 
 
@@ -285,9 +307,11 @@ def sand_mask(tau: float = 0.5, k: float = 10.0) -> optax.GradientTransformation
   """
   if _is_concrete_number(tau) and tau >= 1.0:
     warnings.warn(
-        f"sand_mask(tau={tau}): |mean sign| - tau <= 0 for every entry, so the SAND mask is "
-        "zero everywhere and the model will not train (DomainBed's default tau=1.0 has this "
-        "problem). Use tau < 1, e.g. the default 0.5.", stacklevel=2)
+      f"sand_mask(tau={tau}): |mean sign| - tau <= 0 for every entry, so the SAND mask is "
+      "zero everywhere and the model will not train (DomainBed's default tau=1.0 has this "
+      "problem). Use tau < 1, e.g. the default 0.5.",
+      stacklevel=2,
+    )
   return _mask_transform(lambda g: sand_mask_weights(g, tau, k), "dgjax.sand_mask")
 
 
@@ -314,12 +338,13 @@ def _cast_like_leaf(new, old):
     return new
   return jnp.asarray(new, dtype)
 
+
 def accumulate_per_domain(
-    inner: optax.GradientTransformation,
-    every_k_schedule: Union[int, Callable[[jax.Array], jax.Array]],
-    num_domains: int,
-    use_grad_mean: bool = True,
-    accumulator_dtype: Any = jnp.float32,
+  inner: optax.GradientTransformation,
+  every_k_schedule: Union[int, Callable[[jax.Array], jax.Array]],
+  num_domains: int,
+  use_grad_mean: bool = True,
+  accumulator_dtype: Any = jnp.float32,
 ) -> optax.GradientTransformationExtraArgs:
   """Gradient accumulation over micro-batches for a chain that starts with a mask.
 
@@ -354,15 +379,26 @@ def accumulate_per_domain(
     A transform with ``optax.MultiStepsState`` as state (``acc_grads`` leaves ``[D, ...]``,
     ``skip_state=()``); ``update(per_domain_grads, state, params, **extra_args)`` needs params.
   """
-  if isinstance(num_domains, bool) or not isinstance(num_domains, numbers.Integral) or num_domains < 1:
-    raise ValueError(f"accumulate_per_domain: num_domains must be a positive int; got {num_domains!r}")
+  if (
+    isinstance(num_domains, bool)
+    or not isinstance(num_domains, numbers.Integral)
+    or num_domains < 1
+  ):
+    raise ValueError(
+      f"accumulate_per_domain: num_domains must be a positive int; got {num_domains!r}"
+    )
   if callable(every_k_schedule):
     k_of = every_k_schedule
   else:
-    if isinstance(every_k_schedule, bool) or not isinstance(every_k_schedule, numbers.Integral) \
-        or every_k_schedule < 1:
-      raise ValueError("accumulate_per_domain: every_k_schedule must be a positive int or a "
-                       f"function of the update count; got {every_k_schedule!r}")
+    if (
+      isinstance(every_k_schedule, bool)
+      or not isinstance(every_k_schedule, numbers.Integral)
+      or every_k_schedule < 1
+    ):
+      raise ValueError(
+        "accumulate_per_domain: every_k_schedule must be a positive int or a "
+        f"function of the update count; got {every_k_schedule!r}"
+      )
     k_of = lambda step: every_k_schedule
   inner = optax.with_extra_args_support(inner)
   acc_dtype = jnp.dtype(accumulator_dtype)
@@ -370,21 +406,31 @@ def accumulate_per_domain(
   def init_fn(params):
     acc = jax.tree.map(lambda p: jnp.zeros((num_domains,) + jnp.shape(p), acc_dtype), params)
     zero = jnp.zeros([], jnp.int32)
-    return optax.MultiStepsState(mini_step=zero, gradient_step=zero,
-                                 inner_opt_state=inner.init(params), acc_grads=acc, skip_state=())
+    return optax.MultiStepsState(
+      mini_step=zero,
+      gradient_step=zero,
+      inner_opt_state=inner.init(params),
+      acc_grads=acc,
+      skip_state=(),
+    )
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
-      raise ValueError("accumulate_per_domain: pass params to update() (the per-domain gradients "
-                       "are checked against them, and the inner transform gets them)")
+      raise ValueError(
+        "accumulate_per_domain: pass params to update() (the per-domain gradients "
+        "are checked against them, and the inner transform gets them)"
+      )
     d = check_per_domain_grads(updates, params, where="accumulate_per_domain's gradients")
     if d != num_domains:
-      raise ValueError(f"accumulate_per_domain was built for num_domains={num_domains}; the "
-                       f"gradients have D = {d}")
+      raise ValueError(
+        f"accumulate_per_domain was built for num_domains={num_domains}; the gradients have D = {d}"
+      )
     k = k_of(state.gradient_step)
     n = state.mini_step.astype(acc_dtype)
     if use_grad_mean:
-      acc = jax.tree.map(lambda g, a: a + (g.astype(acc_dtype) - a) / (n + 1), updates, state.acc_grads)
+      acc = jax.tree.map(
+        lambda g, a: a + (g.astype(acc_dtype) - a) / (n + 1), updates, state.acc_grads
+      )
     else:
       acc = jax.tree.map(lambda g, a: a + g.astype(acc_dtype), updates, state.acc_grads)
     emit = state.mini_step >= k - 1
@@ -403,11 +449,12 @@ def accumulate_per_domain(
 
     out, inner_state = jax.lax.cond(emit, run_inner, hold)
     new_state = optax.MultiStepsState(
-        mini_step=jnp.where(emit, 0, optax.safe_increment(state.mini_step)),
-        gradient_step=jnp.where(emit, optax.safe_increment(state.gradient_step), state.gradient_step),
-        inner_opt_state=inner_state,
-        acc_grads=jax.tree.map(lambda a: jnp.where(emit, jnp.zeros_like(a), a), acc),
-        skip_state=state.skip_state)
+      mini_step=jnp.where(emit, 0, optax.safe_increment(state.mini_step)),
+      gradient_step=jnp.where(emit, optax.safe_increment(state.gradient_step), state.gradient_step),
+      inner_opt_state=inner_state,
+      acc_grads=jax.tree.map(lambda a: jnp.where(emit, jnp.zeros_like(a), a), acc),
+      skip_state=state.skip_state,
+    )
     return out, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

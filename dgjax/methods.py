@@ -31,16 +31,43 @@ from dgjax.losses import cross_entropy  # noqa: F401
 
 #: Every training method, in the registry's (and the results tables') order.
 ALL_METHODS: tuple[Method, ...] = (
-    _combination.ERM, _combination.AND_MASK, _combination.SAND_MASK, _combination.GROUP_DRO,
-    _invariance.IRM, _invariance.VREX, _invariance.CORAL, _invariance.MMD, _invariance.IGA,
-    _invariance.FISHR, _invariance.SD, _mixing.MIXUP, _meta.FISH, _hessian.HGP,
-    _hessian.HUTCHINSON, _hessian.CMA,
-    _adversarial.DANN, _adversarial.CDANN, _meta_gradient.MLDG, _feature_mixing.MTL,
-    _feature_mixing.SAGNET, _adaptation.ARM, _adversarial.TRANSFER,
-    _representation.IB_ERM, _representation.IB_IRM, _representation.RSC, _representation.SELFREG,
-    _risk_shaping.EQRM, _risk_shaping.RDM, _risk_shaping.TRM,
-    _causal.CAUSIRL_CORAL, _causal.CAUSIRL_MMD, _contrastive.CAD, _contrastive.COND_CAD,
-    _erm_variants.ERM_PLUS_PLUS, _erm_variants.URM, _adrmx.ADRMX,
+  _combination.ERM,
+  _combination.AND_MASK,
+  _combination.SAND_MASK,
+  _combination.GROUP_DRO,
+  _invariance.IRM,
+  _invariance.VREX,
+  _invariance.CORAL,
+  _invariance.MMD,
+  _invariance.IGA,
+  _invariance.FISHR,
+  _invariance.SD,
+  _mixing.MIXUP,
+  _meta.FISH,
+  _hessian.HGP,
+  _hessian.HUTCHINSON,
+  _hessian.CMA,
+  _adversarial.DANN,
+  _adversarial.CDANN,
+  _meta_gradient.MLDG,
+  _feature_mixing.MTL,
+  _feature_mixing.SAGNET,
+  _adaptation.ARM,
+  _adversarial.TRANSFER,
+  _representation.IB_ERM,
+  _representation.IB_IRM,
+  _representation.RSC,
+  _representation.SELFREG,
+  _risk_shaping.EQRM,
+  _risk_shaping.RDM,
+  _risk_shaping.TRM,
+  _causal.CAUSIRL_CORAL,
+  _causal.CAUSIRL_MMD,
+  _contrastive.CAD,
+  _contrastive.COND_CAD,
+  _erm_variants.ERM_PLUS_PLUS,
+  _erm_variants.URM,
+  _adrmx.ADRMX,
 )
 
 METHODS: dict[str, Method] = {}
@@ -64,7 +91,8 @@ def get_method(name: str) -> Method:
     return METHODS[name]
   except KeyError:
     raise ValueError(
-        f"unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}") from None
+      f"unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}"
+    ) from None
 
 
 def dataset_facts(dataset: str | core.DatasetFacts | None) -> core.DatasetFacts | None:
@@ -72,7 +100,8 @@ def dataset_facts(dataset: str | core.DatasetFacts | None) -> core.DatasetFacts 
   :class:`dgjax.datasets.Dataset` (an unknown name raises listing the valid ones)."""
   if not isinstance(dataset, str):
     return dataset
-  from dgjax import datasets   # lazily: the dataset registry imports nothing of the methods
+  from dgjax import datasets  # lazily: the dataset registry imports nothing of the methods
+
   return datasets.get_dataset(dataset)
 
 
@@ -84,17 +113,24 @@ def default_hparams(method: str, dataset: str | core.DatasetFacts | None = None)
   return core.default_hparams(get_method(method), dataset_facts(dataset))
 
 
-def random_hparams(method: str, seed: int,
-                   dataset: str | core.DatasetFacts | None = None) -> dict[str, Any]:
+def random_hparams(
+  method: str, seed: int, dataset: str | core.DatasetFacts | None = None
+) -> dict[str, Any]:
   return core.random_hparams(get_method(method), seed, dataset_facts(dataset))
 
 
-def resolve_hparams(method: str, hparams_seed: int = 0, overrides: Mapping[str, Any] | None = None,
-                    trial_seed: int = 0, dataset: str | core.DatasetFacts | None = None,
-                    preset: str | None = None) -> dict[str, Any]:
+def resolve_hparams(
+  method: str,
+  hparams_seed: int = 0,
+  overrides: Mapping[str, Any] | None = None,
+  trial_seed: int = 0,
+  dataset: str | core.DatasetFacts | None = None,
+  preset: str | None = None,
+) -> dict[str, Any]:
   """See :func:`dgjax.core.resolve_hparams`; ``dataset`` may be a registered dataset's name."""
-  return core.resolve_hparams(get_method(method), hparams_seed, overrides, trial_seed,
-                              dataset_facts(dataset), preset)
+  return core.resolve_hparams(
+    get_method(method), hparams_seed, overrides, trial_seed, dataset_facts(dataset), preset
+  )
 
 
 def structural_hparams(method: str) -> list[str]:

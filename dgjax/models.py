@@ -28,6 +28,7 @@ def _torch_uniform(fan_in: int):
 
 class TorchDense(nn.Module):
   """``torch.nn.Linear(in, features)`` (same init)."""
+
   features: int
 
   @nn.compact
@@ -45,6 +46,7 @@ class MNISTCNN(nn.Module):
   followed by ReLU then GroupNorm(8 groups, eps 1e-5), then global average pooling: 128
   features. Input NHWC (DomainBed's ``2x28x28`` is ``28x28x2`` here).
   """
+
   conv_impl: str = "xla"
 
   @nn.compact
@@ -62,6 +64,7 @@ class MLP(nn.Module):
   ``MLP((390, 390))`` is the hidden part of Arjovsky et al.'s IRM Colored MNIST network
   (392-390-390-1 with the head).
   """
+
   hidden: Sequence[int] = (390, 390)
 
   @nn.compact
@@ -74,6 +77,7 @@ class MLP(nn.Module):
 
 class Classifier(nn.Module):
   """``featurizer`` followed by a linear ``classifier`` head (DomainBed's ERM network)."""
+
   featurizer: nn.Module
   num_classes: int
 
@@ -92,11 +96,13 @@ class Classifier(nn.Module):
 
 def mnist_cnn(num_classes: int = 2, conv_impl: str = "xla") -> Classifier:
   """DomainBed's MNIST network: ``MNISTCNN`` featurizer + linear head."""
-  return Classifier(featurizer=MNISTCNN(conv_impl=conv_impl, name="featurizer"),
-                    num_classes=num_classes)
+  return Classifier(
+    featurizer=MNISTCNN(conv_impl=conv_impl, name="featurizer"), num_classes=num_classes
+  )
 
 
 def mlp(num_classes: int, hidden: Sequence[int] = (390, 390)) -> Classifier:
   """An ``MLP`` featurizer + linear head."""
-  return Classifier(featurizer=MLP(hidden=tuple(hidden), name="featurizer"),
-                    num_classes=num_classes)
+  return Classifier(
+    featurizer=MLP(hidden=tuple(hidden), name="featurizer"), num_classes=num_classes
+  )

@@ -26,8 +26,11 @@ MMD_GAMMAS = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
 
 
 # ------------------------------------------------------------------------------ IRM
-def irm_penalty(logits: jax.Array, labels: jax.Array,
-                loss_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None) -> jax.Array:
+def irm_penalty(
+  logits: jax.Array,
+  labels: jax.Array,
+  loss_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+) -> jax.Array:
   """IRMv1 penalty of one domain (Arjovsky et al., "Invariant Risk Minimization", 2019, eq. 4).
 
   The squared norm of the gradient of the risk with respect to a dummy classifier scale
@@ -52,9 +55,11 @@ def irm_penalty(logits: jax.Array, labels: jax.Array,
   return scale_grad(logits[0::2], labels[0::2]) * scale_grad(logits[1::2], labels[1::2])
 
 
-def irm_penalty_full_batch(logits: jax.Array, labels: jax.Array,
-                           loss_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None
-                           ) -> jax.Array:
+def irm_penalty_full_batch(
+  logits: jax.Array,
+  labels: jax.Array,
+  loss_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+) -> jax.Array:
   """IRMv1 penalty of one domain as the Colored MNIST scripts compute it (Arjovsky et al.'s
   ``colored_mnist/main.py`` ``penalty``; Fishr's and the Hessian paper's
   ``compute_irm_penalty``): the square of the dummy-scale gradient of the WHOLE batch,
@@ -91,8 +96,9 @@ def risk_difference_penalty(env_losses: jax.Array) -> jax.Array:
 
 
 # ------------------------------------------------------------------------------ CORAL / MMD
-def pairwise_mean(distance: Callable[[jax.Array, jax.Array], jax.Array],
-                  features: jax.Array) -> jax.Array:
+def pairwise_mean(
+  distance: Callable[[jax.Array, jax.Array], jax.Array], features: jax.Array
+) -> jax.Array:
   """``2 / (D (D - 1)) sum_{i<j} distance(features[i], features[j])`` over the domain axis
   (DomainBed's ``AbstractMMD.update``), one vmapped program over the pairs; 0 when ``D < 2``."""
   d = features.shape[0]
@@ -128,12 +134,11 @@ def coral_penalty(features: jax.Array) -> jax.Array:
 def squared_distances(x: jax.Array, y: jax.Array) -> jax.Array:
   """``|x_i - y_j|^2`` as ``|x_i|^2 + |y_j|^2 - 2 x_i.y_j``, clamped at 1e-30 (DomainBed's
   ``my_cdist``)."""
-  d = (jnp.sum(x * x, -1)[:, None] + jnp.sum(y * y, -1)[None, :] - 2.0 * x @ y.T)
+  d = jnp.sum(x * x, -1)[:, None] + jnp.sum(y * y, -1)[None, :] - 2.0 * x @ y.T
   return jnp.maximum(d, 1e-30)
 
 
-def gaussian_kernel(x: jax.Array, y: jax.Array,
-                    gammas: Sequence[float] = MMD_GAMMAS) -> jax.Array:
+def gaussian_kernel(x: jax.Array, y: jax.Array, gammas: Sequence[float] = MMD_GAMMAS) -> jax.Array:
   """``K_ij = sum_g exp(-g |x_i - y_j|^2)``: DomainBed's multi-bandwidth Gaussian kernel."""
   d = squared_distances(x, y)
   return sum(jnp.exp(-g * d) for g in gammas)
@@ -146,8 +151,11 @@ def mmd_distance(x: jax.Array, y: jax.Array, gammas: Sequence[float] = MMD_GAMMA
 
       mean_ij K(x_i, x_j) + mean_ij K(y_i, y_j) - 2 mean_ij K(x_i, y_j).
   """
-  return (jnp.mean(gaussian_kernel(x, x, gammas)) + jnp.mean(gaussian_kernel(y, y, gammas))
-          - 2.0 * jnp.mean(gaussian_kernel(x, y, gammas)))
+  return (
+    jnp.mean(gaussian_kernel(x, x, gammas))
+    + jnp.mean(gaussian_kernel(y, y, gammas))
+    - 2.0 * jnp.mean(gaussian_kernel(x, y, gammas))
+  )
 
 
 def mmd_penalty(features: jax.Array, gammas: Sequence[float] = MMD_GAMMAS) -> jax.Array:
@@ -172,7 +180,9 @@ def gradient_variance_penalty(per_domain_grads: PyTree) -> jax.Array:
 
 
 # ------------------------------------------------------------------------------ Fishr
-def per_example_grads(loss_fn: Callable[..., jax.Array], params: PyTree, *batch: jax.Array) -> PyTree:
+def per_example_grads(
+  loss_fn: Callable[..., jax.Array], params: PyTree, *batch: jax.Array
+) -> PyTree:
   """Gradients of ``loss_fn(params, *example)`` for every example: ``vmap(grad)`` over the
   leading axis of every array in ``batch``; each leaf gains a leading ``N`` axis.
 
@@ -185,8 +195,9 @@ def per_example_grads(loss_fn: Callable[..., jax.Array], params: PyTree, *batch:
 def domain_gradient_variances(per_example: PyTree) -> PyTree:
   """Per-domain variance of per-example gradients, ``leaves [D, B, ...] -> [D, ...]``:
 
-      v_d = (1/B) sum_b (g_db - (1/B) sum_c g_dc)^2       (biased, DomainBed's Fishr)
+  v_d = (1/B) sum_b (g_db - (1/B) sum_c g_dc)^2       (biased, DomainBed's Fishr)
   """
+
   def var(g):
     return jnp.mean(jnp.square(g - jnp.mean(g, 1, keepdims=True)), 1)
 

@@ -31,7 +31,8 @@ def num_domains(batch: PyTree) -> int:
   sizes = {leaf.shape[0] for leaf in jax.tree.leaves(batch)}
   if len(sizes) != 1:
     raise ValueError(
-        f"every leaf of a domain batch needs the same leading domain axis; got sizes {sorted(sizes)}")
+      f"every leaf of a domain batch needs the same leading domain axis; got sizes {sorted(sizes)}"
+    )
   return sizes.pop()
 
 
@@ -49,12 +50,12 @@ def map_over_leading(fn: Callable, xs: PyTree, impl: Impl = "vmap"):
 
 
 def per_domain_value_and_grad(
-    loss_fn: LossFn,
-    params: PyTree,
-    batch: PyTree,
-    *args: Any,
-    has_aux: bool = False,
-    impl: Impl = "vmap",
+  loss_fn: LossFn,
+  params: PyTree,
+  batch: PyTree,
+  *args: Any,
+  has_aux: bool = False,
+  impl: Impl = "vmap",
 ):
   """Per-domain losses ``[D]`` and gradients (every leaf gains a leading ``D`` axis).
 
@@ -75,7 +76,8 @@ def per_domain_value_and_grad(
   return map_over_leading(lambda domain_batch: vg(params, domain_batch, *args), batch, impl)
 
 
-def per_domain_grads(loss_fn: LossFn, params: PyTree, batch: PyTree, *args: Any,
-                     impl: Impl = "vmap") -> PyTree:
+def per_domain_grads(
+  loss_fn: LossFn, params: PyTree, batch: PyTree, *args: Any, impl: Impl = "vmap"
+) -> PyTree:
   """Per-domain gradients only; see :func:`per_domain_value_and_grad`."""
   return per_domain_value_and_grad(loss_fn, params, batch, *args, impl=impl)[1]

@@ -67,8 +67,9 @@ def run_title(records: Sequence[Record]) -> str:
   test_envs = _test_envs(records[0])
   if test_envs is not None:
     names = domainbed_format.environment_names(records[0])
-    parts.append("test envs [" + ", ".join(names[e] if e < len(names) else str(e)
-                                          for e in test_envs) + "]")
+    parts.append(
+      "test envs [" + ", ".join(names[e] if e < len(names) else str(e) for e in test_envs) + "]"
+    )
   parts += [f"{k} {args[k]}" for k in ("hparams_seed", "trial_seed") if k in args]
   return ", ".join(parts)
 
@@ -79,11 +80,19 @@ def run_name(records: Sequence[Record]) -> str | None:
   ``None`` when the args lack any of these."""
   args = records[0].get("args", {})
   method, test_envs = _method(records[0]), _test_envs(records[0])
-  if (method is None or test_envs is None
-      or any(k not in args for k in ("dataset", "hparams_seed", "trial_seed"))):
+  if (
+    method is None
+    or test_envs is None
+    or any(k not in args for k in ("dataset", "hparams_seed", "trial_seed"))
+  ):
     return None
-  parts = [str(args["dataset"]), method, "test" + "-".join(map(str, test_envs)),
-           f"hparams{args['hparams_seed']}", f"trial{args['trial_seed']}"]
+  parts = [
+    str(args["dataset"]),
+    method,
+    "test" + "-".join(map(str, test_envs)),
+    f"hparams{args['hparams_seed']}",
+    f"trial{args['trial_seed']}",
+  ]
   return "_".join(re.sub(r"[^A-Za-z0-9.+-]", "-", p) for p in parts)
 
 
@@ -110,8 +119,13 @@ def run_figure(records: Sequence[Record], title: str | None = None):
     color = colors[i % len(colors)]
     label = f"{name}{' (test)' if i in test_envs else ''}"
     for split, style in (("in", "-"), ("out", "--")):
-      ax.plot(*_series(records, f"env{i}_{split}_acc"), style, color=color,
-              label=f"{label} {split}", linewidth=2.2 if i in test_envs else 1.2)
+      ax.plot(
+        *_series(records, f"env{i}_{split}_acc"),
+        style,
+        color=color,
+        label=f"{label} {split}",
+        linewidth=2.2 if i in test_envs else 1.2,
+      )
   ax.set(xlabel="step", ylabel="accuracy", title="accuracy (solid: in, dashed: out)")
   ax.set_ylim(-0.02, 1.02)
   ax.grid(alpha=0.3)

@@ -14,17 +14,24 @@ from typing import Mapping, TextIO
 
 
 class Progress:
-
-  def __init__(self, label: str, total: int, initial: int = 0, enabled: bool = True,
-               stream: TextIO | None = None):
+  def __init__(
+    self,
+    label: str,
+    total: int,
+    initial: int = 0,
+    enabled: bool = True,
+    stream: TextIO | None = None,
+  ):
     self.label, self.total, self.enabled = label, total, enabled
     self.stream = stream or sys.stderr
     self.start = time.perf_counter()
     self.bar = None
     if enabled and getattr(self.stream, "isatty", lambda: False)():
       from tqdm.auto import tqdm
-      self.bar = tqdm(total=total, initial=initial, desc=label, unit="step", file=self.stream,
-                      dynamic_ncols=True)
+
+      self.bar = tqdm(
+        total=total, initial=initial, desc=label, unit="step", file=self.stream, dynamic_ncols=True
+      )
 
   def advance(self, n: int = 1) -> None:
     if self.bar is not None:
@@ -39,8 +46,10 @@ class Progress:
       return
     done = step + 1
     parts = "  ".join(f"{k} {v:.4g}" for k, v in numbers.items())
-    self.stream.write(f"{self.label} step {step}/{self.total} ({100.0 * done / self.total:.1f}%)  "
-                      f"{parts}  {step_time:.3g} s/step  elapsed {time.perf_counter() - self.start:.0f}s\n")
+    self.stream.write(
+      f"{self.label} step {step}/{self.total} ({100.0 * done / self.total:.1f}%)  "
+      f"{parts}  {step_time:.3g} s/step  elapsed {time.perf_counter() - self.start:.0f}s\n"
+    )
     self.stream.flush()
 
   def close(self) -> None:

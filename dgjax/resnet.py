@@ -47,22 +47,22 @@ import jax.numpy as jnp
 from dgjax.models import TorchDense
 
 __all__ = [
-    "ARCHS",
-    "BatchNorm",
-    "BasicBlock",
-    "Bottleneck",
-    "ResNet",
-    "ResNetClassifier",
-    "init_variables",
-    "resnet18_classifier",
-    "resnet50_classifier",
-    "resnet_classifier",
+  "ARCHS",
+  "BatchNorm",
+  "BasicBlock",
+  "Bottleneck",
+  "ResNet",
+  "ResNetClassifier",
+  "init_variables",
+  "resnet18_classifier",
+  "resnet50_classifier",
+  "resnet_classifier",
 ]
 
 #: arch -> (block, blocks per stage, feature width)
 ARCHS = {
-    "resnet18": ("basic", (2, 2, 2, 2), 512),
-    "resnet50": ("bottleneck", (3, 4, 6, 3), 2048),
+  "resnet18": ("basic", (2, 2, 2, 2), 512),
+  "resnet50": ("bottleneck", (3, 4, 6, 3), 2048),
 }
 
 # torchvision: kaiming_normal_(mode="fan_out", nonlinearity="relu"), untruncated.
@@ -71,9 +71,16 @@ _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 def _conv(features, kernel, stride, name, dtype):
   pad = (kernel - 1) // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((pad, pad), (pad, pad)), use_bias=False, kernel_init=_conv_init,
-                 dtype=dtype, name=name)
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    strides=(stride, stride),
+    padding=((pad, pad), (pad, pad)),
+    use_bias=False,
+    kernel_init=_conv_init,
+    dtype=dtype,
+    name=name,
+  )
 
 
 #: ``torch.nn.BatchNorm2d``'s default momentum (weight of the new batch's statistics).
@@ -82,6 +89,7 @@ TORCH_BN_MOMENTUM = 0.1
 
 class BatchNorm(nn.Module):
   """``torch.nn.BatchNorm2d`` over NHWC with DomainBed's freeze rule (module docstring)."""
+
   frozen: bool = True
   momentum: float = TORCH_BN_MOMENTUM
   epsilon: float = 1e-5
@@ -112,6 +120,7 @@ class BatchNorm(nn.Module):
 
 class BasicBlock(nn.Module):
   """torchvision ``BasicBlock``: 3x3(stride) -> BN -> ReLU -> 3x3 -> BN, + shortcut, ReLU."""
+
   planes: int
   stride: int = 1
   freeze_bn: bool = True
@@ -124,12 +133,15 @@ class BasicBlock(nn.Module):
     out = nn.relu(bn("bn1")(_conv(self.planes, 3, self.stride, "conv1", self.dtype)(x), train))
     out = bn("bn2")(_conv(self.planes, 3, 1, "conv2", self.dtype)(out), train)
     if self.stride != 1 or x.shape[-1] != self.planes:
-      x = bn("downsample_bn")(_conv(self.planes, 1, self.stride, "downsample_conv", self.dtype)(x), train)
+      x = bn("downsample_bn")(
+        _conv(self.planes, 1, self.stride, "downsample_conv", self.dtype)(x), train
+      )
     return nn.relu(out + x)
 
 
 class Bottleneck(nn.Module):
   """torchvision ``Bottleneck`` (v1.5): 1x1 -> 3x3(stride) -> 1x1 (x4), BN after each."""
+
   planes: int
   stride: int = 1
   freeze_bn: bool = True
@@ -143,7 +155,9 @@ class Bottleneck(nn.Module):
     out = nn.relu(bn("bn2")(_conv(self.planes, 3, self.stride, "conv2", self.dtype)(out), train))
     out = bn("bn3")(_conv(self.planes * 4, 1, 1, "conv3", self.dtype)(out), train)
     if self.stride != 1 or x.shape[-1] != self.planes * 4:
-      x = bn("downsample_bn")(_conv(self.planes * 4, 1, self.stride, "downsample_conv", self.dtype)(x), train)
+      x = bn("downsample_bn")(
+        _conv(self.planes * 4, 1, self.stride, "downsample_conv", self.dtype)(x), train
+      )
     return nn.relu(out + x)
 
 
@@ -155,6 +169,7 @@ class ResNet(nn.Module):
   ~1 extra forward of compute). ``dtype`` is the compute dtype (e.g. ``jnp.bfloat16``);
   parameters and BN statistics stay float32, features are returned in float32.
   """
+
   stage_sizes: Sequence[int]
   block: str = "bottleneck"
   dropout: float = 0.0
@@ -172,11 +187,12 @@ class ResNet(nn.Module):
     x = nn.relu(BatchNorm(frozen=self.freeze_bn, dtype=self.dtype, name="bn1")(x, train))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for stage, num_blocks in enumerate(self.stage_sizes):
-      planes = 64 * 2 ** stage
+      planes = 64 * 2**stage
       for i in range(num_blocks):
         stride = 2 if (stage > 0 and i == 0) else 1
-        x = block_cls(planes, stride, self.freeze_bn, self.dtype,
-                      name=f"layer{stage + 1}_{i}")(x, train)
+        x = block_cls(planes, stride, self.freeze_bn, self.dtype, name=f"layer{stage + 1}_{i}")(
+          x, train
+        )
     z = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     return nn.Dropout(self.dropout, deterministic=not train)(z)
 
@@ -189,6 +205,7 @@ class ResNetClassifier(nn.Module):
   steps (:class:`dgjax.core.Context`); ``batch_norm_momentum``: torch's 0.1 when BatchNorm
   is unfrozen (the engine then updates the running statistics each step), ``None`` when frozen.
   """
+
   featurizer: ResNet
   num_classes: int
 
@@ -214,25 +231,40 @@ class ResNetClassifier(nn.Module):
     return self.classifier(self.featurizer(x, train))
 
 
-def resnet_classifier(arch: str, num_classes: int, dropout: float = 0.0, freeze_bn: bool = True,
-                      dtype: Any = jnp.float32, remat: bool = False) -> ResNetClassifier:
+def resnet_classifier(
+  arch: str,
+  num_classes: int,
+  dropout: float = 0.0,
+  freeze_bn: bool = True,
+  dtype: Any = jnp.float32,
+  remat: bool = False,
+) -> ResNetClassifier:
   """``arch`` in :data:`ARCHS` (``"resnet18"``, ``"resnet50"``) + a ``num_classes`` head."""
   if arch not in ARCHS:
     raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
   block, stages, _ = ARCHS[arch]
-  featurizer = ResNet(stage_sizes=stages, block=block, dropout=dropout, freeze_bn=freeze_bn,
-                      dtype=dtype, remat=remat, name="featurizer")
+  featurizer = ResNet(
+    stage_sizes=stages,
+    block=block,
+    dropout=dropout,
+    freeze_bn=freeze_bn,
+    dtype=dtype,
+    remat=remat,
+    name="featurizer",
+  )
   return ResNetClassifier(featurizer=featurizer, num_classes=num_classes)
 
 
-def resnet18_classifier(num_classes: int, dropout: float = 0.0, freeze_bn: bool = True,
-                        **kw) -> ResNetClassifier:
+def resnet18_classifier(
+  num_classes: int, dropout: float = 0.0, freeze_bn: bool = True, **kw
+) -> ResNetClassifier:
   """DomainBed's ``resnet18=True`` network: ResNet-18 featurizer (512) + linear head."""
   return resnet_classifier("resnet18", num_classes, dropout, freeze_bn, **kw)
 
 
-def resnet50_classifier(num_classes: int, dropout: float = 0.0, freeze_bn: bool = True,
-                        **kw) -> ResNetClassifier:
+def resnet50_classifier(
+  num_classes: int, dropout: float = 0.0, freeze_bn: bool = True, **kw
+) -> ResNetClassifier:
   """DomainBed's default network: ResNet-50 featurizer (2048) + linear head."""
   return resnet_classifier("resnet50", num_classes, dropout, freeze_bn, **kw)
 

@@ -115,6 +115,7 @@ class RunLock:
 
   def __init__(self, output_dir: str | os.PathLike):
     from filelock import FileLock
+
     self.dir = Path(output_dir)
     self._lock = FileLock(str(self.dir / LOCK_NAME), is_singleton=False)
 
@@ -126,23 +127,33 @@ class RunLock:
     """Takes the lock, waiting up to ``timeout`` seconds (a status probe holds it for an
     instant) before failing with :class:`RunLockedError`, which names the holder."""
     from filelock import Timeout
+
     self.dir.mkdir(parents=True, exist_ok=True)
     if self._key in _HELD:
-      raise RunLockedError(f"{self.dir} is already being written by this process (pid "
-                           f"{os.getpid()})")
+      raise RunLockedError(
+        f"{self.dir} is already being written by this process (pid {os.getpid()})"
+      )
     try:
       self._lock.acquire(timeout=timeout)
     except Timeout:
       raise RunLockedError(
-          f"{self.dir} is being written by another running process ({holder(self.dir)}); wait "
-          "for it to finish, stop it, or choose another output directory") from None
+        f"{self.dir} is being written by another running process ({holder(self.dir)}); wait "
+        "for it to finish, stop it, or choose another output directory"
+      ) from None
     _HELD[self._key] = self
     try:
-      (self.dir / HOLDER_NAME).write_text(json.dumps(
-          {"pid": os.getpid(), "host": socket.gethostname(),
-           "since": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv}))
+      (self.dir / HOLDER_NAME).write_text(
+        json.dumps(
+          {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "argv": sys.argv,
+          }
+        )
+      )
     except OSError:
-      pass   # only a message would lose its detail
+      pass  # only a message would lose its detail
     return self
 
   def release(self) -> None:
@@ -181,6 +192,7 @@ def holder(output_dir: str | os.PathLike) -> str:
 def is_locked(output_dir: str | os.PathLike) -> bool:
   """Whether a live process (this one included) holds ``output_dir``'s run lock."""
   from filelock import FileLock, Timeout
+
   if held_here(output_dir):
     return True
   path = Path(output_dir) / LOCK_NAME

@@ -40,38 +40,51 @@ def test_envs_of(dataset: str, test_envs: Sequence[int] | None, data_dir=None) -
   envs = list(test_envs) if test_envs else [ds.default_test_env]
   bad = [e for e in envs if not -n <= e < n]
   if bad:
-    raise ValueError(f"test environment(s) {bad} out of range for {dataset}: 0..{n - 1} "
-                     f"({', '.join(names)})")
+    raise ValueError(
+      f"test environment(s) {bad} out of range for {dataset}: 0..{n - 1} ({', '.join(names)})"
+    )
   envs = sorted({e % n for e in envs})
   if len(envs) == n:
     raise ValueError("every environment is a test environment: nothing to train on")
   return tuple(envs)
 
 
-def make_config(dataset: str = "ColoredMNIST", test_envs: Sequence[int] | None = None,
-                steps: int | None = None, checkpoint_freq: int | None = None,
-                **fields: Any) -> TrainConfig:
+def make_config(
+  dataset: str = "ColoredMNIST",
+  test_envs: Sequence[int] | None = None,
+  steps: int | None = None,
+  checkpoint_freq: int | None = None,
+  **fields: Any,
+) -> TrainConfig:
   """A validated config for ``dataset``: test environments resolved (default: the dataset's),
   ``steps`` / ``checkpoint_freq`` defaulting to the dataset's (DomainBed's ``N_STEPS`` /
   ``CHECKPOINT_FREQ``), the default output directory
   ``runs/<dataset>/<method>_test<envs>_seed<seed>``."""
   ds = datasets.get_dataset(dataset)
   envs = test_envs_of(dataset, test_envs, fields.get("data_dir"))
-  config = TrainConfig(dataset=dataset, test_envs=envs,
-                       steps=ds.steps if steps is None else steps,
-                       checkpoint_freq=ds.checkpoint_freq if checkpoint_freq is None else checkpoint_freq,
-                       **fields)
+  config = TrainConfig(
+    dataset=dataset,
+    test_envs=envs,
+    steps=ds.steps if steps is None else steps,
+    checkpoint_freq=ds.checkpoint_freq if checkpoint_freq is None else checkpoint_freq,
+    **fields,
+  )
   if config.output_dir is None:
     tag = "_".join(map(str, envs))
     config = dataclasses.replace(
-        config, output_dir=f"runs/{dataset}/{config.method}_test{tag}_seed{config.seed}")
+      config, output_dir=f"runs/{dataset}/{config.method}_test{tag}_seed{config.seed}"
+    )
   if config.downsample and "downsample" not in ds.options:
     raise ValueError(f"--downsample does not apply to {dataset}")
   return config
 
 
-def command(config: TrainConfig, python: str = sys.executable, module: str = "experiments.train",
-            extra: Sequence[str] = ()) -> list[str]:
+def command(
+  config: TrainConfig,
+  python: str = sys.executable,
+  module: str = "experiments.train",
+  extra: Sequence[str] = (),
+) -> list[str]:
   """The argv that trains ``config`` as a process: ``python -m experiments.train`` with one
   ``--flag=value`` per set field (:func:`dgjax.config.to_argv`)."""
   return [python, "-m", module, *config_lib.to_argv(config), *extra]
@@ -84,16 +97,20 @@ def record_args(config: TrainConfig, **extra: Any) -> dict[str, Any]:
   ds = datasets.get_dataset(config.dataset)
   method = methods.get_method(config.method)
   args = domainbed_format.domainbed_args(
-      **config_lib.record_fields(config, "domainbed"), algorithm=method.domainbed_name,
-      env_names=list(ds.environment_names(config.data_dir)),
-      **config_lib.record_fields(config, "dgjax"), **extra)
+    **config_lib.record_fields(config, "domainbed"),
+    algorithm=method.domainbed_name,
+    env_names=list(ds.environment_names(config.data_dir)),
+    **config_lib.record_fields(config, "dgjax"),
+    **extra,
+  )
   if len(config.test_envs) == 1:
     args["test_env"] = config.test_envs[0]
   return args
 
 
-def open_output_dir(config: TrainConfig, resume: bool = False,
-                    overwrite: bool = False) -> results_lib.RunLock:
+def open_output_dir(
+  config: TrainConfig, resume: bool = False, overwrite: bool = False
+) -> results_lib.RunLock:
   """Takes the run lock of ``config.output_dir`` and returns it held (a context manager that
   releases it). The lock comes first, before anything in the directory is read or deleted,
   so a second writer touches nothing and is told who holds the run. Holding it, checks that
@@ -104,14 +121,16 @@ def open_output_dir(config: TrainConfig, resume: bool = False,
     raise ValueError("pass --overwrite or --resume, not both")
   out = Path(config.output_dir)
   train_lib.ensure_writable(out)
-  writer = jax.process_index() == 0   # multi-process: process 0 locks and writes
+  writer = jax.process_index() == 0  # multi-process: process 0 locks and writes
   lock = results_lib.RunLock(out).acquire() if writer else _NoLock(out)
   try:
     existing = [p for p in ("results.jsonl", "checkpoints", "done") if (out / p).exists()]
     if existing and not (resume or overwrite):
-      raise FileExistsError(f"{out} already holds a run ({', '.join(existing)}); pass "
-                            "--overwrite to replace it, --resume to continue it, or choose "
-                            "another --output_dir")
+      raise FileExistsError(
+        f"{out} already holds a run ({', '.join(existing)}); pass "
+        "--overwrite to replace it, --resume to continue it, or choose "
+        "another --output_dir"
+      )
     if resume:
       checkpoints.check_identity(out, config.identity())
     if overwrite and writer:
@@ -152,8 +171,9 @@ def make_mesh(config: TrainConfig):
   spec = (config.mesh or "none").lower()
   if spec == "none" or (spec == "auto" and jax.device_count() == 1):
     return None
-  num_train = (len(datasets.get_dataset(config.dataset).environment_names(config.data_dir))
-               - len(config.test_envs))
+  num_train = len(datasets.get_dataset(config.dataset).environment_names(config.data_dir)) - len(
+    config.test_envs
+  )
   return sharding.make_mesh(sharding.parse_mesh_shape(spec, num_train))
 
 
@@ -162,15 +182,22 @@ def load(config: TrainConfig):
   return datasets.get_dataset(config.dataset).task(config)
 
 
-def _locked(stack: contextlib.ExitStack, config: TrainConfig, resume: bool,
-            overwrite: bool = False) -> None:
+def _locked(
+  stack: contextlib.ExitStack, config: TrainConfig, resume: bool, overwrite: bool = False
+) -> None:
   """Holds ``config.output_dir``'s run lock in ``stack`` unless this process holds it."""
   if not results_lib.held_here(config.output_dir):
     stack.enter_context(open_output_dir(config, resume=resume, overwrite=overwrite))
 
 
-def run(config: TrainConfig, resume: bool = False, mesh=None, task=None, overwrite: bool = False,
-        **extra_args: Any) -> list[dict[str, Any]]:
+def run(
+  config: TrainConfig,
+  resume: bool = False,
+  mesh=None,
+  task=None,
+  overwrite: bool = False,
+  **extra_args: Any,
+) -> list[dict[str, Any]]:
   """Trains ``config`` into ``config.output_dir`` (:func:`open_output_dir` first, unless this
   process holds the directory already), its data loaded unless ``task`` is given, on
   ``mesh`` (default: :func:`make_mesh`); returns its records."""
@@ -179,13 +206,19 @@ def run(config: TrainConfig, resume: bool = False, mesh=None, task=None, overwri
     if task is None:
       task, _ = load(config)
     mesh = make_mesh(config) if mesh is None else mesh
-    return train_lib.train_many([config], task, output_dirs=[config.output_dir],
-                                args=[record_args(config, **extra_args)], resume=resume,
-                                mesh=mesh)[0]
+    return train_lib.train_many(
+      [config],
+      task,
+      output_dirs=[config.output_dir],
+      args=[record_args(config, **extra_args)],
+      resume=resume,
+      mesh=mesh,
+    )[0]
 
 
-def run_many(configs: Sequence[TrainConfig], resume: bool = False,
-             **extra_args: Any) -> list[list[dict[str, Any]]]:
+def run_many(
+  configs: Sequence[TrainConfig], resume: bool = False, **extra_args: Any
+) -> list[list[dict[str, Any]]]:
   """Trains runs that share their data and program (seeds and non-structural hparams may
   differ: :func:`dgjax.config.check_vmap_group`) as ONE vmapped program in this process, on
   one device; each writes its own output directory, as if run alone."""
@@ -194,6 +227,10 @@ def run_many(configs: Sequence[TrainConfig], resume: bool = False,
     for c in configs:
       _locked(stack, c, resume)
     task, _ = load(configs[0])
-    return train_lib.train_many(configs, task, output_dirs=[c.output_dir for c in configs],
-                                args=[record_args(c, **extra_args) for c in configs],
-                                resume=resume)
+    return train_lib.train_many(
+      configs,
+      task,
+      output_dirs=[c.output_dir for c in configs],
+      args=[record_args(c, **extra_args) for c in configs],
+      resume=resume,
+    )

@@ -46,8 +46,8 @@ def oracle(records: Sequence[Record], test_envs: Sequence[int]) -> Record:
 
 
 SELECTION_METHODS = {
-    "training-domain validation": training_domain_validation,
-    "test-domain oracle (last step)": oracle,
+  "training-domain validation": training_domain_validation,
+  "test-domain oracle (last step)": oracle,
 }
 
 
@@ -55,20 +55,30 @@ def test_accuracy(record: Record, test_envs: Sequence[int]) -> float:
   return sum(record[f"env{i}_in_acc"] for i in test_envs) / len(test_envs)
 
 
-def format_selection_table(records: Sequence[Record], test_envs: Sequence[int],
-                           env_names: Sequence[str] | None = None) -> str:
+def format_selection_table(
+  records: Sequence[Record], test_envs: Sequence[int], env_names: Sequence[str] | None = None
+) -> str:
   """A plain-text table: one row per selection method, the in-split accuracy of each
   environment at the selected step (test environments marked with ``*``)."""
   n = num_envs(records[0])
   names = list(env_names) if env_names else [f"env{i}" for i in range(n)]
-  heads = ["selection", "step"] + [f"{names[i]}{'*' if i in test_envs else ''}" for i in range(n)] + ["test acc"]
+  heads = (
+    ["selection", "step"]
+    + [f"{names[i]}{'*' if i in test_envs else ''}" for i in range(n)]
+    + ["test acc"]
+  )
   rows = []
   for label, select in SELECTION_METHODS.items():
     r = select(records, test_envs)
-    rows.append([label, str(r["step"])] + [f"{100 * r[f'env{i}_in_acc']:.1f}" for i in range(n)]
-                + [f"{100 * test_accuracy(r, test_envs):.1f}"])
+    rows.append(
+      [label, str(r["step"])]
+      + [f"{100 * r[f'env{i}_in_acc']:.1f}" for i in range(n)]
+      + [f"{100 * test_accuracy(r, test_envs):.1f}"]
+    )
   widths = [max(len(h), *(len(row[j]) for row in rows)) for j, h in enumerate(heads)]
-  fmt = lambda cells: "  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(cells, widths)))
+  fmt = lambda cells: "  ".join(
+    c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(cells, widths))
+  )
   lines = [fmt(heads), "  ".join("-" * w for w in widths)] + [fmt(row) for row in rows]
   lines.append("accuracy (%) on each environment's in-split; * = test environment")
   return "\n".join(lines)
@@ -87,6 +97,7 @@ def format_selection_table(records: Sequence[Record], test_envs: Sequence[int],
 class RunAcc(NamedTuple):
   """A run's score: ``val_acc`` (what selection maximises), ``test_acc`` (what is reported:
   the test environment's in-split accuracy) and the ``step`` where they were read."""
+
   val_acc: float
   test_acc: float
   step: int
@@ -157,8 +168,11 @@ def leave_one_out_run_acc(records: Sequence[Record], test_env: int) -> RunAcc | 
         val[j] = r[f"env{j}_in_acc"]
     if any(j not in val for j in range(n) if j != test_env):
       continue
-    acc = RunAcc(sum(val[j] for j in range(n) if j != test_env) / (n - 1),
-                 tests[0][f"env{test_env}_in_acc"], step)
+    acc = RunAcc(
+      sum(val[j] for j in range(n) if j != test_env) / (n - 1),
+      tests[0][f"env{test_env}_in_acc"],
+      step,
+    )
     if best is None or _nan_low(acc.val_acc) > _nan_low(best.val_acc):
       best = acc
   return best
@@ -166,6 +180,7 @@ def leave_one_out_run_acc(records: Sequence[Record], test_env: int) -> RunAcc | 
 
 class SweepSelectionMethod(NamedTuple):
   """A selection method across hyperparameters: DomainBed's name and its ``run_acc``."""
+
   name: str
   run_acc: Callable[[Sequence[Record], int], RunAcc | None]
 
@@ -175,16 +190,20 @@ LEAVE_ONE_OUT = SweepSelectionMethod("leave-one-domain-out cross-validation", le
 ORACLE = SweepSelectionMethod("test-domain validation set (oracle)", oracle_run_acc)
 
 #: In DomainBed's order (``collect_results.py``).
-SWEEP_SELECTION_METHODS = {"training_domain": TRAINING_DOMAIN, "leave_one_out": LEAVE_ONE_OUT,
-                           "oracle": ORACLE}
+SWEEP_SELECTION_METHODS = {
+  "training_domain": TRAINING_DOMAIN,
+  "leave_one_out": LEAVE_ONE_OUT,
+  "oracle": ORACLE,
+}
 
 
 def record_hparams_seed(record: Record) -> int:
   return int(record["args"]["hparams_seed"])
 
 
-def select_hparams(records: Sequence[Record], test_env: int,
-                   method: SweepSelectionMethod) -> tuple[int, RunAcc] | None:
+def select_hparams(
+  records: Sequence[Record], test_env: int, method: SweepSelectionMethod
+) -> tuple[int, RunAcc] | None:
   """The best hyperparameter seed for one ``(trial_seed, dataset, method, test_env)`` group
   and its :class:`RunAcc` (DomainBed's ``hparams_accs(...)[0]``).
 

@@ -36,8 +36,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 AXES = ("domain", "data")
 
 
-def parse_mesh_shape(spec: str | None, num_domains: int, devices: Sequence[Any] | None = None
-                     ) -> tuple[int, int]:
+def parse_mesh_shape(
+  spec: str | None, num_domains: int, devices: Sequence[Any] | None = None
+) -> tuple[int, int]:
   """``"auto"``/``None``: all devices on ``data`` (``(1, n)``); ``"DxN"``: ``D`` devices over
   domains times ``N`` over the batch; ``D * N`` must equal the device count and ``D`` divide
   the number of training domains."""
@@ -48,18 +49,22 @@ def parse_mesh_shape(spec: str | None, num_domains: int, devices: Sequence[Any] 
   try:
     d, b = (int(v) for v in spec.lower().split("x"))
   except ValueError:
-    raise ValueError(f"mesh shape {spec!r} is not of the form DOMAINSxDATA, e.g. 2x4 or auto") from None
+    raise ValueError(
+      f"mesh shape {spec!r} is not of the form DOMAINSxDATA, e.g. 2x4 or auto"
+    ) from None
   if d * b != n:
     raise ValueError(f"mesh shape {spec} uses {d * b} devices but {n} are available")
   if num_domains % d:
-    raise ValueError(f"mesh shape {spec}: {d} devices over domains do not divide the "
-                     f"{num_domains} training domains")
+    raise ValueError(
+      f"mesh shape {spec}: {d} devices over domains do not divide the "
+      f"{num_domains} training domains"
+    )
   return (d, b)
 
 
 def make_mesh(shape: tuple[int, int], devices: Sequence[Any] | None = None) -> Mesh:
   """A ``("domain", "data")`` mesh of ``shape`` over ``devices`` (default: all)."""
-  auto = (jax.sharding.AxisType.Auto,) * len(AXES)   # GSPMD: the partitioner decides the rest
+  auto = (jax.sharding.AxisType.Auto,) * len(AXES)  # GSPMD: the partitioner decides the rest
   if devices is None:
     return jax.make_mesh(shape, AXES, axis_types=auto)
   return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=auto)
@@ -114,8 +119,10 @@ def process_rows(mesh: Mesh, size: int) -> np.ndarray:
   process's devices hold, ascending: what this process feeds :func:`put_eval_batch` (all of
   them in a single-process run). ``size`` must divide by the device count."""
   if size % mesh.devices.size:
-    raise ValueError(f"an evaluation chunk of {size} examples does not divide over "
-                     f"{mesh.devices.size} devices (round it with round_up_to_devices)")
+    raise ValueError(
+      f"an evaluation chunk of {size} examples does not divide over "
+      f"{mesh.devices.size} devices (round it with round_up_to_devices)"
+    )
   index = eval_batch_sharding(mesh).addressable_devices_indices_map((size,))
   spans = sorted({idx[0].indices(size)[:2] for idx in index.values()})
   return np.concatenate([np.arange(a, b) for a, b in spans])
@@ -126,8 +133,12 @@ def put_eval_batch(local: Any, mesh: Mesh, size: int) -> Any:
   process's rows (``local``: its :func:`process_rows` of each leaf, in that order), with
   ``jax.make_array_from_process_local_data``."""
   sharding = eval_batch_sharding(mesh)
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
-      sharding, np.asarray(x), (size,) + np.shape(x)[1:]), local)
+  return jax.tree.map(
+    lambda x: jax.make_array_from_process_local_data(
+      sharding, np.asarray(x), (size,) + np.shape(x)[1:]
+    ),
+    local,
+  )
 
 
 def jit_eval(fn: Callable, mesh: Mesh | None, n_batch: int = 3) -> Callable:
@@ -138,8 +149,9 @@ def jit_eval(fn: Callable, mesh: Mesh | None, n_batch: int = 3) -> Callable:
   if mesh is None:
     return jax.jit(fn)
   batch = eval_batch_sharding(mesh)
-  return jax.jit(fn, in_shardings=(replicated(mesh),) + (batch,) * n_batch,
-                 out_shardings=replicated(mesh))
+  return jax.jit(
+    fn, in_shardings=(replicated(mesh),) + (batch,) * n_batch, out_shardings=replicated(mesh)
+  )
 
 
 def local_copy(tree: Any) -> Any:
@@ -158,8 +170,10 @@ def maybe_initialize_distributed(enabled: bool | None = None) -> bool:
     return False
   kwargs = {}
   if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-    kwargs = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-                  num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-                  process_id=int(os.environ["JAX_PROCESS_ID"]))
+    kwargs = dict(
+      coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+      num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+      process_id=int(os.environ["JAX_PROCESS_ID"]),
+    )
   jax.distributed.initialize(**kwargs)
   return True

@@ -54,8 +54,9 @@ from dgjax.types import PyTree
 # ------------------------------------------------------------------- dense averaging
 class AverageState(NamedTuple):
   """The running sum of the params seen and how many: their mean is ``total / count``."""
+
   total: PyTree
-  count: jax.Array   # int32 scalar
+  count: jax.Array  # int32 scalar
 
 
 def average_init(params: PyTree) -> AverageState:
@@ -83,21 +84,23 @@ def average_value(state: AverageState) -> PyTree:
 class Segment:
   """The steps ``start_step..end_step`` between two evaluations: their params' sum (host
   arrays), how many, and the validation loss of the model at ``end_step``."""
+
   total: PyTree
   count: int
   start_step: int
   end_step: int
   val_loss: np.float32
-  added: bool = False   # already in the average (the reference may add a segment twice)
+  added: bool = False  # already in the average (the reference may add a segment twice)
 
 
 class Window(NamedTuple):
   """A dense average over a window of steps: ``total / count`` are the averaged params."""
+
   total: PyTree
   count: int
   start_step: int
   end_step: int
-  segments: int   # how many segments it spans
+  segments: int  # how many segments it spans
 
   def params(self) -> PyTree:
     return jax.tree.map(lambda t: (t / np.asarray(self.count, t.dtype)).astype(t.dtype), self.total)
@@ -159,12 +162,12 @@ class LossValley:
       raise ValueError(f"tolerance_ratio must be a finite number >= 0, got {tolerance_ratio!r}")
     self.tolerance_ratio = float(tolerance_ratio)
     self.slots = max(self.n_converge, self.n_tolerance)
-    self.window: list[Segment] = []      # the last ``slots`` segments, oldest first
+    self.window: list[Segment] = []  # the last ``slots`` segments, oldest first
     self.converge_step: int | None = None
     self.threshold: np.float32 | None = None
     self.dead = False
     self._average: Window | None = None  # the segments added so far
-    self._fallback = False               # _average is ``c`` itself, replaced by the first add
+    self._fallback = False  # _average is ``c`` itself, replaced by the first add
 
   @property
   def converged(self) -> bool:
@@ -179,17 +182,26 @@ class LossValley:
     if not np.isfinite(val_loss):
       raise ValueError(f"validation loss at step {end_step} is {val_loss}")
     if self.window and end_step - count + 1 <= self.window[-1].end_step:
-      raise ValueError(f"the segment of steps {end_step - count + 1}..{end_step} overlaps the "
-                       f"previous one (ending at step {self.window[-1].end_step})")
+      raise ValueError(
+        f"the segment of steps {end_step - count + 1}..{end_step} overlaps the "
+        f"previous one (ending at step {self.window[-1].end_step})"
+      )
     if self.dead:
       return
-    self.window.append(Segment(_host_tree(segment.total), count, int(end_step) - count + 1,
-                               int(end_step), np.float32(val_loss)))
-    del self.window[:-self.slots]
+    self.window.append(
+      Segment(
+        _host_tree(segment.total),
+        count,
+        int(end_step) - count + 1,
+        int(end_step),
+        np.float32(val_loss),
+      )
+    )
+    del self.window[: -self.slots]
     if not self.converged:
       self._try_converge()
       return
-    smooth = self.window[-self.n_tolerance:]
+    smooth = self.window[-self.n_tolerance :]
     if smooth[0].end_step < self.converge_step:
       return
     if min(s.val_loss for s in smooth) > self.threshold:
@@ -200,26 +212,28 @@ class LossValley:
   def _try_converge(self) -> None:
     if len(self.window) < self.n_converge:
       return
-    converge = self.window[-self.n_converge:]
+    converge = self.window[-self.n_converge :]
     losses = [s.val_loss for s in converge]
     if int(np.argmin(losses)) != 0:
       return
     c = converge[0]
     self.converge_step = c.end_step
-    self.threshold = np.float32(np.mean(np.asarray(losses, np.float64)) * (1.0 + self.tolerance_ratio))
+    self.threshold = np.float32(
+      np.mean(np.asarray(losses, np.float64)) * (1.0 + self.tolerance_ratio)
+    )
     self._average = Window(c.total, c.count, c.start_step, c.end_step, 1)
     self._fallback = True
     if self.n_tolerance < self.n_converge:
-      for s in converge[1:1 + self.n_converge - self.n_tolerance]:
+      for s in converge[1 : 1 + self.n_converge - self.n_tolerance]:
         self._add(s)
     elif self.n_tolerance > self.n_converge:
-      before = self.window[-self.n_tolerance:][:self.n_tolerance - self.n_converge + 1]
+      before = self.window[-self.n_tolerance :][: self.n_tolerance - self.n_converge + 1]
       start = 0
       for i in range(len(before) - 1, -1, -1):
         if before[i].val_loss > self.threshold:
           start = i + 1
           break
-      for s in before[start + 1:]:
+      for s in before[start + 1 :]:
         self._add(s)
 
   def _add(self, s: Segment) -> None:
@@ -232,9 +246,13 @@ class LossValley:
       return average, fallback
     if fallback:
       return Window(s.total, s.count, s.start_step, s.end_step, 1), False
-    return Window(jax.tree.map(np.add, average.total, s.total), average.count + s.count,
-                  min(average.start_step, s.start_step), max(average.end_step, s.end_step),
-                  average.segments + 1), False
+    return Window(
+      jax.tree.map(np.add, average.total, s.total),
+      average.count + s.count,
+      min(average.start_step, s.start_step),
+      max(average.end_step, s.end_step),
+      average.segments + 1,
+    ), False
 
   def final(self) -> Window | None:
     """The average if training ended now (``None`` before convergence); the valley itself
@@ -243,7 +261,7 @@ class LossValley:
       return None
     average, fallback = self._average, self._fallback
     if not self.dead:
-      tail = self.window[-self.n_tolerance:][1:]
+      tail = self.window[-self.n_tolerance :][1:]
       while tail and min(s.val_loss for s in tail) <= self.threshold:
         average, fallback = self._joined(average, fallback, tail.pop(0))
     return average
@@ -269,34 +287,48 @@ class LossValley:
     ints = lambda f: np.array([0 if s is None else f(s) for s in segs], np.int32)  # noqa: E731
     avg = self._average
     return {
-        "totals": jax.tree.map(lambda *xs: np.stack(xs), *totals),
-        "counts": ints(lambda s: s.count), "start_steps": ints(lambda s: s.start_step),
-        "end_steps": ints(lambda s: s.end_step), "added": ints(lambda s: s.added),
-        "val_losses": np.array([0 if s is None else s.val_loss for s in segs], np.float32),
-        "n_segments": np.int32(len(self.window)),
-        "average_total": like if avg is None else avg.total,
-        "average": np.array([0, 0, 0, 0] if avg is None else
-                            [avg.count, avg.start_step, avg.end_step, avg.segments], np.int32),
-        "flags": np.array([self.converged, self.dead, self._fallback], np.int32),
-        "converge_step": np.int32(-1 if self.converge_step is None else self.converge_step),
-        "threshold": np.float32(0 if self.threshold is None else self.threshold),
+      "totals": jax.tree.map(lambda *xs: np.stack(xs), *totals),
+      "counts": ints(lambda s: s.count),
+      "start_steps": ints(lambda s: s.start_step),
+      "end_steps": ints(lambda s: s.end_step),
+      "added": ints(lambda s: s.added),
+      "val_losses": np.array([0 if s is None else s.val_loss for s in segs], np.float32),
+      "n_segments": np.int32(len(self.window)),
+      "average_total": like if avg is None else avg.total,
+      "average": np.array(
+        [0, 0, 0, 0] if avg is None else [avg.count, avg.start_step, avg.end_step, avg.segments],
+        np.int32,
+      ),
+      "flags": np.array([self.converged, self.dead, self._fallback], np.int32),
+      "converge_step": np.int32(-1 if self.converge_step is None else self.converge_step),
+      "threshold": np.float32(0 if self.threshold is None else self.threshold),
     }
 
   def load_state_dict(self, tree: Mapping[str, Any]) -> None:
     """Restores the valley written by :meth:`state_dict`."""
     tree = jax.tree.map(np.asarray, jax.device_get(dict(tree)))
     n = int(tree["n_segments"])
-    self.window = [Segment(jax.tree.map(lambda t, i=i: t[i].copy(), tree["totals"]),
-                           int(tree["counts"][i]), int(tree["start_steps"][i]),
-                           int(tree["end_steps"][i]), np.float32(tree["val_losses"][i]),
-                           bool(tree["added"][i])) for i in range(n)]
+    self.window = [
+      Segment(
+        jax.tree.map(lambda t, i=i: t[i].copy(), tree["totals"]),
+        int(tree["counts"][i]),
+        int(tree["start_steps"][i]),
+        int(tree["end_steps"][i]),
+        np.float32(tree["val_losses"][i]),
+        bool(tree["added"][i]),
+      )
+      for i in range(n)
+    ]
     converged, dead, fallback = (bool(v) for v in tree["flags"])
     self.converge_step = int(tree["converge_step"]) if converged else None
     self.threshold = np.float32(tree["threshold"]) if converged else None
     self.dead, self._fallback = dead, fallback
     count, start, end, segments = (int(v) for v in tree["average"])
-    self._average = (Window(jax.tree.map(np.array, tree["average_total"]), count, start, end, segments)
-                     if converged else None)
+    self._average = (
+      Window(jax.tree.map(np.array, tree["average_total"]), count, start, end, segments)
+      if converged
+      else None
+    )
 
 
 # ------------------------------------------------------------------- the engine's glue
@@ -312,13 +344,22 @@ class SwadTracker:
   ``swad_val_loss`` and the task's keys prefixed ``swad_`` (``swad_env0_in_acc``, ...).
   """
 
-  def __init__(self, k_runs: int, n_converge: int = 3, n_tolerance: int = 6,
-               tolerance_ratio: float = 0.3):
+  def __init__(
+    self, k_runs: int, n_converge: int = 3, n_tolerance: int = 6, tolerance_ratio: float = 0.3
+  ):
     self.valleys = [LossValley(n_converge, n_tolerance, tolerance_ratio) for _ in range(k_runs)]
 
-  def evaluate(self, k: int, step: int, segment: AverageState, model_state: Any, task,
-               predict: Callable, mesh=None,
-               bn_batches: Callable[[], Iterable[Any]] | None = None) -> dict[str, Any]:
+  def evaluate(
+    self,
+    k: int,
+    step: int,
+    segment: AverageState,
+    model_state: Any,
+    task,
+    predict: Callable,
+    mesh=None,
+    bn_batches: Callable[[], Iterable[Any]] | None = None,
+  ) -> dict[str, Any]:
     """Feeds run ``k``'s segment and validation loss to its valley; evaluates the window's
     average once it is closed. ``mesh``: evaluate sharded over it (tasks that take one).
 
@@ -334,20 +375,24 @@ class SwadTracker:
     valley = self.valleys[k]
     valley.update(segment, val_loss, step)
     window = valley.final()
-    record: dict[str, Any] = {"val_loss": val_loss, "swad_active": window is not None,
-                              "swad_dead": valley.dead,
-                              "swad_segments": 0 if window is None else window.segments}
+    record: dict[str, Any] = {
+      "val_loss": val_loss,
+      "swad_active": window is not None,
+      "swad_dead": valley.dead,
+      "swad_segments": 0 if window is None else window.segments,
+    }
     if window is None:
       return record
     record.update(swad_start_step=window.start_step, swad_end_step=window.end_step)
     averaged = (jax.tree.map(jnp.asarray, window.params()), *model_state[1:])
-    if getattr(task.model, "batch_norm_momentum", None) is not None:   # BatchNorm trains
+    if getattr(task.model, "batch_norm_momentum", None) is not None:  # BatchNorm trains
       if bn_batches is None:
         return record
       averaged = with_batch_norm_recomputed(task.model, averaged, bn_batches())
     record["swad_val_loss"] = task.val_loss(averaged, predict, mesh=mesh)
-    record.update({f"swad_{n}": v for n, v in
-                   task.evaluate(averaged, k, predict, step=step, mesh=mesh).items()})
+    record.update(
+      {f"swad_{n}": v for n, v in task.evaluate(averaged, k, predict, step=step, mesh=mesh).items()}
+    )
     record["swad_eval_time"] = time.perf_counter() - t0
     return record
 
@@ -369,10 +414,11 @@ def _new_statistic_weight(module, args, kwargs) -> float | None:
   when the call does not train it (frozen, or evaluation mode)."""
   import flax.linen as nn
   from dgjax import resnet
-  if isinstance(module, resnet.BatchNorm):   # torch's rule: r <- (1 - m) r + m s
+
+  if isinstance(module, resnet.BatchNorm):  # torch's rule: r <- (1 - m) r + m s
     train = kwargs.get("train", args[1] if len(args) > 1 else False)
     return None if module.frozen or not train else float(module.momentum)
-  if isinstance(module, nn.BatchNorm):       # flax's: r <- m r + (1 - m) s
+  if isinstance(module, nn.BatchNorm):  # flax's: r <- m r + (1 - m) s
     frozen = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
     if module.use_running_average if frozen is None else frozen:
       return None
@@ -385,14 +431,21 @@ def with_batch_norm_recomputed(model, model_state: tuple, inputs: Iterable[Any])
   :class:`dgjax.core.StepState`) recomputed for ``params`` by :func:`update_bn` over
   ``inputs`` (the featurizer in training mode, where every BatchNorm sits)."""
   params, method_state = model_state[:2]
-  variables = update_bn(model, {"params": params, **method_state.variables}, inputs,
-                        method="features", train=True, rngs={"dropout": jax.random.key(0)})
+  variables = update_bn(
+    model,
+    {"params": params, **method_state.variables},
+    inputs,
+    method="features",
+    train=True,
+    rngs={"dropout": jax.random.key(0)},
+  )
   del variables["params"]
   return (params, method_state._replace(variables=variables), *model_state[2:])
 
 
-def update_bn(model, variables: Mapping[str, Any], batches: Iterable[Any],
-              **apply_kwargs: Any) -> dict[str, Any]:
+def update_bn(
+  model, variables: Mapping[str, Any], batches: Iterable[Any], **apply_kwargs: Any
+) -> dict[str, Any]:
   """``variables`` with ``batch_stats`` recomputed for their params by forward passes, as
   the reference's ``swa_utils.update_bn`` (khanrc/swad; torch's ``update_bn``): every
   BatchNorm's statistics reset, then with ``momentum=None`` (a cumulative average) one
@@ -431,20 +484,25 @@ def update_bn(model, variables: Mapping[str, Any], batches: Iterable[Any],
   zeros = jax.tree.map(jnp.zeros_like, variables["batch_stats"])
 
   @jax.jit
-  def batch_statistics(x):   # from zero statistics, each stores weight * its batch statistic
-    with nn.intercept_methods(record_weight):   # runs while tracing: fills ``weights``
-      _, mutated = model.apply({**variables, "batch_stats": zeros}, x, mutable=["batch_stats"],
-                               **apply_kwargs)
+  def batch_statistics(x):  # from zero statistics, each stores weight * its batch statistic
+    with nn.intercept_methods(record_weight):  # runs while tracing: fills ``weights``
+      _, mutated = model.apply(
+        {**variables, "batch_stats": zeros}, x, mutable=["batch_stats"], **apply_kwargs
+      )
     flat = traverse_util.flatten_dict(mutated["batch_stats"])
     for path in flat:
       weight = weights.get(path[:-1])
       if weight is None:
-        raise ValueError(f"batch_stats leaf {'/'.join(path)} does not belong to a BatchNorm "
-                         "called in training mode: pass the apply kwargs that put it there "
-                         "(train=True; an unfrozen BatchNorm)")
+        raise ValueError(
+          f"batch_stats leaf {'/'.join(path)} does not belong to a BatchNorm "
+          "called in training mode: pass the apply kwargs that put it there "
+          "(train=True; an unfrozen BatchNorm)"
+        )
       if weight == 0.0:
-        raise ValueError(f"BatchNorm {'/'.join(path[:-1])} never updates its statistics "
-                         "(momentum 0 for dgjax's, 1 for flax's)")
+        raise ValueError(
+          f"BatchNorm {'/'.join(path[:-1])} never updates its statistics "
+          "(momentum 0 for dgjax's, 1 for flax's)"
+        )
     return traverse_util.unflatten_dict({p: v / weights[p[:-1]] for p, v in flat.items()})
 
   total, n = None, 0

@@ -76,7 +76,10 @@ SWEEP_FIELDS = config_lib.sweep_fields()
 #: ``restart`` trains from scratch (``--overwrite``); ``resume`` continues from the last
 #: checkpoint (``--resume``; from scratch when there is none).
 INCOMPLETE_POLICIES: dict[str, tuple[str, ...] | None] = {
-    "restart": ("--overwrite",), "resume": ("--resume",), "skip": None}
+  "restart": ("--overwrite",),
+  "resume": ("--resume",),
+  "skip": None,
+}
 
 
 def train_arg_fields() -> list[str]:
@@ -90,8 +93,9 @@ def check_train_arg(name: str, value: Any) -> None:
   if name in SWEEP_FIELDS:
     raise ValueError(f"--train_arg may not set {name!r}: the sweep sets it ({SWEEP_FIELDS[name]})")
   if name not in train_arg_fields():
-    raise ValueError(f"--train_arg {name!r} is not a training config field; valid: "
-                     f"{', '.join(train_arg_fields())}")
+    raise ValueError(
+      f"--train_arg {name!r} is not a training config field; valid: {', '.join(train_arg_fields())}"
+    )
   config_lib.check_field_value(name, value, "--train_arg ")
 
 
@@ -113,8 +117,9 @@ def all_test_env_combinations(n: int) -> list[list[int]]:
   return out
 
 
-def test_env_sets(n: int, holdout_pairs: bool = False,
-                  test_envs: Sequence[int] | None = None) -> list[list[int]]:
+def test_env_sets(
+  n: int, holdout_pairs: bool = False, test_envs: Sequence[int] | None = None
+) -> list[list[int]]:
   """The test-environment lists of one dataset with ``n`` environments: one per environment
   (DomainBed's ``--single_test_envs``), or :func:`all_test_env_combinations` with
   ``holdout_pairs``.
@@ -134,13 +139,22 @@ def test_env_sets(n: int, holdout_pairs: bool = False,
   return [s for s in sets if keep & set(s)]
 
 
-def make_args_list(dataset_names: Sequence[str], method_names: Sequence[str], *, n_trials: int,
-                   n_hparams: int, n_hparams_from: int = 0, holdout_pairs: bool = False,
-                   test_envs: Sequence[int] | None = None,
-                   steps: int | None = None, checkpoint_freq: int | None = None,
-                   holdout_fraction: float = 0.2, data_dir: str | None = None,
-                   hparams: str | None = None,
-                   extra_args: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+def make_args_list(
+  dataset_names: Sequence[str],
+  method_names: Sequence[str],
+  *,
+  n_trials: int,
+  n_hparams: int,
+  n_hparams_from: int = 0,
+  holdout_pairs: bool = False,
+  test_envs: Sequence[int] | None = None,
+  steps: int | None = None,
+  checkpoint_freq: int | None = None,
+  holdout_fraction: float = 0.2,
+  data_dir: str | None = None,
+  hparams: str | None = None,
+  extra_args: Mapping[str, Any] | None = None,
+) -> list[dict[str, Any]]:
   """Every job's arguments, in DomainBed's order (``make_args_list``): trial seed, dataset,
   method, test environments (:func:`test_env_sets`; the dataset's environment count from
   :mod:`dgjax.datasets`), hparams seed (``range(n_hparams_from, n_hparams)``).
@@ -163,16 +177,20 @@ def make_args_list(dataset_names: Sequence[str], method_names: Sequence[str], *,
         for envs in test_env_sets(n, holdout_pairs, test_envs):
           for hparams_seed in range(n_hparams_from, n_hparams):
             args = {
-                "dataset": dataset,
-                "method": method,
-                "test_envs": list(envs),
-                "holdout_fraction": holdout_fraction,
-                "hparams_seed": hparams_seed,
-                "trial_seed": trial_seed,
-                "seed": seed_hash(dataset, method, list(envs), hparams_seed, trial_seed),
+              "dataset": dataset,
+              "method": method,
+              "test_envs": list(envs),
+              "holdout_fraction": holdout_fraction,
+              "hparams_seed": hparams_seed,
+              "trial_seed": trial_seed,
+              "seed": seed_hash(dataset, method, list(envs), hparams_seed, trial_seed),
             }
-            optional = {"steps": steps, "checkpoint_freq": checkpoint_freq,
-                        "data_dir": data_dir, "hparams": hparams}
+            optional = {
+              "steps": steps,
+              "checkpoint_freq": checkpoint_freq,
+              "data_dir": data_dir,
+              "hparams": hparams,
+            }
             args.update({k: v for k, v in optional.items() if v is not None})
             args.update(extra)
             args_list.append(args)
@@ -188,6 +206,7 @@ def args_hash(args: Mapping[str, Any]) -> str:
 def _lock_held(path: Path) -> bool:
   """Whether a live process holds the ``filelock`` at ``path`` (never creates it)."""
   from filelock import FileLock, Timeout
+
   if not path.exists():
     return False
   lock = FileLock(str(path), is_singleton=False)
@@ -202,6 +221,7 @@ def _lock_held(path: Path) -> bool:
 @dataclasses.dataclass(frozen=True)
 class Job:
   """One run of a sweep: DomainBed's ``Job`` (its args and directory) and its config."""
+
   args: dict[str, Any]
   output_dir: Path
 
@@ -213,15 +233,18 @@ class Job:
     """The job's one :class:`~dgjax.config.TrainConfig` (validated; it resolves the hparams
     from ``hparams_seed``, ``trial_seed`` and the ``hparams`` overrides), built once: the
     job's arguments are config fields by name."""
-    if "_config" not in self.__dict__:   # frozen: cached beside the fields
-      fields = {**self.args, "hparams": config_lib.parse_json_object("hparams",
-                                                                     self.args.get("hparams")),
-                "output_dir": str(self.output_dir)}
+    if "_config" not in self.__dict__:  # frozen: cached beside the fields
+      fields = {
+        **self.args,
+        "hparams": config_lib.parse_json_object("hparams", self.args.get("hparams")),
+        "output_dir": str(self.output_dir),
+      }
       self.__dict__["_config"] = runs.make_config(**fields)
     return self.__dict__["_config"]
 
-  def command(self, extra: Sequence[str] = (), python: str = sys.executable,
-              module: str = "experiments.train") -> list[str]:
+  def command(
+    self, extra: Sequence[str] = (), python: str = sys.executable, module: str = "experiments.train"
+  ) -> list[str]:
     """The argv that trains this job as a process (:func:`dgjax.runs.command`)."""
     return runs.command(self.config(), python=python, module=module, extra=extra)
 
@@ -230,8 +253,7 @@ class Job:
     """A live process writes the run, or a launcher has claimed it."""
     # the claim first: while a launcher holds it, the run's own lock is never probed (a probe
     # holds a lock for an instant, and the run takes its lock without waiting)
-    return (_lock_held(self.output_dir / CLAIM_NAME)
-            or results_lib.is_locked(self.output_dir))
+    return _lock_held(self.output_dir / CLAIM_NAME) or results_lib.is_locked(self.output_dir)
 
   @property
   def state(self) -> str:
@@ -246,6 +268,7 @@ class Job:
     (released with ``.release()``), or ``None`` when the job is done, running, or claimed by
     another launcher. The operating system drops the claim if the launcher dies."""
     from filelock import FileLock, Timeout
+
     if (self.output_dir / "done").exists():
       return None
     self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -261,9 +284,11 @@ class Job:
 
   def describe(self) -> str:
     a = self.args
-    return (f"{self.state}: {self.output_dir} ({a['dataset']}, {a['method']}, "
-            f"test_envs={a['test_envs']}, hparams_seed={a['hparams_seed']}, "
-            f"trial_seed={a['trial_seed']})")
+    return (
+      f"{self.state}: {self.output_dir} ({a['dataset']}, {a['method']}, "
+      f"test_envs={a['test_envs']}, hparams_seed={a['hparams_seed']}, "
+      f"trial_seed={a['trial_seed']})"
+    )
 
 
 def make_jobs(args_list: Iterable[Mapping[str, Any]], sweep_dir: str | os.PathLike) -> list[Job]:
@@ -277,8 +302,10 @@ def check_configs(jobs: Sequence[Job]) -> None:
     try:
       job.config()
     except (ValueError, TypeError) as e:
-      raise ValueError(f"job {job.output_dir.name} ({job.args['dataset']}, {job.args['method']}, "
-                       f"hparams_seed={job.args['hparams_seed']}): {e}") from None
+      raise ValueError(
+        f"job {job.output_dir.name} ({job.args['dataset']}, {job.args['method']}, "
+        f"hparams_seed={job.args['hparams_seed']}): {e}"
+      ) from None
 
 
 def count_states(jobs: Sequence[Job]) -> dict[str, int]:
@@ -288,8 +315,10 @@ def count_states(jobs: Sequence[Job]) -> dict[str, int]:
 
 def summary_line(jobs: Sequence[Job]) -> str:
   c = count_states(jobs)
-  return (f"{len(jobs)} jobs: {c[DONE]} done, {c[RUNNING]} running, {c[INCOMPLETE]} incomplete, "
-          f"{c[NOT_LAUNCHED]} not launched.")
+  return (
+    f"{len(jobs)} jobs: {c[DONE]} done, {c[RUNNING]} running, {c[INCOMPLETE]} incomplete, "
+    f"{c[NOT_LAUNCHED]} not launched."
+  )
 
 
 def _check_policy(incomplete: str) -> None:
@@ -308,8 +337,9 @@ def launch_flags(state: str, incomplete: str = "resume") -> tuple[str, ...] | No
   return None
 
 
-def jobs_to_launch(jobs: Sequence[Job],
-                   incomplete: str = "resume") -> list[tuple[Job, tuple[str, ...]]]:
+def jobs_to_launch(
+  jobs: Sequence[Job], incomplete: str = "resume"
+) -> list[tuple[Job, tuple[str, ...]]]:
   """The jobs a launch would run now, with each one's flags (:func:`launch_flags`). The
   launchers decide again under each job's claim, right before it starts."""
   out = []
@@ -332,20 +362,26 @@ def claim_for_launch(job: Job, incomplete: str = "resume"):
   if claim is None:
     return None
   if flags == () and any((job.output_dir / p).exists() for p in ("results.jsonl", "checkpoints")):
-    flags = INCOMPLETE_POLICIES[incomplete]   # another launch started and stopped it meanwhile
+    flags = INCOMPLETE_POLICIES[incomplete]  # another launch started and stopped it meanwhile
     if flags is None:
       claim.release()
       return None
   return claim, flags
 
 
-def dry_run_commands(jobs: Sequence[Job], incomplete: str = "resume",
-                     python: str = sys.executable, module: str = "experiments.train") -> list[str]:
+def dry_run_commands(
+  jobs: Sequence[Job],
+  incomplete: str = "resume",
+  python: str = sys.executable,
+  module: str = "experiments.train",
+) -> list[str]:
   """The shell command line of every job a launch would run (DomainBed's ``dummy_launcher``),
   for any scheduler: e.g. ``xargs -P``, a Slurm array file, a cluster's own tool. Creates
   nothing."""
-  return [shlex.join(job.command(flags, python, module))
-          for job, flags in jobs_to_launch(jobs, incomplete)]
+  return [
+    shlex.join(job.command(flags, python, module))
+    for job, flags in jobs_to_launch(jobs, incomplete)
+  ]
 
 
 def delete_incomplete(jobs: Sequence[Job]) -> list[Job]:
@@ -358,8 +394,13 @@ def delete_incomplete(jobs: Sequence[Job]) -> list[Job]:
 
 
 # ----------------------------------------------------------------------------- launchers
-def run_job(job: Job, incomplete: str = "resume", python: str = sys.executable,
-            module: str = "experiments.train", cwd: str | os.PathLike | None = None) -> str:
+def run_job(
+  job: Job,
+  incomplete: str = "resume",
+  python: str = sys.executable,
+  module: str = "experiments.train",
+  cwd: str | os.PathLike | None = None,
+) -> str:
   """Claims ``job`` and runs its command, appending stdout and stderr to ``out.txt`` and
   ``err.txt`` in its directory (what a submitit job runs). Returns ``"done"``, or
   ``"skipped (<state>)"`` when it is not to run; raises ``subprocess.CalledProcessError`` on
@@ -370,7 +411,10 @@ def run_job(job: Job, incomplete: str = "resume", python: str = sys.executable,
   claim, flags = claimed
   try:
     argv = job.command(flags, python, module)
-    with open(job.output_dir / "out.txt", "ab") as out, open(job.output_dir / "err.txt", "ab") as err:
+    with (
+      open(job.output_dir / "out.txt", "ab") as out,
+      open(job.output_dir / "err.txt", "ab") as err,
+    ):
       code = subprocess.call(argv, stdout=out, stderr=err, cwd=cwd)
   finally:
     claim.release()
@@ -379,10 +423,16 @@ def run_job(job: Job, incomplete: str = "resume", python: str = sys.executable,
   return "done"
 
 
-def launch_local(jobs: Sequence[Job], incomplete: str = "resume", max_parallel: int = 1,
-                 python: str = sys.executable, module: str = "experiments.train",
-                 cwd: str | os.PathLike | None = None, poll_s: float = 0.2,
-                 log: Callable[[str], None] = print) -> dict[Path, int]:
+def launch_local(
+  jobs: Sequence[Job],
+  incomplete: str = "resume",
+  max_parallel: int = 1,
+  python: str = sys.executable,
+  module: str = "experiments.train",
+  cwd: str | os.PathLike | None = None,
+  poll_s: float = 0.2,
+  log: Callable[[str], None] = print,
+) -> dict[Path, int]:
   """Runs the jobs to launch as local processes, at most ``max_parallel`` at once (DomainBed's
   ``local_launcher`` runs them one by one). Each job is claimed right before it starts and
   skipped if it is done or running by then; output goes to ``out.txt`` / ``err.txt`` in its
@@ -408,8 +458,11 @@ def launch_local(jobs: Sequence[Job], incomplete: str = "resume", max_parallel: 
           running.remove(item)
           codes[job.output_dir] = proc.returncode
           seen += 1
-          status = ("done" if proc.returncode == 0 else
-                    f"FAILED (exit {proc.returncode}; see {job.output_dir / 'err.txt'})")
+          status = (
+            "done"
+            if proc.returncode == 0
+            else f"FAILED (exit {proc.returncode}; see {job.output_dir / 'err.txt'})"
+          )
           log(f"[{seen}/{total}] {job.output_dir.name}: {status}")
       if not block or len(running) < max_parallel:
         return
@@ -446,14 +499,19 @@ def launch_local(jobs: Sequence[Job], incomplete: str = "resume", max_parallel: 
   return codes
 
 
-def make_submitit_executor(folder: str | os.PathLike, cluster: str | None = None,
-                           max_parallel: int | None = None, **parameters: Any):
+def make_submitit_executor(
+  folder: str | os.PathLike,
+  cluster: str | None = None,
+  max_parallel: int | None = None,
+  **parameters: Any,
+):
   """A ``submitit.AutoExecutor`` writing its logs under ``folder``. ``cluster``: ``"slurm"``,
   ``"local"`` (processes on this machine, for tests), ``"debug"`` (in-process) or ``None``
   (Slurm when available, else local). ``parameters`` go to ``update_parameters`` (e.g.
   ``timeout_min``, ``slurm_partition``, ``gpus_per_node``, ``cpus_per_task``, ``mem_gb``);
   ``max_parallel`` bounds a Slurm job array (``slurm_array_parallelism``)."""
   import submitit
+
   executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
   if max_parallel is not None:
     parameters.setdefault("slurm_array_parallelism", max_parallel)
@@ -462,9 +520,14 @@ def make_submitit_executor(folder: str | os.PathLike, cluster: str | None = None
   return executor
 
 
-def launch_submitit(jobs: Sequence[Job], executor, incomplete: str = "resume",
-                    python: str = sys.executable, module: str = "experiments.train",
-                    cwd: str | os.PathLike | None = None) -> list[tuple[Job, Any]]:
+def launch_submitit(
+  jobs: Sequence[Job],
+  executor,
+  incomplete: str = "resume",
+  python: str = sys.executable,
+  module: str = "experiments.train",
+  cwd: str | os.PathLike | None = None,
+) -> list[tuple[Job, Any]]:
   """Submits the jobs to launch as one job array through a submitit executor (see
   :func:`make_submitit_executor`); each runs :func:`run_job` (which claims it and reads its
   state again when it starts). Returns ``(job, submitit job)`` pairs (``.result()`` waits and
@@ -474,8 +537,9 @@ def launch_submitit(jobs: Sequence[Job], executor, incomplete: str = "resume",
     return []
   cwd = str(cwd or os.getcwd())
   n = len(todo)
-  submitted = executor.map_array(run_job, todo, [incomplete] * n, [python] * n, [module] * n,
-                                 [cwd] * n)
+  submitted = executor.map_array(
+    run_job, todo, [incomplete] * n, [python] * n, [module] * n, [cwd] * n
+  )
   return list(zip(todo, submitted))
 
 
@@ -504,7 +568,7 @@ class _Tee(io.TextIOBase):
 
   def write(self, s):
     for stream in self.streams:
-      if not stream.closed:   # a logging handler made meanwhile may keep this stream
+      if not stream.closed:  # a logging handler made meanwhile may keep this stream
         stream.write(s)
     return len(s)
 
@@ -521,9 +585,10 @@ def _train_group(group: Sequence[Job], flags: tuple[str, ...], log) -> None:
   """Trains ``group`` (claimed) as one vmapped program; restarts it when its checkpoints
   cannot be resumed together."""
   from dgjax.checkpoints import CheckpointError
+
   configs = [job.config() for job in group]
   resume = flags == ("--resume",)
-  with contextlib.ExitStack() as locks:   # every run's lock first, then its checks
+  with contextlib.ExitStack() as locks:  # every run's lock first, then its checks
     for config in configs:
       locks.enter_context(runs.open_output_dir(config, resume=resume, overwrite=not resume))
     try:
@@ -537,8 +602,9 @@ def _train_group(group: Sequence[Job], flags: tuple[str, ...], log) -> None:
       runs.run_many(configs, resume=False)
 
 
-def launch_vmap(jobs: Sequence[Job], incomplete: str = "resume",
-                log: Callable[[str], None] = print) -> dict[Path, int]:
+def launch_vmap(
+  jobs: Sequence[Job], incomplete: str = "resume", log: Callable[[str], None] = print
+) -> dict[Path, int]:
   """Trains the jobs to launch in this process, each :func:`vmap_groups` group as ONE
   ``jax.vmap``-ed program (:func:`dgjax.runs.run_many`); each job still gets its own
   ``results.jsonl``, checkpoints and ``done``, as if launched alone, and its ``out.txt`` /
@@ -552,8 +618,10 @@ def launch_vmap(jobs: Sequence[Job], incomplete: str = "resume",
     key = json.dumps([flags, vmap_group_key(job.config())])
     keyed.setdefault(key, []).append(job)
     group_flags[key] = flags
-  log(f"Launching {len(plan)} jobs as {len(keyed)} vmapped programs"
-      f"{' (' + ', '.join(str(len(g)) for g in keyed.values()) + ' runs each)' if keyed else ''}.")
+  log(
+    f"Launching {len(plan)} jobs as {len(keyed)} vmapped programs"
+    f"{' (' + ', '.join(str(len(g)) for g in keyed.values()) + ' runs each)' if keyed else ''}."
+  )
   codes: dict[Path, int] = {}
   for key, candidates in keyed.items():
     claims, group = [], []
@@ -562,7 +630,7 @@ def launch_vmap(jobs: Sequence[Job], incomplete: str = "resume",
       if claimed is None:
         log(f"{job.output_dir.name}: skipped ({job.state}: another launch has it)")
         continue
-      if claimed[1] != group_flags[key]:   # another launch ran it meanwhile: not this program
+      if claimed[1] != group_flags[key]:  # another launch ran it meanwhile: not this program
         claimed[0].release()
         log(f"{job.output_dir.name}: skipped (another launch ran it meanwhile; launch again)")
         continue
@@ -573,17 +641,23 @@ def launch_vmap(jobs: Sequence[Job], incomplete: str = "resume",
     method = group[0].args["method"]
     start = time.time()
     with contextlib.ExitStack() as stack:
-      outs, errs = ([stack.enter_context(open(j.output_dir / name, "a", encoding="utf-8"))
-                     for j in group] for name in ("out.txt", "err.txt"))
+      outs, errs = (
+        [stack.enter_context(open(j.output_dir / name, "a", encoding="utf-8")) for j in group]
+        for name in ("out.txt", "err.txt")
+      )
       for job, out in zip(group, outs):
         config = job.config()
-        out.write(f"sweep job {job.output_dir.name}: run {group.index(job) + 1} of a vmapped "
-                  f"program of {len(group)} ({config.dataset}, {config.method}, test_envs="
-                  f"{list(config.test_envs)}, seed {config.seed}); hparams "
-                  f"{results_lib.dumps(config.resolved_hparams)}\n")
+        out.write(
+          f"sweep job {job.output_dir.name}: run {group.index(job) + 1} of a vmapped "
+          f"program of {len(group)} ({config.dataset}, {config.method}, test_envs="
+          f"{list(config.test_envs)}, seed {config.seed}); hparams "
+          f"{results_lib.dumps(config.resolved_hparams)}\n"
+        )
       try:
-        with contextlib.redirect_stdout(_Tee(sys.stdout, *outs)), \
-             contextlib.redirect_stderr(_Tee(sys.stderr, *errs)):
+        with (
+          contextlib.redirect_stdout(_Tee(sys.stdout, *outs)),
+          contextlib.redirect_stderr(_Tee(sys.stderr, *errs)),
+        ):
           _train_group(group, group_flags[key], log)
         ok = True
       except Exception as e:  # noqa: BLE001  (reported per group; the next group runs)
@@ -600,6 +674,8 @@ def launch_vmap(jobs: Sequence[Job], incomplete: str = "resume",
     if ok:
       log(f"done: {len(group)} runs of {method} in {time.time() - start:.1f} s")
     else:
-      log(f"FAILED group of {len(group)} ({method}): {error} "
-          f"(traceback in {group[0].output_dir / 'err.txt'} and its group's)")
+      log(
+        f"FAILED group of {len(group)} ({method}): {error} "
+        f"(traceback in {group[0].output_dir / 'err.txt'} and its group's)"
+      )
   return codes

@@ -30,6 +30,7 @@ class Task(Protocol):
     data: the device-resident training data :meth:`batch` reads (``None`` when streaming).
     has_val_loss: :meth:`val_loss` is defined (SWAD needs it; checked before training).
   """
+
   model: Any
   num_domains: int
   variables: Mapping[str, Any]
@@ -51,8 +52,9 @@ class Task(Protocol):
   def epoch(self, step: int, batch_size: int) -> float:
     """The epochs ``step`` steps amount to (the records' ``epoch``)."""
 
-  def evaluate(self, model_state: Any, run: int, predict: Any, *, step: int = 0,
-               mesh: Any = None) -> dict[str, float]:
+  def evaluate(
+    self, model_state: Any, run: int, predict: Any, *, step: int = 0, mesh: Any = None
+  ) -> dict[str, float]:
     """The record's scores of ``predict(model_state, x)`` for run ``run`` at engine step
     ``step`` (``mesh``: sharded over its devices where the task can)."""
 
@@ -68,6 +70,7 @@ class TaskBase:
   extra variables, no validation loss, an ``epoch`` of ``step``, the record's loss on the
   progress line. A task subclasses it and defines ``model``,
   ``num_domains``, ``data``, :meth:`init_params`, :meth:`batch` and :meth:`evaluate`."""
+
   variables: Mapping[str, Any] = {}
   per_run_data = False
   streams = False

@@ -28,7 +28,8 @@ from dgjax.task import TaskBase
 @dataclasses.dataclass
 class Split:
   """One evaluation split of one environment."""
-  name: str   # e.g. "env0_in"
+
+  name: str  # e.g. "env0_in"
   x: np.ndarray
   y: np.ndarray
 
@@ -36,6 +37,7 @@ class Split:
 class TrainData(NamedTuple):
   """The training environments' in-splits concatenated: env ``d`` is
   ``x[offsets[d] : offsets[d] + sizes[d]]``."""
+
   x: jax.Array
   y: jax.Array
   offsets: jax.Array
@@ -45,9 +47,12 @@ class TrainData(NamedTuple):
 def make_train_data(envs_xy: Sequence[tuple[np.ndarray, np.ndarray]]) -> TrainData:
   sizes = np.array([len(y) for _, y in envs_xy], np.int32)
   offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int32)
-  return TrainData(x=jnp.asarray(np.concatenate([x for x, _ in envs_xy])),
-                   y=jnp.asarray(np.concatenate([y for _, y in envs_xy])),
-                   offsets=jnp.asarray(offsets), sizes=jnp.asarray(sizes))
+  return TrainData(
+    x=jnp.asarray(np.concatenate([x for x, _ in envs_xy])),
+    y=jnp.asarray(np.concatenate([y for _, y in envs_xy])),
+    offsets=jnp.asarray(offsets),
+    sizes=jnp.asarray(sizes),
+  )
 
 
 def sample_batch(key: jax.Array, data: TrainData, batch_size: int) -> dict[str, jax.Array]:
@@ -69,7 +74,7 @@ def _chunked_sum(fn, params, x, y, eval_batch_size: int, mesh=None) -> float:
   eval_batch_size = sharding.round_up_to_devices(eval_batch_size, mesh)
   total = 0.0
   for start in range(0, len(y), eval_batch_size):
-    xb, yb = x[start:start + eval_batch_size], y[start:start + eval_batch_size]
+    xb, yb = x[start : start + eval_batch_size], y[start : start + eval_batch_size]
     m = len(yb)
     size = min(eval_batch_size, sharding.round_up_to_devices(-(-m // 128) * 128, mesh))
     if m < size:
@@ -106,7 +111,7 @@ def make_accuracy_fn(predict, eval_batch_size: int = 1000, mesh=None):
     params = params if mesh is None else sharding.on_mesh(params, mesh)
     return _chunked_sum(correct, params, x, y, eval_batch_size, mesh) / max(len(y), 1)
 
-  accuracy.correct = correct   # the jitted chunk function (tests inspect its shardings)
+  accuracy.correct = correct  # the jitted chunk function (tests inspect its shardings)
   return accuracy
 
 
@@ -126,7 +131,7 @@ def make_loss_fn(predict, eval_batch_size: int = 1000, mesh=None):
     params = params if mesh is None else sharding.on_mesh(params, mesh)
     return _chunked_sum(loss_sum, params, x, y, eval_batch_size, mesh) / len(y)
 
-  loss.loss_sum = loss_sum   # the jitted chunk function (image tasks feed it their own batches)
+  loss.loss_sum = loss_sum  # the jitted chunk function (image tasks feed it their own batches)
   return loss
 
 
@@ -141,10 +146,17 @@ class DomainBedTask(TaskBase):
     eval_batch_size: examples per jitted evaluation chunk (with a mesh, rounded up to a
       multiple of its device count).
   """
+
   has_val_loss = True
 
-  def __init__(self, model, splits_in: Sequence[Split], splits_out: Sequence[Split],
-               test_envs: Sequence[int], eval_batch_size: int = 1000):
+  def __init__(
+    self,
+    model,
+    splits_in: Sequence[Split],
+    splits_out: Sequence[Split],
+    test_envs: Sequence[int],
+    eval_batch_size: int = 1000,
+  ):
     n = len(splits_in)
     bad = [e for e in test_envs if not 0 <= e < n]
     if bad:
@@ -160,7 +172,9 @@ class DomainBedTask(TaskBase):
       raise ValueError(f"training split(s) {empty} hold no examples")
     self.num_domains = len(self.train_envs)
     self.variables: Mapping[str, Any] = {}
-    self.data = make_train_data([(self.splits_in[e].x, self.splits_in[e].y) for e in self.train_envs])
+    self.data = make_train_data(
+      [(self.splits_in[e].x, self.splits_in[e].y) for e in self.train_envs]
+    )
     self._min_train = min(len(self.splits_in[e].y) for e in self.train_envs)
     self._eval_batch_size = eval_batch_size
     self._accuracy = {}
@@ -175,14 +189,15 @@ class DomainBedTask(TaskBase):
   def epoch(self, step: int, batch_size: int) -> float:
     return step * batch_size / self._min_train
 
-  def evaluate(self, model_state, run: int, predict, *, step: int = 0,
-               mesh=None) -> dict[str, float]:
+  def evaluate(
+    self, model_state, run: int, predict, *, step: int = 0, mesh=None
+  ) -> dict[str, float]:
     """Accuracy of ``predict(model_state, x)`` on every environment's in and out split; with
     a ``("domain", "data")`` ``mesh``, each chunk split over all its devices
     (:func:`make_accuracy_fn`)."""
     del run, step
     accuracy = self._accuracy_fn(predict, mesh)
-    if mesh is not None:   # replicated once for all the splits
+    if mesh is not None:  # replicated once for all the splits
       model_state = sharding.on_mesh(model_state, mesh)
     out = {}
     for e in range(len(self.splits_in)):
@@ -202,15 +217,20 @@ class DomainBedTask(TaskBase):
     :meth:`evaluate` (equal up to float summation order)."""
     empty = [self.splits_out[e].name for e in self.train_envs if len(self.splits_out[e].y) == 0]
     if empty:
-      raise ValueError(f"no training-domain validation data: out-split(s) {empty} hold no "
-                       "examples (holdout_fraction must be > 0)")
+      raise ValueError(
+        f"no training-domain validation data: out-split(s) {empty} hold no "
+        "examples (holdout_fraction must be > 0)"
+      )
     if (predict, mesh) not in self._loss:
       self._loss[predict, mesh] = make_loss_fn(predict, self._eval_batch_size, mesh)
     loss = self._loss[predict, mesh]
     if mesh is not None:
       model_state = sharding.on_mesh(model_state, mesh)
-    return float(np.mean([loss(model_state, self.splits_out[e].x, self.splits_out[e].y)
-                          for e in self.train_envs]))
+    return float(
+      np.mean(
+        [loss(model_state, self.splits_out[e].x, self.splits_out[e].y) for e in self.train_envs]
+      )
+    )
 
   def progress_numbers(self, record: Mapping[str, Any]) -> dict[str, float]:
     test = np.mean([record[f"env{e}_in_acc"] for e in self.test_envs])

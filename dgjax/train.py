@@ -44,7 +44,14 @@ from dgjax.checkpoints import CheckpointError, Checkpoints, key_from_data, key_t
 from dgjax.config import DATA_SOURCES, PER_DOMAIN_IMPLS, TrainConfig  # noqa: F401
 from dgjax.progress import Progress
 from dgjax.task import Task
-from dgjax.tasks import DomainBedTask, Split, TrainData, make_accuracy_fn, make_train_data, sample_batch  # noqa: F401
+from dgjax.tasks import (
+  DomainBedTask,
+  Split,
+  TrainData,
+  make_accuracy_fn,
+  make_train_data,
+  sample_batch,
+)  # noqa: F401
 from dgjax.types import PyTree
 
 
@@ -53,7 +60,7 @@ class TrainState(NamedTuple):
   params: PyTree
   opt_state: Any
   key: jax.Array
-  average: Any = None   # SWAD: the current segment's dense sum of params (swad.AverageState)
+  average: Any = None  # SWAD: the current segment's dense sum of params (swad.AverageState)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -78,14 +85,21 @@ def resolve_per_domain_impl(impl: str) -> str:
   return "unrolled" if jax.default_backend() == "cpu" else "vmap"
 
 
-def _step_body(method_step: core.MethodStep, batch_fn: Callable, batch_size: int,
-               state: TrainState, data, mesh=None):
+def _step_body(
+  method_step: core.MethodStep,
+  batch_fn: Callable,
+  batch_size: int,
+  state: TrainState,
+  data,
+  mesh=None,
+):
   key, sample_key, method_key = jax.random.split(state.key, 3)
   batch = batch_fn(data, sample_key, batch_size)
   if mesh is not None:  # domains over "domain", examples over "data"
     batch = jax.lax.with_sharding_constraint(batch, sharding_lib.batch_sharding(mesh))
-  updates, opt_state, metrics = method_step.update(state.params, state.opt_state, batch,
-                                                   state.step, method_key)
+  updates, opt_state, metrics = method_step.update(
+    state.params, state.opt_state, batch, state.step, method_key
+  )
   params = optax.apply_updates(state.params, updates)
   if mesh is not None:  # every process can read the metrics
     metrics = jax.lax.with_sharding_constraint(metrics, sharding_lib.replicated(mesh))
@@ -93,14 +107,22 @@ def _step_body(method_step: core.MethodStep, batch_fn: Callable, batch_size: int
   return TrainState(state.step + 1, params, opt_state, key, average), metrics
 
 
-def _steps(method_step: core.MethodStep, batch_fn: Callable, batch_size: int, state: TrainState,
-           data, n: int, mesh=None):
+def _steps(
+  method_step: core.MethodStep,
+  batch_fn: Callable,
+  batch_size: int,
+  state: TrainState,
+  data,
+  n: int,
+  mesh=None,
+):
   """``n`` steps (a ``lax.scan`` when ``n > 1``); metrics gain a leading ``[n]`` axis."""
   if n == 1:
     state, metrics = _step_body(method_step, batch_fn, batch_size, state, data, mesh)
     return state, jax.tree.map(lambda m: m[None], metrics)
-  return jax.lax.scan(lambda s, _: _step_body(method_step, batch_fn, batch_size, s, data, mesh),
-                      state, None, length=n)
+  return jax.lax.scan(
+    lambda s, _: _step_body(method_step, batch_fn, batch_size, s, data, mesh), state, None, length=n
+  )
 
 
 def _minibatch(data, key, batch_size):
@@ -108,20 +130,27 @@ def _minibatch(data, key, batch_size):
   return sample_batch(key, data, batch_size)
 
 
-def make_task_step(method_step: core.MethodStep, task: Task, batch_size: int,
-                   steps_per_call: int = 1, mesh=None) -> Callable:
+def make_task_step(
+  method_step: core.MethodStep, task: Task, batch_size: int, steps_per_call: int = 1, mesh=None
+) -> Callable:
   """``step(state, data) -> (state, metrics)`` of one run on ``task``: ``steps_per_call``
   engine steps per call (metrics ``[steps_per_call, ...]``), jitted, the state donated. The
   engine's own step, for benchmarks and tests."""
-  return jax.jit(lambda state, data: _steps(method_step, task.batch, batch_size, state, data,
-                                            steps_per_call, mesh), donate_argnums=0)
+  return jax.jit(
+    lambda state, data: _steps(
+      method_step, task.batch, batch_size, state, data, steps_per_call, mesh
+    ),
+    donate_argnums=0,
+  )
 
 
 def make_train_step(method_step: core.MethodStep, batch_size: int, mesh=None) -> Callable:
   """``step(state, data) -> (state, metrics)`` of one run on :class:`TrainData` (DomainBed's
   per-domain minibatches), jitted, the state donated."""
-  return jax.jit(lambda state, data: _step_body(method_step, _minibatch, batch_size, state,
-                                                data, mesh), donate_argnums=0)
+  return jax.jit(
+    lambda state, data: _step_body(method_step, _minibatch, batch_size, state, data, mesh),
+    donate_argnums=0,
+  )
 
 
 #: Folded into ``key(seed)`` for the method's key (:func:`method_key`).
@@ -135,16 +164,30 @@ def method_key(seed_key: jax.Array) -> jax.Array:
   return jax.random.fold_in(seed_key, METHOD_KEY_TAG)
 
 
-def _method_step(method: core.Method, task: Task, hparams: Mapping[str, Any],
-                 impl: str) -> core.MethodStep:
+def _method_step(
+  method: core.Method, task: Task, hparams: Mapping[str, Any], impl: str
+) -> core.MethodStep:
   """``method``'s step on ``task``'s model, domains and variables (the engine's one Context)."""
-  return method.build(core.Context(model=task.model, hparams=hparams, num_domains=task.num_domains,
-                                   per_domain_impl=impl, variables=task.variables))
+  return method.build(
+    core.Context(
+      model=task.model,
+      hparams=hparams,
+      num_domains=task.num_domains,
+      per_domain_impl=impl,
+      variables=task.variables,
+    )
+  )
 
 
-def build_run(method: str, task: Task, hparams: Mapping[str, Any], seed: int = 0,
-              per_domain_impl: str = "auto", steps_per_call: int = 1,
-              mesh=None) -> tuple[Callable, TrainState]:
+def build_run(
+  method: str,
+  task: Task,
+  hparams: Mapping[str, Any],
+  seed: int = 0,
+  per_domain_impl: str = "auto",
+  steps_per_call: int = 1,
+  mesh=None,
+) -> tuple[Callable, TrainState]:
   """One run of ``method`` on ``task`` built as :func:`train_many` builds it (K = 1, no
   SWAD): ``(step, state)``, ``step(state, data) -> (state, metrics)`` the jitted engine step
   (:func:`make_task_step`: ``steps_per_call`` steps per call, the state donated) and
@@ -152,8 +195,9 @@ def build_run(method: str, task: Task, hparams: Mapping[str, Any], seed: int = 0
   state key, both drawn from ``seed`` as the engine draws them). ``hparams``: the run's
   resolved hparams (:func:`dgjax.methods.resolve_hparams`); ``data``: the task's one-run
   data. For benchmarks (``bench/``) and tests."""
-  method_step = _method_step(methods.get_method(method), task, dict(hparams),
-                             resolve_per_domain_impl(per_domain_impl))
+  method_step = _method_step(
+    methods.get_method(method), task, dict(hparams), resolve_per_domain_impl(per_domain_impl)
+  )
   init_key, _ = jax.random.split(jax.random.key(seed))
   state = init_state(method_step, task.init_params(init_key), seed)
   return make_task_step(method_step, task, int(hparams["batch_size"]), steps_per_call, mesh), state
@@ -166,8 +210,12 @@ def init_state(method_step: core.MethodStep, params, seed: int) -> TrainState:
   seed_key = jax.random.key(seed)
   _, state_key = jax.random.split(seed_key)
   # jitted: fresh buffers, so a method state holding the params themselves can be donated
-  return TrainState(jnp.zeros((), jnp.int32), params,
-                    jax.jit(method_step.init)(params, method_key(seed_key)), state_key)
+  return TrainState(
+    jnp.zeros((), jnp.int32),
+    params,
+    jax.jit(method_step.init)(params, method_key(seed_key)),
+    state_key,
+  )
 
 
 def _next_training_inputs(task: Task, data, key, batch_size: int, start_step: int, n: int):
@@ -178,7 +226,7 @@ def _next_training_inputs(task: Task, data, key, batch_size: int, start_step: in
   batches = task.stream(start_step) if task.streams else None
   try:
     for _ in range(n):
-      key, sample_key, _ = jax.random.split(key, 3)   # as the step splits its key
+      key, sample_key, _ = jax.random.split(key, 3)  # as the step splits its key
       yield draw(next(batches) if batches is not None else data, sample_key)
   finally:
     if batches is not None:
@@ -203,21 +251,40 @@ def ensure_writable(output_dir: str | os.PathLike) -> Path:
   return d
 
 
-def train(config: TrainConfig, model, splits_in: Sequence[Split], splits_out: Sequence[Split],
-          output_dir: str | Path | None = None, args: Mapping[str, Any] | None = None,
-          resume: bool = False, checkpoint: bool = True, mesh=None) -> list[dict[str, Any]]:
+def train(
+  config: TrainConfig,
+  model,
+  splits_in: Sequence[Split],
+  splits_out: Sequence[Split],
+  output_dir: str | Path | None = None,
+  args: Mapping[str, Any] | None = None,
+  resume: bool = False,
+  checkpoint: bool = True,
+  mesh=None,
+) -> list[dict[str, Any]]:
   """One run of ``config`` on DomainBed's protocol: ``model`` on :class:`dgjax.tasks.DomainBedTask`
   of ``splits_in`` / ``splits_out``; see :func:`train_many`."""
   task = DomainBedTask(model, splits_in, splits_out, config.test_envs, config.eval_batch_size)
-  return train_many([config], task, None if output_dir is None else [output_dir],
-                    None if args is None else [args], resume=resume, checkpoint=checkpoint,
-                    mesh=mesh)[0]
+  return train_many(
+    [config],
+    task,
+    None if output_dir is None else [output_dir],
+    None if args is None else [args],
+    resume=resume,
+    checkpoint=checkpoint,
+    mesh=mesh,
+  )[0]
 
 
-def train_many(configs: Sequence[TrainConfig], task: Task,
-               output_dirs: Sequence[str | Path] | None = None,
-               args: Sequence[Mapping[str, Any]] | None = None, resume: bool = False,
-               checkpoint: bool = True, mesh=None) -> list[list[dict[str, Any]]]:
+def train_many(
+  configs: Sequence[TrainConfig],
+  task: Task,
+  output_dirs: Sequence[str | Path] | None = None,
+  args: Sequence[Mapping[str, Any]] | None = None,
+  resume: bool = False,
+  checkpoint: bool = True,
+  mesh=None,
+) -> list[list[dict[str, Any]]]:
   """Trains K runs as ONE jitted program with a leading runs axis.
 
   Args:
@@ -256,13 +323,15 @@ def train_many(configs: Sequence[TrainConfig], task: Task,
   if mesh is not None and k_runs != 1:
     raise NotImplementedError("a device mesh shards single runs; K vmapped runs use one device")
   if not isinstance(task, Task):
-    raise TypeError(f"train_many trains on a task (dgjax.task.Task), not a {type(task).__name__}: "
-                    "build one, e.g. dgjax.tasks.DomainBedTask(model, splits_in, splits_out, ...)")
+    raise TypeError(
+      f"train_many trains on a task (dgjax.task.Task), not a {type(task).__name__}: "
+      "build one, e.g. dgjax.tasks.DomainBedTask(model, splits_in, splits_out, ...)"
+    )
   dirs = [None if output_dirs is None else Path(d) for d in (output_dirs or [None] * k_runs)]
   if len(dirs) != k_runs:
     raise ValueError(f"{k_runs} configs but {len(dirs)} output directories")
   run_args = [dict(a) for a in args] if args is not None else [{} for _ in configs]
-  writer = jax.process_index() == 0   # one results writer in multi-process runs
+  writer = jax.process_index() == 0  # one results writer in multi-process runs
   run = _make_run(configs, task, dirs, run_args, checkpoint, mesh, writer)
 
   locks = []
@@ -270,7 +339,7 @@ def train_many(configs: Sequence[TrainConfig], task: Task,
     for d in dirs:
       if d is not None:
         ensure_writable(d)
-        if writer and not results_lib.held_here(d):   # dgjax.runs takes it before any check
+        if writer and not results_lib.held_here(d):  # dgjax.runs takes it before any check
           locks.append(results_lib.RunLock(d).acquire())
     return _train_locked(run, resume)
   except KeyboardInterrupt:
@@ -278,8 +347,10 @@ def train_many(configs: Sequence[TrainConfig], task: Task,
   except Exception as e:
     if not is_disk_full(e):
       raise
-    full = DiskFullError(f"the disk is full ({_disk_full_detail(e)}); {kept_summary(dirs)}; "
-                         "free some space, then --resume")
+    full = DiskFullError(
+      f"the disk is full ({_disk_full_detail(e)}); {kept_summary(dirs)}; "
+      "free some space, then --resume"
+    )
     full.errno = errno.ENOSPC
     raise full from None
   finally:
@@ -329,8 +400,11 @@ def kept_summary(dirs: Sequence[Path | None]) -> str:
     parts.append(f"{d} keeps {len(recs)} records{last} and {ckpt}")
   if not parts:
     return "nothing was saved (no output directory)"
-  return "; ".join(parts) + ("; --resume continues from the checkpoint" if any(
-      "the checkpoint of step" in p for p in parts) else "")
+  return "; ".join(parts) + (
+    "; --resume continues from the checkpoint"
+    if any("the checkpoint of step" in p for p in parts)
+    else ""
+  )
 
 
 # ------------------------------------------------------------------- the run and its loop
@@ -340,6 +414,7 @@ class Run:
   the task, the method, the hparams split into the shared (static) and the per-run (traced,
   ``[K]`` arrays) ones, where their records go; and the per-run evaluation functions, built
   once."""
+
   configs: tuple[TrainConfig, ...]
   task: Task
   method: core.Method
@@ -396,13 +471,21 @@ def _take_global(tree, k: int):
 def _make_run(configs, task: Task, dirs, run_args, checkpoint: bool, mesh, writer: bool) -> Run:
   hparams = [dict(c.resolved_hparams) for c in configs]
   varying = sorted(n for n in hparams[0] if any(h[n] != hparams[0][n] for h in hparams))
-  return Run(configs=tuple(configs), task=task, method=methods.get_method(configs[0].method),
-             hparams=tuple(hparams),
-             static_hp={n: v for n, v in hparams[0].items() if n not in varying},
-             traced_hp={n: jnp.asarray([h[n] for h in hparams]) for n in varying},
-             batch_size=int(hparams[0]["batch_size"]),
-             impl=resolve_per_domain_impl(configs[0].per_domain_impl), mesh=mesh,
-             dirs=tuple(dirs), run_args=tuple(run_args), checkpoint=checkpoint, writer=writer)
+  return Run(
+    configs=tuple(configs),
+    task=task,
+    method=methods.get_method(configs[0].method),
+    hparams=tuple(hparams),
+    static_hp={n: v for n, v in hparams[0].items() if n not in varying},
+    traced_hp={n: jnp.asarray([h[n] for h in hparams]) for n in varying},
+    batch_size=int(hparams[0]["batch_size"]),
+    impl=resolve_per_domain_impl(configs[0].per_domain_impl),
+    mesh=mesh,
+    dirs=tuple(dirs),
+    run_args=tuple(run_args),
+    checkpoint=checkpoint,
+    writer=writer,
+  )
 
 
 def _over_runs(fn: Callable, in_axes, k_runs: int) -> Callable:
@@ -414,18 +497,24 @@ def _over_runs(fn: Callable, in_axes, k_runs: int) -> Callable:
   def one(*xs):
     squeezed = [x if ax is None else jax.tree.map(lambda a: a[0], x) for x, ax in zip(xs, in_axes)]
     return jax.tree.map(lambda a: a[None], fn(*squeezed))
+
   return one
 
 
 def _init_state(run: Run) -> TrainState:
   """The runs' initial states, stacked: params from the first half of ``split(key(seed))``,
   the state key its second, the method's networks from :func:`method_key`."""
+
   def init_one(seed_key, hp_traced):
     init_key, state_key = jax.random.split(seed_key)
     params = run.task.init_params(init_key)
-    return TrainState(jnp.zeros((), jnp.int32), params,
-                      run.method_step(hp_traced).init(params, method_key(seed_key)), state_key,
-                      swad_lib.average_init(params) if run.config.swad else None)
+    return TrainState(
+      jnp.zeros((), jnp.int32),
+      params,
+      run.method_step(hp_traced).init(params, method_key(seed_key)),
+      state_key,
+      swad_lib.average_init(params) if run.config.swad else None,
+    )
 
   seed_keys = jnp.stack([jax.random.key(c.seed) for c in run.configs])
   return jax.jit(_over_runs(init_one, (0, 0), run.k_runs))(seed_keys, run.traced_hp)
@@ -437,12 +526,17 @@ def _chunk_fn(run: Run) -> Callable:
   data_axis = 0 if run.task.per_run_data else None
 
   def chunk_one(state, hp_traced, data, n):
-    return _steps(run.method_step(hp_traced), run.task.batch, run.batch_size, state, data, n,
-                  run.mesh)
+    return _steps(
+      run.method_step(hp_traced), run.task.batch, run.batch_size, state, data, n, run.mesh
+    )
 
-  return jax.jit(lambda s, h, d, n: _over_runs(lambda a, b, c: chunk_one(a, b, c, n),
-                                               (0, 0, data_axis), run.k_runs)(s, h, d),
-                 static_argnums=3, donate_argnums=0)
+  return jax.jit(
+    lambda s, h, d, n: _over_runs(
+      lambda a, b, c: chunk_one(a, b, c, n), (0, 0, data_axis), run.k_runs
+    )(s, h, d),
+    static_argnums=3,
+    donate_argnums=0,
+  )
 
 
 def _predict_fn(run: Run, k: int) -> Callable:
@@ -459,14 +553,22 @@ def _diagnostics(run: Run, k: int, params_k, method_state_k, data_k, step: int) 
   """The method's optional diagnostics of run ``k`` on a freshly drawn training batch."""
   if k not in run.diag_fns:
     fn = run.method_step(run.hparams_of(k)).diagnostics
-    run.diag_fns[k] = None if fn is None else jax.jit(
-        lambda p, s, d, key: fn(p, s, run.task.batch(d, jax.random.fold_in(key, 1), run.batch_size),
-                                key))
+    run.diag_fns[k] = (
+      None
+      if fn is None
+      else jax.jit(
+        lambda p, s, d, key: fn(
+          p, s, run.task.batch(d, jax.random.fold_in(key, 1), run.batch_size), key
+        )
+      )
+    )
   if run.diag_fns[k] is None:
     return {}
   key = jax.random.fold_in(jax.random.key(run.configs[k].seed), step)
-  return {n: float(v) for n, v in
-          jax.device_get(run.diag_fns[k](params_k, method_state_k, data_k, key)).items()}
+  return {
+    n: float(v)
+    for n, v in jax.device_get(run.diag_fns[k](params_k, method_state_k, data_k, key)).items()
+  }
 
 
 def is_eval_step(config: TrainConfig, step: int) -> bool:
@@ -482,7 +584,7 @@ class NanCheck:
 
   def __init__(self, run: Run):
     self.run = run
-    self.pending = None      # (first step, device metrics) of the chunk in flight
+    self.pending = None  # (first step, device metrics) of the chunk in flight
     self.interval: list[dict[str, np.ndarray]] = []
 
   def __call__(self, first_step: int, metrics) -> None:
@@ -501,7 +603,7 @@ class NanCheck:
   def _check(self, first_step: int, metrics) -> None:
     run = self.run
     host = jax.device_get(metrics)
-    losses = np.asarray(host["loss"], np.float64)         # [K, n]
+    losses = np.asarray(host["loss"], np.float64)  # [K, n]
     bad = np.argwhere(~np.isfinite(losses))
     if bad.size:
       k, i = (int(v) for v in bad[0])
@@ -509,9 +611,10 @@ class NanCheck:
       where = f" Results up to the last evaluation are in {path}." if path else ""
       env_losses = np.asarray(host["env_losses"][k, i]).tolist()
       raise NonFiniteLossError(
-          f"training loss became {losses[k, i]} at step {first_step + i} (method "
-          f"{run.config.method!r}{f', run {k} of {run.k_runs}' if run.k_runs > 1 else ''}, "
-          f"per-domain losses {env_losses}, hparams {run.hparams[k]}).{where}")
+        f"training loss became {losses[k, i]} at step {first_step + i} (method "
+        f"{run.config.method!r}{f', run {k} of {run.k_runs}' if run.k_runs > 1 else ''}, "
+        f"per-domain losses {env_losses}, hparams {run.hparams[k]}).{where}"
+      )
     self.interval.append(host)
 
 
@@ -541,12 +644,14 @@ class SwadHook:
 
   def __init__(self, run: Run):
     if not run.task.has_val_loss:
-      raise ValueError(f"swad needs a training-domain validation loss: {type(run.task).__name__} "
-                       "has no val_loss")
+      raise ValueError(
+        f"swad needs a training-domain validation loss: {type(run.task).__name__} has no val_loss"
+      )
     c = run.config
     self.run = run
-    self.tracker = swad_lib.SwadTracker(run.k_runs, c.swad_n_converge, c.swad_n_tolerance,
-                                        c.swad_tolerance_ratio)
+    self.tracker = swad_lib.SwadTracker(
+      run.k_runs, c.swad_n_converge, c.swad_n_tolerance, c.swad_tolerance_ratio
+    )
 
   def is_time(self, step: int) -> bool:
     return is_eval_step(self.run.config, step)
@@ -554,11 +659,19 @@ class SwadHook:
   def __call__(self, step: int, state: TrainState, data) -> tuple[TrainState, list[dict]]:
     """``(state with fresh segments, per run its SWAD record keys)``."""
     run = self.run
-    records = [self.tracker.evaluate(k, step, run.take(state.average, k),
-                                     (run.take(state.params, k), run.take(state.opt_state, k)),
-                                     run.task, _predict_fn(run, k), run.mesh,
-                                     self._bn_batches(state, data, k, step))
-               for k in range(run.k_runs)]
+    records = [
+      self.tracker.evaluate(
+        k,
+        step,
+        run.take(state.average, k),
+        (run.take(state.params, k), run.take(state.opt_state, k)),
+        run.task,
+        _predict_fn(run, k),
+        run.mesh,
+        self._bn_batches(state, data, k, step),
+      )
+      for k in range(run.k_runs)
+    ]
     average = swad_lib.average_reset(state.average)
     if run.mesh is not None:
       average = sharding_lib.put_replicated(average, run.mesh)
@@ -571,12 +684,15 @@ class SwadHook:
       return None
     key_k = run.take(state.key, k)
     data_k = None if run.task.streams else run.data_of(data, k)
-    return lambda: _next_training_inputs(run.task, data_k, key_k, run.batch_size,
-                                         run.config.steps, swad_lib.BN_UPDATE_BATCHES)
+    return lambda: _next_training_inputs(
+      run.task, data_k, key_k, run.batch_size, run.config.steps, swad_lib.BN_UPDATE_BATCHES
+    )
 
   def state_dict(self, state_k: TrainState, k: int) -> dict[str, Any]:
-    return {"segment": state_k.average._asdict(),
-            "valley": self.tracker.state_dict(k, state_k.params)}
+    return {
+      "segment": state_k.average._asdict(),
+      "valley": self.tracker.state_dict(k, state_k.params),
+    }
 
   def load_state_dict(self, k: int, tree: Mapping[str, Any]) -> None:
     self.tracker.load_state_dict(k, tree["valley"])
@@ -588,9 +704,12 @@ class CheckpointHook:
 
   def __init__(self, run: Run, swad: SwadHook | None):
     self.run, self.swad = run, swad
-    self.ckpts = [Checkpoints(d, c.identity(), c.keep_checkpoints)
-                  if (d is not None and run.checkpoint) else None
-                  for c, d in zip(run.configs, run.dirs)]
+    self.ckpts = [
+      Checkpoints(d, c.identity(), c.keep_checkpoints)
+      if (d is not None and run.checkpoint)
+      else None
+      for c, d in zip(run.configs, run.dirs)
+    ]
 
   def is_time(self, step: int) -> bool:
     return is_eval_step(self.run.config, step)
@@ -610,8 +729,9 @@ class CheckpointHook:
     """A new run: no directory may hold a checkpoint already."""
     for c in self.ckpts:
       if c is not None and c.latest_step() is not None:
-        raise CheckpointError(f"{c.dir} already holds a checkpoint: resume it, or use another "
-                              "output directory")
+        raise CheckpointError(
+          f"{c.dir} already holds a checkpoint: resume it, or use another output directory"
+        )
 
   def restore(self, state: TrainState) -> tuple[TrainState, int]:
     """``(state, first step)`` from every run's newest good checkpoint (``(state, 0)``
@@ -623,16 +743,24 @@ class CheckpointHook:
       c.check_identity()
     if all(c.latest_step() is None for c in self.ckpts):
       return state, 0
-    restored = [c.restore(self._saveable(_take_global(state, k), k)) for k, c in enumerate(self.ckpts)]
+    restored = [
+      c.restore(self._saveable(_take_global(state, k), k)) for k, c in enumerate(self.ckpts)
+    ]
     steps = {s for s, _ in restored}
     if len(steps) != 1:
-      raise CheckpointError(f"runs in one program were checkpointed at different steps "
-                            f"{[s for s, _ in restored]}: resume them separately")
+      raise CheckpointError(
+        f"runs in one program were checkpointed at different steps "
+        f"{[s for s, _ in restored]}: resume them separately"
+      )
     trees = [t for _, t in restored]
     stacked = jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *trees)
-    state = TrainState(stacked["step"], stacked["params"], stacked["opt_state"],
-                       key_from_data(stacked["key"]), None if self.swad is None else
-                       swad_lib.AverageState(**stacked["swad"]["segment"]))
+    state = TrainState(
+      stacked["step"],
+      stacked["params"],
+      stacked["opt_state"],
+      key_from_data(stacked["key"]),
+      None if self.swad is None else swad_lib.AverageState(**stacked["swad"]["segment"]),
+    )
     for k, tree in enumerate(trees if self.swad is not None else []):
       self.swad.load_state_dict(k, tree["swad"])
     if run.mesh is not None:
@@ -660,8 +788,16 @@ def _open_records(run: Run, ckpt: CheckpointHook, resume: bool, start: int) -> l
   return records
 
 
-def _record(run: Run, state: TrainState, data, k: int, step: int, interval, step_time: float,
-            swad_record: Mapping[str, Any]) -> dict[str, Any]:
+def _record(
+  run: Run,
+  state: TrainState,
+  data,
+  k: int,
+  step: int,
+  interval,
+  step_time: float,
+  swad_record: Mapping[str, Any],
+) -> dict[str, Any]:
   """Run ``k``'s record at ``step``: the interval's mean metrics, the task's evaluation, the
   method's diagnostics, SWAD's keys, times, hparams and args (JSON-ready)."""
   t_eval = time.perf_counter()
@@ -672,19 +808,22 @@ def _record(run: Run, state: TrainState, data, k: int, step: int, interval, step
     record[name] = np.mean(values, axis=0)
   record["step_time"] = step_time
   method_state_k = run.take(state.opt_state, k)
-  record.update(run.task.evaluate((params_k, method_state_k), k, _predict_fn(run, k), step=step,
-                                  mesh=run.mesh))
+  record.update(
+    run.task.evaluate((params_k, method_state_k), k, _predict_fn(run, k), step=step, mesh=run.mesh)
+  )
   record.update(_diagnostics(run, k, params_k, method_state_k, run.data_of(data, k), step))
   record.update(swad_record)
   record["eval_time"] = time.perf_counter() - t_eval
   record["hparams"] = run.hparams[k]
   record["args"] = run.run_args[k]
-  return {key: (v.tolist() if isinstance(v, (np.ndarray, np.generic)) else v)
-          for key, v in record.items()}
+  return {
+    key: (v.tolist() if isinstance(v, (np.ndarray, np.generic)) else v) for key, v in record.items()
+  }
 
 
 class _Loop(NamedTuple):
   """What the loop carries besides the state: the jitted chunk, the hooks, the records."""
+
   chunk: Callable
   nan_check: NanCheck
   timer: StepTimer
@@ -700,13 +839,15 @@ def _evaluate(run: Run, loop: _Loop, state: TrainState, data, step: int) -> Trai
   interval = loop.nan_check.flush()
   step_time = loop.timer.mean() / run.k_runs
   swad_records = [{} for _ in range(run.k_runs)]
-  if loop.swad is not None and loop.swad.is_time(step):   # before the records and checkpoints
+  if loop.swad is not None and loop.swad.is_time(step):  # before the records and checkpoints
     state, swad_records = loop.swad(step, state, data)
   for k in range(run.k_runs):
     record = _record(run, state, data, k, step, interval, step_time, swad_records[k])
     loop.records[k].append(record)
     if run.results_paths[k] is not None and run.writer:
-      results_lib.append_jsonl(run.results_paths[k], record)   # the record first, then the checkpoint
+      results_lib.append_jsonl(
+        run.results_paths[k], record
+      )  # the record first, then the checkpoint
   if loop.ckpt.is_time(step):
     loop.ckpt(step, state)
   loop.progress.evaluated(step, run.task.progress_numbers(loop.records[0][-1]), step_time)
@@ -732,8 +873,10 @@ def _train_locked(run: Run, resume: bool) -> list[list[dict[str, Any]]]:
   to each evaluation step, evaluate (and save) there; ``done`` at the end."""
   config, task = run.config, run.task
   if task.streams and config.scan_steps != 1:
-    raise ValueError(f"scan_steps must be 1 for a task that streams its batches ({type(task).__name__})")
-  swad = SwadHook(run) if config.swad else None   # one loss valley per run (dgjax.swad)
+    raise ValueError(
+      f"scan_steps must be 1 for a task that streams its batches ({type(task).__name__})"
+    )
+  swad = SwadHook(run) if config.swad else None  # one loss valley per run (dgjax.swad)
   state = _init_state(run)
   data = None if task.streams else task.data
   if run.mesh is not None:
@@ -743,17 +886,17 @@ def _train_locked(run: Run, resume: bool) -> list[list[dict[str, Any]]]:
   records = _open_records(run, ckpt, resume, start)
   label = config.method if run.k_runs == 1 else f"{config.method} x{run.k_runs}"
   progress = Progress(label, config.steps, start, enabled=config.progress and run.writer)
-  batches = task.stream(start) if task.streams else None   # resumes at the same batch
+  batches = task.stream(start) if task.streams else None  # resumes at the same batch
   loop = _Loop(_chunk_fn(run), NanCheck(run), StepTimer(), swad, ckpt, progress, records)
   step = start
   try:
     for target in (s for s in range(start, config.steps) if is_eval_step(config, s)):
       state, data, step = _run_chunks(run, loop, state, data, batches, step, target)
       state = _evaluate(run, loop, state, data, target)
-      loop.timer.restart()   # evaluation time is not step time
+      loop.timer.restart()  # evaluation time is not step time
   finally:
     progress.close()
-    if batches is not None:   # a streaming task's prefetch thread and workers
+    if batches is not None:  # a streaming task's prefetch thread and workers
       batches.close()
   for d in run.dirs:
     if d is not None and run.writer:

@@ -26,17 +26,28 @@ SUFFIX = {"text": "txt", "markdown": "md", "latex": "tex"}
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description="Print a sweep's results tables.")
-  p.add_argument("sweep_dir", nargs="?",
-                 help="directory holding the runs (searched recursively for results.jsonl)")
+  p.add_argument(
+    "sweep_dir",
+    nargs="?",
+    help="directory holding the runs (searched recursively for results.jsonl)",
+  )
   p.add_argument("--input_dir", help="the same as sweep_dir (DomainBed's flag)")
   p.add_argument("--format", choices=collect.FORMATS, default="text")
-  p.add_argument("--latex", action="store_true",
-                 help="the same as --format=latex (DomainBed's flag)")
-  p.add_argument("--selection", nargs="+", choices=sorted(selection.SWEEP_SELECTION_METHODS),
-                 default=list(selection.SWEEP_SELECTION_METHODS),
-                 help="model selection methods (default: all three)")
-  p.add_argument("--save", action="store_true",
-                 help="also write results.txt / results.md / results.tex into sweep_dir")
+  p.add_argument(
+    "--latex", action="store_true", help="the same as --format=latex (DomainBed's flag)"
+  )
+  p.add_argument(
+    "--selection",
+    nargs="+",
+    choices=sorted(selection.SWEEP_SELECTION_METHODS),
+    default=list(selection.SWEEP_SELECTION_METHODS),
+    help="model selection methods (default: all three)",
+  )
+  p.add_argument(
+    "--save",
+    action="store_true",
+    help="also write results.txt / results.md / results.tex into sweep_dir",
+  )
   args = p.parse_args(argv)
   if (args.sweep_dir is None) == (args.input_dir is None):
     print("error: give the sweep directory once: as sweep_dir or as --input_dir", file=sys.stderr)
@@ -53,11 +64,15 @@ def main(argv=None) -> int:
     print(f"error: no results.jsonl under {args.sweep_dir}", file=sys.stderr)
     return 2
   try:
-    text = collect.report(records, args.format,
-                          [selection.SWEEP_SELECTION_METHODS[s] for s in args.selection])
+    text = collect.report(
+      records, args.format, [selection.SWEEP_SELECTION_METHODS[s] for s in args.selection]
+    )
   except KeyError as e:
-    print(f"error: a record lacks a key ({e.args[0]}; need args.dataset, args.method or "
-          f"args.algorithm, args.test_envs, args.hparams_seed)", file=sys.stderr)
+    print(
+      f"error: a record lacks a key ({e.args[0]}; need args.dataset, args.method or "
+      f"args.algorithm, args.test_envs, args.hparams_seed)",
+      file=sys.stderr,
+    )
     return 2
   print(text, end="")
   if args.save:

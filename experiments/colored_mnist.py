@@ -17,13 +17,16 @@ from absl import flags
 
 from experiments import train
 
-flags.adopt_module_key_flags(train)   # --help lists experiments.train's flags
+flags.adopt_module_key_flags(train)  # --help lists experiments.train's flags
 
 
 def main(argv):
   if train.FLAGS.dataset != "ColoredMNIST":
-    print("error: experiments.colored_mnist trains ColoredMNIST; use "
-          "`python -m experiments.train --dataset=...` for other datasets", file=sys.stderr)
+    print(
+      "error: experiments.colored_mnist trains ColoredMNIST; use "
+      "`python -m experiments.train --dataset=...` for other datasets",
+      file=sys.stderr,
+    )
     sys.exit(2)
   train.main(argv)
 

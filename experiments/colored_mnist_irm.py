@@ -28,24 +28,45 @@ from dgjax import methods
 from dgjax.data import DataError, load_mnist
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("method", "erm", "comma-separated methods, from: " + ", ".join(sorted(methods.METHODS)))
-flags.DEFINE_integer("steps", irm_benchmark.STEPS, "the scripts' loop length: steps - 1 full-batch "
-                     "updates, then the report (their last iteration's forward pass)")
+flags.DEFINE_string(
+  "method", "erm", "comma-separated methods, from: " + ", ".join(sorted(methods.METHODS))
+)
+flags.DEFINE_integer(
+  "steps",
+  irm_benchmark.STEPS,
+  "the scripts' loop length: steps - 1 full-batch "
+  "updates, then the report (their last iteration's forward pass)",
+)
 flags.DEFINE_integer("n_restarts", 10, "restarts (new data draw and initialisation each)")
 flags.DEFINE_integer("seed", 0, "base seed of the restarts")
-flags.DEFINE_float("label_shift", None, "label-shift variant: env 0 gets this fraction of the digits < 5 "
-                   "and 1 - it of the others (the Hessian paper uses 0.97)")
-flags.DEFINE_float("penalty_weight", irm_benchmark.PENALTY_WEIGHT, "penalty weight after the switch")
+flags.DEFINE_float(
+  "label_shift",
+  None,
+  "label-shift variant: env 0 gets this fraction of the digits < 5 "
+  "and 1 - it of the others (the Hessian paper uses 0.97)",
+)
+flags.DEFINE_float(
+  "penalty_weight", irm_benchmark.PENALTY_WEIGHT, "penalty weight after the switch"
+)
 flags.DEFINE_integer("penalty_anneal_iters", irm_benchmark.PENALTY_ANNEAL_ITERS, "switch step")
 flags.DEFINE_float("lr", irm_benchmark.LR, "Adam learning rate")
 flags.DEFINE_float("l2_weight", irm_benchmark.L2_WEIGHT, "weight of sum ||w||^2 in the loss")
 flags.DEFINE_string("hparams", None, 'JSON object of hparam overrides, e.g. \'{"alpha": 0.1}\'')
-flags.DEFINE_string("data_dir", None, "directory with the MNIST IDX files (training digits first). "
-                    "Default: TFDS 'mnist'")
+flags.DEFINE_string(
+  "data_dir",
+  None,
+  "directory with the MNIST IDX files (training digits first). Default: TFDS 'mnist'",
+)
 flags.DEFINE_integer("eval_every", 100, "evaluate every this many steps")
-flags.DEFINE_bool("hessian_gap", False, "log max_{e,e'} ||H_e - H_e'||_2 of the head at each evaluation")
-flags.DEFINE_enum("restarts_impl", "auto", ["auto", "vmap", "sequential"],
-                  "restarts as one vmapped program or one after another (auto: sequential on CPU)")
+flags.DEFINE_bool(
+  "hessian_gap", False, "log max_{e,e'} ||H_e - H_e'||_2 of the head at each evaluation"
+)
+flags.DEFINE_enum(
+  "restarts_impl",
+  "auto",
+  ["auto", "vmap", "sequential"],
+  "restarts as one vmapped program or one after another (auto: sequential on CPU)",
+)
 flags.DEFINE_string("output", None, "append each method's result as one JSON line to this file")
 
 
@@ -80,17 +101,27 @@ def main(argv):
   impl = FLAGS.restarts_impl
   if impl == "auto":
     import jax
+
     impl = "sequential" if jax.default_backend() == "cpu" else "vmap"
   print(f"data: {mnist.source}")
   note, n_env = None, None
   results = []
   for m in names:
     cfg = irm_benchmark.IRMConfig(
-        method=m, steps=FLAGS.steps, n_restarts=FLAGS.n_restarts, seed=FLAGS.seed,
-        lr=FLAGS.lr, l2_weight=FLAGS.l2_weight, penalty_weight=FLAGS.penalty_weight,
-        penalty_anneal_iters=FLAGS.penalty_anneal_iters, label_shift=FLAGS.label_shift,
-        hparams={k: v for k, v in overrides.items() if k in methods.hparam_specs(m)},
-        eval_every=FLAGS.eval_every, hessian_gap=FLAGS.hessian_gap, restarts_impl=impl)
+      method=m,
+      steps=FLAGS.steps,
+      n_restarts=FLAGS.n_restarts,
+      seed=FLAGS.seed,
+      lr=FLAGS.lr,
+      l2_weight=FLAGS.l2_weight,
+      penalty_weight=FLAGS.penalty_weight,
+      penalty_anneal_iters=FLAGS.penalty_anneal_iters,
+      label_shift=FLAGS.label_shift,
+      hparams={k: v for k, v in overrides.items() if k in methods.hparam_specs(m)},
+      eval_every=FLAGS.eval_every,
+      hessian_gap=FLAGS.hessian_gap,
+      restarts_impl=impl,
+    )
     if note is None:
       note, n_env = irm_benchmark.data_split(cfg, mnist.images, mnist.labels)
       print(f"data split: {note}; full batch of {n_env} examples per environment")
@@ -98,9 +129,11 @@ def main(argv):
       cfg_hp = irm_benchmark.benchmark_hparams(m, cfg, n_env)
     except ValueError as e:
       fail(str(e))
-    print(f"\n== {m}: {FLAGS.n_restarts} restarts ({impl}), hparams {json.dumps(cfg_hp, sort_keys=True)}"
-          f"\n   (weight_decay = 2 x --l2_weight: the gradient of l2 ||w||^2; batch_size = the full "
-          "environment)")
+    print(
+      f"\n== {m}: {FLAGS.n_restarts} restarts ({impl}), hparams {json.dumps(cfg_hp, sort_keys=True)}"
+      f"\n   (weight_decay = 2 x --l2_weight: the gradient of l2 ||w||^2; batch_size = the full "
+      "environment)"
+    )
     try:
       r = irm_benchmark.run(cfg, mnist.images, mnist.labels)
     except FloatingPointError as e:
@@ -112,8 +145,10 @@ def main(argv):
       with open(FLAGS.output, "a") as f:
         f.write(json.dumps(r) + "\n")
   print()
-  print(f"IRM-style Colored MNIST, {results[0]['note']}"
-        + (f", label shift {FLAGS.label_shift}" if FLAGS.label_shift else ""))
+  print(
+    f"IRM-style Colored MNIST, {results[0]['note']}"
+    + (f", label shift {FLAGS.label_shift}" if FLAGS.label_shift else "")
+  )
   print(irm_benchmark.format_summary(results))
 
 

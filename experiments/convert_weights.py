@@ -20,12 +20,19 @@ from dgjax import convert_weights
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description="Convert torchvision/timm ResNet weights for dgjax.")
-  p.add_argument("--arch", required=True, choices=sorted(convert_weights.SOURCES),
-                 help="which network the weights are for")
+  p.add_argument(
+    "--arch",
+    required=True,
+    choices=sorted(convert_weights.SOURCES),
+    help="which network the weights are for",
+  )
   p.add_argument("--input", help=".pth / .pt / .bin (torch) or .safetensors state dict")
   p.add_argument("--output", help="converted file to write (flax msgpack)")
-  p.add_argument("--include_head", action="store_true",
-                 help="also convert fc into the classifier head (DomainBed drops it)")
+  p.add_argument(
+    "--include_head",
+    action="store_true",
+    help="also convert fc into the classifier head (DomainBed drops it)",
+  )
   p.add_argument("--where", action="store_true", help="print where to download the weights")
   args = p.parse_args(argv)
   if args.where or not args.input:
@@ -34,8 +41,9 @@ def main(argv=None) -> int:
   if not args.output:
     p.error("--output is required with --input")
   try:
-    variables = convert_weights.convert_file(args.arch, args.input, args.output,
-                                             include_head=args.include_head)
+    variables = convert_weights.convert_file(
+      args.arch, args.input, args.output, include_head=args.include_head
+    )
   except convert_weights.WeightsError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

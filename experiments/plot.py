@@ -18,10 +18,15 @@ from dgjax import plots
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description="Plot per-environment accuracy and loss/penalty over steps.")
+  p = argparse.ArgumentParser(
+    description="Plot per-environment accuracy and loss/penalty over steps."
+  )
   p.add_argument("path", help="a run directory (with results.jsonl) or a sweep directory")
-  p.add_argument("--output", default=None,
-                 help="PNG file for a run; directory for a sweep (default <run>/curves.png, <sweep>/plots)")
+  p.add_argument(
+    "--output",
+    default=None,
+    help="PNG file for a run; directory for a sweep (default <run>/curves.png, <sweep>/plots)",
+  )
   args = p.parse_args(argv)
   try:
     written = plots.plot_path(args.path, args.output)

@@ -28,34 +28,58 @@ DEFAULT_IRM_METHODS = ("erm", "irm", "vrex", "fishr", "hgp", "hutchinson")
 
 
 def parse_args(argv):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+  )
   sub = p.add_subparsers(dest="benchmark", required=True)
-  irm = sub.add_parser("irm_cmnist", help="the IRM-style Colored MNIST scripts' protocol",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  irm = sub.add_parser(
+    "irm_cmnist",
+    help="the IRM-style Colored MNIST scripts' protocol",
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  )
   irm.add_argument("--methods", nargs="+", default=list(DEFAULT_IRM_METHODS))
   irm.add_argument("--n_restarts", type=int, default=10)
   irm.add_argument("--steps", type=int, default=501, help="the scripts' loop length")
   irm.add_argument("--seed", type=int, default=0)
   irm.add_argument("--data_dir", default=None, help="MNIST IDX files (default: TFDS 'mnist')")
-  irm.add_argument("--restarts_impl", choices=["auto", "vmap", "sequential"], default="auto",
-                   help="auto: sequential on CPU, vmapped elsewhere")
-  irm.add_argument("--results", default=None,
-                   help="JSON lines of each method's result, appended as it finishes; a method "
-                        "already there with the same restarts, steps and seed is not run again")
+  irm.add_argument(
+    "--restarts_impl",
+    choices=["auto", "vmap", "sequential"],
+    default="auto",
+    help="auto: sequential on CPU, vmapped elsewhere",
+  )
+  irm.add_argument(
+    "--results",
+    default=None,
+    help="JSON lines of each method's result, appended as it finishes; a method "
+    "already there with the same restarts, steps and seed is not run again",
+  )
   irm.add_argument("--output", default=None, help="write the Markdown report here")
-  db = sub.add_parser("domainbed", help="DomainBed's sweep protocol and selection",
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  db = sub.add_parser(
+    "domainbed",
+    help="DomainBed's sweep protocol and selection",
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  )
   db.add_argument("--datasets", nargs="+", default=["ColoredMNIST", "RotatedMNIST"])
   db.add_argument("--methods", nargs="+", default=["erm", "irm", "vrex"])
   db.add_argument("--n_hparams", type=int, default=20)
   db.add_argument("--n_trials", type=int, default=3)
-  db.add_argument("--test_envs", nargs="+", type=int, default=None,
-                  help="only the jobs holding out these environments (default: every one)")
+  db.add_argument(
+    "--test_envs",
+    nargs="+",
+    type=int,
+    default=None,
+    help="only the jobs holding out these environments (default: every one)",
+  )
   db.add_argument("--steps", type=int, default=None, help="default: the dataset's (DomainBed's)")
   db.add_argument("--checkpoint_freq", type=int, default=None, help="default: the dataset's")
-  db.add_argument("--train_arg", action="append", default=[], metavar="KEY=VALUE",
-                  help="passed to the sweep, e.g. max_examples=2000 (a reduced run)")
+  db.add_argument(
+    "--train_arg",
+    action="append",
+    default=[],
+    metavar="KEY=VALUE",
+    help="passed to the sweep, e.g. max_examples=2000 (a reduced run)",
+  )
   db.add_argument("--output_dir", required=True, help="the sweep directory")
   db.add_argument("--data_dir", default=None)
   db.add_argument("--launcher", choices=["local", "vmap"], default="vmap")
@@ -81,6 +105,7 @@ def run_irm_cmnist(args) -> int:
   from dgjax import irm_benchmark, methods, reproduce
   from dgjax.data import DataError, load_mnist
   from dgjax.results import append_jsonl, read_jsonl
+
   try:
     for m in args.methods:
       methods.get_method(m)
@@ -92,6 +117,7 @@ def run_irm_cmnist(args) -> int:
   impl = args.restarts_impl
   if impl == "auto":
     import jax
+
     impl = "sequential" if jax.default_backend() == "cpu" else "vmap"
   done = {}
   if args.results and Path(args.results).exists():
@@ -104,16 +130,21 @@ def run_irm_cmnist(args) -> int:
       print(f"== {m}: from {args.results}", flush=True)
       results.append(done[m])
       continue
-    cfg = irm_benchmark.IRMConfig(method=m, steps=args.steps, n_restarts=args.n_restarts,
-                                  seed=args.seed, restarts_impl=impl)
+    cfg = irm_benchmark.IRMConfig(
+      method=m, steps=args.steps, n_restarts=args.n_restarts, seed=args.seed, restarts_impl=impl
+    )
     print(f"== {m}: {args.n_restarts} restarts ({impl})", flush=True)
-    r = irm_benchmark.run(cfg, mnist.images, mnist.labels, log=lambda line: print("  " + line, flush=True))
+    r = irm_benchmark.run(
+      cfg, mnist.images, mnist.labels, log=lambda line: print("  " + line, flush=True)
+    )
     print(f"   {r['train_seconds']:.0f} s", flush=True)
     results.append(r)
     if args.results:
       append_jsonl(args.results, r)
-  scale = (f"{results[0]['note']}; {args.steps} steps, {args.n_restarts} restarts per method, "
-           f"seed {args.seed}; data: {mnist.source}")
+  scale = (
+    f"{results[0]['note']}; {args.steps} steps, {args.n_restarts} restarts per method, "
+    f"seed {args.seed}; data: {mnist.source}"
+  )
   write(reproduce.irm_cmnist_report(results, scale), args.output)
   return 0
 
@@ -121,10 +152,25 @@ def run_irm_cmnist(args) -> int:
 def run_domainbed(args) -> int:
   from dgjax import collect, reproduce
   from experiments import sweep as sweep_cli
-  argv = ["launch", "--datasets", *args.datasets, "--methods", *args.methods,
-          "--n_hparams", str(args.n_hparams), "--n_trials", str(args.n_trials),
-          "--output_dir", args.output_dir, "--launcher", args.launcher,
-          "--max_parallel", str(args.max_parallel), "--quiet"]
+
+  argv = [
+    "launch",
+    "--datasets",
+    *args.datasets,
+    "--methods",
+    *args.methods,
+    "--n_hparams",
+    str(args.n_hparams),
+    "--n_trials",
+    str(args.n_trials),
+    "--output_dir",
+    args.output_dir,
+    "--launcher",
+    args.launcher,
+    "--max_parallel",
+    str(args.max_parallel),
+    "--quiet",
+  ]
   for flag in ("steps", "checkpoint_freq", "data_dir"):
     if getattr(args, flag) is not None:
       argv += [f"--{flag}", str(getattr(args, flag))]
@@ -138,13 +184,18 @@ def run_domainbed(args) -> int:
   records = collect.load_records(args.output_dir)
   if not records:
     return fail(f"no records under {args.output_dir}")
-  envs = ("every test environment" if args.test_envs is None else
-          f"test environment(s) {' '.join(map(str, args.test_envs))}")
-  scale = (f"{len(args.datasets)} dataset(s), hparams seeds 0..{args.n_hparams - 1} x "
-           f"{args.n_trials} trial(s) x {envs}, steps "
-           f"{args.steps or 'the dataset default'}"
-           + (f", {', '.join(args.train_arg)}" if args.train_arg else "")
-           + (f", data {args.data_dir}" if args.data_dir else ""))
+  envs = (
+    "every test environment"
+    if args.test_envs is None
+    else f"test environment(s) {' '.join(map(str, args.test_envs))}"
+  )
+  scale = (
+    f"{len(args.datasets)} dataset(s), hparams seeds 0..{args.n_hparams - 1} x "
+    f"{args.n_trials} trial(s) x {envs}, steps "
+    f"{args.steps or 'the dataset default'}"
+    + (f", {', '.join(args.train_arg)}" if args.train_arg else "")
+    + (f", data {args.data_dir}" if args.data_dir else "")
+  )
   write(reproduce.domainbed_tables(records, scale), args.output)
   return 1 if code else 0
 

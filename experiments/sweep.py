@@ -38,48 +38,81 @@ def parse_train_args(items):
 
 
 def parse_args(argv):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+  )
   p.add_argument("command", choices=["launch", "delete_incomplete", "status"])
   p.add_argument("--datasets", nargs="+", default=["ColoredMNIST"])
   p.add_argument("--methods", nargs="+", default=sorted(methods.METHODS))
   p.add_argument("--n_hparams_from", type=int, default=0, help="first hparams seed (0 = defaults)")
-  p.add_argument("--n_hparams", type=int, default=20,
-                 help="hparams seeds are range(n_hparams_from, n_hparams)")
+  p.add_argument(
+    "--n_hparams", type=int, default=20, help="hparams seeds are range(n_hparams_from, n_hparams)"
+  )
   p.add_argument("--n_trials", type=int, default=3, help="trial seeds are range(n_trials)")
   p.add_argument("--steps", type=int, default=None, help="default: the dataset's")
   p.add_argument("--checkpoint_freq", type=int, default=None, help="default: the dataset's")
   p.add_argument("--holdout_fraction", type=float, default=0.2)
   p.add_argument("--hparams", default=None, help="JSON object of hparam overrides for every job")
-  p.add_argument("--test_envs", nargs="+", type=int, default=None,
-                 help="only the jobs holding out one of these (negative: from the end, e.g. -1 "
-                      "for Spirals); with --holdout_pairs also every pair containing one; default all")
-  p.add_argument("--train_arg", action="append", default=[], metavar="KEY=VALUE",
-                 help="another training config field for every job, e.g. max_examples=2000 "
-                      f"(part of the job hash); one of: {', '.join(sweep.train_arg_fields())}")
-  p.add_argument("--holdout_pairs", action="store_true",
-                 help="also run every pair of test envs (needed by leave-one-domain-out selection)")
-  p.add_argument("--output_dir", required=True, help="the sweep directory: one subdirectory per job")
+  p.add_argument(
+    "--test_envs",
+    nargs="+",
+    type=int,
+    default=None,
+    help="only the jobs holding out one of these (negative: from the end, e.g. -1 "
+    "for Spirals); with --holdout_pairs also every pair containing one; default all",
+  )
+  p.add_argument(
+    "--train_arg",
+    action="append",
+    default=[],
+    metavar="KEY=VALUE",
+    help="another training config field for every job, e.g. max_examples=2000 "
+    f"(part of the job hash); one of: {', '.join(sweep.train_arg_fields())}",
+  )
+  p.add_argument(
+    "--holdout_pairs",
+    action="store_true",
+    help="also run every pair of test envs (needed by leave-one-domain-out selection)",
+  )
+  p.add_argument(
+    "--output_dir", required=True, help="the sweep directory: one subdirectory per job"
+  )
   p.add_argument("--data_dir", default=None)
-  p.add_argument("--launcher", choices=["local", "vmap", "submitit", "dry_run"], default="local",
-                 help="local: one process per job; vmap: jobs that differ only in seeds and "
-                      "non-structural hparams train as ONE vmapped program in this process")
-  p.add_argument("--max_parallel", type=int, default=1,
-                 help="jobs at once (local; Slurm array parallelism)")
-  p.add_argument("--incomplete", choices=sorted(sweep.INCOMPLETE_POLICIES), default="resume",
-                 help="what launch does with incomplete jobs: resume them from their last "
-                      "checkpoint (--resume), restart them (--overwrite) or skip them")
+  p.add_argument(
+    "--launcher",
+    choices=["local", "vmap", "submitit", "dry_run"],
+    default="local",
+    help="local: one process per job; vmap: jobs that differ only in seeds and "
+    "non-structural hparams train as ONE vmapped program in this process",
+  )
+  p.add_argument(
+    "--max_parallel", type=int, default=1, help="jobs at once (local; Slurm array parallelism)"
+  )
+  p.add_argument(
+    "--incomplete",
+    choices=sorted(sweep.INCOMPLETE_POLICIES),
+    default="resume",
+    help="what launch does with incomplete jobs: resume them from their last "
+    "checkpoint (--resume), restart them (--overwrite) or skip them",
+  )
   p.add_argument("--python", default=sys.executable, help="interpreter in the commands")
-  p.add_argument("--module", default="experiments.train",
-                 help="module the commands run (it takes experiments.train's flags)")
+  p.add_argument(
+    "--module",
+    default="experiments.train",
+    help="module the commands run (it takes experiments.train's flags)",
+  )
   p.add_argument("--submitit_cluster", choices=["auto", "slurm", "local", "debug"], default="auto")
-  p.add_argument("--submitit_dir", default=None, help="submitit logs (default <output_dir>/.submitit)")
+  p.add_argument(
+    "--submitit_dir", default=None, help="submitit logs (default <output_dir>/.submitit)"
+  )
   p.add_argument("--slurm_partition", default=None)
   p.add_argument("--timeout_min", type=int, default=24 * 60)
   p.add_argument("--gpus_per_node", type=int, default=None)
   p.add_argument("--cpus_per_task", type=int, default=None)
   p.add_argument("--mem_gb", type=int, default=None)
-  p.add_argument("--wait", action="store_true", help="submitit: wait for the jobs and report failures")
+  p.add_argument(
+    "--wait", action="store_true", help="submitit: wait for the jobs and report failures"
+  )
   p.add_argument("--yes", action="store_true", help="do not ask before deleting")
   p.add_argument("--quiet", action="store_true", help="print only the summary, not every job")
   return p.parse_args(argv)
@@ -88,9 +121,12 @@ def parse_args(argv):
 def main(argv=None) -> int:
   try:
     return _main(argv)
-  except KeyboardInterrupt:   # the launchers stop the jobs they started; each keeps its records
-    print("\ninterrupted (Ctrl-C); `status` lists what each job kept, `launch` resumes the "
-          "incomplete ones", file=sys.stderr)
+  except KeyboardInterrupt:  # the launchers stop the jobs they started; each keeps its records
+    print(
+      "\ninterrupted (Ctrl-C); `status` lists what each job kept, `launch` resumes the "
+      "incomplete ones",
+      file=sys.stderr,
+    )
     return 130
 
 
@@ -101,13 +137,22 @@ def _main(argv=None) -> int:
     if args.max_parallel < 1:
       raise ValueError(f"--max_parallel must be >= 1, got {args.max_parallel}")
     args_list = sweep.make_args_list(
-        args.datasets, args.methods, n_trials=args.n_trials, n_hparams=args.n_hparams,
-        n_hparams_from=args.n_hparams_from, holdout_pairs=args.holdout_pairs,
-        test_envs=args.test_envs, steps=args.steps, checkpoint_freq=args.checkpoint_freq,
-        holdout_fraction=args.holdout_fraction, data_dir=args.data_dir, hparams=args.hparams,
-        extra_args=parse_train_args(args.train_arg))
+      args.datasets,
+      args.methods,
+      n_trials=args.n_trials,
+      n_hparams=args.n_hparams,
+      n_hparams_from=args.n_hparams_from,
+      holdout_pairs=args.holdout_pairs,
+      test_envs=args.test_envs,
+      steps=args.steps,
+      checkpoint_freq=args.checkpoint_freq,
+      holdout_fraction=args.holdout_fraction,
+      data_dir=args.data_dir,
+      hparams=args.hparams,
+      extra_args=parse_train_args(args.train_arg),
+    )
     jobs = sweep.make_jobs(args_list, args.output_dir)
-    sweep.check_configs(jobs)   # every job's config and hparams, before any work
+    sweep.check_configs(jobs)  # every job's config and hparams, before any work
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -138,8 +183,10 @@ def _main(argv=None) -> int:
     print(f"{len(codes) - failed} jobs finished, {failed} failed.")
     return 1 if failed else 0
   if args.launcher == "local":
-    print(f"Launching {len(sweep.jobs_to_launch(jobs, args.incomplete))} jobs "
-          f"({args.max_parallel} at a time).")
+    print(
+      f"Launching {len(sweep.jobs_to_launch(jobs, args.incomplete))} jobs "
+      f"({args.max_parallel} at a time)."
+    )
     codes = sweep.launch_local(jobs, args.incomplete, args.max_parallel, args.python, args.module)
     failed = sum(1 for c in codes.values() if c)
     print(f"{len(codes) - failed} jobs finished, {failed} failed.")
@@ -150,11 +197,17 @@ def _main(argv=None) -> int:
   for name in ("slurm_partition", "gpus_per_node", "cpus_per_task", "mem_gb"):
     if getattr(args, name) is not None:
       params[name] = getattr(args, name)
-  executor = sweep.make_submitit_executor(args.submitit_dir or Path(args.output_dir) / ".submitit",
-                                          cluster=cluster, max_parallel=args.max_parallel, **params)
+  executor = sweep.make_submitit_executor(
+    args.submitit_dir or Path(args.output_dir) / ".submitit",
+    cluster=cluster,
+    max_parallel=args.max_parallel,
+    **params,
+  )
   submitted = sweep.launch_submitit(jobs, executor, args.incomplete, args.python, args.module)
-  print(f"Submitted {len(submitted)} jobs: {', '.join(s.job_id for _, s in submitted[:5])}"
-        f"{' ...' if len(submitted) > 5 else ''}")
+  print(
+    f"Submitted {len(submitted)} jobs: {', '.join(s.job_id for _, s in submitted[:5])}"
+    f"{' ...' if len(submitted) > 5 else ''}"
+  )
   if not args.wait:
     return 0
   failed = 0
@@ -164,8 +217,10 @@ def _main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001  (submitit re-raises the job's failure)
       failed += 1
       text = str(e).strip()
-      print(f"FAILED {job.output_dir.name}: {text.splitlines()[-1] if text else e} "
-            f"(see {job.output_dir / 'err.txt'})")
+      print(
+        f"FAILED {job.output_dir.name}: {text.splitlines()[-1] if text else e} "
+        f"(see {job.output_dir / 'err.txt'})"
+      )
       continue
     if status != "done":
       print(f"{job.output_dir.name}: {status}")

@@ -35,21 +35,35 @@ from dgjax.data import DataError
 
 
 FLAGS = flags.FLAGS
-_DEFINE = {"string": flags.DEFINE_string, "integer": flags.DEFINE_integer,
-           "float": flags.DEFINE_float, "bool": flags.DEFINE_bool, "list": flags.DEFINE_list,
-           "json": flags.DEFINE_string}
-for _spec in config_lib.flag_specs():   # one flag per TrainConfig field (dgjax.config)
+_DEFINE = {
+  "string": flags.DEFINE_string,
+  "integer": flags.DEFINE_integer,
+  "float": flags.DEFINE_float,
+  "bool": flags.DEFINE_bool,
+  "list": flags.DEFINE_list,
+  "json": flags.DEFINE_string,
+}
+for _spec in config_lib.flag_specs():  # one flag per TrainConfig field (dgjax.config)
   if _spec.kind == "enum":
     flags.DEFINE_enum(_spec.name, _spec.default, list(_spec.choices), _spec.help)
   else:
     _DEFINE[_spec.kind](_spec.name, _spec.default, _spec.help)
 flags.DEFINE_integer("test_env", None, "one test environment (the same as --test_envs=i)")
-flags.DEFINE_bool("overwrite", False, "replace an existing run in output_dir (results.jsonl, "
-                  "checkpoints/, done)")
-flags.DEFINE_bool("resume", False, "continue the run in output_dir from its last checkpoint "
-                  "(refused if the checkpoint was trained with other data, model or numbers)")
-flags.DEFINE_bool("distributed", None, "call jax.distributed.initialize() first (multi-host "
-                  "GPU/TPU; default: the DGJAX_DISTRIBUTED environment variable)")
+flags.DEFINE_bool(
+  "overwrite", False, "replace an existing run in output_dir (results.jsonl, checkpoints/, done)"
+)
+flags.DEFINE_bool(
+  "resume",
+  False,
+  "continue the run in output_dir from its last checkpoint "
+  "(refused if the checkpoint was trained with other data, model or numbers)",
+)
+flags.DEFINE_bool(
+  "distributed",
+  None,
+  "call jax.distributed.initialize() first (multi-host "
+  "GPU/TPU; default: the DGJAX_DISTRIBUTED environment variable)",
+)
 
 
 def fail(message: str) -> None:
@@ -61,8 +75,9 @@ def config_from_flags() -> runs.TrainConfig:
   """The run's config from the flags; a ``ValueError`` names the bad flag or hparam."""
   if FLAGS.test_env is not None and FLAGS.test_envs:
     raise ValueError("pass --test_env or --test_envs, not both")
-  fields = config_lib.from_flag_values({s.name: FLAGS[s.name].value
-                                        for s in config_lib.flag_specs()})
+  fields = config_lib.from_flag_values(
+    {s.name: FLAGS[s.name].value for s in config_lib.flag_specs()}
+  )
   if FLAGS.test_env is not None:
     fields["test_envs"] = (FLAGS.test_env,)
   methods.get_method(fields["method"])
@@ -78,9 +93,11 @@ def main(argv):
   except train_lib.RunInterrupted as e:
     print(f"\n{e}", file=sys.stderr)
     sys.exit(130)
-  except KeyboardInterrupt:   # before training started: nothing of the run was changed
-    print("\ninterrupted (Ctrl-C) before training started; the output directory is as it was",
-          file=sys.stderr)
+  except KeyboardInterrupt:  # before training started: nothing of the run was changed
+    print(
+      "\ninterrupted (Ctrl-C) before training started; the output directory is as it was",
+      file=sys.stderr,
+    )
     sys.exit(130)
   except (train_lib.NonFiniteLossError, train_lib.DiskFullError) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -97,8 +114,13 @@ def _main(argv):
     mesh = runs.make_mesh(config)
     # the run's lock first: then the checks of what the directory holds, then the data
     lock = runs.open_output_dir(config, resume=FLAGS.resume, overwrite=FLAGS.overwrite)
-  except (ValueError, FileExistsError, PermissionError, results_lib.RunLockedError,
-          CheckpointError) as e:
+  except (
+    ValueError,
+    FileExistsError,
+    PermissionError,
+    results_lib.RunLockedError,
+    CheckpointError,
+  ) as e:
     fail(str(e))
   with lock:
     try:
@@ -107,27 +129,33 @@ def _main(argv):
       fail(str(e))
     print(f"dataset {config.dataset}: {datasets.get_dataset(config.dataset).description}")
     for i, env in enumerate(envs):
-      print(f"env{i} {env.name}: {len(task.splits_in[i].y)} in / {len(task.splits_out[i].y)} out"
-            f"{'  (test)' if i in config.test_envs else ''}")
+      print(
+        f"env{i} {env.name}: {len(task.splits_in[i].y)} in / {len(task.splits_out[i].y)} out"
+        f"{'  (test)' if i in config.test_envs else ''}"
+      )
     print(f"method {config.method}, hparams {results_lib.dumps(config.resolved_hparams)}")
     results = lock.dir / "results.jsonl"
     print(f"results -> {results}")
     if mesh is not None:
-      print(f"mesh: {dict(mesh.shape)} over {len(jax.devices())} {jax.default_backend()} "
-            f"devices, {jax.process_count()} process(es)")
+      print(
+        f"mesh: {dict(mesh.shape)} over {len(jax.devices())} {jax.default_backend()} "
+        f"devices, {jax.process_count()} process(es)"
+      )
     try:
       records = runs.run(config, resume=FLAGS.resume, mesh=mesh, task=task)
     except (CheckpointError, DataError) as e:
       fail(str(e))
   print()
   print(selection.format_selection_table(records, config.test_envs, [e.name for e in envs]))
-  if config.swad:   # the averaged model of the last record (dgjax.swad)
+  if config.swad:  # the averaged model of the last record (dgjax.swad)
     last = records[-1]
     if last["swad_active"]:
       test = sum(last[f"swad_env{e}_in_acc"] for e in config.test_envs) / len(config.test_envs)
-      print(f"\nSWAD over steps {last['swad_start_step']}..{last['swad_end_step']} "
-            f"({last['swad_segments']} segments{', valley closed' if last['swad_dead'] else ''}): "
-            f"test accuracy {test:.4f}")
+      print(
+        f"\nSWAD over steps {last['swad_start_step']}..{last['swad_end_step']} "
+        f"({last['swad_segments']} segments{', valley closed' if last['swad_dead'] else ''}): "
+        f"test accuracy {test:.4f}"
+      )
     else:
       print("\nSWAD: the validation loss never converged; no averaged model")
   print(f"\nresults: {results}")

@@ -7,25 +7,25 @@ import pytest
 # --- real data (dgjax.data) -------------------------------------------------
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    """Directory named by $DGJAX_DATA_DIR, holding ``mnist-first10k/``.
+  """Directory named by $DGJAX_DATA_DIR, holding ``mnist-first10k/``.
 
-    Missing data fails the test in CI (``$CI`` set) and skips it elsewhere.
-    """
+  Missing data fails the test in CI (``$CI`` set) and skips it elsewhere.
+  """
 
-    def unavailable(reason: str):
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+  def unavailable(reason: str):
+    if os.environ.get("CI"):
+      pytest.fail(reason)
+    pytest.skip(reason)
 
-    value = os.environ.get("DGJAX_DATA_DIR")
-    if not value:
-        if os.environ.get("CI"):
-            pytest.fail("DGJAX_DATA_DIR must be set in CI")
-        pytest.skip(
-            "set DGJAX_DATA_DIR to a directory holding mnist-first10k/ "
-            "(see README) to run real-data tests"
-        )
-    path = Path(value)
-    if not (path / "mnist-first10k").is_dir():
-        unavailable(f"DGJAX_DATA_DIR={value} has no mnist-first10k/ subdirectory")
-    return path
+  value = os.environ.get("DGJAX_DATA_DIR")
+  if not value:
+    if os.environ.get("CI"):
+      pytest.fail("DGJAX_DATA_DIR must be set in CI")
+    pytest.skip(
+      "set DGJAX_DATA_DIR to a directory holding mnist-first10k/ "
+      "(see README) to run real-data tests"
+    )
+  path = Path(value)
+  if not (path / "mnist-first10k").is_dir():
+    unavailable(f"DGJAX_DATA_DIR={value} has no mnist-first10k/ subdirectory")
+  return path

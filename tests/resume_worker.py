@@ -26,8 +26,9 @@ def splits():
 
 def run(output_dir, resume=False):
   ins, outs = splits()
-  cfg = train_lib.TrainConfig(method="sand", steps=STEPS, checkpoint_freq=FREQ,
-                              hparams={"batch_size": 16}, progress=False)
+  cfg = train_lib.TrainConfig(
+    method="sand", steps=STEPS, checkpoint_freq=FREQ, hparams={"batch_size": 16}, progress=False
+  )
   return train_lib.train(cfg, mlp(2, (32, 32)), ins, outs, output_dir=output_dir, resume=resume)
 
 

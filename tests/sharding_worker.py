@@ -1,8 +1,8 @@
 """Subprocess side of tests/test_sharding.py (device counts are fixed at JAX start-up).
 
-    python tests/sharding_worker.py equal METHOD[,METHOD...]      # 8 CPU devices
-    python tests/sharding_worker.py process ID PORT OUTDIR        # 2 processes x 2 devices
-    python tests/sharding_worker.py eval TMPDIR                   # 8 CPU devices
+python tests/sharding_worker.py equal METHOD[,METHOD...]      # 8 CPU devices
+python tests/sharding_worker.py process ID PORT OUTDIR        # 2 processes x 2 devices
+python tests/sharding_worker.py eval TMPDIR                   # 8 CPU devices
 """
 
 import contextlib
@@ -19,13 +19,14 @@ import numpy as np  # noqa: E402
 
 def toy_splits(n_envs=3, n=48, shape=(4, 4, 2)):
   from dgjax import train as train_lib
+
   rng = np.random.default_rng(0)
   ins, outs = [], []
   for e in range(n_envs):
     x = rng.uniform(size=(n,) + shape).astype(np.float32)
     y = (x[:, 0, 0, 0] + 0.1 * e > 0.5).astype(np.int32)
     ins.append(train_lib.Split(f"env{e}_in", x[: n // 2], y[: n // 2]))
-    outs.append(train_lib.Split(f"env{e}_out", x[n // 2:], y[n // 2:]))
+    outs.append(train_lib.Split(f"env{e}_out", x[n // 2 :], y[n // 2 :]))
   return ins, outs
 
 
@@ -39,11 +40,12 @@ def equal(method_names):
 
   assert len(jax.devices()) == 8, jax.devices()
   ins, outs = toy_splits(n_envs=3)
-  data = train_lib.make_train_data([(s.x, s.y) for s in ins[:2]])   # 2 training domains
+  data = train_lib.make_train_data([(s.x, s.y) for s in ins[:2]])  # 2 training domains
   model = mlp(2, (8,))
   names = sorted(methods.METHODS) if method_names == "all" else method_names.split(",")
   worst = {}
   from dgjax.models import mnist_cnn
+
   for name in names:
     # ARM adapts a convolutional featurizer's input: it needs a network that starts with a conv
     model = mnist_cnn(2, conv_impl="xla") if name == "arm" else mlp(2, (8,))
@@ -70,24 +72,31 @@ def equal(method_names):
         # near-zero gradient entries into update differences of up to ~1e-4 after 3 steps.
         atol = 2e-4 if name == "arm" else 2e-5
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=atol, err_msg=f"{name} {label}")
-      np.testing.assert_allclose(finals["single"][1], finals[label][1], rtol=1e-5, err_msg=f"{name} {label}")
-      worst[f"{name} {label}"] = max(float(np.max(np.abs(a - b))) for a, b in
-                                     zip(jax.tree.leaves(finals["single"][0]), jax.tree.leaves(finals[label][0])))
+      np.testing.assert_allclose(
+        finals["single"][1], finals[label][1], rtol=1e-5, err_msg=f"{name} {label}"
+      )
+      worst[f"{name} {label}"] = max(
+        float(np.max(np.abs(a - b)))
+        for a, b in zip(jax.tree.leaves(finals["single"][0]), jax.tree.leaves(finals[label][0]))
+      )
   print(json.dumps(worst))
 
 
 def process(pid, port, outdir):
   """One of 2 processes of a jax.distributed run on loopback; a 1x4 global mesh."""
-  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
-                             process_id=pid)
+  jax.distributed.initialize(
+    coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid
+  )
   from dgjax import sharding
   from dgjax import train as train_lib
   from dgjax.models import mlp
+
   assert jax.process_count() == 2 and len(jax.devices()) == 4, jax.devices()
   ins, outs = toy_splits()
   mesh = sharding.make_mesh((1, 4))
-  cfg = train_lib.TrainConfig(method="sand", steps=6, checkpoint_freq=3, hparams={"batch_size": 8},
-                              progress=False)
+  cfg = train_lib.TrainConfig(
+    method="sand", steps=6, checkpoint_freq=3, hparams={"batch_size": 8}, progress=False
+  )
   records = train_lib.train(cfg, mlp(2, (8,)), ins, outs, output_dir=outdir, mesh=mesh)
   # evaluation over the 2-process mesh (each process feeds its half of every chunk) equals
   # this process's single-device evaluation: DomainBedTask and ImageTask
@@ -96,8 +105,9 @@ def process(pid, port, outdir):
   state = (task.init_params(jax.random.key(3)), ())
   predict = lambda ms, x: model.apply({"params": ms[0]}, x)
   assert task.evaluate(state, 0, predict, mesh=mesh) == task.evaluate(state, 0, predict)
-  np.testing.assert_allclose(task.val_loss(state, predict, mesh=mesh), task.val_loss(state, predict),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    task.val_loss(state, predict, mesh=mesh), task.val_loss(state, predict), rtol=1e-6
+  )
   image_dir = Path(outdir).parent / f"images{pid}"
   image_dir.mkdir(parents=True, exist_ok=True)
   itask, istate, ipredict = _tiny_image_task(image_dir)
@@ -126,6 +136,7 @@ def _tiny_image_task(tmpdir):
   from PIL import Image
   from dgjax import image_task
   from dgjax.data import image_folder
+
   rng = np.random.default_rng(2)
   paths, labels = [], []
   for i in range(20):
@@ -139,8 +150,19 @@ def _tiny_image_task(tmpdir):
   a = image_folder.FileSplit("env0_in", paths[:13], labels[:13])
   b = image_folder.FileSplit("env1_in", paths[13:], labels[13:])
   model = _tiny_conv_net()
-  task = image_task.ImageTask(model, None, [a, b], [b, a], test_envs=[1], batch_size=2, seed=0,
-                              augment=False, eval_batch_size=6, num_workers=0, image_size=32)
+  task = image_task.ImageTask(
+    model,
+    None,
+    [a, b],
+    [b, a],
+    test_envs=[1],
+    batch_size=2,
+    seed=0,
+    augment=False,
+    eval_batch_size=6,
+    num_workers=0,
+    image_size=32,
+  )
   state = (task.init_params(jax.random.key(0)), ())
   predict = lambda ms, x: model.apply({"params": ms[0], **task.variables}, x)
   return task, state, predict
@@ -151,6 +173,7 @@ def _spy_put_eval_batch():
   """Within the block, :func:`dgjax.sharding.put_eval_batch` records each device batch it
   makes in the yielded list."""
   from dgjax import sharding
+
   put, seen = sharding.put_eval_batch, []
 
   def spy(local, mesh, size):
@@ -168,6 +191,7 @@ def _spy_put_eval_batch():
 def _assert_split_over(arrays, mesh):
   """Every array is split along its first axis over all of ``mesh``'s devices."""
   from dgjax import sharding
+
   n = mesh.devices.size
   assert arrays
   for a in arrays:
@@ -202,24 +226,29 @@ def eval_equal(tmpdir):
   state = (task.init_params(jax.random.key(0)), ())
   predict = lambda ms, x: model.apply({"params": ms[0]}, x)
   single, single_loss = task.evaluate(state, 0, predict), task.val_loss(state, predict)
-  for e in range(3):   # reference: one unchunked forward pass per split, numpy argmax / CE
+  for e in range(3):  # reference: one unchunked forward pass per split, numpy argmax / CE
     for split, key in ((ins[e], f"env{e}_in_acc"), (outs[e], f"env{e}_out_acc")):
       logits = np.asarray(predict(state, jnp.asarray(split.x)), np.float64)
       assert single[key] == np.mean(np.argmax(logits, -1) == split.y), key
   ref_losses = []
   for e in task.train_envs:
     logits = np.asarray(predict(state, jnp.asarray(outs[e].x)), np.float64)
-    logp = logits - np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1,
-                                  keepdims=True)) - logits.max(-1, keepdims=True)
+    logp = (
+      logits
+      - np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1, keepdims=True))
+      - logits.max(-1, keepdims=True)
+    )
     ref_losses.append(-np.mean(logp[np.arange(len(outs[e].y)), outs[e].y]))
   np.testing.assert_allclose(single_loss, np.mean(ref_losses), rtol=1e-5)
-  meshes = {"2x4": sharding.make_mesh((2, 4)),
-            "1x3": sharding.make_mesh((1, 3), devices=jax.devices()[:3])}
+  meshes = {
+    "2x4": sharding.make_mesh((2, 4)),
+    "1x3": sharding.make_mesh((1, 3), devices=jax.devices()[:3]),
+  }
   for label, mesh in meshes.items():
     with _spy_put_eval_batch() as seen:
       sharded = task.evaluate(state, 0, predict, mesh=mesh)
       sharded_loss = task.val_loss(state, predict, mesh=mesh)
-    assert sharded == single, (label, sharded, single)          # counts: exact
+    assert sharded == single, (label, sharded, single)  # counts: exact
     np.testing.assert_allclose(sharded_loss, single_loss, rtol=1e-6, err_msg=label)
     _assert_split_over(seen, mesh)
     # chunks: eval_batch_size rounded up to the devices (50 -> 56 or 51), tails padded further
@@ -227,8 +256,12 @@ def eval_equal(tmpdir):
     # the jitted chunk function compiles with the batch split over the mesh
     correct = task._accuracy_fn(predict, mesh).correct
     size = sharding.round_up_to_devices(50, mesh)
-    args = (sharding.on_mesh(state, mesh), np.zeros((size, 4, 4, 2), np.float32),
-            np.zeros(size, np.int32), np.ones(size, bool))
+    args = (
+      sharding.on_mesh(state, mesh),
+      np.zeros((size, 4, 4, 2), np.float32),
+      np.zeros(size, np.int32),
+      np.ones(size, bool),
+    )
     in_shardings = correct.lower(*args).compile().input_shardings[0]
     for s, a in zip(in_shardings[-3:], args[1:]):
       assert s.is_equivalent_to(sharding.eval_batch_sharding(mesh), a.ndim), s
@@ -236,23 +269,28 @@ def eval_equal(tmpdir):
 
   # --- the engine passes its mesh to task.evaluate: a sharded run's records, sharded batches
   from dgjax import train as train_lib
+
   tins, touts = toy_splits()
-  cfg = train_lib.TrainConfig(method="erm", steps=2, checkpoint_freq=1, hparams={"batch_size": 8},
-                              progress=False)
+  cfg = train_lib.TrainConfig(
+    method="erm", steps=2, checkpoint_freq=1, hparams={"batch_size": 8}, progress=False
+  )
   single_run = train_lib.train(cfg, mlp(2, (8,)), tins, touts, checkpoint=False)
   with _spy_put_eval_batch() as seen:
-    sharded_run = train_lib.train(cfg, mlp(2, (8,)), tins, touts, checkpoint=False,
-                                  mesh=meshes["2x4"])
+    sharded_run = train_lib.train(
+      cfg, mlp(2, (8,)), tins, touts, checkpoint=False, mesh=meshes["2x4"]
+    )
   _assert_split_over(seen, meshes["2x4"])
   keys = [f"env{e}_{s}_acc" for e in range(3) for s in ("in", "out")]
   assert [[r[k] for k in keys] for r in sharded_run] == [[r[k] for k in keys] for r in single_run]
   # SWAD's validation losses and averaged-model evaluations run on the mesh too
   import dataclasses
+
   swad_cfg = dataclasses.replace(cfg, steps=4, swad=True, swad_n_converge=1, swad_n_tolerance=1)
   single_swad = train_lib.train(swad_cfg, mlp(2, (8,)), tins, touts, checkpoint=False)
   with _spy_put_eval_batch() as seen:
-    sharded_swad = train_lib.train(swad_cfg, mlp(2, (8,)), tins, touts, checkpoint=False,
-                                   mesh=meshes["2x4"])
+    sharded_swad = train_lib.train(
+      swad_cfg, mlp(2, (8,)), tins, touts, checkpoint=False, mesh=meshes["2x4"]
+    )
   _assert_split_over(seen, meshes["2x4"])
   assert any("swad_val_loss" in r for r in single_swad)
   for r1, r8 in zip(single_swad, sharded_swad):
@@ -268,10 +306,11 @@ def eval_equal(tmpdir):
   a, b = itask.splits_in
   single = itask.evaluate(state, 0, predict)
   margins = []
-  for split, key in ((a, "env0_in_acc"), (b, "env1_in_acc")):   # reference: all at once
+  for split, key in ((a, "env0_in_acc"), (b, "env1_in_acc")):  # reference: all at once
     x = np.stack([image_pipeline.decode_eval(p, 32) for p in split.x])
-    logits = np.asarray(jax.jit(lambda s, x: predict(s, image_task.augment.eval_preprocess(x)))(
-        state, x))
+    logits = np.asarray(
+      jax.jit(lambda s, x: predict(s, image_task.augment.eval_preprocess(x)))(state, x)
+    )
     margins.append(float(np.min(np.abs(logits[:, 0] - logits[:, 1]))))
     assert single[key] == np.mean(np.argmax(logits, -1) == split.y), key
   mesh = sharding.make_mesh((2, 2), devices=jax.devices()[:4])
@@ -279,10 +318,18 @@ def eval_equal(tmpdir):
     sharded = itask.evaluate(state, 0, predict, mesh=mesh)
   assert sharded == single, (sharded, single)
   _assert_split_over(seen, mesh)
-  assert {a.shape[0] for a in seen} == {8}                      # 6 rounded up to 4 devices
-  in_shardings = itask._accuracy_fn(predict, mesh).lower(
-      sharding.on_mesh(state, mesh), np.zeros((8, 32, 32, 3), np.uint8), np.zeros(8, np.int32),
-      np.ones(8, bool)).compile().input_shardings[0]
+  assert {a.shape[0] for a in seen} == {8}  # 6 rounded up to 4 devices
+  in_shardings = (
+    itask._accuracy_fn(predict, mesh)
+    .lower(
+      sharding.on_mesh(state, mesh),
+      np.zeros((8, 32, 32, 3), np.uint8),
+      np.zeros(8, np.int32),
+      np.ones(8, bool),
+    )
+    .compile()
+    .input_shardings[0]
+  )
   for s, ndim in zip(in_shardings[1:], (4, 1, 1)):
     assert s.is_equivalent_to(sharding.eval_batch_sharding(mesh), ndim), s
 
@@ -292,7 +339,9 @@ def eval_equal(tmpdir):
   real_rows = sharding.process_rows
   try:
     for pid in range(2):
-      sharding.process_rows = lambda mesh, size, pid=pid: np.arange(pid * size // 2, (pid + 1) * size // 2)
+      sharding.process_rows = lambda mesh, size, pid=pid: np.arange(
+        pid * size // 2, (pid + 1) * size // 2
+      )
       sharding.put_eval_batch, put = (lambda local, mesh, size: local), sharding.put_eval_batch
       try:
         local_batches[pid] = list(itask._process_eval_batches(a, mesh))
@@ -305,7 +354,7 @@ def eval_equal(tmpdir):
   for i, w in enumerate(whole):
     for k in ("x", "y", "mask"):
       glued = np.concatenate([local_batches[0][i][k], local_batches[1][i][k]])
-      if k == "x":   # padding rows may hold any image; real rows must match
+      if k == "x":  # padding rows may hold any image; real rows must match
         glued, ref = glued[w["mask"]], np.asarray(w[k])[w["mask"]]
       else:
         ref = np.asarray(w[k])

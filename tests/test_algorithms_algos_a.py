@@ -76,8 +76,11 @@ def _torch_adam_first_steps(grads_seq, params, lr, wd=0.0, b1=0.9, b2=0.999, eps
     m = jax.tree.map(lambda mi, gi: b1 * mi + (1 - b1) * gi, m, g)
     v = jax.tree.map(lambda vi, gi: b2 * vi + (1 - b2) * gi * gi, v, g)
     params = jax.tree.map(
-        lambda p, mi, vi: p - lr / (1 - b1**t) * mi / (jnp.sqrt(vi) / jnp.sqrt(1 - b2**t) + eps),
-        params, m, v)
+      lambda p, mi, vi: p - lr / (1 - b1**t) * mi / (jnp.sqrt(vi) / jnp.sqrt(1 - b2**t) + eps),
+      params,
+      m,
+      v,
+    )
     out.append(params)
   return out
 
@@ -122,15 +125,20 @@ def _dann_reference_losses(params, disc, batch, hp, conditional):
   cls_loss = sum(_ce(logits[k], all_y[k]) for k in range(n)) / n
   inputs = [zs[k] + (disc["embedding"][all_y[k]] if conditional else 0.0) for k in range(n)]
   ces = [_ce(_disc_forward(disc, inputs[k]), dlabels[k]) for k in range(n)]
-  if conditional:   # class-balanced: weights 1 / (count[y] * (max y + 1))
+  if conditional:  # class-balanced: weights 1 / (count[y] * (max y + 1))
     counts = np.bincount(all_y)
     width = max(all_y) + 1
     disc_loss = sum(ces[k] / (counts[all_y[k]] * width) for k in range(n))
   else:
     disc_loss = sum(ces) / n
   # input-gradient penalty: d/du_k of the summed CE, squared norm, mean over examples
-  penalty = sum(jnp.sum(jax.grad(lambda u, k=k: _ce(_disc_forward(disc, u), dlabels[k]))(inputs[k])**2)
-                for k in range(n)) / n
+  penalty = (
+    sum(
+      jnp.sum(jax.grad(lambda u, k=k: _ce(_disc_forward(disc, u), dlabels[k]))(inputs[k]) ** 2)
+      for k in range(n)
+    )
+    / n
+  )
   return cls_loss, disc_loss + hp["grad_penalty"] * penalty
 
 
@@ -138,9 +146,21 @@ def _dann_reference_losses(params, disc, batch, hp, conditional):
 def test_dann_generator_and_discriminator_steps_match_the_reference(name, conditional):
   with X64(True):
     step, hp, params, state, batch = _setup(
-        name, {"lambda": 0.7, "grad_penalty": 0.3, "mlp_width": 4, "beta1": 0.5,
-               "lr_g": 1e-2, "lr_d": 2e-2, "weight_decay_g": 0.1, "weight_decay_d": 0.05,
-               "d_steps_per_g_step": 1}, d=2, b=4)
+      name,
+      {
+        "lambda": 0.7,
+        "grad_penalty": 0.3,
+        "mlp_width": 4,
+        "beta1": 0.5,
+        "lr_g": 1e-2,
+        "lr_d": 2e-2,
+        "weight_decay_g": 0.1,
+        "weight_decay_d": 0.05,
+        "d_steps_per_g_step": 1,
+      },
+      d=2,
+      b=4,
+    )
     disc0 = state.source.discriminator.params
     key = jax.random.key(0)
 
@@ -152,8 +172,9 @@ def test_dann_generator_and_discriminator_steps_match_the_reference(name, condit
       return cls - hp["lambda"] * dl
 
     g_ref = jax.grad(gen_loss)(params)
-    (p_ref,) = _torch_adam_first_steps([lambda p: g_ref], params, hp["lr_g"],
-                                       hp["weight_decay_g"], hp["beta1"], 0.9)
+    (p_ref,) = _torch_adam_first_steps(
+      [lambda p: g_ref], params, hp["lr_g"], hp["weight_decay_g"], hp["beta1"], 0.9
+    )
     _close(optax_apply(params, updates), p_ref)
     _close(state1.source.discriminator, state.source.discriminator, rtol=0, atol=0)  # not moved
     np.testing.assert_allclose(metrics["gen_loss"], gen_loss(params), rtol=1e-10)
@@ -164,13 +185,18 @@ def test_dann_generator_and_discriminator_steps_match_the_reference(name, condit
     updates2, state2, metrics2 = step.update(params1, state1, batch, jnp.int32(1), key)
     _close(updates2, jax.tree.map(jnp.zeros_like, updates2), rtol=0, atol=0)
     _close(_inner_state(state2.optimizer), _inner_state(state1.optimizer), rtol=0, atol=0)
-    disc_grad = jax.grad(lambda dp: _dann_reference_losses(params1, dp, batch, hp, conditional)[1])(disc0)
-    (disc_ref,) = _torch_adam_first_steps([lambda p: disc_grad], disc0, hp["lr_d"],
-                                          hp["weight_decay_d"], hp["beta1"], 0.9)
+    disc_grad = jax.grad(lambda dp: _dann_reference_losses(params1, dp, batch, hp, conditional)[1])(
+      disc0
+    )
+    (disc_ref,) = _torch_adam_first_steps(
+      [lambda p: disc_grad], disc0, hp["lr_d"], hp["weight_decay_d"], hp["beta1"], 0.9
+    )
     _close(state2.source.discriminator.params, disc_ref)
     np.testing.assert_allclose(
-        metrics2["disc_loss"], _dann_reference_losses(params1, disc0, batch, hp, conditional)[1],
-        rtol=1e-10)
+      metrics2["disc_loss"],
+      _dann_reference_losses(params1, disc0, batch, hp, conditional)[1],
+      rtol=1e-10,
+    )
     assert float(metrics2["disc_step"]) == 1.0
 
 
@@ -184,13 +210,19 @@ def test_dann_schedule_is_domainbeds():
     got = [bool(adversarial.dann_discriminator_step(jnp.int32(s), d)) for s in range(12)]
     assert got == [((s + 1) % (1 + d)) < d for s in range(12)]
   assert [bool(adversarial.dann_discriminator_step(jnp.int32(s), 2)) for s in range(6)] == [
-      True, False, True, True, False, True]
+    True,
+    False,
+    True,
+    True,
+    False,
+    True,
+  ]
 
 
 def _inner_state(opt_state):
   """The step-gated optimizer's inner state (:func:`dgjax.core.on_steps`; optax's own call
   counter beside it is not read)."""
-  (_, inner), = optax.tree_utils.tree_get_all_with_path(opt_state, "inner_state")
+  ((_, inner),) = optax.tree_utils.tree_get_all_with_path(opt_state, "inner_state")
   return inner
 
 
@@ -198,7 +230,11 @@ def test_on_steps_skips_updates_and_freezes_the_inner_state():
   inner = optax.adam(0.1)
   tx = core.on_steps(inner, lambda step: step % 2 == 0)
   params = {"w": jnp.array([1.0, -2.0])}
-  grads = [{"w": jnp.array([0.3, 0.1])}, {"w": jnp.array([5.0, 5.0])}, {"w": jnp.array([-0.2, 0.4])}]
+  grads = [
+    {"w": jnp.array([0.3, 0.1])},
+    {"w": jnp.array([5.0, 5.0])},
+    {"w": jnp.array([-0.2, 0.4])},
+  ]
   s, s_ref = tx.init(params), inner.init(params)
   for step, g in enumerate(grads):
     before = _inner_state(s)
@@ -206,7 +242,7 @@ def test_on_steps_skips_updates_and_freezes_the_inner_state():
     if step % 2 == 0:
       u_ref, s_ref = inner.update(g, s_ref, params)
       _close(u, u_ref, rtol=1e-6)
-    else:   # no update, and Adam's moments and count exactly as they were
+    else:  # no update, and Adam's moments and count exactly as they were
       _close(u, {"w": jnp.zeros(2)}, rtol=0, atol=0)
       _close(_inner_state(s), before, rtol=0, atol=0)
   # (the inner update runs compiled inside lax.cond: float32 rounding may differ from eager)
@@ -221,7 +257,7 @@ def test_cdann_class_balance_uses_the_one_hot_width_of_the_batch():
   labels = jnp.array([0, 0, 0, 1, 1, 1])
   got = adversarial.dann_disc_loss(disc_out, labels, y, 3, class_balance=True)
   ces = [float(_ce(disc_out[i], labels[i])) for i in range(6)]
-  want = sum(c / (3 * 2) for c in ces)   # every class occurs 3 times, width 2
+  want = sum(c / (3 * 2) for c in ces)  # every class occurs 3 times, width 2
   np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
@@ -235,13 +271,16 @@ def _domain_loss(params, x, y):
 def test_mldg_step_matches_the_reference(n_meta_test):
   with X64(True):
     step, hp, params, state, batch = _setup(
-        "mldg", {"mldg_beta": 0.6, "n_meta_test": n_meta_test, "lr": 1e-2,
-                 "weight_decay": 0.01}, d=3, b=4)
+      "mldg",
+      {"mldg_beta": 0.6, "n_meta_test": n_meta_test, "lr": 1e-2, "weight_decay": 0.01},
+      d=3,
+      b=4,
+    )
     key = jax.random.key(7)
     updates, _, metrics = step.update(params, state, batch, jnp.int32(0), key)
     d, n = 3, n_meta_test
     perm = [int(v) for v in np.asarray(jax.random.permutation(key, d))]
-    meta_train, meta_test = perm[:d - n], perm[-n:]
+    meta_train, meta_test = perm[: d - n], perm[-n:]
     y = np.asarray(batch["y"])
     acc = jax.tree.map(jnp.zeros_like, params)
     objective = 0.0
@@ -278,8 +317,14 @@ def _mtl_reference_loss(params, head_e, batch, embeddings_of):
   for i in range(d):
     zs = [_net(params, batch["x"][i, k])[0] for k in range(b)]
     es = embeddings_of(i, zs)
-    total = total + sum(_ce(jnp.concatenate([zs[k], es[k]]) @ w + params["classifier"]["bias"],
-                            int(y[i, k])) for k in range(b)) / b
+    total = (
+      total
+      + sum(
+        _ce(jnp.concatenate([zs[k], es[k]]) @ w + params["classifier"]["bias"], int(y[i, k]))
+        for k in range(b)
+      )
+      / b
+    )
   return total
 
 
@@ -287,8 +332,8 @@ def _mtl_reference_loss(params, head_e, batch, embeddings_of):
 def test_mtl_step_matches_the_reference(mode):
   with X64(True):
     step, hp, params, state, batch = _setup(
-        "mtl", {"mtl_embedding": mode, "mtl_ema": 0.7, "lr": 1e-2, "weight_decay": 0.01},
-        d=2, b=4)
+      "mtl", {"mtl_embedding": mode, "mtl_ema": 0.7, "lr": 1e-2, "weight_decay": 0.01}, d=2, b=4
+    )
     rng = np.random.RandomState(3)
     stored = jnp.asarray(rng.randn(2, 5))
     state = state._replace(source=state.source._replace(embeddings=stored))
@@ -299,13 +344,14 @@ def test_mtl_step_matches_the_reference(mode):
     ema = hp["mtl_ema"]
 
     def embeddings_of(i, zs):
-      if mode == "noise":       # DomainBed's .normal_() overwrites the embedding
+      if mode == "noise":  # DomainBed's .normal_() overwrites the embedding
         return [jnp.asarray(noise[i * 4 + k]) for k in range(4)]
       m = ema * sum(zs) / len(zs) + (1 - ema) * stored[i]
       return [m] * len(zs)
 
     loss, (g, g_e) = jax.value_and_grad(
-        lambda p, h: _mtl_reference_loss(p, h, batch, embeddings_of), argnums=(0, 1))(params, head_e)
+      lambda p, h: _mtl_reference_loss(p, h, batch, embeddings_of), argnums=(0, 1)
+    )(params, head_e)
     (p_ref,) = _torch_adam_first_steps([lambda p: g], params, hp["lr"], hp["weight_decay"])
     (h_ref,) = _torch_adam_first_steps([lambda p: g_e], head_e, hp["lr"], hp["weight_decay"])
     _close(optax_apply(params, updates), p_ref)
@@ -314,14 +360,16 @@ def test_mtl_step_matches_the_reference(mode):
     # the stored embeddings: ema * batch mean + (1 - ema) * old, per domain
     for i in range(2):
       zs = [_net(params, batch["x"][i, k])[0] for k in range(4)]
-      np.testing.assert_allclose(state1.source.embeddings[i],
-                                 ema * sum(zs) / 4 + (1 - ema) * stored[i], rtol=1e-10)
-    if mode == "mean":   # prediction: the batch's own mean feature as the embedding
+      np.testing.assert_allclose(
+        state1.source.embeddings[i], ema * sum(zs) / 4 + (1 - ema) * stored[i], rtol=1e-10
+      )
+    if mode == "mean":  # prediction: the batch's own mean feature as the embedding
       x = batch["x"][0]
       zs = [_net(params, x[k])[0] for k in range(4)]
       w = jnp.concatenate([params["classifier"]["kernel"], head_e], axis=0)
-      want = jnp.stack([jnp.concatenate([z, sum(zs) / 4]) @ w + params["classifier"]["bias"]
-                        for z in zs])
+      want = jnp.stack(
+        [jnp.concatenate([z, sum(zs) / 4]) @ w + params["classifier"]["bias"] for z in zs]
+      )
       _close(step.predict(params, state, x), want)
 
 
@@ -330,7 +378,7 @@ def _randomize_reference(zs, alpha, perm, what, eps=1e-5):
   """DomainBed's ``SagNet.randomize`` on a list of flat feature vectors, example by example."""
   n, f = len(zs), zs[0].shape[0]
   means = [sum(z[k] for k in range(f)) / f for z in zs]
-  vars_ = [sum((z[k] - m)**2 for k in range(f)) / (f - 1) for z, m in zip(zs, means)]
+  vars_ = [sum((z[k] - m) ** 2 for k in range(f)) / (f - 1) for z, m in zip(zs, means)]
   normed = [(z - m) / jnp.sqrt(v + eps) for z, m, v in zip(zs, means, vars_)]
   out = []
   for i in range(n):
@@ -345,14 +393,17 @@ def _randomize_reference(zs, alpha, perm, what, eps=1e-5):
 
 def _draws(key, n):
   k_alpha, k_perm = jax.random.split(key)
-  return (np.asarray(jax.random.uniform(k_alpha, (n, 1), jnp.float64))[:, 0],
-          [int(v) for v in np.asarray(jax.random.permutation(k_perm, n))])
+  return (
+    np.asarray(jax.random.uniform(k_alpha, (n, 1), jnp.float64))[:, 0],
+    [int(v) for v in np.asarray(jax.random.permutation(k_perm, n))],
+  )
 
 
 def test_sagnet_step_matches_the_reference():
   with X64(True):
     step, hp, params, state, batch = _setup(
-        "sagnet", {"sag_w_adv": 0.4, "lr": 1e-2, "weight_decay": 0.01}, d=2, b=3)
+      "sagnet", {"sag_w_adv": 0.4, "lr": 1e-2, "weight_decay": 0.01}, d=2, b=3
+    )
     key = jax.random.key(11)
     updates, state1, metrics = step.update(params, state, batch, jnp.int32(0), key)
     k_c, k_s, k_adv = jax.random.split(key, 3)
@@ -368,6 +419,7 @@ def test_sagnet_step_matches_the_reference():
     def loss_c(f, c, draws=_draws(k_c, n)):
       zs = _randomize_reference(feats(f), *draws, "style")
       return sum(_ce(lin(c, zs[i]), ys[i]) for i in range(n)) / n
+
     g_f, g_c = jax.grad(loss_c, argnums=(0, 1))(params["featurizer"], params["classifier"])
     (f1,) = _torch_adam_first_steps([lambda p: g_f], params["featurizer"], lr, wd)
     (c1,) = _torch_adam_first_steps([lambda p: g_c], params["classifier"], lr, wd)
@@ -375,6 +427,7 @@ def test_sagnet_step_matches_the_reference():
     def loss_s(s, draws=_draws(k_s, n)):
       zs = _randomize_reference(feats(f1), *draws, "content")
       return sum(_ce(lin(s, zs[i]), ys[i]) for i in range(n)) / n
+
     s0 = state.source.style_head.params
     g_s = jax.grad(loss_s)(s0)
     (s1,) = _torch_adam_first_steps([lambda p: g_s], s0, lr, wd)
@@ -382,16 +435,19 @@ def test_sagnet_step_matches_the_reference():
     def loss_adv(f, draws=_draws(k_adv, n)):
       zs = _randomize_reference(feats(f), *draws, "content")
       return -hp["sag_w_adv"] * sum(jnp.mean(jax.nn.log_softmax(lin(s1, z))) for z in zs) / n
+
     # the featurizer's Adam: its second step, on the adversarial gradient at f1
-    f2 = _torch_adam_first_steps([lambda p: g_f, lambda p: jax.grad(loss_adv)(p)],
-                                 params["featurizer"], lr, wd)[1]
+    f2 = _torch_adam_first_steps(
+      [lambda p: g_f, lambda p: jax.grad(loss_adv)(p)], params["featurizer"], lr, wd
+    )[1]
 
     new = optax_apply(params, updates)
     _close(new["featurizer"], f2, rtol=1e-9, atol=1e-12)
     _close(new["classifier"], c1, rtol=1e-9, atol=1e-12)
     _close(state1.source.style_head.params, s1)
-    np.testing.assert_allclose(metrics["loss_c"], loss_c(params["featurizer"], params["classifier"]),
-                               rtol=1e-10)
+    np.testing.assert_allclose(
+      metrics["loss_c"], loss_c(params["featurizer"], params["classifier"]), rtol=1e-10
+    )
     np.testing.assert_allclose(metrics["loss_adv"], loss_adv(f1), rtol=1e-10)
 
 
@@ -409,8 +465,9 @@ def _tiny_conv_model():
 
 
 def _conv(x, w, b=None, pad=1):
-  out = jax.lax.conv_general_dilated(x, w, (1, 1), ((pad, pad), (pad, pad)),
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  out = jax.lax.conv_general_dilated(
+    x, w, (1, 1), ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
   return out if b is None else out + b
 
 
@@ -424,9 +481,11 @@ def _context_reference(net, stats, x, train):
     if train:
       n = h.shape[0] * h.shape[1] * h.shape[2]
       mean = h.sum(axis=(0, 1, 2)) / n
-      var = ((h - mean)**2).sum(axis=(0, 1, 2)) / n
-      new_stats[f"bn{i}"] = {"mean": 0.9 * stats[f"bn{i}"]["mean"] + 0.1 * mean,
-                             "var": 0.9 * stats[f"bn{i}"]["var"] + 0.1 * var * n / (n - 1)}
+      var = ((h - mean) ** 2).sum(axis=(0, 1, 2)) / n
+      new_stats[f"bn{i}"] = {
+        "mean": 0.9 * stats[f"bn{i}"]["mean"] + 0.1 * mean,
+        "var": 0.9 * stats[f"bn{i}"]["var"] + 0.1 * var * n / (n - 1),
+      }
     else:
       mean, var = stats[f"bn{i}"]["mean"], stats[f"bn{i}"]["var"]
     h = jnp.maximum((h - mean) / jnp.sqrt(var + 1e-5) * bn["scale"] + bn["bias"], 0.0)
@@ -439,6 +498,7 @@ def _context_reference(net, stats, x, train):
 
 def test_arm_refuses_a_featurizer_without_a_first_convolution():
   from dgjax.algorithms import adaptation
+
   params = mlp(2, hidden=(4,)).init(jax.random.key(0), jnp.zeros((1, 6)))["params"]
   with pytest.raises(ValueError, match="must be a convolution"):
     adaptation.first_conv(params)
@@ -454,9 +514,20 @@ def _head_loss(f, head, x, y):
 def test_transfer_step_matches_the_reference(gda):
   with X64(True):
     step, hp, params, state, batch = _setup(
-        "transfer", {"t_lambda": 0.8, "delta": 0.05, "d_steps_per_g": 2, "lr_d": 0.5,
-                     "lr": 1e-2, "weight_decay": 0.01, "gda": gda}, d=3, b=3)
-    adv0 = jax.tree.map(lambda a: a + 0.01, state.source.adv_head)   # as after earlier steps
+      "transfer",
+      {
+        "t_lambda": 0.8,
+        "delta": 0.05,
+        "d_steps_per_g": 2,
+        "lr_d": 0.5,
+        "lr": 1e-2,
+        "weight_decay": 0.01,
+        "gda": gda,
+      },
+      d=3,
+      b=3,
+    )
+    adv0 = jax.tree.map(lambda a: a + 0.01, state.source.adv_head)  # as after earlier steps
     state = state._replace(source=state.source._replace(adv_head=adv0))
     updates, state1, metrics = step.update(params, state, batch, jnp.int32(0), jax.random.key(0))
     y = np.asarray(batch["y"])
@@ -470,16 +541,17 @@ def test_transfer_step_matches_the_reference(gda):
       return sum(_head_loss(f, c, batch["x"][i], y[i]) for i in range(3)) / 3
 
     f0, c0 = params["featurizer"], params["classifier"]
-    if gda:          # DomainBed's gda branch: the network does not move
+    if gda:  # DomainBed's gda branch: the network does not move
       f2, c1 = f0, c0
     else:
       g_f, g_c = jax.grad(ce, argnums=(0, 1))(f0, c0)
       (c1,) = _torch_adam_first_steps([lambda p: g_c], c0, lr, wd)
       f1 = _torch_adam_first_steps([lambda p: g_f], f0, lr, wd)[0]
-      f2 = _torch_adam_first_steps([lambda p: g_f, lambda p: jax.grad(lambda f: t * gap(f, adv0))(f1)],
-                                   f0, lr, wd)[1]
+      f2 = _torch_adam_first_steps(
+        [lambda p: g_f, lambda p: jax.grad(lambda f: t * gap(f, adv0))(f1)], f0, lr, wd
+      )[1]
     adv = c1
-    for _ in range(2):   # SGD ascent on the gap, then projection onto the ball around c1
+    for _ in range(2):  # SGD ascent on the gap, then projection onto the ball around c1
       g_adv = jax.grad(lambda a: t * gap(f2, a))(adv)
       adv = jax.tree.map(lambda a, g: a + hp["lr_d"] * g, adv, g_adv)
       diff = jax.tree.map(lambda a, c: a - c, adv, c1)
@@ -490,17 +562,24 @@ def test_transfer_step_matches_the_reference(gda):
     _close(new["featurizer"], f2, rtol=1e-9, atol=1e-12)
     _close(new["classifier"], c1, rtol=1e-9, atol=1e-12)
     _close(state1.source.adv_head, adv)
-    dist = jnp.sqrt(sum(jnp.sum((a - c)**2) for a, c in zip(jax.tree.leaves(adv), jax.tree.leaves(c1))))
-    np.testing.assert_allclose(dist, hp["delta"], rtol=1e-9)   # the projection was active
+    dist = jnp.sqrt(
+      sum(jnp.sum((a - c) ** 2) for a, c in zip(jax.tree.leaves(adv), jax.tree.leaves(c1)))
+    )
+    np.testing.assert_allclose(dist, hp["delta"], rtol=1e-9)  # the projection was active
 
 
 # ----------------------------------------------------------------------------- all methods
 NEW_METHODS = ["dann", "cdann", "mldg", "mtl", "sagnet", "arm", "transfer"]
 #: Hparams that vary between the K = 2 runs, and small structural settings.
-VARY = {"dann": ("lambda", 0.5, 2.0), "cdann": ("grad_penalty", 0.0, 0.5),
-        "mldg": ("mldg_beta", 0.5, 2.0), "mtl": ("mtl_ema", 0.5, 0.99),
-        "sagnet": ("sag_w_adv", 0.1, 1.0), "arm": ("lr", 1e-3, 1e-2),
-        "transfer": ("d_steps_per_g", 1, 3)}
+VARY = {
+  "dann": ("lambda", 0.5, 2.0),
+  "cdann": ("grad_penalty", 0.0, 0.5),
+  "mldg": ("mldg_beta", 0.5, 2.0),
+  "mtl": ("mtl_ema", 0.5, 0.99),
+  "sagnet": ("sag_w_adv", 0.1, 1.0),
+  "arm": ("lr", 1e-3, 1e-2),
+  "transfer": ("d_steps_per_g", 1, 3),
+}
 SMALL = {"dann": {"mlp_width": 8}, "cdann": {"mlp_width": 8}, "mldg": {"n_meta_test": 1}}
 
 
@@ -508,13 +587,22 @@ SMALL = {"dann": {"mlp_width": 8}, "cdann": {"mlp_width": 8}, "mldg": {"n_meta_t
 def test_three_jitted_steps_of_two_vmapped_runs_are_finite(name):
   splits = _splits(image=name == "arm")
   hp_name, a, b = VARY[name]
-  cfgs = [train_lib.TrainConfig(method=name, test_envs=(2,), steps=3, checkpoint_freq=100,
-                                seed=s, hparams={"batch_size": 4, hp_name: v, **SMALL.get(name, {})},
-                                progress=False)
-          for s, v in ((0, a), (1, b))]
+  cfgs = [
+    train_lib.TrainConfig(
+      method=name,
+      test_envs=(2,),
+      steps=3,
+      checkpoint_freq=100,
+      seed=s,
+      hparams={"batch_size": 4, hp_name: v, **SMALL.get(name, {})},
+      progress=False,
+    )
+    for s, v in ((0, a), (1, b))
+  ]
   model = _tiny_conv_model() if name == "arm" else mlp(NUM_CLASSES, (5,))
   runs = train_lib.train_many(
-      cfgs, train_lib.DomainBedTask(model, splits, splits, cfgs[0].test_envs), checkpoint=False)
+    cfgs, train_lib.DomainBedTask(model, splits, splits, cfgs[0].test_envs), checkpoint=False
+  )
   assert [r[-1]["hparams"][hp_name] for r in runs] == [a, b]
   for r in runs:
     assert all(np.isfinite(rec["loss"]) for rec in r)

@@ -27,8 +27,10 @@ def fast_jit(fn):
   compiled = {}
 
   def call(*args):
-    sig = (jax.tree.structure(args),
-           tuple((np.shape(a), jnp.result_type(a)) for a in jax.tree.leaves(args)))
+    sig = (
+      jax.tree.structure(args),
+      tuple((np.shape(a), jnp.result_type(a)) for a in jax.tree.leaves(args)),
+    )
     if sig not in compiled:
       compiled[sig] = jax.jit(fn).lower(*args).compile(FAST_COMPILE)
     return compiled[sig](*args)
@@ -37,8 +39,7 @@ def fast_jit(fn):
 
 
 def to64(tree):
-  return jax.tree.map(lambda a: a.astype(F64) if jnp.issubdtype(a.dtype, jnp.floating) else a,
-                      tree)
+  return jax.tree.map(lambda a: a.astype(F64) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
 
 
 def problem(d=3, b=4, classes=3, seed=0, hidden=(5,), dtype=F64):
@@ -84,8 +85,11 @@ def torch_adam_steps(p, grads_seq, lr, wd=0.0, b1=0.9, b2=0.999, eps=1e-8, state
 
 
 def close(a, b, rtol=1e-9, atol=1e-12):
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol,
-                                                       atol=atol), a, b)
+  jax.tree.map(
+    lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol),
+    a,
+    b,
+  )
 
 
 # ============================================================================== CausIRL
@@ -102,22 +106,24 @@ def mmd_explicit(a, b, gammas=(0.001, 0.01, 0.1, 1, 10, 100, 1000)):
   exp = np.exp if isinstance(a, np.ndarray) else jnp.exp
 
   def k(u, w):
-    d = (((u[:, None, :] - w[None, :, :]) ** 2)).sum(-1)
+    d = ((u[:, None, :] - w[None, :, :]) ** 2).sum(-1)
     return sum(exp(-g * d) for g in gammas)
+
   return k(a, a).mean() + k(b, b).mean() - 2 * k(a, b).mean()
 
 
 def causirl_reference(model, params, batch, points, distance, gamma):
   """DomainBed's AbstractCausIRL.update: concatenate heads ``z_d[:s_d]`` and tails."""
   losses, feats = domain_ce_loop(model, params, batch)
-  first = jnp.concatenate([z[:int(s)] for z, s in zip(feats, points)])
-  second = jnp.concatenate([z[int(s):] for z, s in zip(feats, points)])
+  first = jnp.concatenate([z[: int(s)] for z, s in zip(feats, points)])
+  second = jnp.concatenate([z[int(s) :] for z, s in zip(feats, points)])
   penalty = distance(first, second) if len(first) > 1 and len(second) > 1 else 0.0
   return jnp.mean(losses) + gamma * penalty, (losses, penalty)
 
 
-@pytest.mark.parametrize("name,distance", [("causirl_coral", coral_explicit),
-                                           ("causirl_mmd", mmd_explicit)])
+@pytest.mark.parametrize(
+  "name,distance", [("causirl_coral", coral_explicit), ("causirl_mmd", mmd_explicit)]
+)
 def test_causirl_gradient_matches_explicit_reference(name, distance):
   with jax.enable_x64(True):
     model, params, batch = problem()
@@ -125,10 +131,13 @@ def test_causirl_gradient_matches_explicit_reference(name, distance):
     source = methods.get_method(name).gradients
     key = jax.random.key(1)
     points = tuple(int(v) for v in causal.split_points(key, 3, 4))
-    assert sum(points) > 1, points          # both halves non-trivial
+    assert sum(points) > 1, points  # both halves non-trivial
     g, terms = fast_jit(lambda p, k: source.grads(ctx, p, (), batch, 0, k))(params, key)
-    (_, (losses, pen)), g_ref = fast_jit(jax.value_and_grad(
-        lambda p: causirl_reference(model, p, batch, points, distance, 0.7), has_aux=True))(params)
+    (_, (losses, pen)), g_ref = fast_jit(
+      jax.value_and_grad(
+        lambda p: causirl_reference(model, p, batch, points, distance, 0.7), has_aux=True
+      )
+    )(params)
     assert float(pen) > 0
     close(terms.env_losses, losses)
     close(terms.penalty, pen, rtol=1e-8)
@@ -138,9 +147,13 @@ def test_causirl_gradient_matches_explicit_reference(name, distance):
 def test_causirl_penalty_cut_points_and_degenerate_halves():
   with jax.enable_x64(True):
     z = jnp.asarray(np.random.RandomState(3).randn(3, 4, 5), F64)
-    for masked, explicit in ((causal.masked_coral_distance, coral_explicit),
-                             (causal.masked_mmd_distance, mmd_explicit)):
-      penalty = fast_jit(jax.value_and_grad(lambda zz, pts: causal.causirl_penalty(zz, pts, masked)))
+    for masked, explicit in (
+      (causal.masked_coral_distance, coral_explicit),
+      (causal.masked_mmd_distance, mmd_explicit),
+    ):
+      penalty = fast_jit(
+        jax.value_and_grad(lambda zz, pts: causal.causirl_penalty(zz, pts, masked))
+      )
       zn = np.asarray(z)
       for points in ([0, 0, 0], [1, 0, 0], [0, 2, 3], [3, 3, 3], [1, 1, 0]):
         first = np.concatenate([zn[d, :p] for d, p in enumerate(points)])
@@ -188,20 +201,31 @@ def test_cad_bottleneck_loss_matches_explicit_rows():
   with jax.enable_x64(True):
     rng = np.random.RandomState(0)
     z = jnp.asarray(rng.randn(12, 5), F64)
-    y = np.array([0, 1, 0, 1, 1, 0, 0, 1, 2, 0, 1, 1])   # label 2 appears once
+    y = np.array([0, 1, 0, 1, 1, 0, 0, 1, 2, 0, 1, 1])  # label 2 appears once
     dom = np.repeat(np.arange(3), 4)
     for conditional, flipped in itertools.product((False, True), repeat=2):
       normalized = conditional != flipped
-      fn = fast_jit(jax.value_and_grad(lambda zz: contrastive.cad_bottleneck_loss(
-          zz, jnp.asarray(y), jnp.asarray(dom), 0.1, conditional, flipped, normalized)))
-      ref = fast_jit(jax.value_and_grad(
-          lambda zz: cad_reference(zz, y, dom, 0.1, conditional, flipped, normalized)))
+      fn = fast_jit(
+        jax.value_and_grad(
+          lambda zz: contrastive.cad_bottleneck_loss(
+            zz, jnp.asarray(y), jnp.asarray(dom), 0.1, conditional, flipped, normalized
+          )
+        )
+      )
+      ref = fast_jit(
+        jax.value_and_grad(
+          lambda zz: cad_reference(zz, y, dom, 0.1, conditional, flipped, normalized)
+        )
+      )
       (v, g), (v_ref, g_ref) = fn(z), ref(z)
       close(v, v_ref, rtol=1e-10)
       close(g, g_ref, rtol=1e-8, atol=1e-12)
     # one domain: no row has another domain, CAD (flipped) has no finite row -> 0, grad 0
-    loss, g = jax.value_and_grad(lambda zz: contrastive.cad_bottleneck_loss(
-        zz, jnp.asarray(y), jnp.zeros(12, jnp.int32), 0.1, False, True))(z)
+    loss, g = jax.value_and_grad(
+      lambda zz: contrastive.cad_bottleneck_loss(
+        zz, jnp.asarray(y), jnp.zeros(12, jnp.int32), 0.1, False, True
+      )
+    )(z)
     assert float(loss) == 0.0 and np.all(np.asarray(g) == 0.0)
 
 
@@ -210,17 +234,20 @@ def projection_explicit(head, z):
   return jax.nn.relu(z @ w1 + b1) @ w2 + b2
 
 
-@pytest.mark.parametrize("name,conditional,project", [("cad", False, False),
-                                                      ("condcad", True, True)])
+@pytest.mark.parametrize(
+  "name,conditional,project", [("cad", False, False), ("condcad", True, True)]
+)
 def test_cad_method_gradients_and_projection_step(name, conditional, project):
   with jax.enable_x64(True):
     model, params, batch = problem(classes=2, seed=4)
-    ctx = context(name, model, 3, lmbda=0.5, temperature=0.05, is_project=project,
-                  weight_decay=0.01, lr=0.01)
+    ctx = context(
+      name, model, 3, lmbda=0.5, temperature=0.05, is_project=project, weight_decay=0.01, lr=0.01
+    )
     source = methods.get_method(name).gradients
     state = to64(source.init(ctx, params, jax.random.key(0)))
     g, terms = fast_jit(lambda p, st: source.grads(ctx, p, st, batch, 0, jax.random.key(0)))(
-        params, state)
+      params, state
+    )
     y = np.asarray(batch["y"]).reshape(-1)
     dom = np.repeat(np.arange(3), 4)
 
@@ -233,13 +260,14 @@ def test_cad_method_gradients_and_projection_step(name, conditional, project):
       return jnp.mean(losses) + 0.5 * bn, (losses, bn)
 
     head = state.projection.params if project else {}
-    (total, (losses, bn)), (g_ref, g_head) = fast_jit(jax.value_and_grad(
-        reference, argnums=(0, 1), has_aux=True))(params, head)
+    (total, (losses, bn)), (g_ref, g_head) = fast_jit(
+      jax.value_and_grad(reference, argnums=(0, 1), has_aux=True)
+    )(params, head)
     close(terms.env_losses, losses)
     close(terms.penalty, bn, rtol=1e-9)
     close(terms.metrics["objective"], total, rtol=1e-10)
     close(g, g_ref, rtol=1e-7, atol=1e-12)
-    if project:   # the head took one torch-Adam(lr, weight_decay) step on its gradient
+    if project:  # the head took one torch-Adam(lr, weight_decay) step on its gradient
       want = jax.tree.map(lambda p_, g_: torch_adam_steps(p_, [g_], 0.01, 0.01)[0], head, g_head)
       close(terms.state.projection.params, want, rtol=1e-9)
 
@@ -258,12 +286,19 @@ def bce_explicit(logits, targets):
   return jnp.mean(-(targets * jnp.log(p) + (1 - targets) * jnp.log(1 - p)))
 
 
-@pytest.mark.parametrize("overrides", [
+@pytest.mark.parametrize(
+  "overrides",
+  [
     {},
-    {"urm_generator_output": "relu", "urm_discriminator_optimizer": "sgd",
-     "urm_discriminator_hidden_layers": 2, "urm_discriminator_label_smoothing": 0.2,
-     "weight_decay": 0.01},
-])
+    {
+      "urm_generator_output": "relu",
+      "urm_discriminator_optimizer": "sgd",
+      "urm_discriminator_hidden_layers": 2,
+      "urm_discriminator_label_smoothing": 0.2,
+      "weight_decay": 0.01,
+    },
+  ],
+)
 def test_urm_network_gradient_and_discriminator_step(overrides):
   with jax.enable_x64(True):
     model, params, batch = problem(classes=3, seed=5)
@@ -277,13 +312,17 @@ def test_urm_network_gradient_and_discriminator_step(overrides):
     key = jax.random.key(7)
     g, terms = fast_jit(lambda p, st, k: source.grads(ctx, p, st, batch, 0, k))(params, state, key)
 
-    def reference(p):   # pooled CE + lambda * BCE(D(h), 1), domain by domain
+    def reference(p):  # pooled CE + lambda * BCE(D(h), 1), domain by domain
       hs, ces = [], []
       for d in range(3):
         h = act(model.apply({"params": p}, batch["x"][d], method="features"))
         logits = model.apply({"params": {"classifier": p["classifier"]}}, h, method="head")
-        ces.append(jnp.sum(jax.nn.logsumexp(logits, axis=1)
-                           - jnp.take_along_axis(logits, batch["y"][d][:, None], axis=1)[:, 0]))
+        ces.append(
+          jnp.sum(
+            jax.nn.logsumexp(logits, axis=1)
+            - jnp.take_along_axis(logits, batch["y"][d][:, None], axis=1)[:, 0]
+          )
+        )
         hs.append(h)
       h = jnp.concatenate(hs)
       adv = bce_explicit(disc_explicit(disc, h), jnp.ones(12))
@@ -294,7 +333,9 @@ def test_urm_network_gradient_and_discriminator_step(overrides):
     close(terms.metrics["urm_adv_loss"], adv, rtol=1e-10)
     close(g, g_ref, rtol=1e-8, atol=1e-12)
 
-    noise, true_y, fake_y = fast_jit(lambda k: erm_variants.urm_noise_and_labels(k, ctx, h.shape))(key)
+    noise, true_y, fake_y = fast_jit(lambda k: erm_variants.urm_noise_and_labels(k, ctx, h.shape))(
+      key
+    )
     lo, hi = (-1, 1) if hp["urm_generator_output"] == "tanh" else (0, 1)
     assert float(noise.min()) >= lo and float(noise.max()) < hi
     s = hp["urm_discriminator_label_smoothing"]
@@ -303,12 +344,14 @@ def test_urm_network_gradient_and_discriminator_step(overrides):
     else:
       assert np.all((np.asarray(true_y) >= 1 - s) & (np.asarray(fake_y) <= s))
     h = jax.lax.stop_gradient(h)
-    d_loss = lambda dp: (bce_explicit(disc_explicit(dp, noise), true_y)
-                         + 0.3 * bce_explicit(disc_explicit(dp, h), fake_y))
+    d_loss = lambda dp: (
+      bce_explicit(disc_explicit(dp, noise), true_y)
+      + 0.3 * bce_explicit(disc_explicit(dp, h), fake_y)
+    )
     dl, dg = fast_jit(jax.value_and_grad(d_loss))(disc)
     close(terms.metrics["discriminator_loss"], dl, rtol=1e-10)
     wd, lr = hp["weight_decay"], 0.05
-    if hp["urm_discriminator_optimizer"] == "sgd":   # torch SGD, first step: p - lr (g + wd p)
+    if hp["urm_discriminator_optimizer"] == "sgd":  # torch SGD, first step: p - lr (g + wd p)
       want = jax.tree.map(lambda p_, g_: p_ - lr * (g_ + wd * p_), disc, dg)
     else:
       want = jax.tree.map(lambda p_, g_: torch_adam_steps(p_, [g_], lr, wd)[0], disc, dg)
@@ -316,9 +359,14 @@ def test_urm_network_gradient_and_discriminator_step(overrides):
     # predict = classifier(act(featurizer(x)))
     step = methods.get_method("urm").build(ctx)
     x = batch["x"][0]
-    close(step.predict(params, None, x),
-          model.apply({"params": {"classifier": params["classifier"]}},
-                      act(model.apply({"params": params}, x, method="features")), method="head"))
+    close(
+      step.predict(params, None, x),
+      model.apply(
+        {"params": {"classifier": params["classifier"]}},
+        act(model.apply({"params": params}, x, method="features")),
+        method="head",
+      ),
+    )
 
 
 # ============================================================================== ERM++
@@ -346,20 +394,24 @@ def test_erm_plus_plus_probe_switch_and_weight_average_match_reference():
     p = params
     for t in range(6):
       g = ce_grad(p_ref, batches[t])
-      flat_p, flat_g = dict(jax.tree_util.tree_leaves_with_path(p_ref)), dict(
-          jax.tree_util.tree_leaves_with_path(g))
+      flat_p, flat_g = (
+        dict(jax.tree_util.tree_leaves_with_path(p_ref)),
+        dict(jax.tree_util.tree_leaves_with_path(g)),
+      )
       new = {}
       for path, leaf in flat_p.items():
         if global_iter > hp["linear_steps"]:
           new[path], full_state[path] = torch_adam_steps(
-              leaf, [flat_g[path]], hp["lr"], hp["weight_decay"], state=full_state.get(path))
+            leaf, [flat_g[path]], hp["lr"], hp["weight_decay"], state=full_state.get(path)
+          )
         elif path[0].key == "classifier":
           new[path], head_state[path] = torch_adam_steps(
-              leaf, [flat_g[path]], hp["linear_lr"], hp["weight_decay"], state=head_state.get(path))
+            leaf, [flat_g[path]], hp["linear_lr"], hp["weight_decay"], state=head_state.get(path)
+          )
         else:
           new[path] = leaf
       p_ref = jax.tree_util.tree_map_with_path(lambda path, _: new[path], p_ref)
-      global_iter += 1                                   # update_sma
+      global_iter += 1  # update_sma
       if global_iter >= hp["sma_start_iter"]:
         sma_count += 1
         sma = jax.tree.map(lambda a, b: (a * sma_count + b) / (1.0 + sma_count), sma, p_ref)
@@ -380,8 +432,11 @@ def test_erm_plus_plus_probe_switch_and_weight_average_match_reference():
 def test_torch_lars_matches_explicit_formula():
   with jax.enable_x64(True):
     rng = np.random.RandomState(0)
-    p = {"k": jnp.asarray(rng.randn(3, 4), F64), "b": jnp.asarray(rng.randn(4), F64),
-         "z": jnp.zeros((2, 2), F64)}
+    p = {
+      "k": jnp.asarray(rng.randn(3, 4), F64),
+      "b": jnp.asarray(rng.randn(4), F64),
+      "z": jnp.zeros((2, 2), F64),
+    }
     grads = [jax.tree.map(lambda a: jnp.asarray(rng.randn(*a.shape), F64), p) for _ in range(3)]
     tx = erm_variants.torch_lars(0.1, weight_decay=0.05)
     s = tx.init(p)
@@ -404,7 +459,9 @@ def test_torch_lars_matches_explicit_formula():
 
 
 # ============================================================================== engine
-@pytest.mark.parametrize("method,name,a,b,extra", [
+@pytest.mark.parametrize(
+  "method,name,a,b,extra",
+  [
     ("causirl_coral", "mmd_gamma", 0.5, 2.0, {}),
     ("causirl_mmd", "mmd_gamma", 0.5, 2.0, {}),
     ("cad", "lmbda", 0.1, 1.0, {}),
@@ -412,17 +469,28 @@ def test_torch_lars_matches_explicit_formula():
     ("urm", "urm_adv_lambda", 0.05, 0.2, {}),
     ("erm_plus_plus", "linear_lr", 1e-4, 1e-3, {"linear_steps": 1, "sma_start_iter": 2}),
     ("adrmx", "disc_lambda", 0.5, 0.75, {"mlp_width": 8, "mlp_depth": 3, "d_steps_per_g_step": 1}),
-])
+  ],
+)
 def test_three_jitted_steps_of_two_vmapped_runs(method, name, a, b, extra):
   envs = spirals(num_train_envs=2, examples_per_env=16, num_test=8, n_dims=2, seed=0)
   ins = [train_lib.Split(f"env{i}_in", e.x, e.y) for i, e in enumerate(envs)]
-  cfgs = [train_lib.TrainConfig(method=method, test_envs=(2,), steps=3, checkpoint_freq=100,
-                                seed=s, hparams={"batch_size": 4, name: v, **extra},
-                                progress=False)
-          for s, v in ((0, a), (1, b))]
+  cfgs = [
+    train_lib.TrainConfig(
+      method=method,
+      test_envs=(2,),
+      steps=3,
+      checkpoint_freq=100,
+      seed=s,
+      hparams={"batch_size": 4, name: v, **extra},
+      progress=False,
+    )
+    for s, v in ((0, a), (1, b))
+  ]
   runs = train_lib.train_many(
-      cfgs, train_lib.DomainBedTask(mlp(1, (4 if method != "adrmx" else 8,)), ins, ins,
-                                    cfgs[0].test_envs), checkpoint=False)
+    cfgs,
+    train_lib.DomainBedTask(mlp(1, (4 if method != "adrmx" else 8,)), ins, ins, cfgs[0].test_envs),
+    checkpoint=False,
+  )
   assert [r[-1]["hparams"][name] for r in runs] == [a, b]
   for r in runs:
     assert r[-1]["step"] == 2 and np.isfinite(r[-1]["loss"])
@@ -441,7 +509,9 @@ def supcon_reference(features, labels, domains, lamda=0.5, temperature=0.07):
     for j in range(n):
       if j == i:
         continue
-      kind = ("pos" if labels[j] == labels[i] else "neg") + ("_in" if domains[j] == domains[i] else "_out")
+      kind = ("pos" if labels[j] == labels[i] else "neg") + (
+        "_in" if domains[j] == domains[i] else "_out"
+      )
       sets.setdefault(kind, []).append(j)
     w = lambda kind: lamda if kind.endswith("_in") else 1 - lamda
     terms = {k: w(k) * jnp.exp(s[i, jnp.asarray(v)]) for k, v in sets.items()}
@@ -457,28 +527,31 @@ def supcon_reference(features, labels, domains, lamda=0.5, temperature=0.07):
 
 def test_adrmx_supcon_loss_and_remix_pairs():
   from dgjax.algorithms import adrmx
+
   with jax.enable_x64(True):
     rng = np.random.RandomState(1)
     z = jnp.asarray(rng.randn(12, 5), F64)
-    y = np.array([0, 1, 0, 1, 1, 0, 0, 1, 2, 0, 1, 1], np.int32)   # label 2 alone: a NaN row
+    y = np.array([0, 1, 0, 1, 1, 0, 0, 1, 2, 0, 1, 1], np.int32)  # label 2 alone: a NaN row
     dom = np.repeat(np.arange(3), 4)
-    fn = fast_jit(jax.value_and_grad(lambda zz: adrmx.supcon_lambda_loss(zz, jnp.asarray(y),
-                                                                        jnp.asarray(dom))))
+    fn = fast_jit(
+      jax.value_and_grad(lambda zz: adrmx.supcon_lambda_loss(zz, jnp.asarray(y), jnp.asarray(dom)))
+    )
     ref = fast_jit(jax.value_and_grad(lambda zz: supcon_reference(zz, y, dom)))
     (v, g), (v_ref, g_ref) = fn(z), ref(z)
     close(v, v_ref, rtol=1e-10)
     close(g, g_ref, rtol=1e-8, atol=1e-12)
   counts = {c: int(np.sum(y == c)) for c in range(4)}
   for same_class in (False, True):
-    first, second, valid = (np.asarray(a) for a in adrmx.remix_pairs(
-        jax.random.key(3), jnp.asarray(y), 4, same_class))
+    first, second, valid = (
+      np.asarray(a) for a in adrmx.remix_pairs(jax.random.key(3), jnp.asarray(y), 4, same_class)
+    )
     assert list(valid) == [counts[c] >= 2 for c in range(4)]
     for c in range(4):
       if valid[c]:
         assert first[c] != second[c]
         if same_class:
           assert y[first[c]] == c and y[second[c]] == c
-        else:   # DomainBed's: positions in the class's index list, used as batch indices
+        else:  # DomainBed's: positions in the class's index list, used as batch indices
           assert first[c] < counts[c] and second[c] < counts[c]
 
 
@@ -496,8 +569,9 @@ def mlp_explicit(p, z):
 
 
 def ce_rows(logits, labels):
-  return jnp.mean(jax.nn.logsumexp(logits, axis=1)
-                  - jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0])
+  return jnp.mean(
+    jax.nn.logsumexp(logits, axis=1) - jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
+  )
 
 
 def test_adrmx_alternating_steps_match_reference():
@@ -505,35 +579,70 @@ def test_adrmx_alternating_steps_match_reference():
   SupCon terms by the vectorised loss tested above); with d_steps_per_g_step = 2, step 0 is a
   discriminator step (the model and its Adam state stay) and step 1 a generator step."""
   from dgjax.algorithms import adrmx
+
   assert [bool(adrmx.is_discriminator_step(t, 2)) for t in range(6)] == [
-      True, False, True, True, False, True]          # DomainBed's update_count % 3 < 2
+    True,
+    False,
+    True,
+    True,
+    False,
+    True,
+  ]  # DomainBed's update_count % 3 < 2
   with jax.enable_x64(True):
     model, params, batch = problem(classes=2, seed=8, hidden=(8,))
-    ctx = context("adrmx", model, 3, mlp_width=7, mlp_depth=3, dclf_lambda=0.7, rmxd_lambda=1.3,
-                  cnt_lambda=0.4, disc_lambda=0.75, lr=0.01, beta1=0.5)
+    ctx = context(
+      "adrmx",
+      model,
+      3,
+      mlp_width=7,
+      mlp_depth=3,
+      dclf_lambda=0.7,
+      rmxd_lambda=1.3,
+      cnt_lambda=0.4,
+      disc_lambda=0.75,
+      lr=0.01,
+      beta1=0.5,
+    )
     step = methods.get_method("adrmx").build(ctx)
     state = to64(step.init(params, jax.random.key(0)))
     gen, disc = state.source.generator.params, state.source.discriminator.params
     y = batch["y"].reshape(-1)
     dom = jnp.repeat(jnp.arange(3), 4)
     key = jax.random.key(11)
-    first, second, valid = (np.asarray(a) for a in adrmx.remix_pairs(jax.random.split(key)[0], y, 2))
+    first, second, valid = (
+      np.asarray(a) for a in adrmx.remix_pairs(jax.random.split(key)[0], y, 2)
+    )
 
     def losses(p, gp, dp):
-      feat = lambda fp: jnp.concatenate([model.apply({"params": {**p, "featurizer": fp}},
-                                                     batch["x"][d], method="features")
-                                         for d in range(3)])
+      feat = lambda fp: jnp.concatenate(
+        [
+          model.apply({"params": {**p, "featurizer": fp}}, batch["x"][d], method="features")
+          for d in range(3)
+        ]
+      )
       z_l, z_d = feat(p["featurizer"]), feat(gp["featurizer_domain"])
       z = z_l - z_d
       disc_loss = ce_rows(mlp_explicit(dp, z), dom)
-      remix = sum(ce_rows(nonlinear_explicit(gp["classifier_label_1"],
-                                             (z[first[c]] + z_d[second[c]])[None]),
-                          y[first[c]][None]) for c in range(2) if valid[c]) / 2
+      remix = (
+        sum(
+          ce_rows(
+            nonlinear_explicit(gp["classifier_label_1"], (z[first[c]] + z_d[second[c]])[None]),
+            y[first[c]][None],
+          )
+          for c in range(2)
+          if valid[c]
+        )
+        / 2
+      )
       supcon = lambda f: adrmx.supcon_lambda_loss(f, y, dom)
-      gen_loss = (ce_rows(nonlinear_explicit(gp["classifier_label_1"], z_l), y)
-                  + ce_rows(nonlinear_explicit(gp["classifier_label_2"], z), y)
-                  + 0.7 * ce_rows(nonlinear_explicit(gp["classifier_domain"], z_d), dom)
-                  + 1.3 * remix + 0.4 * (supcon(z_l) + supcon(z)) - 0.75 * disc_loss)
+      gen_loss = (
+        ce_rows(nonlinear_explicit(gp["classifier_label_1"], z_l), y)
+        + ce_rows(nonlinear_explicit(gp["classifier_label_2"], z), y)
+        + 0.7 * ce_rows(nonlinear_explicit(gp["classifier_domain"], z_d), dom)
+        + 1.3 * remix
+        + 0.4 * (supcon(z_l) + supcon(z))
+        - 0.75 * disc_loss
+      )
       return gen_loss, disc_loss
 
     @fast_jit
@@ -544,7 +653,7 @@ def test_adrmx_alternating_steps_match_reference():
       return gen_loss, disc_loss, g_disc, g_ref, g_gen
 
     gen_loss, disc_loss, g_disc, g_ref, g_gen = reference(params, gen, disc)
-    adam = lambda p_, g_: p_ - 0.01 * g_ / (jnp.abs(g_) + 1e-8)   # Adam's first step, any betas
+    adam = lambda p_, g_: p_ - 0.01 * g_ / (jnp.abs(g_) + 1e-8)  # Adam's first step, any betas
     update = fast_jit(step.update)
     count = lambda st: int(optax.tree_utils.tree_get_all_with_path(st.optimizer, "count")[0][1])
 
@@ -561,21 +670,26 @@ def test_adrmx_alternating_steps_match_reference():
     updates, new, metrics = update(params, state, batch, jnp.asarray(1), key)
     assert float(metrics["discriminator_step"]) == 0.0 and count(new) == 1
     close(jax.tree.map(jnp.add, params, updates), jax.tree.map(adam, params, g_ref), rtol=1e-8)
-    assert np.all(np.asarray(g_ref["classifier"]["kernel"]) == 0)   # the model's head is unused
+    assert np.all(np.asarray(g_ref["classifier"]["kernel"]) == 0)  # the model's head is unused
     close(new.source.generator.params, jax.tree.map(adam, gen, g_gen), rtol=1e-8)
     close(new.source.discriminator.params, disc, rtol=0, atol=0)
     # predict = classifier_label_1(featurizer(x))
     x = batch["x"][0]
     c1 = new.source.generator.params["classifier_label_1"]
-    close(step.predict(params, new, x),
-          nonlinear_explicit(c1, model.apply({"params": params}, x, method="features")))
+    close(
+      step.predict(params, new, x),
+      nonlinear_explicit(c1, model.apply({"params": params}, x, method="features")),
+    )
 
 
 def test_adrmx_domain_featurizer_redraw_keeps_shapes_and_norm_leaves():
   from dgjax.algorithms import adrmx
-  p = {"conv1": {"kernel": jnp.zeros((3, 3, 2, 4)), "bias": jnp.zeros(4)},
-       "bn0": {"scale": jnp.ones(4), "bias": jnp.zeros(4)},
-       "dense0": {"kernel": jnp.zeros((16, 5)), "bias": jnp.zeros(5)}}
+
+  p = {
+    "conv1": {"kernel": jnp.zeros((3, 3, 2, 4)), "bias": jnp.zeros(4)},
+    "bn0": {"scale": jnp.ones(4), "bias": jnp.zeros(4)},
+    "dense0": {"kernel": jnp.zeros((16, 5)), "bias": jnp.zeros(5)},
+  }
   q = adrmx.redraw_torch_init(p, jax.random.key(1))
   assert jax.tree.structure(p) == jax.tree.structure(q)
   for name in p:
@@ -583,7 +697,7 @@ def test_adrmx_domain_featurizer_redraw_keeps_shapes_and_norm_leaves():
       a, b = np.asarray(p[name][leaf]), np.asarray(q[name][leaf])
       assert a.shape == b.shape
       if name == "bn0":
-        assert np.array_equal(a, b)   # GroupNorm scale / bias kept
+        assert np.array_equal(a, b)  # GroupNorm scale / bias kept
       else:
         bound = 1 / np.sqrt(np.prod(p[name]["kernel"].shape[:-1]))
         assert np.all(b != 0) and np.abs(b).max() <= bound and np.abs(b).max() > bound / 2

@@ -19,30 +19,46 @@ CONV_ONLY = {"arm"}
 SCRIPT = {"penalty_form": "domainbed", "rescale_loss": False, "reset_optimizer": True}
 RESCALE = {"rescale_loss": False}
 BASELINES = {  # name -> DomainBed's hparams (name: default)
-    "irm": {"irm_lambda": 1e2, "irm_penalty_anneal_iters": 500, **SCRIPT},
-    "vrex": {"vrex_lambda": 1e1, "vrex_penalty_anneal_iters": 500, **SCRIPT},
-    "coral": {"mmd_gamma": 1.0, "penalty_anneal_iters": 0, **RESCALE},   # ours: no schedule by default
-    "mmd": {"mmd_gamma": 1.0, "penalty_anneal_iters": 0, **RESCALE},
-    "groupdro": {"groupdro_eta": 1e-2},
-    "mixup": {"mixup_alpha": 0.2},
-    "fish": {"meta_lr": 0.5},
-    "iga": {"penalty": 1000, "penalty_anneal_iters": 0, **RESCALE},
-    "fishr": {"lambda": 1000.0, "penalty_anneal_iters": 1500, "ema": 0.95, **SCRIPT},
+  "irm": {"irm_lambda": 1e2, "irm_penalty_anneal_iters": 500, **SCRIPT},
+  "vrex": {"vrex_lambda": 1e1, "vrex_penalty_anneal_iters": 500, **SCRIPT},
+  "coral": {"mmd_gamma": 1.0, "penalty_anneal_iters": 0, **RESCALE},  # ours: no schedule by default
+  "mmd": {"mmd_gamma": 1.0, "penalty_anneal_iters": 0, **RESCALE},
+  "groupdro": {"groupdro_eta": 1e-2},
+  "mixup": {"mixup_alpha": 0.2},
+  "fish": {"meta_lr": 0.5},
+  "iga": {"penalty": 1000, "penalty_anneal_iters": 0, **RESCALE},
+  "fishr": {"lambda": 1000.0, "penalty_anneal_iters": 1500, "ema": 0.95, **SCRIPT},
 }
-ANNEAL = {"irm": ("irm_penalty_anneal_iters", 1.0, "irm_lambda"),
-          "vrex": ("vrex_penalty_anneal_iters", 1.0, "vrex_lambda"),
-          "fishr": ("penalty_anneal_iters", 0.0, "lambda")}
+ANNEAL = {
+  "irm": ("irm_penalty_anneal_iters", 1.0, "irm_lambda"),
+  "vrex": ("vrex_penalty_anneal_iters", 1.0, "vrex_lambda"),
+  "fishr": ("penalty_anneal_iters", 0.0, "lambda"),
+}
 SWITCH = 5  # anneal step used in the runs below
 
 
 def test_every_baseline_is_registered_with_domainbed_hparams():
   for name, hp in BASELINES.items():
-    assert methods.default_hparams(name) == {"lr": 1e-3, "batch_size": 64, "weight_decay": 0.0, **hp}
+    assert methods.default_hparams(name) == {
+      "lr": 1e-3,
+      "batch_size": 64,
+      "weight_decay": 0.0,
+      **hp,
+    }
     assert methods.get_method(name).description
-  ranges = {"irm_lambda": (1e-1, 1e5), "vrex_lambda": (1e-1, 1e5), "mmd_gamma": (1e-1, 1e1),
-            "groupdro_eta": (1e-3, 1e-1), "mixup_alpha": (1e-1, 1e1), "penalty": (1e1, 1e5),
-            "lambda": (1e1, 1e4), "ema": (0.9, 0.99), "penalty_anneal_iters": (0, 5000),
-            "irm_penalty_anneal_iters": (1, 1e4), "vrex_penalty_anneal_iters": (1, 1e4)}
+  ranges = {
+    "irm_lambda": (1e-1, 1e5),
+    "vrex_lambda": (1e-1, 1e5),
+    "mmd_gamma": (1e-1, 1e1),
+    "groupdro_eta": (1e-3, 1e-1),
+    "mixup_alpha": (1e-1, 1e1),
+    "penalty": (1e1, 1e5),
+    "lambda": (1e1, 1e4),
+    "ema": (0.9, 0.99),
+    "penalty_anneal_iters": (0, 5000),
+    "irm_penalty_anneal_iters": (1, 1e4),
+    "vrex_penalty_anneal_iters": (1, 1e4),
+  }
   for name in BASELINES:
     for seed in range(1, 12):
       hp = methods.random_hparams(name, seed)
@@ -66,7 +82,9 @@ def small_envs(name, data_dir):
   sub = "fashion-mnist" if name == "ColoredFashionMNIST" else "mnist-first10k"
   if not (data_dir / sub).is_dir():
     pytest.fail(f"$DGJAX_DATA_DIR has no {sub}/")
-  return datasets.load_environments(name, data_dir / sub, max_examples=360 if name == "RotatedMNIST" else 240)
+  return datasets.load_environments(
+    name, data_dir / sub, max_examples=360 if name == "RotatedMNIST" else 240
+  )
 
 
 _STEPS = {}
@@ -80,13 +98,22 @@ def run_steps(method, envs, test_env, num_classes, steps=20, batch_size=8, overr
   same shapes (the two colored ones) share one compilation."""
   overrides = overrides or {}
   train_envs = [e for i, e in enumerate(envs) if i != test_env]
-  key = (method, len(train_envs), num_classes, train_envs[0].x.shape[1:], batch_size,
-         tuple(sorted(overrides.items())))
+  key = (
+    method,
+    len(train_envs),
+    num_classes,
+    train_envs[0].x.shape[1:],
+    batch_size,
+    tuple(sorted(overrides.items())),
+  )
   hp = methods.resolve_hparams(method, 0, {"batch_size": batch_size, **overrides})
   # ARM adapts a convolutional featurizer's input (DomainBed's ARM is for images)
-  model = mnist_cnn(num_classes, conv_impl="xla") if method in CONV_ONLY else mlp(num_classes, (16,))
+  model = (
+    mnist_cnn(num_classes, conv_impl="xla") if method in CONV_ONLY else mlp(num_classes, (16,))
+  )
   ms = methods.get_method(method).build(
-      methods.Context(model, hp, len(train_envs), per_domain_impl="vmap"))
+    methods.Context(model, hp, len(train_envs), per_domain_impl="vmap")
+  )
   data = train_lib.make_train_data([(e.x, e.y) for e in train_envs])
   if key not in _STEPS:
     x0 = jnp.zeros((1,) + train_envs[0].x.shape[1:], train_envs[0].x.dtype)
@@ -110,7 +137,7 @@ def run_steps(method, envs, test_env, num_classes, steps=20, batch_size=8, overr
 
 def adam_count(opt_state, method):
   del method
-  (_, count), = optax.tree_utils.tree_get_all_with_path(opt_state, "count")
+  ((_, count),) = optax.tree_utils.tree_get_all_with_path(opt_state, "count")
   return int(count)
 
 
@@ -142,15 +169,18 @@ def test_every_method_runs_20_jitted_steps_on_every_dataset(method, real_data_di
     key, before, weight = ANNEAL[method]
     w = [float(m["penalty_weight"]) for m in history]
     after = methods.default_hparams(method)[weight]
-    assert w == [before] * SWITCH + [after] * (20 - SWITCH), w   # switches at exactly step 5
+    assert w == [before] * SWITCH + [after] * (20 - SWITCH), w  # switches at exactly step 5
     counts = [adam_count(s, method) for s in opt_states]
     # Adam is re-created at step 5 and then takes that step: its count restarts at 1
     assert counts == list(range(1, SWITCH + 1)) + list(range(1, 20 - SWITCH + 1)), counts
   if real_data_dir is None:
     pytest.skip("MNIST variants need $DGJAX_DATA_DIR (Spirals ran)")
   # ColoredMNIST and ColoredFashionMNIST share shapes: one compiled step serves both.
-  for name, classes, test_env in (("ColoredMNIST", 2, 2), ("ColoredFashionMNIST", 2, 2),
-                                  ("RotatedMNIST", 10, 0)):
+  for name, classes, test_env in (
+    ("ColoredMNIST", 2, 2),
+    ("ColoredFashionMNIST", 2, 2),
+    ("RotatedMNIST", 10, 0),
+  ):
     envs = small_envs(name, real_data_dir)
     history, _, _ = run_steps(method, envs, test_env, classes, overrides=overrides)
     check_finite(history, method, name, len(envs) - 1)
@@ -160,8 +190,9 @@ def test_group_dro_upweights_the_worst_domain():
   envs = spirals(num_train_envs=2, examples_per_env=64, num_test=8, n_dims=2, seed=1)
   # make domain 1 hard: random labels
   noisy = envs[1]._replace(y=np.random.default_rng(0).integers(0, 2, 64).astype(np.int32))
-  history, opt_states, _ = run_steps("groupdro", [envs[0], noisy, envs[2]], 2, 1,
-                                     overrides={"groupdro_eta": 1.0, "lr": 1e-2})
+  history, opt_states, _ = run_steps(
+    "groupdro", [envs[0], noisy, envs[2]], 2, 1, overrides={"groupdro_eta": 1.0, "lr": 1e-2}
+  )
   q = history[-1]["groupdro_q"]
   assert q[1] > q[0] and abs(q.sum() - 1) < 1e-5
 
@@ -171,17 +202,31 @@ def test_baselines_take_traced_hparams_in_vmapped_sweeps():
   traced values (no Python control flow on them)."""
   # one method per way an hparam enters the step (irm / coral / mmd / iga weights enter
   # dgjax.core.penalized exactly as vrex's does)
-  vary = {"vrex": ("vrex_penalty_anneal_iters", 2, 3), "groupdro": ("groupdro_eta", 0.01, 0.1),
-          "mixup": ("mixup_alpha", 0.2, 2.0), "fish": ("meta_lr", 0.1, 0.5),
-          "fishr": ("ema", 0.9, 0.95)}
+  vary = {
+    "vrex": ("vrex_penalty_anneal_iters", 2, 3),
+    "groupdro": ("groupdro_eta", 0.01, 0.1),
+    "mixup": ("mixup_alpha", 0.2, 2.0),
+    "fish": ("meta_lr", 0.1, 0.5),
+    "fishr": ("ema", 0.9, 0.95),
+  }
   envs = spirals(num_train_envs=2, examples_per_env=16, num_test=8, n_dims=2, seed=0)
   ins = [train_lib.Split(f"env{i}_in", e.x, e.y) for i, e in enumerate(envs)]
   for method, (name, a, b) in vary.items():
     extra = {"penalty_anneal_iters": 2} if method == "fishr" else {}
-    cfgs = [train_lib.TrainConfig(method=method, test_envs=(2,), steps=3, checkpoint_freq=100,
-                                  seed=s, hparams={"batch_size": 4, name: v, **extra}, progress=False)
-            for s, v in ((0, a), (1, b))]
-    runs = train_lib.train_many(cfgs, train_lib.DomainBedTask(mlp(1, (4,)), ins, ins, (2,)),
-                                checkpoint=False)
+    cfgs = [
+      train_lib.TrainConfig(
+        method=method,
+        test_envs=(2,),
+        steps=3,
+        checkpoint_freq=100,
+        seed=s,
+        hparams={"batch_size": 4, name: v, **extra},
+        progress=False,
+      )
+      for s, v in ((0, a), (1, b))
+    ]
+    runs = train_lib.train_many(
+      cfgs, train_lib.DomainBedTask(mlp(1, (4,)), ins, ins, (2,)), checkpoint=False
+    )
     assert [r[-1]["hparams"][name] for r in runs] == [a, b]
     assert all(np.isfinite(r[-1]["loss"]) for r in runs), method

@@ -43,8 +43,12 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
   written = len(results.read_jsonl(results_file))
   assert 3 <= written < len(reference), written
   assert not (killed / "done").exists()
-  resumed = subprocess.run([sys.executable, str(WORKER), str(killed), "--resume"],
-                           capture_output=True, text=True, timeout=600)
+  resumed = subprocess.run(
+    [sys.executable, str(WORKER), str(killed), "--resume"],
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert resumed.returncode == 0, resumed.stderr
   on_disk = results.read_jsonl(results_file)
   assert [r["step"] for r in on_disk] == [r["step"] for r in reference]
@@ -54,15 +58,18 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
 
 def test_resume_refuses_other_runs_and_corrupt_checkpoints(tmp_path):
   ins, outs = resume_worker.splits()
-  cfg = train_lib.TrainConfig(method="sand", steps=3, checkpoint_freq=2, hparams={"batch_size": 8},
-                              progress=False)
+  cfg = train_lib.TrainConfig(
+    method="sand", steps=3, checkpoint_freq=2, hparams={"batch_size": 8}, progress=False
+  )
   train_lib.train(cfg, mlp(2, (8,)), ins, outs, output_dir=tmp_path)
   # a fresh (non-resume) run never silently overwrites a checkpoint
   with pytest.raises(train_lib.CheckpointError, match="already holds a checkpoint"):
     train_lib.train(cfg, mlp(2, (8,)), ins, outs, output_dir=tmp_path)
   # another seed is another run
   other = dataclasses.replace(cfg, seed=1)
-  with pytest.raises(train_lib.CheckpointError, match=r"belongs to another run \(seed: checkpoint 0 vs now 1\)"):
+  with pytest.raises(
+    train_lib.CheckpointError, match=r"belongs to another run \(seed: checkpoint 0 vs now 1\)"
+  ):
     train_lib.train(other, mlp(2, (8,)), ins, outs, output_dir=tmp_path, resume=True)
   # another model does not fit the saved arrays
   with pytest.raises(train_lib.CheckpointError, match="cannot restore"):
@@ -77,15 +84,28 @@ def test_resume_refuses_other_runs_and_corrupt_checkpoints(tmp_path):
 
 def test_k_vmapped_runs_equal_single_runs(tmp_path):
   ins, outs = resume_worker.splits()
-  variants = [dict(seed=0, hparams={"lr": 1e-3, "tau": 0.5}),
-              dict(seed=1, hparams={"lr": 3e-3, "tau": 0.2}),
-              dict(seed=2, hparams={"lr": 1e-3, "tau": 0.8, "k": 100.0})]
-  configs = [train_lib.TrainConfig(method="sand", steps=25, checkpoint_freq=10, progress=False,
-                                   seed=v["seed"], hparams={"batch_size": 16, **v["hparams"]})
-             for v in variants]
+  variants = [
+    dict(seed=0, hparams={"lr": 1e-3, "tau": 0.5}),
+    dict(seed=1, hparams={"lr": 3e-3, "tau": 0.2}),
+    dict(seed=2, hparams={"lr": 1e-3, "tau": 0.8, "k": 100.0}),
+  ]
+  configs = [
+    train_lib.TrainConfig(
+      method="sand",
+      steps=25,
+      checkpoint_freq=10,
+      progress=False,
+      seed=v["seed"],
+      hparams={"batch_size": 16, **v["hparams"]},
+    )
+    for v in variants
+  ]
   model = mlp(2, (16,))
-  together = train_lib.train_many(configs, train_lib.DomainBedTask(model, ins, outs, configs[0].test_envs),
-                                  output_dirs=[tmp_path / f"k{i}" for i in range(3)])
+  together = train_lib.train_many(
+    configs,
+    train_lib.DomainBedTask(model, ins, outs, configs[0].test_envs),
+    output_dirs=[tmp_path / f"k{i}" for i in range(3)],
+  )
   for i, cfg in enumerate(configs):
     alone = train_lib.train(cfg, model, ins, outs, checkpoint=False)
     assert [r["step"] for r in together[i]] == [r["step"] for r in alone] == [0, 10, 20, 24]
@@ -107,9 +127,17 @@ def test_runs_differing_in_a_structural_hparam_cannot_share_a_program():
   """hutchinson_samples sets a vmapped axis length: runs with different values must not be
   grouped (the old check knew only batch_size, and int() of a traced value failed)."""
   ins, outs = resume_worker.splits()
-  configs = [train_lib.TrainConfig(method="hutchinson", steps=1, progress=False, seed=s,
-                                   hparams={"batch_size": 8, "hutchinson_samples": n})
-             for s, n in ((0, 3), (1, 5))]
+  configs = [
+    train_lib.TrainConfig(
+      method="hutchinson",
+      steps=1,
+      progress=False,
+      seed=s,
+      hparams={"batch_size": 8, "hutchinson_samples": n},
+    )
+    for s, n in ((0, 3), (1, 5))
+  ]
   with pytest.raises(ValueError, match="structural hparam 'hutchinson_samples'"):
-    train_lib.train_many(configs, train_lib.DomainBedTask(mlp(2, (8,)), ins, outs,
-                                                                  configs[0].test_envs))
+    train_lib.train_many(
+      configs, train_lib.DomainBedTask(mlp(2, (8,)), ins, outs, configs[0].test_envs)
+    )

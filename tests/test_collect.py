@@ -19,8 +19,16 @@ from experiments import collect_results
 def rec(step, test_envs, hseed, ins, outs=None, trial=0, method="erm", dataset="ColoredMNIST"):
   """One evaluation record: ``ins``/``outs`` are the in/out accuracies of envs 0, 1, 2."""
   outs = outs or ins
-  r = {"step": step, "args": {"dataset": dataset, "method": method, "test_envs": list(test_envs),
-                              "hparams_seed": hseed, "trial_seed": trial}}
+  r = {
+    "step": step,
+    "args": {
+      "dataset": dataset,
+      "method": method,
+      "test_envs": list(test_envs),
+      "hparams_seed": hseed,
+      "trial_seed": trial,
+    },
+  }
   for i, (a, b) in enumerate(zip(ins, outs)):
     r[f"env{i}_in_acc"], r[f"env{i}_out_acc"] = a, b
   return r
@@ -29,10 +37,10 @@ def rec(step, test_envs, hseed, ins, outs=None, trial=0, method="erm", dataset="
 # Test env 2. hparams seed 0: best training-domain validation at step 1 (0.8, test 0.2);
 # seed 1: best at step 0 (0.7, test 0.5). Last steps: seed 0 test out 0.25, seed 1 0.85.
 IID_GROUP = [
-    rec(0, [2], 0, [0, 0, 0.3], [0.6, 0.6, 0.9]),
-    rec(1, [2], 0, [0, 0, 0.2], [0.8, 0.8, 0.25]),
-    rec(0, [2], 1, [0, 0, 0.5], [0.7, 0.7, 0.1]),
-    rec(1, [2], 1, [0, 0, 0.9], [0.6, 0.6, 0.85]),
+  rec(0, [2], 0, [0, 0, 0.3], [0.6, 0.6, 0.9]),
+  rec(1, [2], 0, [0, 0, 0.2], [0.8, 0.8, 0.25]),
+  rec(0, [2], 1, [0, 0, 0.5], [0.7, 0.7, 0.1]),
+  rec(1, [2], 1, [0, 0, 0.9], [0.6, 0.6, 0.85]),
 ]
 
 
@@ -60,12 +68,18 @@ def test_ties_go_to_the_largest_hparams_seed_and_earliest_step():
 # in-split) and [0, 2] (env 2's). Seed 0: step scores 0.5, 0.7 -> step 1, test 0.22.
 # Seed 1: 0.9, 0.1 -> step 0, test 0.33. Seed 1 wins.
 LOO_GROUP = [
-    rec(0, [0], 0, [0.11, 0, 0]), rec(1, [0], 0, [0.22, 0, 0]),
-    rec(0, [0, 1], 0, [0, 0.4, 0]), rec(1, [0, 1], 0, [0, 0.8, 0]),
-    rec(0, [0, 2], 0, [0, 0, 0.6]), rec(1, [0, 2], 0, [0, 0, 0.6]),
-    rec(0, [0], 1, [0.33, 0, 0]), rec(1, [0], 1, [0.44, 0, 0]),
-    rec(0, [0, 1], 1, [0, 0.9, 0]), rec(1, [1, 0], 1, [0, 0.1, 0]),   # pair in either order
-    rec(0, [0, 2], 1, [0, 0, 0.9]), rec(1, [0, 2], 1, [0, 0, 0.1]),
+  rec(0, [0], 0, [0.11, 0, 0]),
+  rec(1, [0], 0, [0.22, 0, 0]),
+  rec(0, [0, 1], 0, [0, 0.4, 0]),
+  rec(1, [0, 1], 0, [0, 0.8, 0]),
+  rec(0, [0, 2], 0, [0, 0, 0.6]),
+  rec(1, [0, 2], 0, [0, 0, 0.6]),
+  rec(0, [0], 1, [0.33, 0, 0]),
+  rec(1, [0], 1, [0.44, 0, 0]),
+  rec(0, [0, 1], 1, [0, 0.9, 0]),
+  rec(1, [1, 0], 1, [0, 0.1, 0]),  # pair in either order
+  rec(0, [0, 2], 1, [0, 0, 0.9]),
+  rec(1, [0, 2], 1, [0, 0, 0.1]),
 ]
 
 
@@ -78,7 +92,10 @@ def test_leave_one_domain_out():
   # a step with a missing pair is skipped; no pairs at all: no score
   no_pair_at_1 = [r for r in seed0 if not (r["step"] == 1 and r["args"]["test_envs"] == [0, 2])]
   assert selection.leave_one_out_run_acc(no_pair_at_1, 0).step == 0
-  assert selection.leave_one_out_run_acc([r for r in seed0 if len(r["args"]["test_envs"]) == 1], 0) is None
+  assert (
+    selection.leave_one_out_run_acc([r for r in seed0 if len(r["args"]["test_envs"]) == 1], 0)
+    is None
+  )
   # the other selection methods only look at the single-test-env runs
   assert selection.select_hparams(LOO_GROUP, 0, selection.ORACLE)[1].test_acc == 0.44
 
@@ -88,12 +105,26 @@ def test_grouping_puts_pair_runs_in_both_groups():
   assert set(groups) == {collect.GroupKey(0, "ColoredMNIST", "erm", e) for e in (0, 1, 2)}
   assert len(groups[collect.GroupKey(0, "ColoredMNIST", "erm", 1)]) == 4
   # dgjax's own records: args.test_env, args.method; DomainBed's: args.test_envs, args.algorithm
-  ours = {"step": 0, "args": {"dataset": "D", "method": "sand", "test_env": 1, "hparams_seed": 0,
-                              "trial_seed": 2}, "env0_in_acc": 0.5}
-  theirs = {"step": 0, "args": {"dataset": "D", "algorithm": "ERM", "test_envs": [1],
-                                "hparams_seed": 0, "trial_seed": 2}, "env0_in_acc": 0.5}
+  ours = {
+    "step": 0,
+    "args": {"dataset": "D", "method": "sand", "test_env": 1, "hparams_seed": 0, "trial_seed": 2},
+    "env0_in_acc": 0.5,
+  }
+  theirs = {
+    "step": 0,
+    "args": {
+      "dataset": "D",
+      "algorithm": "ERM",
+      "test_envs": [1],
+      "hparams_seed": 0,
+      "trial_seed": 2,
+    },
+    "env0_in_acc": 0.5,
+  }
   assert list(collect.group_records([ours, theirs])) == [
-      collect.GroupKey(2, "D", "sand", 1), collect.GroupKey(2, "D", "ERM", 1)]
+    collect.GroupKey(2, "D", "sand", 1),
+    collect.GroupKey(2, "D", "ERM", 1),
+  ]
 
 
 def test_mean_and_standard_error_as_domainbed():
@@ -124,7 +155,10 @@ def test_tables_text():
   tables = collect.results_tables(table_records(), selection.TRAINING_DOMAIN)
   assert [t.section for t in tables] == ["ColoredMNIST", "Averages"]
   text = collect.render(tables[0], "text").splitlines()
-  assert text[0] == "-------- Dataset: ColoredMNIST, model selection method: training-domain validation set"
+  assert (
+    text[0]
+    == "-------- Dataset: ColoredMNIST, model selection method: training-domain validation set"
+  )
   assert cells(text[1]) == ["Algorithm", "+90%", "+80%", "-90%", "Avg"]
   assert cells(text[2]) == ["erm", "20.0 +/- 7.1", "30.0 +/- 7.1", "40.0 +/- 7.1", "30.0"]
   assert cells(text[3]) == ["sand", "X", "X", "60.0 +/- 0.0", "X"]
@@ -169,7 +203,10 @@ def test_leave_one_out_column_is_x_without_pairs():
 def write_sweep(root, records):
   for r in records:
     a = r["args"]
-    run = root / f"{a['method']}_{'-'.join(map(str, a['test_envs']))}_{a['hparams_seed']}_{a['trial_seed']}"
+    run = (
+      root
+      / f"{a['method']}_{'-'.join(map(str, a['test_envs']))}_{a['hparams_seed']}_{a['trial_seed']}"
+    )
     run.mkdir(parents=True, exist_ok=True)
     append_jsonl(run / "results.jsonl", r)
 
@@ -179,12 +216,17 @@ def test_cli_prints_every_format(tmp_path, capsys):
   assert collect_results.main([str(tmp_path / "sweep")]) == 0
   out = capsys.readouterr().out
   assert out.startswith("Total records: 7 from 7 runs.")
-  for name in ("training-domain validation set", "leave-one-domain-out cross-validation",
-               "test-domain validation set (oracle)"):
+  for name in (
+    "training-domain validation set",
+    "leave-one-domain-out cross-validation",
+    "test-domain validation set (oracle)",
+  ):
     assert f"-------- Dataset: ColoredMNIST, model selection method: {name}" in out
     assert f"-------- Averages, model selection method: {name}" in out
-  assert collect_results.main([str(tmp_path / "sweep"), "--format=markdown",
-                               "--selection", "oracle"]) == 0
+  assert (
+    collect_results.main([str(tmp_path / "sweep"), "--format=markdown", "--selection", "oracle"])
+    == 0
+  )
   out = capsys.readouterr().out
   assert "### Model selection: test-domain validation set (oracle)" in out and "| erm |" in out
   assert "training-domain" not in out
@@ -207,47 +249,113 @@ def test_cli_errors(tmp_path, capsys):
 #: dgjax method -> DomainBed's class name (DomainBed's algorithms.py; hgp and hutchinson as
 #: the Hessian-alignment paper's fork, huawei-noah/Federated-Learning HessianAlignment,
 #: spells them; cma has no DomainBed class: our name upper-cased).
-ALGORITHM = {"erm": "ERM", "and": "ANDMask", "sand": "SANDMask", "irm": "IRM", "vrex": "VREx",
-             "coral": "CORAL", "mmd": "MMD", "groupdro": "GroupDRO", "mixup": "Mixup",
-             "fish": "Fish", "iga": "IGA", "fishr": "Fishr", "hgp": "HGP",
-             "hutchinson": "Hutchinson", "cma": "CMA", "sd": "SD",
-             "ib_erm": "IB_ERM", "ib_irm": "IB_IRM", "rsc": "RSC", "selfreg": "SelfReg",
-             "eqrm": "EQRM", "rdm": "RDM", "trm": "TRM",
-             "causirl_coral": "CausIRL_CORAL", "causirl_mmd": "CausIRL_MMD", "cad": "CAD",
-             "condcad": "CondCAD", "erm_plus_plus": "ERMPlusPlus", "urm": "URM", "adrmx": "ADRMX",
-             "dann": "DANN", "cdann": "CDANN", "mldg": "MLDG", "mtl": "MTL", "sagnet": "SagNet",
-             "arm": "ARM", "transfer": "Transfer"}
+ALGORITHM = {
+  "erm": "ERM",
+  "and": "ANDMask",
+  "sand": "SANDMask",
+  "irm": "IRM",
+  "vrex": "VREx",
+  "coral": "CORAL",
+  "mmd": "MMD",
+  "groupdro": "GroupDRO",
+  "mixup": "Mixup",
+  "fish": "Fish",
+  "iga": "IGA",
+  "fishr": "Fishr",
+  "hgp": "HGP",
+  "hutchinson": "Hutchinson",
+  "cma": "CMA",
+  "sd": "SD",
+  "ib_erm": "IB_ERM",
+  "ib_irm": "IB_IRM",
+  "rsc": "RSC",
+  "selfreg": "SelfReg",
+  "eqrm": "EQRM",
+  "rdm": "RDM",
+  "trm": "TRM",
+  "causirl_coral": "CausIRL_CORAL",
+  "causirl_mmd": "CausIRL_MMD",
+  "cad": "CAD",
+  "condcad": "CondCAD",
+  "erm_plus_plus": "ERMPlusPlus",
+  "urm": "URM",
+  "adrmx": "ADRMX",
+  "dann": "DANN",
+  "cdann": "CDANN",
+  "mldg": "MLDG",
+  "mtl": "MTL",
+  "sagnet": "SagNet",
+  "arm": "ARM",
+  "transfer": "Transfer",
+}
 
 #: The keys of ``vars(args)`` in DomainBed's scripts/train.py.
-DOMAINBED_TRAIN_ARGS = {"data_dir", "dataset", "algorithm", "task", "hparams", "hparams_seed",
-                        "trial_seed", "seed", "steps", "checkpoint_freq", "test_envs",
-                        "output_dir", "holdout_fraction", "uda_holdout_fraction",
-                        "skip_model_save", "save_model_every_checkpoint"}
+DOMAINBED_TRAIN_ARGS = {
+  "data_dir",
+  "dataset",
+  "algorithm",
+  "task",
+  "hparams",
+  "hparams_seed",
+  "trial_seed",
+  "seed",
+  "steps",
+  "checkpoint_freq",
+  "test_envs",
+  "output_dir",
+  "holdout_fraction",
+  "uda_holdout_fraction",
+  "skip_model_save",
+  "save_model_every_checkpoint",
+}
 
 
 def test_domainbed_args_has_domainbed_keys_and_spellings():
   args = domainbed_format.domainbed_args(
-      method="sand", algorithm="SANDMask", dataset="ColoredMNIST", test_envs=[-1],
-      hparams_seed=3, trial_seed=1, seed=12345, output_dir="sweeps/x/abc", steps=101,
-      checkpoint_freq=50, data_dir="/data", hparams={"tau": 0.5, "lr": 1e-3},
-      env_names=["+90%", "+80%", "-90%"], max_examples=2000)
+    method="sand",
+    algorithm="SANDMask",
+    dataset="ColoredMNIST",
+    test_envs=[-1],
+    hparams_seed=3,
+    trial_seed=1,
+    seed=12345,
+    output_dir="sweeps/x/abc",
+    steps=101,
+    checkpoint_freq=50,
+    data_dir="/data",
+    hparams={"tau": 0.5, "lr": 1e-3},
+    env_names=["+90%", "+80%", "-90%"],
+    max_examples=2000,
+  )
   assert set(args) == DOMAINBED_TRAIN_ARGS | {"method", "env_names", "max_examples"}
   assert args["algorithm"] == "SANDMask" and args["method"] == "sand"
   assert args["test_envs"] == [2]  # -1 resolved against the 3 environments
   assert args["hparams"] == '{"lr": 0.001, "tau": 0.5}'  # DomainBed: the JSON string of --hparams
   assert (args["task"], args["uda_holdout_fraction"], args["holdout_fraction"]) == (
-      "domain_generalization", 0, 0.2)
-  assert (args["steps"], args["checkpoint_freq"], args["hparams_seed"], args["trial_seed"],
-          args["seed"], args["output_dir"], args["data_dir"]) == (101, 50, 3, 1, 12345,
-                                                                 "sweeps/x/abc", "/data")
+    "domain_generalization",
+    0,
+    0.2,
+  )
+  assert (
+    args["steps"],
+    args["checkpoint_freq"],
+    args["hparams_seed"],
+    args["trial_seed"],
+    args["seed"],
+    args["output_dir"],
+    args["data_dir"],
+  ) == (101, 50, 3, 1, 12345, "sweeps/x/abc", "/data")
   assert json.loads(json.dumps(args, allow_nan=False)) == args
-  defaults = domainbed_format.domainbed_args(method="erm", algorithm="ERM", dataset="D",
-                                             test_envs=(0, 1))
+  defaults = domainbed_format.domainbed_args(
+    method="erm", algorithm="ERM", dataset="D", test_envs=(0, 1)
+  )
   assert defaults["test_envs"] == [0, 1] and defaults["steps"] is None
   assert defaults["hparams"] is None and "env_names" not in defaults
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     ({"test_envs": []}, "test_envs must be a non-empty list"),
     ({"test_envs": 2}, "test_envs must be a non-empty list"),
     ({"test_envs": [1, 1]}, "repeated"),
@@ -263,7 +371,8 @@ def test_domainbed_args_has_domainbed_keys_and_spellings():
     ({"task": "domain_adaptation"}, "may not redefine task"),
     ({"lr_scale": float("inf")}, "lr_scale=inf is not strict JSON"),
     ({"hparams": {"tau": float("nan")}}, "Out of range float"),
-])
+  ],
+)
 def test_domainbed_args_errors_name_the_argument(kwargs, match):
   base = dict(method="sand", algorithm="SANDMask", dataset="ColoredMNIST", test_envs=[0])
   with pytest.raises((ValueError, TypeError), match=match):
@@ -276,13 +385,15 @@ def test_every_registered_method_has_a_domainbed_name():
     if name not in methods.METHODS:
       continue
     registered = getattr(methods.METHODS[name], "domainbed_name", None)
-    if registered is None:   # the registry does not carry the field yet: algorithm= is needed
+    if registered is None:  # the registry does not carry the field yet: algorithm= is needed
       with pytest.raises(ValueError, match="domainbed_name"):
         domainbed_format.domainbed_args(method=name, dataset="D", test_envs=[0])
     else:
       assert registered == expected
-      assert domainbed_format.domainbed_args(method=name, dataset="D", test_envs=[0])[
-          "algorithm"] == expected
+      assert (
+        domainbed_format.domainbed_args(method=name, dataset="D", test_envs=[0])["algorithm"]
+        == expected
+      )
 
 
 # A sweep in DomainBed's record format with known answers. Every run has steps 0 and 1 and
@@ -292,17 +403,22 @@ def test_every_registered_method_has_a_domainbed_name():
 #   oracle: the test env's out-acc at the LAST step only, best (0, 1) -> .01 ((1, 0) would
 #     win with early stopping)
 #   leave-one-domain-out: the held-out env's in-acc in the pair runs, best (0, 0) -> .00
-IID_SCORE = {(0, 0): .5, (0, 1): .6, (1, 0): .8, (1, 1): .7}
-ORACLE_SCORE = {(0, 0): .3, (0, 1): .9, (1, 0): .99, (1, 1): .4}
-LOO_SCORE = {(0, 0): .9, (0, 1): .1, (1, 0): .2, (1, 1): .3}
+IID_SCORE = {(0, 0): 0.5, (0, 1): 0.6, (1, 0): 0.8, (1, 1): 0.7}
+ORACLE_SCORE = {(0, 0): 0.3, (0, 1): 0.9, (1, 0): 0.99, (1, 1): 0.4}
+LOO_SCORE = {(0, 0): 0.9, (0, 1): 0.1, (1, 0): 0.2, (1, 1): 0.3}
 
 #: (method, dataset, n_envs, base accuracy of test env e in trial t, test-env sets run)
 SWEEP_PLAN = [
-    ("erm", "ColoredMNIST", 3, lambda e, t: .5 + .1 * e + .05 * t,
-     [[0], [1], [2], [0, 1], [0, 2], [1, 2]]),
-    ("sand", "ColoredMNIST", 3, lambda e, t: .3 + .05 * t, [[2], [2, 0], [2, 1]]),
-    ("irm", "ColoredMNIST", 3, lambda e, t: .4 + .1 * e + .05 * t, [[0], [1], [2]]),
-    ("erm", "PACS", 4, lambda e, t: .6 + .05 * t, [[1]]),
+  (
+    "erm",
+    "ColoredMNIST",
+    3,
+    lambda e, t: 0.5 + 0.1 * e + 0.05 * t,
+    [[0], [1], [2], [0, 1], [0, 2], [1, 2]],
+  ),
+  ("sand", "ColoredMNIST", 3, lambda e, t: 0.3 + 0.05 * t, [[2], [2, 0], [2, 1]]),
+  ("irm", "ColoredMNIST", 3, lambda e, t: 0.4 + 0.1 * e + 0.05 * t, [[0], [1], [2]]),
+  ("erm", "PACS", 4, lambda e, t: 0.6 + 0.05 * t, [[1]]),
 ]
 
 
@@ -313,17 +429,25 @@ def domainbed_sweep():
       for envs in env_sets:
         for h in (0, 1):
           args = domainbed_format.domainbed_args(
-              method=method, algorithm=ALGORITHM[method], dataset=dataset, test_envs=envs,
-              hparams_seed=h, trial_seed=trial, seed=100 * h + trial, steps=2, checkpoint_freq=1)
+            method=method,
+            algorithm=ALGORITHM[method],
+            dataset=dataset,
+            test_envs=envs,
+            hparams_seed=h,
+            trial_seed=trial,
+            seed=100 * h + trial,
+            steps=2,
+            checkpoint_freq=1,
+          )
           for s in (0, 1):
             r = {"step": s, "epoch": s / 10, "loss": 0.5, "hparams": {"lr": 1e-3}, "args": args}
             for i in range(n):
-              r[f"env{i}_in_acc"], r[f"env{i}_out_acc"] = .95, .95
+              r[f"env{i}_in_acc"], r[f"env{i}_out_acc"] = 0.95, 0.95
             if len(envs) == 1:
               e = envs[0]
               for i in range(n):
                 r[f"env{i}_out_acc"] = IID_SCORE[h, s]
-              r[f"env{e}_in_acc"] = base(e, trial) + .01 * (2 * h + s)
+              r[f"env{e}_in_acc"] = base(e, trial) + 0.01 * (2 * h + s)
               r[f"env{e}_out_acc"] = ORACLE_SCORE[h, s]
             else:
               for e in envs:
@@ -342,30 +466,57 @@ def write_domainbed_sweep(root, records):
 
 PM = "+/- 1.8"  # every cell averages two trials 5 points apart: 100 * .025 / sqrt(2)
 EXPECTED = {
-    "training-domain validation set": {
-        "ColoredMNIST": [["erm", f"54.5 {PM}", f"64.5 {PM}", f"74.5 {PM}", "64.5"],
-                         ["sand", "X", "X", f"34.5 {PM}", "X"],
-                         ["irm", f"44.5 {PM}", f"54.5 {PM}", f"64.5 {PM}", "54.5"]],
-        "PACS": [["erm", "X", f"64.5 {PM}", "X", "X", "X"],
-                 ["sand", "X", "X", "X", "X", "X"], ["irm", "X", "X", "X", "X", "X"]],
-        "Averages": [["erm", f"64.5 {PM}", f"64.5 {PM}", "64.5"],
-                     ["sand", f"34.5 {PM}", "X", "X"], ["irm", f"54.5 {PM}", "X", "X"]]},
-    "leave-one-domain-out cross-validation": {
-        "ColoredMNIST": [["erm", f"52.5 {PM}", f"62.5 {PM}", f"72.5 {PM}", "62.5"],
-                         ["sand", "X", "X", f"32.5 {PM}", "X"],
-                         ["irm", "X", "X", "X", "X"]],
-        "PACS": [["erm", "X", "X", "X", "X", "X"], ["sand", "X", "X", "X", "X", "X"],
-                 ["irm", "X", "X", "X", "X", "X"]],
-        "Averages": [["erm", f"62.5 {PM}", "X", "X"], ["sand", f"32.5 {PM}", "X", "X"],
-                     ["irm", "X", "X", "X"]]},
-    "test-domain validation set (oracle)": {
-        "ColoredMNIST": [["erm", f"53.5 {PM}", f"63.5 {PM}", f"73.5 {PM}", "63.5"],
-                         ["sand", "X", "X", f"33.5 {PM}", "X"],
-                         ["irm", f"43.5 {PM}", f"53.5 {PM}", f"63.5 {PM}", "53.5"]],
-        "PACS": [["erm", "X", f"63.5 {PM}", "X", "X", "X"],
-                 ["sand", "X", "X", "X", "X", "X"], ["irm", "X", "X", "X", "X", "X"]],
-        "Averages": [["erm", f"63.5 {PM}", f"63.5 {PM}", "63.5"],
-                     ["sand", f"33.5 {PM}", "X", "X"], ["irm", f"53.5 {PM}", "X", "X"]]},
+  "training-domain validation set": {
+    "ColoredMNIST": [
+      ["erm", f"54.5 {PM}", f"64.5 {PM}", f"74.5 {PM}", "64.5"],
+      ["sand", "X", "X", f"34.5 {PM}", "X"],
+      ["irm", f"44.5 {PM}", f"54.5 {PM}", f"64.5 {PM}", "54.5"],
+    ],
+    "PACS": [
+      ["erm", "X", f"64.5 {PM}", "X", "X", "X"],
+      ["sand", "X", "X", "X", "X", "X"],
+      ["irm", "X", "X", "X", "X", "X"],
+    ],
+    "Averages": [
+      ["erm", f"64.5 {PM}", f"64.5 {PM}", "64.5"],
+      ["sand", f"34.5 {PM}", "X", "X"],
+      ["irm", f"54.5 {PM}", "X", "X"],
+    ],
+  },
+  "leave-one-domain-out cross-validation": {
+    "ColoredMNIST": [
+      ["erm", f"52.5 {PM}", f"62.5 {PM}", f"72.5 {PM}", "62.5"],
+      ["sand", "X", "X", f"32.5 {PM}", "X"],
+      ["irm", "X", "X", "X", "X"],
+    ],
+    "PACS": [
+      ["erm", "X", "X", "X", "X", "X"],
+      ["sand", "X", "X", "X", "X", "X"],
+      ["irm", "X", "X", "X", "X", "X"],
+    ],
+    "Averages": [
+      ["erm", f"62.5 {PM}", "X", "X"],
+      ["sand", f"32.5 {PM}", "X", "X"],
+      ["irm", "X", "X", "X"],
+    ],
+  },
+  "test-domain validation set (oracle)": {
+    "ColoredMNIST": [
+      ["erm", f"53.5 {PM}", f"63.5 {PM}", f"73.5 {PM}", "63.5"],
+      ["sand", "X", "X", f"33.5 {PM}", "X"],
+      ["irm", f"43.5 {PM}", f"53.5 {PM}", f"63.5 {PM}", "53.5"],
+    ],
+    "PACS": [
+      ["erm", "X", f"63.5 {PM}", "X", "X", "X"],
+      ["sand", "X", "X", "X", "X", "X"],
+      ["irm", "X", "X", "X", "X", "X"],
+    ],
+    "Averages": [
+      ["erm", f"63.5 {PM}", f"63.5 {PM}", "63.5"],
+      ["sand", f"33.5 {PM}", "X", "X"],
+      ["irm", f"53.5 {PM}", "X", "X"],
+    ],
+  },
 }
 
 
@@ -375,7 +526,7 @@ def parse_report(text):
   out, current = {}, None
   for line in text.splitlines():
     if line.startswith("-------- "):
-      title = line[len("-------- "):]
+      title = line[len("-------- ") :]
       section, method = title.split(", model selection method: ")
       section = section.removeprefix("Dataset: ")
       current = out.setdefault(method, {}).setdefault(section, ([], []))
@@ -478,8 +629,18 @@ def reference_format(values):
 
 
 #: DomainBed's ``datasets.DATASETS`` (its first entries): the order of its tables.
-DOMAINBED_DATASETS = ("Debug28", "Debug224", "ColoredMNIST", "RotatedMNIST", "VLCS", "PACS",
-                      "OfficeHome", "TerraIncognita", "DomainNet", "SVIRO")
+DOMAINBED_DATASETS = (
+  "Debug28",
+  "Debug224",
+  "ColoredMNIST",
+  "RotatedMNIST",
+  "VLCS",
+  "PACS",
+  "OfficeHome",
+  "TerraIncognita",
+  "DomainNet",
+  "SVIRO",
+)
 
 
 def reference_tables(records, rule, n_envs):
@@ -487,11 +648,17 @@ def reference_tables(records, rule, n_envs):
   method_names = collect.method_order(r["args"]["method"] for r in records)
   datasets = sorted(n_envs, key=DOMAINBED_DATASETS.index)
   acc = {}  # (trial, dataset, method, test env) -> sweep acc
-  for key in {(r["args"]["trial_seed"], r["args"]["dataset"], r["args"]["method"], e)
-              for r in records for e in r["args"]["test_envs"]}:
-    group = [r for r in records if (r["args"]["trial_seed"], r["args"]["dataset"],
-                                    r["args"]["method"]) == key[:3]
-             and key[3] in r["args"]["test_envs"]]
+  for key in {
+    (r["args"]["trial_seed"], r["args"]["dataset"], r["args"]["method"], e)
+    for r in records
+    for e in r["args"]["test_envs"]
+  }:
+    group = [
+      r
+      for r in records
+      if (r["args"]["trial_seed"], r["args"]["dataset"], r["args"]["method"]) == key[:3]
+      and key[3] in r["args"]["test_envs"]
+    ]
     a = reference_sweep_acc(rule, group, key[3])
     if a is not None:
       acc[key] = a
@@ -512,8 +679,9 @@ def reference_tables(records, rule, n_envs):
     row, means = [m], []
     for d in datasets:
       trials = sorted({k[0] for k in acc if k[1:3] == (d, m)})
-      text, mean = reference_format([np.mean([a for k, a in acc.items() if k[:3] == (t, d, m)])
-                                     for t in trials])
+      text, mean = reference_format(
+        [np.mean([a for k, a in acc.items() if k[:3] == (t, d, m)]) for t in trials]
+      )
       row.append(text)
       means.append(mean)
     row.append("X" if None in means else f"{sum(means) / len(means):.1f}")
@@ -535,8 +703,13 @@ def random_sweep(seed):
             if rng.random() < 0.2:
               continue
             args = domainbed_format.domainbed_args(
-                method=method, algorithm=ALGORITHM[method], dataset=dataset, test_envs=envs,
-                hparams_seed=h, trial_seed=trial)
+              method=method,
+              algorithm=ALGORITHM[method],
+              dataset=dataset,
+              test_envs=envs,
+              hparams_seed=h,
+              trial_seed=trial,
+            )
             for step in range(0, 30, 10):
               if rng.random() < 0.1:
                 continue
@@ -554,8 +727,10 @@ def test_tables_match_an_independent_reference_of_domainbeds_rules(seed):
   n_cells = 0
   for name, rule in rules.items():
     expected = reference_tables(records, rule, n_envs)
-    got = {t.section: [cells(line) for line in collect.render(t).splitlines()[2:]]
-           for t in collect.results_tables(records, selection.SWEEP_SELECTION_METHODS[name])}
+    got = {
+      t.section: [cells(line) for line in collect.render(t).splitlines()[2:]]
+      for t in collect.results_tables(records, selection.SWEEP_SELECTION_METHODS[name])
+    }
     assert got == expected, name
     n_cells += sum(c != "X" for rows in expected.values() for row in rows for c in row[1:])
   assert n_cells > 50  # the comparison covers many numbers, not only X cells

@@ -22,15 +22,18 @@ def real_splits(data_dir, max_eval=400):
   for i, env in enumerate(envs):
     idx_in, idx_out = split_in_out(len(env.y), 0.2, env_split_seed(0, i))
     ins.append(train_lib.Split(f"env{i}_in", env.x[idx_in], env.y[idx_in]))
-    outs.append(train_lib.Split(f"env{i}_out", env.x[idx_out[:max_eval]], env.y[idx_out[:max_eval]]))
+    outs.append(
+      train_lib.Split(f"env{i}_out", env.x[idx_out[:max_eval]], env.y[idx_out[:max_eval]])
+    )
   return ins, outs
 
 
 @pytest.mark.slow
 def test_erm_learns_the_colour_shortcut(data_dir):
   ins, outs = real_splits(data_dir)  # train on the full in-splits, evaluate 400 per out-split
-  cfg = train_lib.TrainConfig(method="erm", steps=150, checkpoint_freq=1000,
-                              hparams={"batch_size": 32}, progress=False)
+  cfg = train_lib.TrainConfig(
+    method="erm", steps=150, checkpoint_freq=1000, hparams={"batch_size": 32}, progress=False
+  )
   # train on the full in-splits; evaluate on small subsets
   records = train_lib.train(cfg, mnist_cnn(2, conv_impl="xla"), ins, outs)
   final = records[-1]
@@ -44,34 +47,53 @@ def test_erm_learns_the_colour_shortcut(data_dir):
 
 
 def run_cli(*args, timeout=600):
-  return subprocess.run([sys.executable, "-m", "experiments.colored_mnist", *args],
-                        cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", "experiments.colored_mnist", *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 @pytest.mark.slow
 def test_cli_runs_and_writes_results(data_dir, tmp_path):
   out = tmp_path / "run"
-  proc = run_cli("--method=sand", f"--data_dir={data_dir / 'mnist-first10k'}", "--steps=1",
-                 "--checkpoint_freq=100", f"--output_dir={out}", "--hparams={\"batch_size\": 8}",
-                 "--noprogress")
+  proc = run_cli(
+    "--method=sand",
+    f"--data_dir={data_dir / 'mnist-first10k'}",
+    "--steps=1",
+    "--checkpoint_freq=100",
+    f"--output_dir={out}",
+    "--hparams={\"batch_size\": 8}",
+    "--noprogress",
+  )
   assert proc.returncode == 0, proc.stderr
   lines = (out / "results.jsonl").read_text().splitlines()
-  assert len(lines) == 1                      # one step: step 0 is also the last
+  assert len(lines) == 1  # one step: step 0 is also the last
   rec = json.loads(lines[-1])
   assert rec["step"] == 0 and rec["hparams"]["batch_size"] == 8 and rec["args"]["method"] == "sand"
   assert {f"env{i}_{s}_acc" for i in range(3) for s in ("in", "out")} <= set(rec)
   assert "training-domain validation" in proc.stdout and "-90%*" in proc.stdout
   # an existing results file is never silently overwritten
-  again = run_cli("--method=sand", f"--data_dir={data_dir / 'mnist-first10k'}", f"--output_dir={out}")
+  again = run_cli(
+    "--method=sand", f"--data_dir={data_dir / 'mnist-first10k'}", f"--output_dir={out}"
+  )
   assert again.returncode == 2 and "already holds a run" in again.stderr
 
 
-@pytest.mark.parametrize("args,message", [
+@pytest.mark.parametrize(
+  "args,message",
+  [
     (["--method=sandd"], "unknown method 'sandd'; valid methods: adrmx, and, arm, "),
-    (["--method=sand", '--hparams={"kk": 1}'], "unknown hparam(s) 'kk' for method 'sand'; valid hparams"),
+    (
+      ["--method=sand", '--hparams={"kk": 1}'],
+      "unknown hparam(s) 'kk' for method 'sand'; valid hparams",
+    ),
     (["--hparams={bad"], "--hparams is not valid JSON"),
     (["--data_dir=/nonexistent/mnist"], "/nonexistent/mnist"),
-])
+  ],
+)
 def test_cli_errors_are_clear(args, message, tmp_path):
   proc = run_cli(*args, f"--output_dir={tmp_path}", "--steps=1", timeout=120)
   assert proc.returncode == 2, proc.stderr

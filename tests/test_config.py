@@ -20,8 +20,14 @@ from dgjax import train as train_lib
 
 METADATA = {"help", "identity", "per_run", "record", "sweep", "choices", "minimum"}
 BASE = dict(method="hgp", dataset="Spirals", test_envs=(16,))
-SPECIAL = {"method": "sand", "dataset": "ColoredMNIST", "test_envs": (0, 1),
-           "hparams": {"lr": 0.5}, "preset": "irm_schedule", "mesh": "none"}
+SPECIAL = {
+  "method": "sand",
+  "dataset": "ColoredMNIST",
+  "test_envs": (0, 1),
+  "hparams": {"lr": 0.5},
+  "preset": "irm_schedule",
+  "mesh": "none",
+}
 
 
 def other_value(f, value):
@@ -31,8 +37,12 @@ def other_value(f, value):
   if f.metadata["choices"]:
     return next(c for c in f.metadata["choices"] if c != value)
   tp, _ = C.value_type(f.name)
-  return {bool: lambda: not value, int: lambda: (value or 0) + 2, float: lambda: value + 0.1,
-          str: lambda: "elsewhere"}[tp]()
+  return {
+    bool: lambda: not value,
+    int: lambda: (value or 0) + 2,
+    float: lambda: value + 0.1,
+    str: lambda: "elsewhere",
+  }[tp]()
 
 
 def pairs():
@@ -50,14 +60,27 @@ def test_every_field_says_what_it_is():
 
 def test_the_command_line_is_the_fields():
   from experiments import train as train_cli  # noqa: F401  (defines its flags)
+
   defined = {f.name for f in flags.FLAGS.get_flags_for_module("experiments.train")}
-  assert defined == {f.name for f in C.config_fields()} | {"test_env", "overwrite", "resume",
-                                                          "distributed"}
+  assert defined == {f.name for f in C.config_fields()} | {
+    "test_env",
+    "overwrite",
+    "resume",
+    "distributed",
+  }
   for spec in C.flag_specs():
-    assert flags.FLAGS[spec.name].help.endswith(spec.help)   # enums: "<a|b>: " first
+    assert flags.FLAGS[spec.name].help.endswith(spec.help)  # enums: "<a|b>: " first
   # a config goes to flags and back unchanged (the sweep's process launcher relies on it)
-  config = runs.make_config("Spirals", test_envs=[-1, 3], steps=3, max_examples=8, swad=True,
-                            hparams={"lr": 0.01}, preset=None, progress=False)
+  config = runs.make_config(
+    "Spirals",
+    test_envs=[-1, 3],
+    steps=3,
+    max_examples=8,
+    swad=True,
+    hparams={"lr": 0.01},
+    preset=None,
+    progress=False,
+  )
   argv = C.to_argv(config)
   flags.FLAGS.unparse_flags()
   try:
@@ -122,19 +145,30 @@ def test_resume_identity_is_the_identity_fields(tmp_path):
 
 
 def test_the_sweep_sets_the_fields_its_metadata_names():
-  assert sweep.SWEEP_FIELDS == {f.name: f.metadata["sweep"] for f in C.config_fields()
-                                if f.metadata["sweep"]}
-  assert set(sweep.train_arg_fields()) == {f.name for f in C.config_fields()} - set(sweep.SWEEP_FIELDS)
-  (a,) = sweep.make_args_list(["Spirals"], ["erm"], n_trials=1, n_hparams=1, test_envs=[-1],
-                              extra_args={"image_size": 32, "max_examples": None})
-  assert set(a) <= {f.name for f in C.config_fields()}   # a job's arguments are config fields
+  assert sweep.SWEEP_FIELDS == {
+    f.name: f.metadata["sweep"] for f in C.config_fields() if f.metadata["sweep"]
+  }
+  assert set(sweep.train_arg_fields()) == {f.name for f in C.config_fields()} - set(
+    sweep.SWEEP_FIELDS
+  )
+  (a,) = sweep.make_args_list(
+    ["Spirals"],
+    ["erm"],
+    n_trials=1,
+    n_hparams=1,
+    test_envs=[-1],
+    extra_args={"image_size": 32, "max_examples": None},
+  )
+  assert set(a) <= {f.name for f in C.config_fields()}  # a job's arguments are config fields
   assert sweep.Job.create(a, "/s").config().image_size == 32
-  for name, value, message in [("max_examples", "8", "max_examples must be int or null"),
-                               ("swad_tolerance_ratio", True, "must be float"),
-                               ("mesh", 2, "mesh must be str")]:
+  for name, value, message in [
+    ("max_examples", "8", "max_examples must be int or null"),
+    ("swad_tolerance_ratio", True, "must be float"),
+    ("mesh", 2, "mesh must be str"),
+  ]:
     with pytest.raises(ValueError, match=message):
       sweep.check_train_arg(name, value)
-  sweep.check_train_arg("swad_tolerance_ratio", 1)   # a JSON integer is a number
+  sweep.check_train_arg("swad_tolerance_ratio", 1)  # a JSON integer is a number
 
 
 def test_a_new_field_reaches_every_derived_place():
@@ -144,7 +178,8 @@ def test_a_new_field_reaches_every_derived_place():
 
   a, b = Extended(), Extended(crop=8)
   assert {s.name: s for s in C.flag_specs(Extended)}["crop"] == C.FlagSpec(
-      "crop", "integer", 7, "pixels cropped")
+    "crop", "integer", 7, "pixels cropped"
+  )
   assert "--crop=8" in C.to_argv(b)
   assert C.from_flag_values({"crop": 8}, Extended) == {"crop": 8}
   assert (a.identity()["crop"], b.identity()["crop"]) == (7, 8)

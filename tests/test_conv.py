@@ -20,11 +20,11 @@ STRIDE1_ONLY = {"shift_matmul"}
 
 # (H, W, Cin, Cout, stride): odd and even sizes, several channel counts.
 SHAPES = [
-    (8, 8, 2, 4, 1),
-    (7, 9, 3, 5, 1),
-    (8, 8, 4, 6, 2),
-    (9, 7, 5, 3, 2),
-    (5, 6, 8, 16, 2),
+  (8, 8, 2, 4, 1),
+  (7, 9, 3, 5, 1),
+  (8, 8, 4, 6, 2),
+  (9, 7, 5, 3, 2),
+  (5, 6, 8, 16, 2),
 ]
 
 
@@ -56,6 +56,7 @@ def _value_grad_hvp(impl, stride):
 
   def f(x, k, tx, tk):
     return conv2d(x, k, stride, 1, impl), grad(x, k), jax.jvp(grad, (x, k), (tx, tk))[1]
+
   return jax.jit(f)
 
 
@@ -89,11 +90,13 @@ def test_values_grads_hvp_float64(impl):
 def _vmapped(impl, stride):
   """Under vmap: a domain axis on x with a shared kernel (per-domain kernel grads, as in
   per_domain_value_and_grad), and per-example kernels."""
+
   def f(x, k, ks):
     y = jax.vmap(lambda x: conv2d(x, k, stride, 1, impl))(x)
     gk = jax.vmap(jax.grad(_loss(impl, stride), argnums=1), in_axes=(0, None))(x, k)
     yk = jax.vmap(lambda x, k: conv2d(x, k, stride, 1, impl))(x, ks)
     return y, gk, yk
+
   return jax.jit(f)
 
 
@@ -122,7 +125,8 @@ def test_unsupported_raise():
 
 def test_auto_resolves():
   assert dconv.resolve_impl("auto") == (
-      dconv.CPU_DEFAULT if jax.default_backend() == "cpu" else "xla")
+    dconv.CPU_DEFAULT if jax.default_backend() == "cpu" else "xla"
+  )
   assert dconv.resolve_impl("im2col") == "im2col"
   assert Conv(4, impl="auto").impl == "auto"
 
@@ -153,8 +157,9 @@ def _cnn_grads(impl, dtype):
 
   def loss_fn(p, batch):
     xb, yb = batch
-    return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, xb),
-                                                           yb).mean()
+    return optax.softmax_cross_entropy_with_integer_labels(
+      model.apply({"params": p}, xb), yb
+    ).mean()
 
   logits = model.apply({"params": params}, x[0])
   losses, g = jax.jit(lambda p, bt: per_domain_value_and_grad(loss_fn, p, bt))(params, (x, y))

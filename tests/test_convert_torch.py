@@ -21,15 +21,17 @@ import jax
 import pytest
 
 torch = pytest.importorskip(
-    "torch", reason="torch is not installed: pip install 'dgjax[convert]' to check the "
-                    "converter and BatchNorm against torch")
+  "torch",
+  reason="torch is not installed: pip install 'dgjax[convert]' to check the "
+  "converter and BatchNorm against torch",
+)
 from torch import nn  # noqa: E402
 
 from dgjax import convert_weights, resnet  # noqa: E402
 from experiments import convert_weights as convert_cli  # noqa: E402
 
-RTOL = 1e-5          # features / logits, relative to the largest reference value
-STATS_RTOL = 1e-5    # running mean / var after one training forward
+RTOL = 1e-5  # features / logits, relative to the largest reference value
+STATS_RTOL = 1e-5  # running mean / var after one training forward
 STAGES = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet50": ("bottleneck", (3, 4, 6, 3))}
 
 
@@ -45,8 +47,11 @@ class TorchBasicBlock(nn.Module):
     super().__init__()
     self.conv1, self.bn1 = _conv(inplanes, planes, 3, stride), nn.BatchNorm2d(planes)
     self.conv2, self.bn2 = _conv(planes, planes, 3), nn.BatchNorm2d(planes)
-    self.downsample = (nn.Sequential(_conv(inplanes, planes, 1, stride), nn.BatchNorm2d(planes))
-                       if stride != 1 or inplanes != planes else None)
+    self.downsample = (
+      nn.Sequential(_conv(inplanes, planes, 1, stride), nn.BatchNorm2d(planes))
+      if stride != 1 or inplanes != planes
+      else None
+    )
 
   def forward(self, x):
     out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
@@ -55,6 +60,7 @@ class TorchBasicBlock(nn.Module):
 
 class TorchBottleneck(nn.Module):
   """torchvision v1.5: the stride sits on the 3x3 convolution."""
+
   expansion = 4
 
   def __init__(self, inplanes, planes, stride):
@@ -63,8 +69,11 @@ class TorchBottleneck(nn.Module):
     self.conv1, self.bn1 = _conv(inplanes, planes, 1), nn.BatchNorm2d(planes)
     self.conv2, self.bn2 = _conv(planes, planes, 3, stride), nn.BatchNorm2d(planes)
     self.conv3, self.bn3 = _conv(planes, out, 1), nn.BatchNorm2d(out)
-    self.downsample = (nn.Sequential(_conv(inplanes, out, 1, stride), nn.BatchNorm2d(out))
-                       if stride != 1 or inplanes != out else None)
+    self.downsample = (
+      nn.Sequential(_conv(inplanes, out, 1, stride), nn.BatchNorm2d(out))
+      if stride != 1 or inplanes != out
+      else None
+    )
 
   def forward(self, x):
     out = torch.relu(self.bn1(self.conv1(x)))
@@ -84,7 +93,7 @@ class TorchResNet(nn.Module):
     self.maxpool = nn.MaxPool2d(3, 2, 1)
     inplanes = 64
     for s, n in enumerate(stages):
-      planes = 64 * 2 ** s
+      planes = 64 * 2**s
       blocks = []
       for i in range(n):
         blocks.append(block_cls(inplanes, planes, 2 if (s > 0 and i == 0) else 1))
@@ -121,7 +130,7 @@ def randomize_(model: nn.Module, seed: int) -> nn.Module:
         m.running_var.copy_(0.5 + 1.5 * torch.rand(c, generator=g))
         m.num_batches_tracked.fill_(7)
       elif isinstance(m, nn.Linear):
-        bound = m.in_features ** -0.5
+        bound = m.in_features**-0.5
         m.weight.copy_((2 * torch.rand(m.weight.shape, generator=g) - 1) * bound)
         m.bias.copy_((2 * torch.rand(m.bias.shape, generator=g) - 1) * bound)
   return model
@@ -143,10 +152,13 @@ def convert(tmp_path, arch, model, kind):
     torch.save(sd, src)
   else:
     from safetensors.torch import save_file
+
     save_file({k: v.contiguous() for k, v in sd.items()}, str(src))
   out = tmp_path / f"{arch}-{kind}.msgpack"
-  assert convert_cli.main(["--arch", arch, "--input", str(src), "--output", str(out),
-                           "--include_head"]) == 0
+  assert (
+    convert_cli.main(["--arch", arch, "--input", str(src), "--output", str(out), "--include_head"])
+    == 0
+  )
   return out
 
 
@@ -193,12 +205,13 @@ def test_pth_and_safetensors_convert_to_torchs_eval_forward(tmp_path, arch, size
     assert_trees_equal(pth[collection], st[collection])
 
   fmodel, variables = flax_model(arch, num_classes, from_pth, size)
-  z, logits = jax.jit(lambda v, x: fmodel.apply(
-      v, x, method=lambda m, x: (z := m.features(x), m.head(z))))(variables, x)
+  z, logits = jax.jit(
+    lambda v, x: fmodel.apply(v, x, method=lambda m, x: (z := m.features(x), m.head(z)))
+  )(variables, x)
   err_z, err_logits = rel_err(z, want_z.numpy()), rel_err(logits, want_logits.numpy())
   print(f"{arch} {size}x{size} eval: features rel err {err_z:.2e}, logits {err_logits:.2e}")
   assert err_z <= RTOL and err_logits <= RTOL
-  assert np.abs(want_z.numpy()).max() > 0.1   # not a vacuous comparison of zeros
+  assert np.abs(want_z.numpy()).max() > 0.1  # not a vacuous comparison of zeros
 
 
 def test_unfrozen_bn_train_forward_and_running_stats_match_torch(tmp_path):
@@ -215,23 +228,29 @@ def test_unfrozen_bn_train_forward_and_running_stats_match_torch(tmp_path):
   with torch.no_grad():
     want_z = model(x_t)
     want_logits = model.fc(want_z)
-  z, updated = jax.jit(lambda v, x: fmodel.apply(
-      v, x, train=True, method="features", mutable=["batch_stats"]))(variables, x)
+  z, updated = jax.jit(
+    lambda v, x: fmodel.apply(v, x, train=True, method="features", mutable=["batch_stats"])
+  )(variables, x)
   logits = fmodel.apply(variables, z, method="head")
   err_z, err_logits = rel_err(z, want_z.numpy()), rel_err(logits, want_logits.numpy())
 
   got = convert_weights._flatten(updated["batch_stats"]["featurizer"])
-  want = convert_weights._flatten(convert_weights.torch_to_flax(
-      {k: v.numpy() for k, v in model.state_dict().items()})["batch_stats"]["featurizer"])
-  assert got.keys() == want.keys() and len(got) == 2 * 20   # 20 BN layers in resnet18
+  want = convert_weights._flatten(
+    convert_weights.torch_to_flax({k: v.numpy() for k, v in model.state_dict().items()})[
+      "batch_stats"
+    ]["featurizer"]
+  )
+  assert got.keys() == want.keys() and len(got) == 2 * 20  # 20 BN layers in resnet18
   before = convert_weights._flatten(variables["batch_stats"]["featurizer"])
   err_stats = max(rel_err(got[k], want[k]) for k in want)
   moved = min(np.abs(np.asarray(got[k]) - np.asarray(before[k])).max() for k in want)
-  print(f"{arch} train(): features rel err {err_z:.2e}, logits {err_logits:.2e}, "
-        f"running stats {err_stats:.2e}")
+  print(
+    f"{arch} train(): features rel err {err_z:.2e}, logits {err_logits:.2e}, "
+    f"running stats {err_stats:.2e}"
+  )
   assert err_z <= RTOL and err_logits <= RTOL
   assert err_stats <= STATS_RTOL
-  assert moved > 1e-3   # every running statistic did change in this forward
+  assert moved > 1e-3  # every running statistic did change in this forward
 
 
 def _import_or_skip(name):
@@ -271,14 +290,17 @@ def test_timm_resnet50_state_dict_converts(tmp_path):
   ours.load_state_dict(theirs.state_dict(), strict=True)
   x, _ = images(2, 64, 6)
   with torch.no_grad():
-    torch.testing.assert_close(ours(x), theirs.forward_head(theirs.forward_features(x),
-                                                            pre_logits=True))
+    torch.testing.assert_close(
+      ours(x), theirs.forward_head(theirs.forward_features(x), pre_logits=True)
+    )
   from safetensors.torch import save_file
+
   src = tmp_path / "model.safetensors"
   save_file({k: v.contiguous() for k, v in theirs.state_dict().items()}, str(src))
   out = tmp_path / "augmix.msgpack"
-  assert convert_cli.main(["--arch", "resnet50_augmix", "--input", str(src),
-                           "--output", str(out)]) == 0
+  assert (
+    convert_cli.main(["--arch", "resnet50_augmix", "--input", str(src), "--output", str(out)]) == 0
+  )
   payload = convert_weights.read_weights(out)
   assert payload["arch"] == "resnet50"
   want = convert_weights.torch_to_flax({k: v.numpy() for k, v in ours.state_dict().items()})

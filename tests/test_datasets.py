@@ -10,8 +10,15 @@ import numpy as np
 import pytest
 
 from dgjax import datasets
-from dgjax.data import (ANGLES, DataError, environment_indices, load_mnist_idx, rotate_images,
-                        rotated_mnist, spirals)
+from dgjax.data import (
+  ANGLES,
+  DataError,
+  environment_indices,
+  load_mnist_idx,
+  rotate_images,
+  rotated_mnist,
+  spirals,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,9 +33,9 @@ def test_rotation_by_0_is_identity_and_by_90_is_rot90():
 
 def test_rotation_is_counter_clockwise_bilinear_about_the_centre():
   img = np.zeros((1, 28, 28), np.float32)
-  img[0, 13, 20] = 1.0                     # right of the centre (13.5, 13.5)
+  img[0, 13, 20] = 1.0  # right of the centre (13.5, 13.5)
   out = rotate_images(img, 90)[0]
-  assert np.argwhere(out > 0.5).tolist() == [[7, 13]]   # counter-clockwise: now above it
+  assert np.argwhere(out > 0.5).tolist() == [[7, 13]]  # counter-clockwise: now above it
   # a smooth blob: bilinear rotation keeps its mass and moves its centre of mass by the angle
   yy, xx = np.mgrid[:28, :28]
   blob = np.exp(-((yy - 13.5) ** 2 + (xx - 19.5) ** 2) / 4.0)[None].astype(np.float32)
@@ -64,12 +71,14 @@ def test_rotated_mnist_on_real_digits(data_dir):
   mnist = load_mnist_idx(data_dir / "mnist-first10k")
   envs = datasets.load_environments("RotatedMNIST", data_dir / "mnist-first10k", max_examples=1200)
   assert [len(e.y) for e in envs] == [200] * 6
-  assert sorted(np.concatenate([e.y for e in envs]).tolist()) == sorted(mnist.labels[:1200].tolist())
+  assert sorted(np.concatenate([e.y for e in envs]).tolist()) == sorted(
+    mnist.labels[:1200].tolist()
+  )
   for e, idx in zip(envs, environment_indices(1200, 6, 0)):
     original = mnist.images[idx] / 255.0
-    assert e.x.sum() == pytest.approx(original.sum(), rel=0.03)   # rotation keeps the ink
+    assert e.x.sum() == pytest.approx(original.sum(), rel=0.03)  # rotation keeps the ink
     moved = np.abs(e.x[..., 0] - original).mean()
-    assert (moved < 1e-6) if e.name == "0" else (moved > 0.02)   # ... and moves it
+    assert (moved < 1e-6) if e.name == "0" else (moved > 0.02)  # ... and moves it
 
 
 # ------------------------------------------------------------------------------ Spirals
@@ -80,14 +89,16 @@ def test_spirals_construction():
   for e in envs:
     assert e.x.dtype == np.float32 and e.x.shape[1] == 7 and e.y.dtype == np.int32
     assert abs(e.y.mean() - 0.5) < 0.05
-    np.testing.assert_allclose(e.x[:, :2].std(0), [1, 1], rtol=1e-4)   # unit-variance mechanism
+    np.testing.assert_allclose(e.x[:, :2].std(0), [1, 1], rtol=1e-4)  # unit-variance mechanism
     radius = np.hypot(*e.x[:, :2].T)
     assert radius.max() / radius.min() < 1.02 / 0.06 and radius.min() > 0
   for e in envs[:-1]:
     s = e.x[:, 2:] * (2 * e.y - 1)[:, None]  # (2y - 1) * signature = the environment's vector
-    assert np.allclose(s, s[0])                # the shortcut predicts the label perfectly
+    assert np.allclose(s, s[0])  # the shortcut predicts the label perfectly
     signatures.append(s[0])
-  assert min(np.linalg.norm(a - b) for i, a in enumerate(signatures) for b in signatures[i + 1:]) > 0.1
+  assert (
+    min(np.linalg.norm(a - b) for i, a in enumerate(signatures) for b in signatures[i + 1 :]) > 0.1
+  )
   test = envs[-1]
   assert abs(test.x[:, 2:].mean()) < 0.05 and abs(test.x[:, 2:].std() - 1) < 0.05
   assert np.all(np.abs(np.corrcoef(test.x[:, 2:].T, test.y)[-1, :-1]) < 0.1)  # no shortcut
@@ -120,20 +131,26 @@ def test_colored_fashion_mnist_statistics(data_dir):
   idx = environment_indices(30000, 3, 0)
   for e, i, flip in zip(envs, idx, (0.1, 0.2, 0.9)):
     assert e.x.shape == (10000, 28, 28, 2)
-    clean = (raw.labels[i] < 5).astype(np.int32)     # t-shirt..coat vs sandal..ankle boot
+    clean = (raw.labels[i] < 5).astype(np.int32)  # t-shirt..coat vs sandal..ankle boot
     assert abs((e.y != clean).mean() - 0.25) < 0.015  # 25% label noise
     assert abs((e.color != e.y).mean() - flip) < 0.015
     # the image is the garment in the channel named by its colour
-    np.testing.assert_allclose(e.x[np.arange(10000), ..., e.color].sum((1, 2)),
-                               raw.images[i].astype(np.float64).sum((1, 2)) / 255, rtol=1e-4)
+    np.testing.assert_allclose(
+      e.x[np.arange(10000), ..., e.color].sum((1, 2)),
+      raw.images[i].astype(np.float64).sum((1, 2)) / 255,
+      rtol=1e-4,
+    )
     assert np.all(e.x[np.arange(10000), ..., 1 - e.color] == 0)
 
 
 # ------------------------------------------------------------------------------ registry / CLI
 def test_dataset_registry_errors_are_clear():
-  with pytest.raises(ValueError, match="unknown dataset 'MNISTT'; valid datasets: ColoredFashionMNIST, "
-                                       "ColoredMNIST, DomainNet, ImageFolder, OfficeHome, PACS, "
-                                       "RotatedMNIST, Spirals, TerraIncognita, VLCS"):
+  with pytest.raises(
+    ValueError,
+    match="unknown dataset 'MNISTT'; valid datasets: ColoredFashionMNIST, "
+    "ColoredMNIST, DomainNet, ImageFolder, OfficeHome, PACS, "
+    "RotatedMNIST, Spirals, TerraIncognita, VLCS",
+  ):
     datasets.get_dataset("MNISTT")
   with pytest.raises(ValueError, match="takes no option"):
     datasets.load_environments("Spirals", downsample=True)
@@ -154,24 +171,48 @@ def test_a_new_small_image_dataset_is_one_declaration(monkeypatch, tmp_path):
 
   def environments(data_dir=None, trial_seed=0, max_examples=None):
     rng = np.random.default_rng(trial_seed)
-    return [LabeledEnvironment(name, rng.normal(size=(20, 4, 4, 1)).astype(np.float32),
-                               rng.integers(0, 3, 20).astype(np.int32)) for name in ("a", "b", "c")]
+    return [
+      LabeledEnvironment(
+        name,
+        rng.normal(size=(20, 4, 4, 1)).astype(np.float32),
+        rng.integers(0, 3, 20).astype(np.int32),
+      )
+      for name in ("a", "b", "c")
+    ]
 
-  monkeypatch.setattr(datasets, "DATASETS", dict(datasets.DATASETS))   # restored after the test
+  monkeypatch.setattr(datasets, "DATASETS", dict(datasets.DATASETS))  # restored after the test
   for name, small in (("Tiny28", True), ("Tiny224", False)):
-    datasets.register(datasets.Dataset(
-        name, "three tiny environments", environments, lambda conv_impl="auto": mlp(3, (8,)),
-        default_test_env=-1, data="nothing", small_images=small, env_names=("a", "b", "c")))
+    datasets.register(
+      datasets.Dataset(
+        name,
+        "three tiny environments",
+        environments,
+        lambda conv_impl="auto": mlp(3, (8,)),
+        default_test_env=-1,
+        data="nothing",
+        small_images=small,
+        env_names=("a", "b", "c"),
+      )
+    )
 
   common = ("lr", "batch_size", "weight_decay")
-  assert methods.default_hparams("erm", "Tiny28") == {"lr": 1e-3, "batch_size": 64, "weight_decay": 0.0}
+  assert methods.default_hparams("erm", "Tiny28") == {
+    "lr": 1e-3,
+    "batch_size": 64,
+    "weight_decay": 0.0,
+  }
   assert {k: methods.default_hparams("erm", "Tiny224")[k] for k in common} == {
-      "lr": 5e-5, "batch_size": 32, "weight_decay": 0.0}
-  for seed in (1, 2):   # the search ranges follow too (PACS: DomainBed's large-image ranges)
-    assert methods.random_hparams("erm", seed, "Tiny28") == methods.random_hparams("erm", seed, "ColoredMNIST")
+    "lr": 5e-5,
+    "batch_size": 32,
+    "weight_decay": 0.0,
+  }
+  for seed in (1, 2):  # the search ranges follow too (PACS: DomainBed's large-image ranges)
+    assert methods.random_hparams("erm", seed, "Tiny28") == methods.random_hparams(
+      "erm", seed, "ColoredMNIST"
+    )
     large = methods.random_hparams("erm", seed, "PACS")
     assert methods.random_hparams("erm", seed, "Tiny224") == {k: large[k] for k in common}
-  assert methods.default_hparams("rdm", "Tiny224")["batch_size"] == 88   # RDM's large default
+  assert methods.default_hparams("rdm", "Tiny224")["batch_size"] == 88  # RDM's large default
 
   config = runs.make_config("Tiny28", steps=1, output_dir=str(tmp_path / "run"), progress=False)
   assert config.test_envs == (2,)
@@ -183,20 +224,40 @@ def test_a_new_small_image_dataset_is_one_declaration(monkeypatch, tmp_path):
 
 
 def run_cli(*args, timeout=300):
-  return subprocess.run([sys.executable, "-m", "experiments.train", *args],
-                        cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", "experiments.train", *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 @pytest.mark.slow
 def test_train_cli_on_spirals(tmp_path):
   out = tmp_path / "run"
-  proc = run_cli("--dataset=Spirals", "--method=vrex", "--steps=2", "--max_examples=40",
-                 f"--output_dir={out}", '--hparams={"batch_size": 8}', "--noprogress")
+  proc = run_cli(
+    "--dataset=Spirals",
+    "--method=vrex",
+    "--steps=2",
+    "--max_examples=40",
+    f"--output_dir={out}",
+    '--hparams={"batch_size": 8}',
+    "--noprogress",
+  )
   assert proc.returncode == 0, proc.stderr
   rec = json.loads((out / "results.jsonl").read_text().splitlines()[-1])
   assert rec["args"]["dataset"] == "Spirals" and rec["args"]["test_env"] == 16
   assert "test*" in proc.stdout and "training-domain validation" in proc.stdout
   bad = run_cli("--dataset=Spiral", f"--output_dir={tmp_path}")
-  assert bad.returncode == 2 and "unknown dataset 'Spiral'" in bad.stderr and "Traceback" not in bad.stderr
-  bad = run_cli("--dataset=RotatedMNIST", "--data_dir=/nonexistent/mnist", f"--output_dir={tmp_path}")
-  assert bad.returncode == 2 and "/nonexistent/mnist" in bad.stderr and "Traceback" not in bad.stderr
+  assert (
+    bad.returncode == 2
+    and "unknown dataset 'Spiral'" in bad.stderr
+    and "Traceback" not in bad.stderr
+  )
+  bad = run_cli(
+    "--dataset=RotatedMNIST", "--data_dir=/nonexistent/mnist", f"--output_dir={tmp_path}"
+  )
+  assert (
+    bad.returncode == 2 and "/nonexistent/mnist" in bad.stderr and "Traceback" not in bad.stderr
+  )

@@ -14,8 +14,12 @@ WORKER = Path(__file__).resolve().parent / "sharding_worker.py"
 
 
 def test_sharded_evaluation_equals_single_device(tmp_path):
-  proc = subprocess.run([sys.executable, str(WORKER), "eval", str(tmp_path)],
-                        capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+    [sys.executable, str(WORKER), "eval", str(tmp_path)],
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-4000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   assert set(out) == {"domainbed 2x4", "domainbed 1x3", "image"}

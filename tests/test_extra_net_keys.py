@@ -13,11 +13,13 @@ from dgjax.models import mlp
 
 #: method -> (hparam overrides, the source state's fields holding its own networks (ExtraNet))
 EXTRA_NETS = {
-    "adrmx": ({"mlp_width": 4, "mlp_depth": 3, "domain_featurizer_init": "independent"},
-              ("generator", "discriminator")),
-    "cad": ({"is_project": True}, ("projection",)),
-    "dann": ({"mlp_width": 4}, ("discriminator",)),
-    "urm": ({}, ("discriminator",)),
+  "adrmx": (
+    {"mlp_width": 4, "mlp_depth": 3, "domain_featurizer_init": "independent"},
+    ("generator", "discriminator"),
+  ),
+  "cad": ({"is_project": True}, ("projection",)),
+  "dann": ({"mlp_width": 4}, ("discriminator",)),
+  "urm": ({}, ("discriminator",)),
 }
 
 
@@ -41,8 +43,11 @@ def _extra_params(method):
 def _drawn_leaves_differ(a, b):
   """Every randomly drawn leaf (not a constant such as a norm's scale) differs between the
   trees; there is at least one."""
-  pairs = [(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
-           if np.unique(np.asarray(x)).size > 1]
+  pairs = [
+    (x, y)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    if np.unique(np.asarray(x)).size > 1
+  ]
   return bool(pairs) and all(not np.allclose(x, y) for x, y in pairs)
 
 
@@ -50,7 +55,7 @@ def _drawn_leaves_differ(a, b):
 def test_trials_of_different_seeds_start_the_extra_networks_from_different_weights(method):
   draw = _extra_params(method)
   first, second = draw(seed=0), draw(seed=1)
-  again = draw(seed=0, params_seed=5)    # same seed, another model init
+  again = draw(seed=0, params_seed=5)  # same seed, another model init
   for field in first:
     assert _drawn_leaves_differ(first[field], second[field]), (method, field)
     jax.tree.map(np.testing.assert_array_equal, first[field], again[field])
@@ -73,12 +78,27 @@ def test_the_engines_vmapped_init_gives_each_run_its_seeds_method_key(monkeypatc
 
   monkeypatch.setattr(core, "build_step", spy_build)
   rng = np.random.RandomState(0)
-  ins = [train_lib.Split(f"env{e}", rng.randn(8, 6).astype(np.float32),
-                         rng.randint(0, 2, 8).astype(np.int32)) for e in range(3)]
-  cfgs = [train_lib.TrainConfig(method="erm", test_envs=(2,), steps=1, checkpoint_freq=1, seed=s,
-                                hparams={"batch_size": 4}, progress=False) for s in (4, 9)]
-  train_lib.train_many(cfgs, train_lib.DomainBedTask(mlp(2, hidden=(8,)), ins, ins, (2,)),
-                       checkpoint=False)
+  ins = [
+    train_lib.Split(
+      f"env{e}", rng.randn(8, 6).astype(np.float32), rng.randint(0, 2, 8).astype(np.int32)
+    )
+    for e in range(3)
+  ]
+  cfgs = [
+    train_lib.TrainConfig(
+      method="erm",
+      test_envs=(2,),
+      steps=1,
+      checkpoint_freq=1,
+      seed=s,
+      hparams={"batch_size": 4},
+      progress=False,
+    )
+    for s in (4, 9)
+  ]
+  train_lib.train_many(
+    cfgs, train_lib.DomainBedTask(mlp(2, hidden=(8,)), ins, ins, (2,)), checkpoint=False
+  )
   want = [np.asarray(jax.random.key_data(train_lib.method_key(jax.random.key(s)))) for s in (4, 9)]
   assert len(seen) == 2
   np.testing.assert_array_equal(np.stack(seen), np.stack(want))

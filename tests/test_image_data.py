@@ -51,9 +51,13 @@ def test_domainbed_layout_discovery_order_and_constants(tmp_path, name):
     assert env.classes == tuple(sorted(classes))
     np.testing.assert_array_equal(env.y, np.arange(spec.num_classes))
     assert Path(env.x[0]).parent.name == "class_000"
-  expected = {"VLCS": ("C", "L", "S", "V", 5), "PACS": ("A", "C", "P", "S", 7),
-              "OfficeHome": ("A", "C", "P", "R", 65), "TerraIncognita": ("L100", "L38", "L43", "L46", 10),
-              "DomainNet": ("clip", "info", "paint", "quick", "real", "sketch", 345)}[name]
+  expected = {
+    "VLCS": ("C", "L", "S", "V", 5),
+    "PACS": ("A", "C", "P", "S", 7),
+    "OfficeHome": ("A", "C", "P", "R", 65),
+    "TerraIncognita": ("L100", "L38", "L43", "L46", 10),
+    "DomainNet": ("clip", "info", "paint", "quick", "real", "sketch", 345),
+  }[name]
   assert (*spec.env_names, spec.num_classes) == expected
   assert spec.checkpoint_freq == (1000 if name == "DomainNet" else 300)
   assert spec.n_steps == 5001
@@ -72,7 +76,14 @@ def test_image_folder_file_order_as_torchvision(tmp_path):
   """Sorted classes; per class sorted os.walk (nested folders) and sorted names; only image
   extensions (any case)."""
   for env in ("b_env", "a_env"):
-    for rel in ("dog/z.jpg", "dog/a.PNG", "dog/sub/m.jpeg", "dog/notes.txt", "cat/x.webp", "cat/b.JPG"):
+    for rel in (
+      "dog/z.jpg",
+      "dog/a.PNG",
+      "dog/sub/m.jpeg",
+      "dog/notes.txt",
+      "cat/x.webp",
+      "cat/b.JPG",
+    ):
       p = tmp_path / env / rel
       p.parent.mkdir(parents=True, exist_ok=True)
       p.touch()
@@ -110,16 +121,22 @@ def test_errors_name_the_path(tmp_path):
   with pytest.raises(DataError, match=str(tmp_path / "PACS")):
     imf.image_dataset_environments("PACS", tmp_path)
   make_tree(tmp_path / "PACS", ["art_painting", "cartoon", "photo"], [f"c{i}" for i in range(7)], 1)
-  with pytest.raises(DataError, match="missing environment folder.*" + str(tmp_path / "PACS" / "sketch")):
+  with pytest.raises(
+    DataError, match="missing environment folder.*" + str(tmp_path / "PACS" / "sketch")
+  ):
     imf.image_dataset_environments("PACS", tmp_path)
   (tmp_path / "PACS" / "sketch").mkdir()
   with pytest.raises(DataError, match=str(tmp_path / "PACS" / "sketch") + " is empty"):
     imf.image_dataset_environments("PACS", tmp_path)
   (tmp_path / "PACS" / "sketch" / "c0").mkdir()
-  with pytest.raises(DataError, match=f"class folder {tmp_path / 'PACS' / 'sketch' / 'c0'} holds no image"):
+  with pytest.raises(
+    DataError, match=f"class folder {tmp_path / 'PACS' / 'sketch' / 'c0'} holds no image"
+  ):
     imf.image_dataset_environments("PACS", tmp_path)
   make_tree(tmp_path / "PACS", ["sketch"], [f"c{i}" for i in range(6)], 1)
-  with pytest.raises(DataError, match=str(tmp_path / "PACS" / "sketch") + r" lacks class folder\(s\) c6"):
+  with pytest.raises(
+    DataError, match=str(tmp_path / "PACS" / "sketch") + r" lacks class folder\(s\) c6"
+  ):
     imf.image_dataset_environments("PACS", tmp_path)
   make_tree(tmp_path / "PACS", ["sketch"], ["c6"], 1)
   assert len(imf.image_dataset_environments("PACS", tmp_path)) == 4
@@ -152,29 +169,34 @@ def test_unreadable_image_raises_naming_the_file(tmp_path):
 @pytest.mark.parametrize("threads", [False, True])
 def test_files_that_are_no_images_are_named_in_one_line(tmp_path, monkeypatch, threads):
   from dgjax.data import image_check
+
   if threads:
     monkeypatch.setattr(image_check, "_THREADS_ABOVE", 0)
   rng = np.random.default_rng(0)
   for i in range(3):
     write_jpeg(tmp_path / f"{i}.jpg", rng)
-  Image.fromarray(rng.integers(0, 256, (9, 9, 3), dtype=np.uint8)).save(tmp_path / "png.jpg",
-                                                                         format="PNG")
+  Image.fromarray(rng.integers(0, 256, (9, 9, 3), dtype=np.uint8)).save(
+    tmp_path / "png.jpg", format="PNG"
+  )
   (tmp_path / "notes.jpg").write_text("not an image at all")
   (tmp_path / "empty.png").touch()
   good = [str(tmp_path / f"{i}.jpg") for i in range(3)] + [str(tmp_path / "png.jpg")]
   warnings = []
-  image_check.check_image_files(good, warn=warnings.append)      # a PNG named .jpg decodes
+  image_check.check_image_files(good, warn=warnings.append)  # a PNG named .jpg decodes
   assert warnings == []
   with pytest.raises(DataError) as err:
     image_check.check_image_files(good + [str(tmp_path / "notes.jpg"), str(tmp_path / "empty.png")])
   assert str(err.value) == (
-      f"2 of 6 image files are not images (their first bytes match no image format): "
-      f"{tmp_path / 'notes.jpg'} (starts b'not an image'), {tmp_path / 'empty.png'} (starts b''); "
-      "remove or replace them")
+    f"2 of 6 image files are not images (their first bytes match no image format): "
+    f"{tmp_path / 'notes.jpg'} (starts b'not an image'), {tmp_path / 'empty.png'} (starts b''); "
+    "remove or replace them"
+  )
   (tmp_path / "cut.jpg").write_bytes((tmp_path / "0.jpg").read_bytes()[:-100])
   image_check.check_image_files(good + [str(tmp_path / "cut.jpg")], warn=warnings.append)
-  assert warnings == [f"warning: 1 image files end early (truncated; decoded as far as they go, "
-                      f"as DomainBed does): {tmp_path / 'cut.jpg'}"]
+  assert warnings == [
+    f"warning: 1 image files end early (truncated; decoded as far as they go, "
+    f"as DomainBed does): {tmp_path / 'cut.jpg'}"
+  ]
   assert image_check.sniff(str(tmp_path / "png.jpg")).format == "png"
 
 
@@ -202,7 +224,9 @@ def test_horizontal_flip_rate_and_determinism(tmp_path):
   flips = [pipe.decode_train(str(path), pipe.example_rng((1, 2), i), 16) for i in range(600)]
   flipped = np.array([f[:, 0].mean() > f[:, -1].mean() for f in flips])
   assert 0.44 < flipped.mean() < 0.56
-  np.testing.assert_array_equal(pipe.decode_train(str(path), pipe.example_rng((1, 2), 5), 16), flips[5])
+  np.testing.assert_array_equal(
+    pipe.decode_train(str(path), pipe.example_rng((1, 2), 5), 16), flips[5]
+  )
 
 
 # --------------------------------------------------------------------------- grain pipeline
@@ -243,8 +267,9 @@ def test_train_stream_is_a_function_of_key_and_step(jpeg_tree):
 
 def test_train_sampler_is_uniform_with_replacement(jpeg_tree):
   envs = imf.ImageFolderDomains(jpeg_tree)
-  batches = collect(pipe.train_batches(envs, jax.random.key(0), 16, size=8, augment=False,
-                                       num_workers=0), 25)
+  batches = collect(
+    pipe.train_batches(envs, jax.random.key(0), 16, size=8, augment=False, num_workers=0), 25
+  )
   y = np.stack([b["y"] for b in batches])  # [steps, D, B]
   assert 0.65 < y[:, 2].mean() < 0.85  # e2: 3 of 4 images are class b (label 1)
   assert 0.4 < y[:, 0].mean() < 0.6
@@ -288,7 +313,9 @@ def test_device_prefetch_yields_device_arrays_in_order():
 
 # --------------------------------------------------------------------------- device augmentation
 def _images(n, seed=0, size=8):
-  return jnp.asarray(np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8))
+  return jnp.asarray(
+    np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+  )
 
 
 def test_hue_and_hsv_match_colorsys():
@@ -296,19 +323,32 @@ def test_hue_and_hsv_match_colorsys():
   img[0, 0] = img[0, 0, 0]  # a gray pixel
   for factor in (-0.3, 0.1, 0.25):
     got = np.asarray(augment.adjust_hue(jnp.asarray(img), factor))
-    want = np.array([[colorsys.hsv_to_rgb((h + factor) % 1.0, s, v)
-                      for h, s, v in (colorsys.rgb_to_hsv(*px) for px in row)] for row in img])
+    want = np.array(
+      [
+        [
+          colorsys.hsv_to_rgb((h + factor) % 1.0, s, v)
+          for h, s, v in (colorsys.rgb_to_hsv(*px) for px in row)
+        ]
+        for row in img
+      ]
+    )
     np.testing.assert_allclose(got, want, atol=2e-6)
 
 
 def test_jitter_ops_match_torchvision_formulas():
   img = np.random.default_rng(2).uniform(size=(5, 7, 3)).astype(np.float64)
   gray = img @ np.array([0.2989, 0.587, 0.114])
-  np.testing.assert_allclose(augment.adjust_brightness(img, 1.2), np.clip(1.2 * img, 0, 1), atol=1e-6)
-  np.testing.assert_allclose(augment.adjust_contrast(img, 0.8),
-                             np.clip(0.8 * img + 0.2 * gray.mean(), 0, 1), atol=1e-6)
-  np.testing.assert_allclose(augment.adjust_saturation(img, 1.3),
-                             np.clip(1.3 * img + (-0.3) * gray[..., None], 0, 1), atol=1e-6)
+  np.testing.assert_allclose(
+    augment.adjust_brightness(img, 1.2), np.clip(1.2 * img, 0, 1), atol=1e-6
+  )
+  np.testing.assert_allclose(
+    augment.adjust_contrast(img, 0.8), np.clip(0.8 * img + 0.2 * gray.mean(), 0, 1), atol=1e-6
+  )
+  np.testing.assert_allclose(
+    augment.adjust_saturation(img, 1.3),
+    np.clip(1.3 * img + (-0.3) * gray[..., None], 0, 1),
+    atol=1e-6,
+  )
   x = _images(2)
   want = (np.asarray(x) / 255.0 - np.array(augment.IMAGENET_MEAN)) / np.array(augment.IMAGENET_STD)
   np.testing.assert_allclose(augment.eval_preprocess(x), want, atol=1e-5)
@@ -338,7 +378,9 @@ def test_grayscale_rate_and_jitter_factor_ranges():
   # brightness alone: output / input in [0.7, 1.3], spread over the range
   base = np.random.default_rng(0).uniform(0.2, 0.7, (n, 4, 4, 3)).astype(np.float32)
   keys = jax.random.split(jax.random.key(9), n)
-  bright = jax.jit(jax.vmap(lambda k, im: augment.color_jitter(k, im, 0.3, 0.0, 0.0, 0.0)))(keys, base)
+  bright = jax.jit(jax.vmap(lambda k, im: augment.color_jitter(k, im, 0.3, 0.0, 0.0, 0.0)))(
+    keys, base
+  )
   ratio = (np.asarray(bright) / base).mean(axis=(1, 2, 3))
   assert ratio.min() >= 0.7 - 1e-4 and ratio.max() <= 1.3 + 1e-4
   assert ratio.min() < 0.72 and ratio.max() > 1.28 and abs(ratio.mean() - 1.0) < 0.02

@@ -74,19 +74,28 @@ def test_uses_only_the_first_60000_digits():
 def test_short_training_runs_reduce_the_gap(data_dir):
   """Every alignment method: finite penalty, and a smaller train-test gap than ERM."""
   from dgjax import irm_benchmark as B
+
   mnist = load_mnist(data_dir / "mnist-first10k")
   images, labels = mnist.images[:2000], mnist.labels[:2000]
   gaps, penalties = {}, {}
   for m in ("erm", "hgp", "hutchinson", "cma"):
-    cfg = B.IRMConfig(method=m, steps=81, n_restarts=1, eval_every=80, hidden=32, lr=3e-3,
-                      penalty_anneal_iters=40, restarts_impl="sequential",
-                      hparams={"hutchinson_samples": 4} if m == "hutchinson" else {})
+    cfg = B.IRMConfig(
+      method=m,
+      steps=81,
+      n_restarts=1,
+      eval_every=80,
+      hidden=32,
+      lr=3e-3,
+      penalty_anneal_iters=40,
+      restarts_impl="sequential",
+      hparams={"hutchinson_samples": 4} if m == "hutchinson" else {},
+    )
     r = B.run(cfg, images, labels, log=lambda s: None)
     s = r["summary"]
     gaps[m] = s["train_acc"][0] - s["test_acc"][0]
     if m != "erm":
       penalties[m] = np.asarray([h["penalty"] for h in r["history"]])
-  assert gaps["erm"] > 40, gaps            # ERM learns the colour
+  assert gaps["erm"] > 40, gaps  # ERM learns the colour
   for m, p in penalties.items():
     assert np.all(np.isfinite(p)), (m, p)
     assert gaps[m] < gaps["erm"] - 10, gaps
@@ -96,17 +105,32 @@ def test_cli_small(data_dir, tmp_path):
   out = tmp_path / "res.jsonl"
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run(
-      [sys.executable, "-m", "experiments.colored_mnist_irm", "--method=erm,cma", "--steps=3",
-       "--n_restarts=2", "--eval_every=2", "--hessian_gap", "--restarts_impl=vmap",
-       f"--data_dir={data_dir / 'mnist-first10k'}", f"--output={out}"],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    [
+      sys.executable,
+      "-m",
+      "experiments.colored_mnist_irm",
+      "--method=erm,cma",
+      "--steps=3",
+      "--n_restarts=2",
+      "--eval_every=2",
+      "--hessian_gap",
+      "--restarts_impl=vmap",
+      f"--data_dir={data_dir / 'mnist-first10k'}",
+      f"--output={out}",
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "8333 train / last 1/6 = 1667 test" in proc.stdout
   # the split and the real full-batch hparams come before the training, not after
   assert proc.stdout.index("data split:") < proc.stdout.index("== erm")
   assert '"batch_size": 4166' in proc.stdout and "2 x --l2_weight" in proc.stdout
   assert "| erm | 2 |" in proc.stdout and "| cma | 2 |" in proc.stdout
-  assert "86.4 ± 0.2 / 14.0 ± 0.7 / 71.0 ± 0.7" in proc.stdout   # Fishr's Table 2
+  assert "86.4 ± 0.2 / 14.0 ± 0.7 / 71.0 ± 0.7" in proc.stdout  # Fishr's Table 2
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert [r["method"] for r in rows] == ["erm", "cma"]
   for r in rows:
@@ -114,16 +138,29 @@ def test_cli_small(data_dir, tmp_path):
     assert len(r["final"]["test_acc"]) == 2 and [h["step"] for h in r["history"]] == [0, 1]
     assert all(np.isfinite(h["hessian_gap"]).all() for h in r["history"])
   assert all(np.isfinite(h["penalty"]).all() for h in rows[1]["history"])
-  bad = subprocess.run([sys.executable, "-m", "experiments.colored_mnist_irm", "--method=nope"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  bad = subprocess.run(
+    [sys.executable, "-m", "experiments.colored_mnist_irm", "--method=nope"],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert bad.returncode == 2 and "unknown method" in bad.stderr
 
 
-PENALIZED = {"irm": ("irm_lambda", "irm_penalty_anneal_iters"), "vrex": ("vrex_lambda", "vrex_penalty_anneal_iters"),
-             "fishr": ("lambda", "penalty_anneal_iters"), "coral": ("mmd_gamma", "penalty_anneal_iters"),
-             "mmd": ("mmd_gamma", "penalty_anneal_iters"), "iga": ("penalty", "penalty_anneal_iters"),
-             "sd": ("sd_reg", "penalty_anneal_iters"), "hgp": ("penalty_weight", "penalty_anneal_iters"),
-             "hutchinson": ("penalty_weight", "penalty_anneal_iters"), "cma": ("penalty_weight", "penalty_anneal_iters")}
+PENALIZED = {
+  "irm": ("irm_lambda", "irm_penalty_anneal_iters"),
+  "vrex": ("vrex_lambda", "vrex_penalty_anneal_iters"),
+  "fishr": ("lambda", "penalty_anneal_iters"),
+  "coral": ("mmd_gamma", "penalty_anneal_iters"),
+  "mmd": ("mmd_gamma", "penalty_anneal_iters"),
+  "iga": ("penalty", "penalty_anneal_iters"),
+  "sd": ("sd_reg", "penalty_anneal_iters"),
+  "hgp": ("penalty_weight", "penalty_anneal_iters"),
+  "hutchinson": ("penalty_weight", "penalty_anneal_iters"),
+  "cma": ("penalty_weight", "penalty_anneal_iters"),
+}
 
 
 @pytest.mark.parametrize("method", sorted(PENALIZED))
@@ -131,18 +168,20 @@ def test_benchmark_gives_every_penalized_method_its_weight_and_schedule(method):
   """The benchmark maps its settings through the hparams' roles: coral, mmd and iga used to run
   it without its penalty weight and schedule (their names were missing from an alias table)."""
   from dgjax import irm_benchmark as B
+
   weight, anneal = PENALIZED[method]
   hp = B.benchmark_hparams(method, B.IRMConfig(), 123)
   assert hp[weight] == B.PENALTY_WEIGHT and hp[anneal] == B.PENALTY_ANNEAL_ITERS
   assert hp["lr"] == B.LR and hp["weight_decay"] == 2 * B.L2_WEIGHT and hp["batch_size"] == 123
   override = B.benchmark_hparams(method, B.IRMConfig(hparams={weight: 5.0}), 123)
-  assert override[weight] == 5.0    # per-run overrides win
+  assert override[weight] == 5.0  # per-run overrides win
 
 
 def test_every_penalty_weight_comes_with_a_schedule():
   """A method whose weight the benchmark sets must also take its schedule (an adversarial
   method's weight, with no schedule, has no role: the benchmark leaves it at its default)."""
   from dgjax import methods
+
   for name in methods.METHODS:
     roles = [s.role for s in methods.hparam_specs(name).values()]
     if "penalty_weight" in roles:

@@ -44,7 +44,7 @@ def _net(p, x):
   return z, z @ c["kernel"] + c["bias"]
 
 
-def _bce(logits, y):   # nn.functional.binary_cross_entropy_with_logits, mean
+def _bce(logits, y):  # nn.functional.binary_cross_entropy_with_logits, mean
   return jnp.mean(jnp.logaddexp(0.0, logits) - y * logits)
 
 
@@ -57,16 +57,20 @@ def _script_loss(method, p, data, weight):
     # compute_irm_penalty: grad of mean_nll(logits * scale) at scale = 1, squared
     scale_grad = jax.grad(lambda s: _bce(logits * s, y))(1.0)
     # compute_grads_variance: per-example head gradients (BackPACK's BatchGrad x batch size)
-    per_example = [jax.grad(lambda head: _bce(z[i:i + 1] @ head["kernel"] + head["bias"],
-                                              y[i:i + 1]))(p["classifier"]) for i in range(N)]
+    per_example = [
+      jax.grad(lambda head: _bce(z[i : i + 1] @ head["kernel"] + head["bias"], y[i : i + 1]))(
+        p["classifier"]
+      )
+      for i in range(N)
+    ]
     variance = {}
     for name in ("kernel", "bias"):
       g = jnp.stack([pe[name].reshape(-1) for pe in per_example])
       g = g - g.mean(axis=0, keepdims=True)
-      variance[name] = (g ** 2).mean(axis=0)
-    envs.append({"nll": nll, "irm": scale_grad ** 2, "var": variance})
+      variance[name] = (g**2).mean(axis=0)
+    envs.append({"nll": nll, "irm": scale_grad**2, "var": variance})
   train_nll = (envs[0]["nll"] + envs[1]["nll"]) / 2
-  weight_norm = sum(jnp.sum(w ** 2) for w in jax.tree.leaves(p))
+  weight_norm = sum(jnp.sum(w**2) for w in jax.tree.leaves(p))
   loss = train_nll + L2 * weight_norm
   if method == "erm":
     return loss
@@ -76,10 +80,11 @@ def _script_loss(method, p, data, weight):
     penalty = (envs[0]["nll"] - envs[1]["nll"]) ** 2
   else:
     mean_var = {k: (envs[0]["var"][k] + envs[1]["var"][k]) / 2 for k in ("bias", "kernel")}
-    penalty = sum(jnp.sum((envs[e]["var"][k] - mean_var[k]) ** 2)
-                  for e in range(2) for k in ("bias", "kernel"))
+    penalty = sum(
+      jnp.sum((envs[e]["var"][k] - mean_var[k]) ** 2) for e in range(2) for k in ("bias", "kernel")
+    )
   loss = loss + weight * penalty
-  return jnp.where(weight > 1.0, loss / weight, loss)   # if penalty_weight > 1.0: loss /= ...
+  return jnp.where(weight > 1.0, loss / weight, loss)  # if penalty_weight > 1.0: loss /= ...
 
 
 def _script_run(method, params, data):
@@ -93,14 +98,16 @@ def _script_run(method, params, data):
     t = step + 1
     m = jax.tree.map(lambda a, b: 0.9 * a + 0.1 * b, m, g)
     v = jax.tree.map(lambda a, b: 0.999 * a + 0.001 * b * b, v, g)
-    p = jax.tree.map(lambda w, a, b: w - LR * (a / (1 - 0.9 ** t)) / (jnp.sqrt(b / (1 - 0.999 ** t)) + 1e-8),
-                     p, m, v)
+    p = jax.tree.map(
+      lambda w, a, b: w - LR * (a / (1 - 0.9**t)) / (jnp.sqrt(b / (1 - 0.999**t)) + 1e-8), p, m, v
+    )
   return p
 
 
 def _dgjax_run(method, params, data):
-  cfg = irm_benchmark.IRMConfig(method=method, lr=LR, l2_weight=L2, penalty_weight=WEIGHT,
-                                penalty_anneal_iters=ANNEAL)
+  cfg = irm_benchmark.IRMConfig(
+    method=method, lr=LR, l2_weight=L2, penalty_weight=WEIGHT, penalty_anneal_iters=ANNEAL
+  )
   hp = irm_benchmark.benchmark_hparams(method, cfg, N)
   ctx = core.Context(model=mlp(1, hidden=(HIDDEN,)), hparams=hp, num_domains=2)
   step = methods.get_method(method).build(ctx)
@@ -117,13 +124,15 @@ def test_benchmark_step_is_the_scripts(method):
   with X64(True):
     data = _data()
     params = mlp(1, hidden=(HIDDEN,)).init(jax.random.key(1), jnp.zeros((1, F)))["params"]
-    params = jax.tree.map(lambda a: a.astype(jnp.float64) + 0.1, params)   # biases not 0
+    params = jax.tree.map(lambda a: a.astype(jnp.float64) + 0.1, params)  # biases not 0
     ours, hp = _dgjax_run(method, params, data)
     ref = _script_run(method, params, data)
     if method != "erm":
       assert hp["penalty_form"] == "script" and hp["rescale_loss"] and not hp["reset_optimizer"]
-    moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(params)))
-    assert moved > 2 * LR   # several real Adam steps (each moves at most ~LR)
+    moved = max(
+      float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(params))
+    )
+    assert moved > 2 * LR  # several real Adam steps (each moves at most ~LR)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-12)
 
@@ -135,21 +144,30 @@ def test_each_protocol_difference_matters():
     data = _data()
     params = mlp(1, hidden=(HIDDEN,)).init(jax.random.key(1), jnp.zeros((1, F)))["params"]
     params = jax.tree.map(lambda a: a.astype(jnp.float64) + 0.1, params)
-    for method, changes in (("irm", ({"penalty_form": "domainbed"}, {"reset_optimizer": True},
-                                     {"rescale_loss": False})),
-                            ("vrex", ({"penalty_form": "domainbed"},)),
-                            ("fishr", ({"penalty_form": "domainbed"},))):
+    for method, changes in (
+      ("irm", ({"penalty_form": "domainbed"}, {"reset_optimizer": True}, {"rescale_loss": False})),
+      ("vrex", ({"penalty_form": "domainbed"},)),
+      ("fishr", ({"penalty_form": "domainbed"},)),
+    ):
       ref = _script_run(method, params, data)
       for change in changes:
-        cfg = irm_benchmark.IRMConfig(method=method, lr=LR, l2_weight=L2, penalty_weight=WEIGHT,
-                                      penalty_anneal_iters=ANNEAL, hparams=change)
+        cfg = irm_benchmark.IRMConfig(
+          method=method,
+          lr=LR,
+          l2_weight=L2,
+          penalty_weight=WEIGHT,
+          penalty_anneal_iters=ANNEAL,
+          hparams=change,
+        )
         hp = irm_benchmark.benchmark_hparams(method, cfg, N)
         step = methods.get_method(method).build(core.Context(mlp(1, hidden=(HIDDEN,)), hp, 2))
         state, p, update = step.init(params, jax.random.key(0)), params, jax.jit(step.update)
         for s in range(STEPS):
           u, state, _ = update(p, state, data, jnp.asarray(s), jax.random.key(s))
           p = optax.apply_updates(p, u)
-        diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(ref)))
+        diff = max(
+          float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(ref))
+        )
         assert diff > 1e-6, (method, change)
 
 
@@ -165,8 +183,9 @@ def test_script_penalties_written_out():
   r = jnp.asarray([0.3, 0.9, 0.4])
   pairs = (0.3 - 0.9) ** 2 + (0.3 - 0.4) ** 2 + (0.9 - 0.4) ** 2
   np.testing.assert_allclose(penalties.risk_difference_penalty(r), pairs, rtol=1e-6)
-  np.testing.assert_allclose(penalties.risk_difference_penalty(r[:2]), 4 * penalties.vrex_penalty(r[:2]),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    penalties.risk_difference_penalty(r[:2]), 4 * penalties.vrex_penalty(r[:2]), rtol=1e-6
+  )
   v = {"a": jnp.asarray(rng.rand(2, 3)), "b": jnp.asarray(rng.rand(2, 1))}
   total = sum(np.sum((np.asarray(x) - np.asarray(x).mean(0)) ** 2) for x in v.values())
   np.testing.assert_allclose(penalties.fishr_penalty(v, "sum"), total, rtol=1e-6)
@@ -181,7 +200,11 @@ def test_hessian_presets_are_the_scripts():
   assert (hgp["alpha"], hgp["beta"], hgp["detach_target"]) == (2.0, 2.0, False)
   assert hgp["rescale_loss"] and not hgp["reset_optimizer"]
   hut = irm_benchmark.benchmark_hparams("hutchinson", cfg, 10)
-  assert (hut["hutchinson_samples"], hut["independent_probes"], hut["detach_target"]) == (150, True, False)
+  assert (hut["hutchinson_samples"], hut["independent_probes"], hut["detach_target"]) == (
+    150,
+    True,
+    False,
+  )
 
 
 def test_gray_environment_draws_its_own_label_noise():
@@ -190,7 +213,7 @@ def test_gray_environment_draws_its_own_label_noise():
   d = irm_cmnist.irm_colored_mnist(images, labels, seed=3)
   np.testing.assert_array_equal(d.gray.index, d.test.index)
   np.testing.assert_array_equal(d.gray.digit, d.test.digit)
-  assert not np.array_equal(d.gray.y, d.test.y)                    # an independent draw
+  assert not np.array_equal(d.gray.y, d.test.y)  # an independent draw
   assert abs(np.mean(d.gray.y != (d.gray.digit < 5)) - 0.25) < 0.08
   run = irm_benchmark.restart_data(d, 100)
   np.testing.assert_array_equal(run["gray_y"], d.gray.y)
@@ -200,5 +223,6 @@ def test_engine_trains_steps_minus_one_updates():
   """The scripts report the forward pass of their last iteration, before its update."""
   assert irm_benchmark.updates(irm_benchmark.IRMConfig(steps=501)) == 500
   with pytest.raises(ValueError, match="steps"):
-    irm_benchmark.run(irm_benchmark.IRMConfig(steps=1), np.zeros((20, 28, 28), np.uint8),
-                      np.arange(20) % 10)
+    irm_benchmark.run(
+      irm_benchmark.IRMConfig(steps=1), np.zeros((20, 28, 28), np.uint8), np.arange(20) % 10
+    )

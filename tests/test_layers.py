@@ -10,8 +10,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "dgjax"
 
 #: The bottom layer: pure maths, no method protocol, no engine.
-MATHS = {"dgjax.losses", "dgjax.per_domain", "dgjax.masks", "dgjax.penalties", "dgjax.hessian",
-         "dgjax.seeding", "dgjax.types"}
+MATHS = {
+  "dgjax.losses",
+  "dgjax.per_domain",
+  "dgjax.masks",
+  "dgjax.penalties",
+  "dgjax.hessian",
+  "dgjax.seeding",
+  "dgjax.types",
+}
 
 
 def module_name(path: Path) -> str:
@@ -31,7 +38,7 @@ def dgjax_imports(path: Path) -> set[str]:
       names |= {a.name for a in node.names}
     elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
       submodules = {f"{node.module}.{a.name}" for a in node.names} & modules
-      names |= submodules or {node.module}   # `from dgjax import masks` imports dgjax.masks
+      names |= submodules or {node.module}  # `from dgjax import masks` imports dgjax.masks
   return {n for n in names if n in modules and n != module_name(path)}
 
 
@@ -45,10 +52,10 @@ def find_cycle(graph):
     state[node] = "open"
     stack.append(node)
     for nxt in sorted(graph.get(node, ())):
-      if nxt == "dgjax":   # the package's own __init__ re-exports; it imports leaves only
+      if nxt == "dgjax":  # the package's own __init__ re-exports; it imports leaves only
         continue
       if state.get(nxt) == "open":
-        return stack[stack.index(nxt):] + [nxt]
+        return stack[stack.index(nxt) :] + [nxt]
       if nxt not in state:
         found = visit(nxt)
         if found:
@@ -84,17 +91,25 @@ def test_algorithm_families_import_only_maths_and_the_protocol():
   families = [m for m in GRAPH if m.startswith("dgjax.algorithms.")]
   assert families
   for m in families:
-    extra = {i for i in GRAPH[m] if i not in MATHS | {"dgjax.core", "dgjax.models", "dgjax.conv"}
-             and not i.startswith("dgjax.algorithms")}   # sibling families share helpers
+    extra = {
+      i
+      for i in GRAPH[m]
+      if i not in MATHS | {"dgjax.core", "dgjax.models", "dgjax.conv"}
+      and not i.startswith("dgjax.algorithms")
+    }  # sibling families share helpers
     assert not extra, f"{m} imports {sorted(extra)}"
 
 
 def test_submodules_are_reachable_from_the_package():
   import subprocess
   import sys
-  code = ("import dgjax; assert dgjax.models.mlp and dgjax.data.load_mnist and dgjax.train.train_many "
-          "and dgjax.sharding.make_mesh and dgjax.methods.METHODS; import sys; "
-          "assert 'orbax.checkpoint' not in sys.modules, 'import dgjax must stay light'")
-  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                        cwd=ROOT.parent, timeout=300)
+
+  code = (
+    "import dgjax; assert dgjax.models.mlp and dgjax.data.load_mnist and dgjax.train.train_many "
+    "and dgjax.sharding.make_mesh and dgjax.methods.METHODS; import sys; "
+    "assert 'orbax.checkpoint' not in sys.modules, 'import dgjax must stay light'"
+  )
+  proc = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT.parent, timeout=300
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]

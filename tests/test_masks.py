@@ -60,9 +60,9 @@ def random_grads(key, d, shapes, case):
     base = jax.random.normal(k1, (d,) + shape)
     if case == "random":
       g = base
-    elif case == "all_agree":      # same sign in every domain, different magnitudes
+    elif case == "all_agree":  # same sign in every domain, different magnitudes
       g = jnp.abs(base) * jnp.sign(jax.random.normal(k2, shape))[None]
-    elif case == "all_disagree":   # alternating signs across domains
+    elif case == "all_disagree":  # alternating signs across domains
       alt = jnp.where(jnp.arange(d) % 2 == 0, 1.0, -1.0).reshape((d,) + (1,) * len(shape))
       g = jnp.abs(base) * alt
     elif case == "zero_variance":  # every domain the same gradient (some entries zero)
@@ -121,8 +121,12 @@ def test_sand_approaches_and_as_k_grows():
   dists = []
   for k in (1e-3, 1e-1, 1e1, 1e3, 1e6, 1e12):
     sand_m = dgjax.sand_mask_weights(grads, tau, k)
-    dists.append(sum(float(jnp.sum(jnp.abs(a - b))) for a, b in
-                     zip(jax.tree.leaves(sand_m), jax.tree.leaves(and_m))))
+    dists.append(
+      sum(
+        float(jnp.sum(jnp.abs(a - b)))
+        for a, b in zip(jax.tree.leaves(sand_m), jax.tree.leaves(and_m))
+      )
+    )
   assert all(b <= a + 1e-6 for a, b in zip(dists, dists[1:])), dists
   assert dists[-1] < 1e-6, dists
   chex.assert_trees_all_close(dgjax.sand_mask_weights(grads, tau, 1e12), and_m, atol=1e-6)
@@ -169,7 +173,7 @@ def test_masks_that_mask_everything_warn():
     dgjax.and_mask(tau=1.5)
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    dgjax.sand_mask()   # defaults train: no warning
+    dgjax.sand_mask()  # defaults train: no warning
     dgjax.and_mask()
   # and indeed DomainBed's SAND default tau=1.0 zeroes every update
   g = random_grads(jax.random.key(1), 3, [(5, 5)], "random")

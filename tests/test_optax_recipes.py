@@ -50,10 +50,16 @@ def run_recipe(name: str, namespace: dict, edit=lambda code: code) -> dict:
 # ------------------------------------------------------------------ a tiny MLP, D domains
 def tiny_params(key, dtype=jnp.float32):
   ks = jax.random.split(key, 4)
-  return {"featurizer": {"w": jax.random.normal(ks[0], (D_IN, K), dtype),
-                         "b": 0.1 * jax.random.normal(ks[1], (K,), dtype)},
-          "classifier": {"kernel": jax.random.normal(ks[2], (K, C), dtype),
-                         "bias": 0.1 * jax.random.normal(ks[3], (C,), dtype)}}
+  return {
+    "featurizer": {
+      "w": jax.random.normal(ks[0], (D_IN, K), dtype),
+      "b": 0.1 * jax.random.normal(ks[1], (K,), dtype),
+    },
+    "classifier": {
+      "kernel": jax.random.normal(ks[2], (K, C), dtype),
+      "bias": 0.1 * jax.random.normal(ks[3], (C,), dtype),
+    },
+  }
 
 
 def tiny_batches(key, num, b=B, dtype=jnp.float32):
@@ -61,8 +67,9 @@ def tiny_batches(key, num, b=B, dtype=jnp.float32):
   out = []
   for k in jax.random.split(key, num):
     kx, ky = jax.random.split(k)
-    out.append({"x": jax.random.normal(kx, (D, b, D_IN), dtype),
-                "y": jax.random.randint(ky, (D, b), 0, C)})
+    out.append(
+      {"x": jax.random.normal(kx, (D, b, D_IN), dtype), "y": jax.random.randint(ky, (D, b), 0, C)}
+    )
   return out
 
 
@@ -88,8 +95,11 @@ def loss_fn(params, domain_batch):
 
 
 # ------------------------------------------------------------------ masks: per-domain input
-MASKS = {"and": lambda: dgjax.and_mask(0.5), "sand": lambda: dgjax.sand_mask(0.5, 10.0),
-         "mean": dgjax.mean_over_domains}
+MASKS = {
+  "and": lambda: dgjax.and_mask(0.5),
+  "sand": lambda: dgjax.sand_mask(0.5, 10.0),
+  "mean": dgjax.mean_over_domains,
+}
 
 
 @pytest.mark.parametrize("mask", MASKS)
@@ -99,8 +109,11 @@ def test_mask_fed_plain_grad_raises_naming_the_leaf(mask):
   batch = tiny_batches(jax.random.key(1), 1)[0]
   plain = jax.grad(lambda p: jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0))(p, batch)))(params)
   tx = MASKS[mask]()
-  with pytest.raises(ValueError, match=r"leading domain axis.*\['classifier'\]\['bias'\]: "
-                                       r"gradient \(2,\), param \(2,\).*jax\.grad"):
+  with pytest.raises(
+    ValueError,
+    match=r"leading domain axis.*\['classifier'\]\['bias'\]: "
+    r"gradient \(2,\), param \(2,\).*jax\.grad",
+  ):
     jax.jit(tx.update)(plain, tx.init(params), params)
   # one leaf with the wrong D, or a wrong trailing shape: named too
   good = dgjax.per_domain_grads(loss_fn, params, batch)
@@ -108,7 +121,9 @@ def test_mask_fed_plain_grad_raises_naming_the_leaf(mask):
   with pytest.raises(ValueError, match=r"disagree on the number of domains.*\[2, 3\]"):
     tx.update(bad_d, tx.init(params), params)
   bad_shape = {**good, "featurizer": {**good["featurizer"], "w": good["featurizer"]["w"][:, :2]}}
-  with pytest.raises(ValueError, match=r"\['featurizer'\]\['w'\]: gradient \(3, 2, 4\), param \(3, 4\)"):
+  with pytest.raises(
+    ValueError, match=r"\['featurizer'\]\['w'\]: gradient \(3, 2, 4\), param \(3, 4\)"
+  ):
     tx.update(bad_shape, tx.init(params), params)
   # without params: the leaves must still share one leading axis
   with pytest.raises(ValueError, match=r"leading domain axis D shared by every leaf.*Pass params"):
@@ -123,7 +138,9 @@ def test_readme_per_domain_gradients_recipe():
   batch = tiny_batches(jax.random.key(1), 1)[0]
   ns = run_recipe("per-domain gradients", {"loss_fn": loss_fn, "params": params, "batch": batch})
   want = [jax.grad(loss_fn)(params, jax.tree.map(lambda a: a[d], batch)) for d in range(D)]
-  chex.assert_trees_all_close(ns["grads"], jax.tree.map(lambda *g: jnp.stack(g), *want), rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(
+    ns["grads"], jax.tree.map(lambda *g: jnp.stack(g), *want), rtol=1e-5, atol=1e-6
+  )
   chex.assert_tree_shape_prefix(ns["updates"], ())
   chex.assert_trees_all_equal_shapes(ns["updates"], params)
 
@@ -136,7 +153,9 @@ def test_mask_inside_multisteps_raises_clearly():
   grads = dgjax.per_domain_grads(loss_fn, params, tiny_batches(jax.random.key(1), 1)[0])
   for mask in MASKS.values():
     tx = optax.MultiSteps(optax.chain(mask(), optax.adam(1e-3)), every_k_schedule=2)
-    with pytest.raises(ValueError, match=r"cannot sit inside optax\.MultiSteps.*accumulate_per_domain"):
+    with pytest.raises(
+      ValueError, match=r"cannot sit inside optax\.MultiSteps.*accumulate_per_domain"
+    ):
       jax.jit(tx.update)(grads, tx.init(params), params)
 
 
@@ -147,29 +166,37 @@ def test_accumulated_per_domain_grads_give_the_big_batch_update(mask):
   with enable_x64():
     params = tiny_params(jax.random.key(0), jnp.float64)
     micro = tiny_batches(jax.random.key(1), 4, dtype=jnp.float64)
-    acc = accumulate_per_domain(optax.chain(MASKS[mask](), optax.sgd(0.5)), 2, num_domains=D,
-                                accumulator_dtype=jnp.float64)
+    acc = accumulate_per_domain(
+      optax.chain(MASKS[mask](), optax.sgd(0.5)), 2, num_domains=D, accumulator_dtype=jnp.float64
+    )
     big = optax.chain(MASKS[mask](), optax.sgd(0.5))
     acc_state, big_state = acc.init(params), big.init(params)
     update = jax.jit(acc.update)
     p_acc, p_big = params, params
     for i in range(2):
-      first, acc_state = update(dgjax.per_domain_grads(loss_fn, p_acc, micro[2 * i]), acc_state, p_acc)
+      first, acc_state = update(
+        dgjax.per_domain_grads(loss_fn, p_acc, micro[2 * i]), acc_state, p_acc
+      )
       chex.assert_trees_all_equal(first, jax.tree.map(jnp.zeros_like, params))
-      u_acc, acc_state = update(dgjax.per_domain_grads(loss_fn, p_acc, micro[2 * i + 1]), acc_state, p_acc)
+      u_acc, acc_state = update(
+        dgjax.per_domain_grads(loss_fn, p_acc, micro[2 * i + 1]), acc_state, p_acc
+      )
       big_grads = dgjax.per_domain_grads(loss_fn, p_big, concat(micro[2 * i], micro[2 * i + 1]))
       u_big, big_state = big.update(big_grads, big_state, p_big)
       chex.assert_trees_all_close(u_acc, u_big, rtol=1e-10, atol=1e-13)
       assert float(optax.tree.norm(u_big)) > 0
       p_acc, p_big = optax.apply_updates(p_acc, u_acc), optax.apply_updates(p_big, u_big)
     assert int(acc_state.gradient_step) == 2 and int(acc_state.mini_step) == 0
-    if mask == "sand":   # the wrong form (mean of masks) differs: the test can tell them apart
+    if mask == "sand":  # the wrong form (mean of masks) differs: the test can tell them apart
       naive = optax.chain(MASKS[mask](), optax.MultiSteps(optax.sgd(0.5), 2))
       s = naive.init(params)
       _, s = naive.update(dgjax.per_domain_grads(loss_fn, params, micro[0]), s, params)
       u_naive, _ = naive.update(dgjax.per_domain_grads(loss_fn, params, micro[1]), s, params)
-      u_first = big.update(dgjax.per_domain_grads(loss_fn, params, concat(micro[0], micro[1])),
-                           big.init(params), params)[0]
+      u_first = big.update(
+        dgjax.per_domain_grads(loss_fn, params, concat(micro[0], micro[1])),
+        big.init(params),
+        params,
+      )[0]
       assert float(optax.tree.norm(optax.tree.sub(u_naive, u_first))) > 1e-3
 
 
@@ -177,12 +204,16 @@ def test_readme_accumulation_recipe_matches_big_batches_with_adam():
   with enable_x64():
     params = tiny_params(jax.random.key(2), jnp.float64)
     micro = tiny_batches(jax.random.key(3), 4, dtype=jnp.float64)
-    ns = run_recipe("accumulate micro-batches",
-                    {"loss_fn": loss_fn, "params": params, "micro_batches": micro, "D": D})
+    ns = run_recipe(
+      "accumulate micro-batches",
+      {"loss_fn": loss_fn, "params": params, "micro_batches": micro, "D": D},
+    )
     tx = optax.chain(dgjax.sand_mask(tau=0.5, k=10.0), optax.adam(1e-3))
     state, p = tx.init(params), params
     for i in range(2):
-      u, state = tx.update(dgjax.per_domain_grads(loss_fn, p, concat(*micro[2 * i:2 * i + 2])), state, p)
+      u, state = tx.update(
+        dgjax.per_domain_grads(loss_fn, p, concat(*micro[2 * i : 2 * i + 2])), state, p
+      )
       p = optax.apply_updates(p, u)
     chex.assert_trees_all_close(ns["params"], p, rtol=1e-6, atol=1e-9)  # float32 accumulator
     assert float(optax.tree.norm(optax.tree.sub(p, params))) > 1e-4
@@ -203,8 +234,11 @@ def test_accumulate_per_domain_checks_its_input():
   with pytest.raises(ValueError, match="num_domains must be a positive int"):
     accumulate_per_domain(optax.sgd(1.0), 2, num_domains=0)
   # a schedule: 1 micro-batch for the first update, then 3
-  tx = accumulate_per_domain(optax.chain(dgjax.mean_over_domains(), optax.sgd(1.0)),
-                             lambda step: jnp.where(step == 0, 1, 3), num_domains=D)
+  tx = accumulate_per_domain(
+    optax.chain(dgjax.mean_over_domains(), optax.sgd(1.0)),
+    lambda step: jnp.where(step == 0, 1, 3),
+    num_domains=D,
+  )
   state = tx.init(params)
   emitted = []
   for _ in range(4):
@@ -238,8 +272,9 @@ def test_mask_inside_apply_if_finite_raises_clearly():
 @pytest.mark.parametrize("bad", [jnp.nan, jnp.inf])
 def test_readme_apply_if_finite_recipe_skips_a_non_finite_step(bad):
   params = tiny_params(jax.random.key(0))
-  g1, g2, g3 = (dgjax.per_domain_grads(loss_fn, params, b)
-                for b in tiny_batches(jax.random.key(1), 3))
+  g1, g2, g3 = (
+    dgjax.per_domain_grads(loss_fn, params, b) for b in tiny_batches(jax.random.key(1), 3)
+  )
   # one entry of one domain's gradient is non-finite
   g2 = {**g2, "featurizer": {**g2["featurizer"], "w": g2["featurizer"]["w"].at[1, 0, 2].set(bad)}}
   tx = run_recipe("apply_if_finite", {})["tx"]
@@ -247,8 +282,8 @@ def test_readme_apply_if_finite_recipe_skips_a_non_finite_step(bad):
   state = tx.init(params)
   _, state = update(g1, state, params)
   u2, state2 = update(g2, state, params)
-  chex.assert_trees_all_equal(u2, jax.tree.map(jnp.zeros_like, params))        # skipped
-  chex.assert_trees_all_equal(state2[1].inner_state, state[1].inner_state)     # Adam kept
+  chex.assert_trees_all_equal(u2, jax.tree.map(jnp.zeros_like, params))  # skipped
+  chex.assert_trees_all_equal(state2[1].inner_state, state[1].inner_state)  # Adam kept
   assert int(state2[1].notfinite_count) == 1 and int(state2[1].total_notfinite) == 1
   u3, _ = update(g3, state2, params)
   # as if the bad step had never happened
@@ -258,9 +293,11 @@ def test_readme_apply_if_finite_recipe_skips_a_non_finite_step(bad):
 
 
 # ------------------------------------------------------------------ Hessian transforms
-ALIGNMENT = {"hgp": lambda: hessian.hessian_gradient_product(alpha=1.0, beta=1.0),
-             "hutchinson": lambda: hessian.hutchinson(num_samples=2),
-             "cma": lambda: hessian.moment_alignment()}
+ALIGNMENT = {
+  "hgp": lambda: hessian.hessian_gradient_product(alpha=1.0, beta=1.0),
+  "hutchinson": lambda: hessian.hutchinson(num_samples=2),
+  "cma": lambda: hessian.moment_alignment(),
+}
 
 
 @pytest.mark.parametrize("name", ALIGNMENT)
@@ -269,23 +306,28 @@ def test_hessian_transform_inside_multisteps_raises_clearly(name):
   from the last micro-batch only."""
   params = tiny_params(jax.random.key(0))
   batch = tiny_batches(jax.random.key(1), 1)[0]
-  mean_grads = jax.tree.map(lambda g: jnp.mean(g, 0), dgjax.per_domain_grads(loss_fn, params, batch))
+  mean_grads = jax.tree.map(
+    lambda g: jnp.mean(g, 0), dgjax.per_domain_grads(loss_fn, params, batch)
+  )
   extra = dict(obj_fn=obj_fn, head_inputs=lambda p: head_inputs(p, batch))
   tx = optax.MultiSteps(optax.chain(ALIGNMENT[name](), optax.adam(1e-3)), every_k_schedule=2)
   with pytest.raises(ValueError, match=r"cannot sit inside optax\.MultiSteps.*last micro-batch"):
     tx.update(mean_grads, tx.init(params), params, **extra)
-  if name == "hgp":   # behind a mask in dgjax's accumulator: refused too
+  if name == "hgp":  # behind a mask in dgjax's accumulator: refused too
     grads = dgjax.per_domain_grads(loss_fn, params, batch)
-    tx = accumulate_per_domain(optax.chain(dgjax.mean_over_domains(), ALIGNMENT[name](),
-                                           optax.adam(1e-3)), 2, num_domains=D)
+    tx = accumulate_per_domain(
+      optax.chain(dgjax.mean_over_domains(), ALIGNMENT[name](), optax.adam(1e-3)), 2, num_domains=D
+    )
     with pytest.raises(ValueError, match=r"inside dgjax\.masks\.accumulate_per_domain"):
       tx.update(grads, tx.init(params), params, **extra)
     # apply_if_finite keeps the updates' shape, so it wraps these transforms as is
     tx = optax.apply_if_finite(optax.chain(ALIGNMENT[name](), optax.sgd(1.0)), 2)
     plain = optax.chain(ALIGNMENT[name](), optax.sgd(1.0))
-    chex.assert_trees_all_close(tx.update(mean_grads, tx.init(params), params, **extra)[0],
-                                plain.update(mean_grads, plain.init(params), params, **extra)[0],
-                                rtol=1e-6)
+    chex.assert_trees_all_close(
+      tx.update(mean_grads, tx.init(params), params, **extra)[0],
+      plain.update(mean_grads, plain.init(params), params, **extra)[0],
+      rtol=1e-6,
+    )
 
 
 @pytest.mark.parametrize("name", ["hgp", "cma"])
@@ -297,19 +339,34 @@ def test_readme_one_pass_penalty_accumulation_equals_the_transform(name):
     params = tiny_params(jax.random.key(4), jnp.float64)
     micro = tiny_batches(jax.random.key(5), 4, dtype=jnp.float64)
     edit = (lambda code: code) if name == "hgp" else (lambda code: code.replace("# CMA: ", ""))
-    ns = run_recipe("accumulate a Hessian-alignment penalty",
-                    {"obj_fn": obj_fn, "head_inputs": head_inputs, "w": w, "params": params,
-                     "micro_batches": micro}, edit)
-    make = {"hgp": lambda: hessian.hessian_gradient_product(alpha=1.0, beta=1.0, weight=w),
-            "cma": lambda: hessian.moment_alignment(alpha=1.0, beta=1.0, weight=w)}[name]
+    ns = run_recipe(
+      "accumulate a Hessian-alignment penalty",
+      {
+        "obj_fn": obj_fn,
+        "head_inputs": head_inputs,
+        "w": w,
+        "params": params,
+        "micro_batches": micro,
+      },
+      edit,
+    )
+    make = {
+      "hgp": lambda: hessian.hessian_gradient_product(alpha=1.0, beta=1.0, weight=w),
+      "cma": lambda: hessian.moment_alignment(alpha=1.0, beta=1.0, weight=w),
+    }[name]
     transform, adam = make(), optax.adam(1e-3)
     adam_state, p = adam.init(params), params
     for i in range(2):
       outs = []
-      for b in micro[2 * i:2 * i + 2]:
+      for b in micro[2 * i : 2 * i + 2]:
         mean_grads = jax.tree.map(lambda g: jnp.mean(g, 0), dgjax.per_domain_grads(loss_fn, p, b))
-        out, _ = transform.update(mean_grads, transform.init(p), p, obj_fn=obj_fn,
-                                  head_inputs=lambda q, b=b: head_inputs(q, b))
+        out, _ = transform.update(
+          mean_grads,
+          transform.init(p),
+          p,
+          obj_fn=obj_fn,
+          head_inputs=lambda q, b=b: head_inputs(q, b),
+        )
         outs.append(out)
       u, adam_state = adam.update(jax.tree.map(lambda a, b: (a + b) / 2, *outs), adam_state, p)
       p = optax.apply_updates(p, u)
@@ -345,15 +402,22 @@ def test_cma_takes_any_linear_head():
     # the README recipe: the same update as the kernel/bias head, by name and by function
     ns = run_recipe("CMA with any linear head", {"hessian": hessian})
     base = optax.chain(hessian.moment_alignment(alpha=1.0, beta=1.0), optax.adam(1e-3))
-    mean_grads = jax.tree.map(lambda g: jnp.mean(g, 0), dgjax.per_domain_grads(loss_fn, params, batch))
-    want_u = base.update(mean_grads, base.init(params), params,
-                         head_inputs=lambda p: head_inputs(p, batch))[0]
+    mean_grads = jax.tree.map(
+      lambda g: jnp.mean(g, 0), dgjax.per_domain_grads(loss_fn, params, batch)
+    )
+    want_u = base.update(
+      mean_grads, base.init(params), params, head_inputs=lambda p: head_inputs(p, batch)
+    )[0]
     to_fc = lambda t: {"featurizer": t["featurizer"], "fc": renamed(t["classifier"])}
-    to_fc_t = lambda t: {"featurizer": t["featurizer"],
-                         "fc_t": {"weight": t["classifier"]["kernel"].T, "bias": t["classifier"]["bias"]}}
+    to_fc_t = lambda t: {
+      "featurizer": t["featurizer"],
+      "fc_t": {"weight": t["classifier"]["kernel"].T, "bias": t["classifier"]["bias"]},
+    }
     for tx, convert in ((ns["tx"], to_fc), (ns["tx_transposed"], to_fc_t)):
       p = convert(params)
-      u = tx.update(convert(mean_grads), tx.init(p), p, head_inputs=lambda q: head_inputs(q, batch))[0]
+      u = tx.update(
+        convert(mean_grads), tx.init(p), p, head_inputs=lambda q: head_inputs(q, batch)
+      )[0]
       chex.assert_trees_all_close(u, convert(want_u), rtol=1e-9, atol=1e-12)
 
 
@@ -362,15 +426,17 @@ def test_cma_rejects_a_head_that_is_not_linear():
   inputs = head_inputs(params, tiny_batches(jax.random.key(1), 1)[0])
   head = params["classifier"]
   mlp_head = {"hidden": {"w": jnp.ones((K, K))}, "out": renamed(head)}
-  with pytest.raises(ValueError, match=r"need a linear head.*\['hidden'\]\['w'\]: \(4, 4\).*not linear"):
+  with pytest.raises(
+    ValueError, match=r"need a linear head.*\['hidden'\]\['w'\]: \(4, 4\).*not linear"
+  ):
     hessian.cma_terms(mlp_head, inputs)
   with pytest.raises(ValueError, match="need a linear head"):
-    hessian.cma_terms({"k": head["kernel"][None]}, inputs)           # a 3-D leaf
+    hessian.cma_terms({"k": head["kernel"][None]}, inputs)  # a 3-D leaf
   with pytest.raises(ValueError, match=r"bias \['b'\] has shape \(3,\).*needs \[C\] = \(2,\)"):
     hessian.cma_terms({"w": head["kernel"], "b": jnp.zeros(3)}, inputs)
   with pytest.raises(ValueError, match=r"do not match the kernel \(2, 4\).*transposed"):
     hessian.cma_terms({"w": head["kernel"].T}, inputs)
-  tx = hessian.moment_alignment(head="featurizer")                    # a layer not fed z
+  tx = hessian.moment_alignment(head="featurizer")  # a layer not fed z
   with pytest.raises(ValueError, match="do not match the kernel"):
     tx.update(params, tx.init(params), params, head_inputs=inputs)
 
@@ -390,5 +456,7 @@ def test_readme_first_snippet_runs_as_written():
 def test_head_selector_names_a_missing_head():
   """moment_alignment & co. given model.init's {'params': ...} say so instead of a bare KeyError."""
   wrapped = {"params": tiny_params(jax.random.key(0))}
-  with pytest.raises(KeyError, match=r"no key 'classifier' .*found \['params'\].*pass its \['params'\]"):
+  with pytest.raises(
+    KeyError, match=r"no key 'classifier' .*found \['params'\].*pass its \['params'\]"
+  ):
     hessian.head_selector()(wrapped)

@@ -32,9 +32,9 @@ def irm_reference(logits, y):
   def dscale(lg, yy):
     total = 0.0
     for l, t in zip(lg, yy):
-      if len(l) == 1:                          # logistic: d/dw BCE(w l) = (sigmoid(l) - y) l
+      if len(l) == 1:  # logistic: d/dw BCE(w l) = (sigmoid(l) - y) l
         total += (sigmoid(l[0]) - t) * l[0]
-      else:                                    # softmax: d/dw CE(w l) = sum_c p_c l_c - l_y
+      else:  # softmax: d/dw CE(w l) = sum_c p_c l_c - l_y
         total += softmax(l) @ l - l[t]
       continue
     return total / len(lg)
@@ -58,10 +58,12 @@ def test_irm_terms_average_the_per_domain_penalties():
   ctx = methods.Context(model, methods.default_hparams("irm"), 3)
   t = jax.jit(lambda p, bt: invariance.irm_terms(ctx, p, bt, None, ()))(params, {"x": x, "y": y})
   logits = [np.asarray(model.apply({"params": params}, x[d]), np.float64) for d in range(3)]
-  np.testing.assert_allclose(t.penalty, np.mean([irm_reference(logits[d], y[d]) for d in range(3)]),
-                             rtol=1e-4, atol=1e-7)
-  np.testing.assert_allclose(t.env_losses, [methods.cross_entropy(jnp.asarray(logits[d]), y[d])
-                                            for d in range(3)], rtol=1e-5)
+  np.testing.assert_allclose(
+    t.penalty, np.mean([irm_reference(logits[d], y[d]) for d in range(3)]), rtol=1e-4, atol=1e-7
+  )
+  np.testing.assert_allclose(
+    t.env_losses, [methods.cross_entropy(jnp.asarray(logits[d]), y[d]) for d in range(3)], rtol=1e-5
+  )
 
 
 # ------------------------------------------------------------------------------ V-REx
@@ -111,13 +113,17 @@ def test_mmd_penalty_matches_explicit_kernel_sums():
   feats = RNG.normal(size=(3, 5, 2)) * 0.5 + np.arange(3)[:, None, None] * 0.3
   got = penalties.mmd_penalty(jnp.asarray(feats, jnp.float32))
   np.testing.assert_allclose(got, pairs_reference(mmd_reference, feats), rtol=1e-3, atol=1e-5)
-  assert float(penalties.mmd_penalty(jnp.asarray(np.repeat(feats[:1], 3, 0), jnp.float32))) == pytest.approx(0, abs=1e-4)
-  assert float(penalties.mmd_penalty(jnp.asarray(feats[:1], jnp.float32))) == 0.0   # one domain: no pairs
+  assert float(
+    penalties.mmd_penalty(jnp.asarray(np.repeat(feats[:1], 3, 0), jnp.float32))
+  ) == pytest.approx(0, abs=1e-4)
+  assert (
+    float(penalties.mmd_penalty(jnp.asarray(feats[:1], jnp.float32))) == 0.0
+  )  # one domain: no pairs
 
 
 def test_feature_alignment_penalties_are_differentiable_without_nan():
   feats = jnp.asarray(RNG.normal(size=(2, 4, 3)), jnp.float32)
-  feats = feats.at[1].set(feats[0])           # identical points: zero distances (the clamp)
+  feats = feats.at[1].set(feats[0])  # identical points: zero distances (the clamp)
   for fn in (penalties.mmd_penalty, penalties.coral_penalty):
     g = jax.jit(jax.grad(fn))(feats)
     assert np.all(np.isfinite(g))
@@ -132,7 +138,7 @@ def test_iga_penalty_matches_a_loop_over_domains_and_entries():
   ctx = methods.Context(model, methods.default_hparams("iga"), 3)
   grads = []
   grad = jax.jit(jax.grad(ctx.loss))
-  for d in range(3):                            # explicit per-domain gradients, flattened
+  for d in range(3):  # explicit per-domain gradients, flattened
     g = grad(params, {"x": x[d], "y": y[d]})
     grads.append(np.concatenate([np.ravel(v) for v in jax.tree.leaves(g)]).astype(np.float64))
   mean = [sum(grads[d][k] for d in range(3)) / 3 for k in range(len(grads[0]))]
@@ -143,16 +149,23 @@ def test_iga_penalty_matches_a_loop_over_domains_and_entries():
   # equals DomainBed's: grad of mean loss + w * penalty with the mean gradient detached,
   # differentiated through the per-domain gradients (create_graph=True).
   w = 7.0
+
   def domainbed_objective(p):
     losses, g = jax.vmap(jax.value_and_grad(ctx.loss), in_axes=(None, 0))(p, {"x": x, "y": y})
     pen = sum(jnp.sum((v - jax.lax.stop_gradient(v.mean(0))) ** 2) for v in jax.tree.leaves(g))
     return jnp.mean(losses) + w * pen
+
   for impl in ("vmap", "unrolled"):
-    c = methods.Context(model, {**methods.default_hparams("iga"), "penalty": w}, 3, per_domain_impl=impl)
-    g_ours, terms = jax.jit(lambda p: invariance.iga_gradients("penalty").grads(
-        c, p, (), {"x": x, "y": y}, 0, None))(params)
+    c = methods.Context(
+      model, {**methods.default_hparams("iga"), "penalty": w}, 3, per_domain_impl=impl
+    )
+    g_ours, terms = jax.jit(
+      lambda p: invariance.iga_gradients("penalty").grads(c, p, (), {"x": x, "y": y}, 0, None)
+    )(params)
     np.testing.assert_allclose(terms.penalty, ref, rtol=1e-4)
-    for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(jax.jit(jax.grad(domainbed_objective))(params))):
+    for a, b in zip(
+      jax.tree.leaves(g_ours), jax.tree.leaves(jax.jit(jax.grad(domainbed_objective))(params))
+    ):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
@@ -166,31 +179,43 @@ def test_fishr_statistics_match_an_explicit_loop_over_examples(classes):
   params = model.init(jax.random.key(2), x[0])["params"]
   ctx = methods.Context(model, methods.default_hparams("fishr"), d)
   env_losses, variances = jax.jit(lambda p, bt: invariance.head_gradient_variances(ctx, p, bt))(
-      params, {"x": x, "y": y})
+    params, {"x": x, "y": y}
+  )
 
   head = params["classifier"]
   ref_var = []
   for dom in range(d):
     z = np.asarray(model.apply({"params": params}, x[dom], method="features"), np.float64)
     per_example = []
-    for i in range(b):                          # the head's gradient by hand, one example at a time
+    for i in range(b):  # the head's gradient by hand, one example at a time
       logit = z[i] @ np.asarray(head["kernel"], np.float64) + np.asarray(head["bias"], np.float64)
       if classes == 1:
         err = np.array([sigmoid(logit[0]) - y[dom, i]])
       else:
         err = softmax(logit) - np.eye(classes)[y[dom, i]]
       per_example.append({"kernel": np.outer(z[i], err), "bias": err})
-    ref_var.append({k: np.mean([(e[k] - np.mean([f[k] for f in per_example], 0)) ** 2
-                                for e in per_example], 0) for k in ("kernel", "bias")})
+    ref_var.append(
+      {
+        k: np.mean([(e[k] - np.mean([f[k] for f in per_example], 0)) ** 2 for e in per_example], 0)
+        for k in ("kernel", "bias")
+      }
+    )
   for k in ("kernel", "bias"):
-    np.testing.assert_allclose(variances[k], np.stack([r[k] for r in ref_var]), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(
+      variances[k], np.stack([r[k] for r in ref_var]), rtol=1e-4, atol=1e-7
+    )
 
   # penalty: mean over domains of the mean squared distance to the domain-mean variance
-  flat = [np.concatenate([ref_var[dom]["bias"].ravel(), ref_var[dom]["kernel"].ravel()]) for dom in range(d)]
+  flat = [
+    np.concatenate([ref_var[dom]["bias"].ravel(), ref_var[dom]["kernel"].ravel()])
+    for dom in range(d)
+  ]
   mean = np.mean(flat, 0)
   ref = np.mean([np.mean((flat[dom] - mean) ** 2) for dom in range(d)])
   np.testing.assert_allclose(penalties.fishr_penalty(variances), ref, rtol=1e-4, atol=1e-12)
-  np.testing.assert_allclose(env_losses, [ctx.loss(params, {"x": x[i], "y": y[i]}) for i in range(d)], rtol=1e-5)
+  np.testing.assert_allclose(
+    env_losses, [ctx.loss(params, {"x": x[i], "y": y[i]}) for i in range(d)], rtol=1e-5
+  )
 
 
 def test_per_example_grads_match_a_loop():
@@ -246,7 +271,7 @@ def test_group_dro_weights_follow_exponentiated_gradient():
   tx = gradient_combination.group_dro(eta, d)
   grads = {"w": jnp.asarray(RNG.normal(size=(d, 4)), jnp.float32)}
   state = tx.init(None)
-  q = np.ones(d)                                # DomainBed starts at ones, normalises after
+  q = np.ones(d)  # DomainBed starts at ones, normalises after
   for _ in range(3):
     losses = RNG.uniform(0, 2, d)
     out, state = tx.update(grads, state, losses=jnp.asarray(losses, jnp.float32))
@@ -277,15 +302,17 @@ def test_mixup_objective_matches_explicit_pairs():
   key = jax.random.key(7)
   t = jax.jit(lambda p, bt, k: mixing.mixup_terms(ctx, p, bt, k, ()))(params, {"x": x, "y": y}, key)
   value, env_losses = jnp.mean(t.env_losses), t.env_losses
-  k_perm, k_lam = jax.random.split(key)       # the same draws, as documented
+  k_perm, k_lam = jax.random.split(key)  # the same draws, as documented
   perm = np.asarray(jax.random.permutation(k_perm, d))
   lam = np.asarray(jax.random.beta(k_lam, 1.0, 1.0, (d,), jnp.float32))
   total, per = 0.0, {}
   for i in range(d):
-    a, c = perm[i], perm[(i + 1) % d]         # DomainBed's random_pairs_of_minibatches
+    a, c = perm[i], perm[(i + 1) % d]  # DomainBed's random_pairs_of_minibatches
     xm = lam[i] * x[a] + (1 - lam[i]) * x[c]
     logits = model.apply({"params": params}, xm)
-    li = lam[i] * methods.cross_entropy(logits, y[a]) + (1 - lam[i]) * methods.cross_entropy(logits, y[c])
+    li = lam[i] * methods.cross_entropy(logits, y[a]) + (1 - lam[i]) * methods.cross_entropy(
+      logits, y[c]
+    )
     total += li
     per[a] = li
   np.testing.assert_allclose(value, total / d, rtol=1e-5)
@@ -313,7 +340,7 @@ def test_fish_matches_a_python_loop_of_inner_adam_steps():
   ref_params = params
   update, vg = jax.jit(ms.update), jax.jit(jax.value_and_grad(ctx.loss))
   inner_update = jax.jit(inner_tx.update)
-  for step in range(2):                         # two outer steps: the inner Adam state carries over
+  for step in range(2):  # two outer steps: the inner Adam state carries over
     updates, state, metrics = update(params, state, {"x": x, "y": y}, jnp.int32(step), None)
     clone, losses = ref_params, []
     for dom in range(d):
@@ -339,8 +366,9 @@ def test_spectral_decoupling_step_matches_an_explicit_reference():
   params = model.init(jax.random.key(6), x[0])["params"]
   hp = methods.resolve_hparams("sd", 0, {"sd_reg": sd_reg, "lr": 1e-2})
   ms = methods.get_method("sd").build(methods.Context(model, hp, d))
-  updates, _, metrics = jax.jit(ms.update)(params, ms.init(params, jax.random.key(0)),
-                                           {"x": x, "y": y}, 0, None)
+  updates, _, metrics = jax.jit(ms.update)(
+    params, ms.init(params, jax.random.key(0)), {"x": x, "y": y}, 0, None
+  )
 
   def reference(p):
     total, squares, n = 0.0, 0.0, 0
@@ -353,9 +381,11 @@ def test_spectral_decoupling_step_matches_an_explicit_reference():
     return total / n + sd_reg * squares / (n * classes)
 
   g = jax.grad(reference)(params)
-  want = optax.adam(1e-2, b1=0.9, b2=0.999, eps=1e-8).update(g, optax.adam(1e-2).init(params), params)[0]
+  want = optax.adam(1e-2, b1=0.9, b2=0.999, eps=1e-8).update(
+    g, optax.adam(1e-2).init(params), params
+  )[0]
   for a, c in zip(jax.tree.leaves(updates), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-7)
   assert float(metrics["penalty_weight"]) == pytest.approx(sd_reg)
   logits = np.asarray(model.apply({"params": params}, x.reshape(d * b, -1)))
-  np.testing.assert_allclose(metrics["penalty"], np.mean(logits ** 2), rtol=1e-5)
+  np.testing.assert_allclose(metrics["penalty"], np.mean(logits**2), rtol=1e-5)

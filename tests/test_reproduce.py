@@ -42,38 +42,77 @@ def test_domainbed_tables_put_ours_beside_the_published_rows():
   assert lines[i + 4] == "| erm | dgjax | 20.0 ± 7.1 | 30.0 ± 7.1 | 40.0 ± 7.1 | 30.0 |"
   assert lines[i + 5] == "| erm | DomainBed | 71.7 ± 0.1 | 72.9 ± 0.2 | 10.0 ± 0.1 | 51.5 |"
   gaps = [float(c) for c in lines[i + 6].split("|")[3:6]]
-  assert gaps == pytest.approx([(20 - 71.7) / math.hypot(7.071, 0.1),
-                                (30 - 72.9) / math.hypot(7.071, 0.2),
-                                (40 - 10.0) / math.hypot(7.071, 0.1)], abs=0.06)
+  assert gaps == pytest.approx(
+    [
+      (20 - 71.7) / math.hypot(7.071, 0.1),
+      (30 - 72.9) / math.hypot(7.071, 0.2),
+      (40 - 10.0) / math.hypot(7.071, 0.1),
+    ],
+    abs=0.06,
+  )
   assert "| sand | DomainBed | not in DomainBed's table |" in text
   assert "### ColoredMNIST, model selection: test-domain validation set (oracle)" in text
 
 
 def test_irm_cmnist_report_end_to_end(data_dir, tmp_path, capsys):
   out = tmp_path / "report.md"
-  args = ["irm_cmnist", "--methods", "vrex", "--n_restarts", "2", "--steps", "3",
-          "--data_dir", str(data_dir / "mnist-first10k"), "--results", str(tmp_path / "r.jsonl"),
-          "--output", str(out)]
+  args = [
+    "irm_cmnist",
+    "--methods",
+    "vrex",
+    "--n_restarts",
+    "2",
+    "--steps",
+    "3",
+    "--data_dir",
+    str(data_dir / "mnist-first10k"),
+    "--results",
+    str(tmp_path / "r.jsonl"),
+    "--output",
+    str(out),
+  ]
   assert reproduce_cli.main(args) == 0
   text = out.read_text()
   # a second call finds vrex's result in --results and writes the same report without training
   assert reproduce_cli.main(args) == 0
   assert "== vrex: from" in capsys.readouterr().out and out.read_text() == text
   assert "8333 train / last 1/6 = 1667 test" in text and "3 steps, 2 restarts" in text
-  assert "| vrex | 2 |" in text and "67.2 ± 1.5" in text       # Fishr's V-REx row beside ours
+  assert "| vrex | 2 |" in text and "67.2 ± 1.5" in text  # Fishr's V-REx row beside ours
   row = next(line for line in text.splitlines() if line.startswith("| vrex | 2 |"))
-  assert len(row.split("|")[-2].split("/")) == 3                # a gap for each accuracy
+  assert len(row.split("|")[-2].split("/")) == 3  # a gap for each accuracy
 
 
 def test_domainbed_report_end_to_end(data_dir, tmp_path, capsys):
   """DomainBed's protocol through the sweep at toy scale: ColoredMNIST's test environment 2,
   one hparams draw, one trial, two steps on 300 digits (every environment is the default)."""
   out = tmp_path / "report.md"
-  code = reproduce_cli.main(["domainbed", "--datasets", "ColoredMNIST", "--methods", "erm",
-                             "--n_hparams", "1", "--n_trials", "1", "--steps", "2", "--test_envs", "2",
-                             "--checkpoint_freq", "1", "--train_arg", "max_examples=300",
-                             "--output_dir", str(tmp_path / "sweep"),
-                             "--data_dir", str(data_dir / "mnist-first10k"), "--output", str(out)])
+  code = reproduce_cli.main(
+    [
+      "domainbed",
+      "--datasets",
+      "ColoredMNIST",
+      "--methods",
+      "erm",
+      "--n_hparams",
+      "1",
+      "--n_trials",
+      "1",
+      "--steps",
+      "2",
+      "--test_envs",
+      "2",
+      "--checkpoint_freq",
+      "1",
+      "--train_arg",
+      "max_examples=300",
+      "--output_dir",
+      str(tmp_path / "sweep"),
+      "--data_dir",
+      str(data_dir / "mnist-first10k"),
+      "--output",
+      str(out),
+    ]
+  )
   assert code == 0, capsys.readouterr().err
   text = out.read_text()
   assert "test environment(s) 2, steps 2, max_examples=300" in text

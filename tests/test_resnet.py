@@ -21,7 +21,9 @@ def random_state_dict(arch, num_classes, seed=0):
   sd = {}
 
   def conv(name, o, i, k):
-    sd[name + ".weight"] = rng.normal(0, np.sqrt(2.0 / (i * k * k)), (o, i, k, k)).astype(np.float32)
+    sd[name + ".weight"] = rng.normal(0, np.sqrt(2.0 / (i * k * k)), (o, i, k, k)).astype(
+      np.float32
+    )
 
   def bn(name, c, gain=1.0):
     sd[name + ".weight"] = (gain * rng.uniform(0.5, 1.5, c)).astype(np.float32)
@@ -35,21 +37,27 @@ def random_state_dict(arch, num_classes, seed=0):
   bn("bn1", 64)
   inplanes = 64
   for s, n in enumerate(stages):
-    planes = 64 * 2 ** s
+    planes = 64 * 2**s
     for i in range(n):
       stride = 2 if (s > 0 and i == 0) else 1
       p = f"layer{s + 1}.{i}"
       if block == "basic":
-        conv(p + ".conv1", planes, inplanes, 3); bn(p + ".bn1", planes)
-        conv(p + ".conv2", planes, planes, 3); bn(p + ".bn2", planes, 0.3)
+        conv(p + ".conv1", planes, inplanes, 3)
+        bn(p + ".bn1", planes)
+        conv(p + ".conv2", planes, planes, 3)
+        bn(p + ".bn2", planes, 0.3)
         out = planes
       else:
-        conv(p + ".conv1", planes, inplanes, 1); bn(p + ".bn1", planes)
-        conv(p + ".conv2", planes, planes, 3); bn(p + ".bn2", planes)
-        conv(p + ".conv3", planes * 4, planes, 1); bn(p + ".bn3", planes * 4, 0.3)
+        conv(p + ".conv1", planes, inplanes, 1)
+        bn(p + ".bn1", planes)
+        conv(p + ".conv2", planes, planes, 3)
+        bn(p + ".bn2", planes)
+        conv(p + ".conv3", planes * 4, planes, 1)
+        bn(p + ".bn3", planes * 4, 0.3)
         out = planes * 4
       if stride != 1 or inplanes != out:
-        conv(p + ".downsample.0", out, inplanes, 1); bn(p + ".downsample.1", out)
+        conv(p + ".downsample.0", out, inplanes, 1)
+        bn(p + ".downsample.1", out)
       inplanes = out
   bound = 1 / np.sqrt(inplanes)
   sd["fc.weight"] = rng.uniform(-bound, bound, (num_classes, inplanes)).astype(np.float32)
@@ -64,8 +72,14 @@ def np_conv(x, w, stride, pad):
   o, i, kh, kw = w.shape
   xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   ho, wo = (h + 2 * pad - kh) // stride + 1, (wd + 2 * pad - kw) // stride + 1
-  cols = np.concatenate([xp[:, a:a + stride * ho:stride, b:b + stride * wo:stride, :]
-                         for a in range(kh) for b in range(kw)], axis=-1)
+  cols = np.concatenate(
+    [
+      xp[:, a : a + stride * ho : stride, b : b + stride * wo : stride, :]
+      for a in range(kh)
+      for b in range(kw)
+    ],
+    axis=-1,
+  )
   kernel = w.astype(np.float64).transpose(2, 3, 1, 0).reshape(kh * kw * i, o)
   return (cols.reshape(-1, kh * kw * c) @ kernel).reshape(n, ho, wo, o)
 
@@ -81,7 +95,9 @@ def np_bn(x, sd, name, batch_stats):
 def np_maxpool(x):
   xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
   ho, wo = (x.shape[1] - 1) // 2 + 1, (x.shape[2] - 1) // 2 + 1
-  return np.max([xp[:, a:a + 2 * ho:2, b:b + 2 * wo:2, :] for a in range(3) for b in range(3)], axis=0)
+  return np.max(
+    [xp[:, a : a + 2 * ho : 2, b : b + 2 * wo : 2, :] for a in range(3) for b in range(3)], axis=0
+  )
 
 
 def np_resnet(sd, arch, x, batch_stats=False):
@@ -124,8 +140,9 @@ def japply(model):
 def tiny(num_classes, **kw):
   """A 1-block-per-stage ResNet (same code paths, much cheaper to compile)."""
   return resnet.ResNetClassifier(
-      featurizer=resnet.ResNet(stage_sizes=(1, 1, 1, 1), block="basic", name="featurizer", **kw),
-      num_classes=num_classes)
+    featurizer=resnet.ResNet(stage_sizes=(1, 1, 1, 1), block="basic", name="featurizer", **kw),
+    num_classes=num_classes,
+  )
 
 
 def tiny_variables(num_classes, seed=0):
@@ -171,7 +188,9 @@ def test_resnet18_conversion_matches_numpy_reference(tmp_path):
   assert_close(z, want_z, 1e-5)
   assert_close(logits, want_logits, 1e-5)
   # head-level access with the classifier params only (what head-level methods use)
-  head = japply(model)({"params": {"classifier": variables["params"]["classifier"]}}, z, method="head")
+  head = japply(model)(
+    {"params": {"classifier": variables["params"]["classifier"]}}, z, method="head"
+  )
   assert_close(head, want_logits, 1e-5)
 
 
@@ -180,8 +199,9 @@ def test_resnet50_conversion_matches_numpy_reference_at_224(tmp_path):
   model, variables = converted_model(tmp_path, "resnet50", 7, sd)
   x = np.random.default_rng(1).normal(size=(2, 224, 224, 3)).astype(np.float32)
   want_z, want_logits = np_resnet(sd, "resnet50", x)
-  z, logits = jax.jit(lambda v, x: model.apply(
-      v, x, method=lambda m, x: (m.features(x), m(x))))(variables, x)
+  z, logits = jax.jit(lambda v, x: model.apply(v, x, method=lambda m, x: (m.features(x), m(x))))(
+    variables, x
+  )
   assert_close(z, want_z, 1e-5)
   assert_close(logits, want_logits, 1e-5)
 
@@ -197,10 +217,15 @@ def test_unfrozen_bn_uses_batch_statistics_and_updates_running_stats_as_torch(tm
   h = np_conv(x.astype(np.float64), sd["conv1.weight"], 2, 3)
   n = h.shape[0] * h.shape[1] * h.shape[2]
   bn1 = updated["batch_stats"]["featurizer"]["bn1"]
-  np.testing.assert_allclose(bn1["mean"], 0.9 * sd["bn1.running_mean"] + 0.1 * h.mean((0, 1, 2)),
-                             rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(bn1["var"], 0.9 * sd["bn1.running_var"]
-                             + 0.1 * h.var((0, 1, 2)) * n / (n - 1), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    bn1["mean"], 0.9 * sd["bn1.running_mean"] + 0.1 * h.mean((0, 1, 2)), rtol=1e-5, atol=1e-6
+  )
+  np.testing.assert_allclose(
+    bn1["var"],
+    0.9 * sd["bn1.running_var"] + 0.1 * h.var((0, 1, 2)) * n / (n - 1),
+    rtol=1e-5,
+    atol=1e-6,
+  )
   # not mutable: same batch-statistics forward, running stats untouched (no error)
   assert_close(japply(model)(variables, x, train=True), want_logits, 1e-4)
   # evaluation uses the running statistics
@@ -213,13 +238,20 @@ def test_frozen_bn_trains_with_running_statistics_and_never_changes_them(tmp_pat
   x = np.random.default_rng(3).normal(size=(2, 32, 32, 3)).astype(np.float32)
   logits, updated = japply(model)(variables, x, train=True, mutable="batch_stats")
   assert_close(logits, np_resnet(sd, "resnet18", x)[1], 1e-5)
-  for a, b in zip(jax.tree.leaves(updated["batch_stats"]), jax.tree.leaves(variables["batch_stats"])):
+  for a, b in zip(
+    jax.tree.leaves(updated["batch_stats"]), jax.tree.leaves(variables["batch_stats"])
+  ):
     np.testing.assert_array_equal(a, b)
   # BN affine parameters still get gradients
   small = tiny(3, freeze_bn=True)
   small_vars = tiny_variables(3)
-  grads = jax.jit(jax.grad(lambda p: small.apply({"params": p, "batch_stats": small_vars["batch_stats"]},
-                                                 x, train=True).sum()))(small_vars["params"])
+  grads = jax.jit(
+    jax.grad(
+      lambda p: small.apply(
+        {"params": p, "batch_stats": small_vars["batch_stats"]}, x, train=True
+      ).sum()
+    )
+  )(small_vars["params"])
   bn1 = grads["featurizer"]["bn1"]
   assert np.abs(bn1["scale"]).max() > 0 and np.abs(bn1["bias"]).max() > 0
 
@@ -230,7 +262,9 @@ def test_unfrozen_bn_statistics_follow_the_batch_the_forward_sees():
   model = tiny(4, freeze_bn=False)
   variables = tiny_variables(4)
   rng = np.random.default_rng(5)
-  x = (rng.normal(size=(2, 3, 32, 32, 3)) + np.array([0.0, 2.0])[:, None, None, None, None]).astype(np.float32)
+  x = (rng.normal(size=(2, 3, 32, 32, 3)) + np.array([0.0, 2.0])[:, None, None, None, None]).astype(
+    np.float32
+  )
   fwd = jax.jit(lambda xb: model.apply(variables, xb, train=True))
   per_domain = jax.jit(jax.vmap(fwd))(x)
   for d in range(2):
@@ -245,7 +279,9 @@ def test_dropout_on_features_only_in_training():
   x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
   clean = japply(model)(variables, x, method="features")
   np.testing.assert_array_equal(japply(model)(variables, x, train=False, method="features"), clean)
-  dropped = japply(model)(variables, x, train=True, method="features", rngs={"dropout": jax.random.key(2)})
+  dropped = japply(model)(
+    variables, x, train=True, method="features", rngs={"dropout": jax.random.key(2)}
+  )
   kept = np.asarray(dropped) != 0
   assert 0.4 < kept[np.asarray(clean) != 0].mean() < 0.6
   np.testing.assert_allclose(np.asarray(dropped)[kept], 2 * np.asarray(clean)[kept], rtol=1e-5)
@@ -261,15 +297,22 @@ def test_load_pretrained_replaces_featurizer_keeps_head_and_checks_keys(tmp_path
   shapes = jax.eval_shape(lambda: resnet.init_variables(model, jax.random.key(0), 32))
   fresh = jax.tree.map(lambda s: jnp.full(s.shape, 0.5, s.dtype), shapes)  # no init compile
   loaded = convert_weights.load_pretrained(out, fresh)
-  np.testing.assert_array_equal(loaded["params"]["featurizer"]["conv1"]["kernel"],
-                                sd["conv1.weight"].transpose(2, 3, 1, 0))
-  np.testing.assert_array_equal(loaded["batch_stats"]["featurizer"]["layer2_0"]["downsample_bn"]["var"],
-                                sd["layer2.0.downsample.1.running_var"])
-  np.testing.assert_array_equal(loaded["params"]["classifier"]["kernel"], fresh["params"]["classifier"]["kernel"])
+  np.testing.assert_array_equal(
+    loaded["params"]["featurizer"]["conv1"]["kernel"], sd["conv1.weight"].transpose(2, 3, 1, 0)
+  )
+  np.testing.assert_array_equal(
+    loaded["batch_stats"]["featurizer"]["layer2_0"]["downsample_bn"]["var"],
+    sd["layer2.0.downsample.1.running_var"],
+  )
+  np.testing.assert_array_equal(
+    loaded["params"]["classifier"]["kernel"], fresh["params"]["classifier"]["kernel"]
+  )
   x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
   assert_close(japply(model)(loaded, x, method="features"), np_resnet(sd, "resnet18", x)[0], 1e-5)
   # a resnet18 file into a resnet50 model: names what is missing / unexpected / mis-shaped
-  r50 = jax.eval_shape(lambda: resnet.init_variables(resnet.resnet50_classifier(9), jax.random.key(0), 32))
+  r50 = jax.eval_shape(
+    lambda: resnet.init_variables(resnet.resnet50_classifier(9), jax.random.key(0), 32)
+  )
   with pytest.raises(convert_weights.WeightsError) as e:
     convert_weights.load_pretrained(out, r50)
   msg = str(e.value)
@@ -284,7 +327,9 @@ def test_load_pretrained_replaces_featurizer_keeps_head_and_checks_keys(tmp_path
   partial = {k: v for k, v in sd.items() if not k.startswith("layer4.1.bn2")}
   save_file(partial, str(tmp_path / "partial.safetensors"))
   with pytest.raises(convert_weights.WeightsError, match="layer4_1/bn2"):
-    convert_weights.convert_file("resnet18", tmp_path / "partial.safetensors", tmp_path / "p.msgpack")
+    convert_weights.convert_file(
+      "resnet18", tmp_path / "partial.safetensors", tmp_path / "p.msgpack"
+    )
 
 
 def test_missing_weights_message_names_files_urls_and_flag(tmp_path, capsys):
@@ -309,8 +354,13 @@ def test_remat_and_bfloat16_options():
   x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
   base = tiny(3, freeze_bn=False)
   variables = tiny_variables(3)
-  loss = lambda m: lambda p: m.apply({"params": p, "batch_stats": variables["batch_stats"]},  # noqa: E731
-                                     x, train=True).sum()
+  loss = lambda m: (
+    lambda p: m.apply(
+      {"params": p, "batch_stats": variables["batch_stats"]},  # noqa: E731
+      x,
+      train=True,
+    ).sum()
+  )
   g0 = jax.jit(jax.grad(loss(base)))(variables["params"])
   g1 = jax.jit(jax.grad(loss(tiny(3, freeze_bn=False, remat=True))))(variables["params"])
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
@@ -319,4 +369,6 @@ def test_remat_and_bfloat16_options():
   y16 = jax.jit(bf16.apply)(variables, x)
   y32 = jax.jit(base.apply)(variables, x)
   assert y16.dtype == jnp.float32
-  assert np.abs(np.asarray(y16) - np.asarray(y32)).max() < 0.1 * np.abs(np.asarray(y32)).max() + 1e-2
+  assert (
+    np.abs(np.asarray(y16) - np.asarray(y32)).max() < 0.1 * np.abs(np.asarray(y32)).max() + 1e-2
+  )

@@ -29,8 +29,14 @@ ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 
 
 def cli(*args, timeout=300):
-  return subprocess.run([sys.executable, "-m", "experiments.train", *args], cwd=ROOT, env=ENV,
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", "experiments.train", *args],
+    cwd=ROOT,
+    env=ENV,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def splits():
@@ -45,32 +51,60 @@ def splits():
 
 
 def config(**kw):
-  return train_lib.TrainConfig(**{"method": "erm", "steps": 7, "checkpoint_freq": 2,
-                                  "hparams": {"batch_size": 8}, "progress": False, **kw})
+  return train_lib.TrainConfig(
+    **{
+      "method": "erm",
+      "steps": 7,
+      "checkpoint_freq": 2,
+      "hparams": {"batch_size": 8},
+      "progress": False,
+      **kw,
+    }
+  )
 
 
 def test_a_second_process_cannot_write_a_running_run(tmp_path):
   out = tmp_path / "run"
   first = subprocess.Popen(
-      [sys.executable, "-m", "experiments.train", "--dataset=Spirals", "--max_examples=32",
-       "--steps=1000000", "--checkpoint_freq=1000000", f"--output_dir={out}", "--noprogress",
-       '--hparams={"batch_size": 4}'], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True)
+    [
+      sys.executable,
+      "-m",
+      "experiments.train",
+      "--dataset=Spirals",
+      "--max_examples=32",
+      "--steps=1000000",
+      "--checkpoint_freq=1000000",
+      f"--output_dir={out}",
+      "--noprogress",
+      '--hparams={"batch_size": 4}',
+    ],
+    cwd=ROOT,
+    env=ENV,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   try:
     deadline = time.time() + 240
-    while not (out / "results.jsonl").exists():   # the first run is training (and holds its lock)
+    while not (out / "results.jsonl").exists():  # the first run is training (and holds its lock)
       assert first.poll() is None, first.communicate()[1][-2000:]
       assert time.time() < deadline, "the first run never took its lock"
       time.sleep(0.2)
     # --overwrite, the most dangerous; all three ways in are refused by
     # test_overwrite_while_another_process_holds_the_run_touches_nothing
-    second = cli("--dataset=Spirals", "--max_examples=32", "--steps=3", f"--output_dir={out}",
-                 "--noprogress", "--overwrite")
+    second = cli(
+      "--dataset=Spirals",
+      "--max_examples=32",
+      "--steps=3",
+      f"--output_dir={out}",
+      "--noprogress",
+      "--overwrite",
+    )
     assert second.returncode == 2, second.stderr[-2000:]
     assert f"being written by another running process (pid {first.pid} " in second.stderr
     assert "Traceback" not in second.stderr
-    assert first.poll() is None          # the first run was not disturbed ...
-    assert (out / "results.jsonl").exists() and results.is_locked(out)   # ... nor its files
+    assert first.poll() is None  # the first run was not disturbed ...
+    assert (out / "results.jsonl").exists() and results.is_locked(out)  # ... nor its files
   finally:
     first.kill()
     first.wait()
@@ -93,7 +127,7 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_the_previous(tmp_path, ca
   ins, outs = splits()
   model = mlp(2, (8,))
   reference = train_lib.train(config(), model, ins, outs, checkpoint=False)
-  cut = config(steps=5)                  # evaluations (and checkpoints) at steps 0, 2, 4
+  cut = config(steps=5)  # evaluations (and checkpoints) at steps 0, 2, 4
   train_lib.train(cut, model, ins, outs, output_dir=tmp_path)
   (tmp_path / "done").unlink()
   newest = tmp_path / "checkpoints" / "4"
@@ -104,7 +138,7 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_the_previous(tmp_path, ca
   err = capsys.readouterr().err
   assert "unreadable" in err and "resuming from the checkpoint of step 2" in err
   on_disk = results.read_jsonl(tmp_path / "results.jsonl")
-  assert [r["step"] for r in on_disk] == [0, 2, 4, 6]       # step 4 recomputed, not duplicated
+  assert [r["step"] for r in on_disk] == [0, 2, 4, 6]  # step 4 recomputed, not duplicated
   for a, b in zip(on_disk, reference):
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
   assert [r["step"] for r in resumed] == [0, 2, 4, 6]
@@ -120,7 +154,9 @@ def test_only_unreadable_checkpoints_is_a_one_line_error(tmp_path):
     train_lib.train(config(steps=3), mlp(2, (8,)), ins, outs, output_dir=tmp_path, resume=True)
 
 
-@pytest.mark.parametrize("fields, message", [
+@pytest.mark.parametrize(
+  "fields, message",
+  [
     ({"steps": 0}, "steps must be an integer >= 1"),
     ({"steps": -3}, "steps must be an integer >= 1"),
     ({"checkpoint_freq": 0}, "checkpoint_freq must be an integer >= 1"),
@@ -129,9 +165,16 @@ def test_only_unreadable_checkpoints_is_a_one_line_error(tmp_path):
     ({"method": "sand", "hparams": {"tau": "high"}}, "hparam 'tau' must be a number, got 'high'"),
     ({"method": "sand", "hparams": {"tau": 1.5}}, "hparam 'tau' must be <= 1.0"),
     ({"hparams": {"lr": -1}}, "hparam 'lr' must be > 0"),
-    ({"method": "hgp", "hparams": {"detach_target": "yes"}}, "hparam 'detach_target' must be true or false"),
-    ({"method": "hgp", "preset": "nope"}, "has no preset 'nope'; its presets: irm_cmnist, irm_schedule"),
-])
+    (
+      {"method": "hgp", "hparams": {"detach_target": "yes"}},
+      "hparam 'detach_target' must be true or false",
+    ),
+    (
+      {"method": "hgp", "preset": "nope"},
+      "has no preset 'nope'; its presets: irm_cmnist, irm_schedule",
+    ),
+  ],
+)
 def test_bad_settings_are_named_errors(fields, message):
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
     runs.make_config("Spirals", **fields)
@@ -144,15 +187,18 @@ def test_cli_refuses_bad_input_before_loading_data(tmp_path):
   readonly = tmp_path / "readonly"
   readonly.mkdir()
   readonly.chmod(0o500)
-  cases = [(["--steps=0"], "steps must be an integer >= 1"),
-           (['--hparams={"batch_size": 0}'], "batch_size"),
-           (["--method=sand", '--hparams={"tau": "high"}'], "hparam 'tau' must be a number"),
-           ([f"--output_dir={readonly / 'run'}"], "cannot write to the output directory")]
-  if os.geteuid() == 0:   # root writes anywhere: the read-only case cannot be made
+  cases = [
+    (["--steps=0"], "steps must be an integer >= 1"),
+    (['--hparams={"batch_size": 0}'], "batch_size"),
+    (["--method=sand", '--hparams={"tau": "high"}'], "hparam 'tau' must be a number"),
+    ([f"--output_dir={readonly / 'run'}"], "cannot write to the output directory"),
+  ]
+  if os.geteuid() == 0:  # root writes anywhere: the read-only case cannot be made
     cases = cases[:-1]
   for extra, message in cases:
-    proc = cli("--dataset=ColoredMNIST", f"--data_dir={missing}", f"--output_dir={tmp_path / 'out'}",
-               *extra)
+    proc = cli(
+      "--dataset=ColoredMNIST", f"--data_dir={missing}", f"--output_dir={tmp_path / 'out'}", *extra
+    )
     assert proc.returncode == 2, (extra, proc.stderr[-2000:])
     assert message in proc.stderr and "Traceback" not in proc.stderr, (extra, proc.stderr[-2000:])
     assert not (tmp_path / "out" / "checkpoints").exists()
@@ -169,12 +215,18 @@ def test_progress_writes_one_line_per_evaluation_to_a_log():
   p.close()
   lines = stream.getvalue().splitlines()
   assert "\r" not in stream.getvalue() and len(lines) == 3
-  assert lines[0].startswith("sand step 0/101") and "loss 0.5" in lines[0] and "test_acc 0.25" in lines[0]
+  assert (
+    lines[0].startswith("sand step 0/101")
+    and "loss 0.5" in lines[0]
+    and "test_acc 0.25" in lines[0]
+  )
 
 
 # ------------------------------------------------------------ runs that cannot be corrupted
-HOLD_LOCK = ("import sys, time\nfrom dgjax import results\nresults.RunLock(sys.argv[1]).acquire()\n"
-             "print('held', flush=True)\ntime.sleep(120)\n")
+HOLD_LOCK = (
+  "import sys, time\nfrom dgjax import results\nresults.RunLock(sys.argv[1]).acquire()\n"
+  "print('held', flush=True)\ntime.sleep(120)\n"
+)
 
 
 def strip_timing(records):
@@ -185,33 +237,51 @@ def strip_timing(records):
 def uninterrupted():
   """config()'s records (evaluations at steps 0, 2, 4, 6) without any interruption."""
   ins, outs = splits()
-  return json.loads(json.dumps(strip_timing(
-      train_lib.train(config(), mlp(2, (8,)), ins, outs, checkpoint=False))))
+  return json.loads(
+    json.dumps(strip_timing(train_lib.train(config(), mlp(2, (8,)), ins, outs, checkpoint=False)))
+  )
 
 
 def resume_equals_uninterrupted(out, uninterrupted):
   ins, outs = splits()
   resumed = train_lib.train(config(), mlp(2, (8,)), ins, outs, output_dir=out, resume=True)
-  assert strip_timing(results.read_jsonl(out / "results.jsonl")) == uninterrupted   # bitwise
+  assert strip_timing(results.read_jsonl(out / "results.jsonl")) == uninterrupted  # bitwise
   assert [r["step"] for r in resumed] == [0, 2, 4, 6] and (out / "done").exists()
 
 
 def test_resume_with_other_data_is_refused_in_one_line_before_loading_it(tmp_path):
   out = tmp_path / "run"
-  cfg = runs.make_config("Spirals", max_examples=16, steps=2, checkpoint_freq=1,
-                         output_dir=str(out), progress=False, hparams={"batch_size": 4})
+  cfg = runs.make_config(
+    "Spirals",
+    max_examples=16,
+    steps=2,
+    checkpoint_freq=1,
+    output_dir=str(out),
+    progress=False,
+    hparams={"batch_size": 4},
+  )
   runs.run(cfg)
   kept = (out / "results.jsonl").read_bytes()
-  fashion = runs.make_config("ColoredFashionMNIST", steps=2, checkpoint_freq=1,
-                             output_dir=str(out), progress=False)   # its data is not here
-  for other, message in [(dataclasses.replace(cfg, max_examples=32),
-                          "(max_examples: checkpoint 16 vs now 32)"),
-                         (fashion, "dataset: checkpoint 'Spirals' vs now 'ColoredFashionMNIST'")]:
+  fashion = runs.make_config(
+    "ColoredFashionMNIST", steps=2, checkpoint_freq=1, output_dir=str(out), progress=False
+  )  # its data is not here
+  for other, message in [
+    (dataclasses.replace(cfg, max_examples=32), "(max_examples: checkpoint 16 vs now 32)"),
+    (fashion, "dataset: checkpoint 'Spirals' vs now 'ColoredFashionMNIST'"),
+  ]:
     with pytest.raises(CheckpointError, match=re.escape(message)) as err:
       runs.run(other, resume=True)
     assert "\n" not in str(err.value)
-  proc = cli("--dataset=Spirals", "--max_examples=32", "--steps=2", "--checkpoint_freq=1",
-             f"--output_dir={out}", "--resume", "--noprogress", '--hparams={"batch_size": 4}')
+  proc = cli(
+    "--dataset=Spirals",
+    "--max_examples=32",
+    "--steps=2",
+    "--checkpoint_freq=1",
+    f"--output_dir={out}",
+    "--resume",
+    "--noprogress",
+    '--hparams={"batch_size": 4}',
+  )
   assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
   assert proc.stderr.strip().splitlines()[-1].startswith("error: the checkpoint in ")
   assert "max_examples: checkpoint 16 vs now 32" in proc.stderr
@@ -224,35 +294,49 @@ def test_overwrite_while_another_process_holds_the_run_touches_nothing(tmp_path)
   (out / "checkpoints" / "4" / "data").write_bytes(b"state")
   (out / "results.jsonl").write_text('{"step": 0}\n')
   before = sorted((p.relative_to(out), p.read_bytes()) for p in out.rglob("*") if p.is_file())
-  holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, text=True)
+  holder = subprocess.Popen(
+    [sys.executable, "-c", HOLD_LOCK, str(out)],
+    cwd=ROOT,
+    env=ENV,
+    stdout=subprocess.PIPE,
+    text=True,
+  )
   try:
     assert holder.stdout.readline().strip() == "held"
     for how in ({"overwrite": True}, {"resume": True}, {}):
-      with pytest.raises(results.RunLockedError, match=rf"another running process \(pid "
-                                                       rf"{holder.pid} on .*-c"):
+      with pytest.raises(
+        results.RunLockedError,
+        match=rf"another running process \(pid "
+        rf"{holder.pid} on .*-c",
+      ):
         runs.open_output_dir(config(output_dir=str(out)), **how)
-    after = sorted((p.relative_to(out), p.read_bytes()) for p in out.rglob("*") if p.is_file()
-                   if not p.name.startswith(".lock"))
+    after = sorted(
+      (p.relative_to(out), p.read_bytes())
+      for p in out.rglob("*")
+      if p.is_file()
+      if not p.name.startswith(".lock")
+    )
     assert after == before
   finally:
     holder.kill()
     holder.wait()
-  with runs.open_output_dir(config(output_dir=str(out)), overwrite=True):   # now it may
+  with runs.open_output_dir(config(output_dir=str(out)), overwrite=True):  # now it may
     assert not (out / "checkpoints").exists() and not (out / "results.jsonl").exists()
   assert not results.is_locked(out)
 
 
 def test_flipped_bits_in_the_newest_checkpoint_are_set_aside(tmp_path, capsys, uninterrupted):
   ins, outs = splits()
-  train_lib.train(config(steps=5), mlp(2, (8,)), ins, outs, output_dir=tmp_path)   # 0, 2, 4
+  train_lib.train(config(steps=5), mlp(2, (8,)), ins, outs, output_dir=tmp_path)  # 0, 2, 4
   (tmp_path / "done").unlink()
   newest = tmp_path / "checkpoints" / "4"
-  largest = max((p for p in newest.rglob("*") if p.is_file() and p.name != "dgjax_sha256.json"),
-                key=lambda p: p.stat().st_size)
+  largest = max(
+    (p for p in newest.rglob("*") if p.is_file() and p.name != "dgjax_sha256.json"),
+    key=lambda p: p.stat().st_size,
+  )
   data = bytearray(largest.read_bytes())
   for i in (len(data) // 3, len(data) // 2, 2 * len(data) // 3):
-    data[i] ^= 0x10                                        # three flipped bits
+    data[i] ^= 0x10  # three flipped bits
   largest.write_bytes(bytes(data))
   capsys.readouterr()
   resume_equals_uninterrupted(tmp_path, uninterrupted)
@@ -271,7 +355,9 @@ def _fail_on_call(n, error):
       if calls[0] == n:
         raise error
       return real(*args, **kw)
+
     return wrapped
+
   return fail
 
 
@@ -279,14 +365,16 @@ def _fail_on_call(n, error):
 def test_a_full_disk_is_one_line_saying_what_was_kept(tmp_path, monkeypatch, uninterrupted, where):
   import errno
   from dgjax import checkpoints
+
   ins, outs = splits()
   full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
-  if where == "records":   # the third record cannot be written
+  if where == "records":  # the third record cannot be written
     monkeypatch.setattr(results, "append_jsonl", _fail_on_call(3, full)(results.append_jsonl))
     kept = "keeps 2 records (last step 2) and the checkpoint of step 2"
-  else:                    # the second checkpoint's manifest cannot be written
-    monkeypatch.setattr(checkpoints, "write_manifest",
-                        _fail_on_call(2, full)(checkpoints.write_manifest))
+  else:  # the second checkpoint's manifest cannot be written
+    monkeypatch.setattr(
+      checkpoints, "write_manifest", _fail_on_call(2, full)(checkpoints.write_manifest)
+    )
     kept = "keeps 2 records (last step 2) and the checkpoint of step 0"
   with pytest.raises(train_lib.DiskFullError) as err:
     train_lib.train(config(), mlp(2, (8,)), ins, outs, output_dir=tmp_path)
@@ -295,7 +383,7 @@ def test_a_full_disk_is_one_line_saying_what_was_kept(tmp_path, monkeypatch, uni
   assert message.startswith("the disk is full (No space left on device: ") and kept in message
   monkeypatch.undo()
   assert not results.is_locked(tmp_path)
-  if where == "checkpoint":   # the unfinished checkpoint is set aside (no manifest)
+  if where == "checkpoint":  # the unfinished checkpoint is set aside (no manifest)
     resume_equals_uninterrupted(tmp_path, uninterrupted)
   # Orbax and TensorStore wrap the OSError, or only say it
   assert train_lib.is_disk_full(ValueError("writing: [OS error: No space left on device]"))
@@ -305,26 +393,40 @@ def test_a_full_disk_is_one_line_saying_what_was_kept(tmp_path, monkeypatch, uni
 def test_ctrl_c_says_what_was_kept_and_resume_is_exact(tmp_path, monkeypatch, uninterrupted):
   ins, outs = splits()
   monkeypatch.setattr(Progress, "advance", _fail_on_call(4, KeyboardInterrupt())(Progress.advance))
-  with pytest.raises(train_lib.RunInterrupted) as err:     # during step 3
+  with pytest.raises(train_lib.RunInterrupted) as err:  # during step 3
     train_lib.train(config(), mlp(2, (8,)), ins, outs, output_dir=tmp_path)
   assert isinstance(err.value, KeyboardInterrupt)
-  assert str(err.value) == (f"interrupted (Ctrl-C); {tmp_path} keeps 2 records (last step 2) "
-                            "and the checkpoint of step 2; --resume continues from the checkpoint")
+  assert str(err.value) == (
+    f"interrupted (Ctrl-C); {tmp_path} keeps 2 records (last step 2) "
+    "and the checkpoint of step 2; --resume continues from the checkpoint"
+  )
   monkeypatch.undo()
   resume_equals_uninterrupted(tmp_path, uninterrupted)
 
 
 def test_cli_ctrl_c_and_full_disk_end_in_one_line(tmp_path):
   import signal
+
   out = tmp_path / "run"
-  flags = ["--dataset=Spirals", "--max_examples=32", "--checkpoint_freq=5", "--noprogress",
-           '--hparams={"batch_size": 4}']
-  proc = subprocess.Popen([sys.executable, "-m", "experiments.train", *flags, "--steps=1000000",
-                           f"--output_dir={out}"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  flags = [
+    "--dataset=Spirals",
+    "--max_examples=32",
+    "--checkpoint_freq=5",
+    "--noprogress",
+    '--hparams={"batch_size": 4}',
+  ]
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "experiments.train", *flags, "--steps=1000000", f"--output_dir={out}"],
+    cwd=ROOT,
+    env=ENV,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   deadline = time.time() + 240
-  while not ((out / "results.jsonl").exists()
-             and len((out / "results.jsonl").read_text().splitlines()) >= 2):
+  while not (
+    (out / "results.jsonl").exists() and len((out / "results.jsonl").read_text().splitlines()) >= 2
+  ):
     assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
     time.sleep(0.1)
   proc.send_signal(signal.SIGINT)
@@ -333,34 +435,53 @@ def test_cli_ctrl_c_and_full_disk_end_in_one_line(tmp_path):
   last = err.strip().splitlines()[-1]
   assert last.startswith(f"interrupted (Ctrl-C); {out} keeps ") and " records (last step " in last
   # a full disk: the second record cannot be written
-  patch = ("import errno, sys\nfrom dgjax import results\nreal, n = results.append_jsonl, [0]\n"
-           "def full(*a, **k):\n  n[0] += 1\n  if n[0] == 2:\n"
-           "    raise OSError(errno.ENOSPC, 'No space left on device', str(a[0]))\n"
-           "  return real(*a, **k)\nresults.append_jsonl = full\n"
-           "from absl import app\nfrom experiments import train\napp.run(train.main)\n")
-  done = subprocess.run([sys.executable, "-c", patch, *flags, "--steps=12",
-                         f"--output_dir={tmp_path / 'full'}"], cwd=ROOT, env=ENV,
-                        capture_output=True, text=True, timeout=300)
+  patch = (
+    "import errno, sys\nfrom dgjax import results\nreal, n = results.append_jsonl, [0]\n"
+    "def full(*a, **k):\n  n[0] += 1\n  if n[0] == 2:\n"
+    "    raise OSError(errno.ENOSPC, 'No space left on device', str(a[0]))\n"
+    "  return real(*a, **k)\nresults.append_jsonl = full\n"
+    "from absl import app\nfrom experiments import train\napp.run(train.main)\n"
+  )
+  done = subprocess.run(
+    [sys.executable, "-c", patch, *flags, "--steps=12", f"--output_dir={tmp_path / 'full'}"],
+    cwd=ROOT,
+    env=ENV,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
-  assert done.stderr.strip().splitlines()[-1].startswith(
-      "error: the disk is full (No space left on device: ")
+  assert (
+    done.stderr.strip()
+    .splitlines()[-1]
+    .startswith("error: the disk is full (No space left on device: ")
+  )
   assert "keeps 1 records (last step 0) and the checkpoint of step 0" in done.stderr
 
 
 def test_cli_names_a_file_that_is_no_image_before_training(tmp_path):
   from PIL import Image
+
   rng = np.random.default_rng(0)
   tree = tmp_path / "tree"
   for env in ("a", "b"):
     for cls in ("cat", "dog"):
       (tree / env / cls).mkdir(parents=True)
       Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
-          tree / env / cls / "0.jpg")
+        tree / env / cls / "0.jpg"
+      )
   (tree / "b" / "dog" / "1.jpg").write_text("<html>404 Not Found</html>")
-  proc = cli("--dataset=ImageFolder", f"--data_dir={tree}", "--pretrained=none",
-             f"--output_dir={tmp_path / 'out'}", "--test_envs=1", "--image_size=16")
+  proc = cli(
+    "--dataset=ImageFolder",
+    f"--data_dir={tree}",
+    "--pretrained=none",
+    f"--output_dir={tmp_path / 'out'}",
+    "--test_envs=1",
+    "--image_size=16",
+  )
   assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
   assert proc.stderr.strip().splitlines() == [
-      f"error: 1 of 5 image files are not images (their first bytes match no image format): "
-      f"{tree / 'b' / 'dog' / '1.jpg'} (starts b'<html>404 No'); remove or replace them"]
+    f"error: 1 of 5 image files are not images (their first bytes match no image format): "
+    f"{tree / 'b' / 'dog' / '1.jpg'} (starts b'<html>404 No'); remove or replace them"
+  ]
   assert not (tmp_path / "out" / "results.jsonl").exists()

@@ -22,6 +22,7 @@ WORKER = Path(__file__).resolve().parent / "sharding_worker.py"
 
 def _method_half(i):
   from dgjax import methods
+
   return sorted(methods.METHODS)[i::2]
 
 
@@ -30,8 +31,12 @@ def test_sharded_step_equals_single_device_for_every_method(half):
   """Every registered method, in two halves (one subprocess each, so two test workers share
   the work)."""
   names = _method_half(half)
-  proc = subprocess.run([sys.executable, str(WORKER), "equal", ",".join(names)],
-                        capture_output=True, text=True, timeout=900)
+  proc = subprocess.run(
+    [sys.executable, str(WORKER), "equal", ",".join(names)],
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert proc.returncode == 0, proc.stderr[-4000:]
   worst = json.loads(proc.stdout.strip().splitlines()[-1])
   assert {k.split()[0] for k in worst} == set(names)
@@ -46,17 +51,24 @@ def free_port():
 def test_two_processes_equal_one(tmp_path):
   port = free_port()
   out = tmp_path / "distributed"
-  procs = [subprocess.Popen([sys.executable, str(WORKER), "process", str(i), str(port), str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, str(WORKER), "process", str(i), str(port), str(out)],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outputs = [p.communicate(timeout=600) for p in procs]
   for p, (o, e) in zip(procs, outputs):
     assert p.returncode == 0, e[-4000:]
   ins, outs = sharding_worker.toy_splits()
-  cfg = train_lib.TrainConfig(method="sand", steps=6, checkpoint_freq=3, hparams={"batch_size": 8},
-                              progress=False)
+  cfg = train_lib.TrainConfig(
+    method="sand", steps=6, checkpoint_freq=3, hparams={"batch_size": 8}, progress=False
+  )
   single = train_lib.train(cfg, mlp(2, (8,)), ins, outs, checkpoint=False)
-  distributed = results.read_jsonl(out / "results.jsonl")   # written by process 0 only
+  distributed = results.read_jsonl(out / "results.jsonl")  # written by process 0 only
   assert [r["step"] for r in distributed] == [r["step"] for r in single] == [0, 3, 5]
   for a, b in zip(distributed, single):
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)

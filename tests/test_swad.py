@@ -20,20 +20,28 @@ from dgjax.models import mlp
 # ------------------------------------------------------------------ dense averaging
 def test_average_equals_explicit_mean_of_the_sequence():
   rng = np.random.RandomState(0)
-  seq = [{"w": rng.normal(size=(3, 2)).astype(np.float32), "b": rng.normal(size=(2,)).astype(np.float32)}
-         for _ in range(7)]
+  seq = [
+    {"w": rng.normal(size=(3, 2)).astype(np.float32), "b": rng.normal(size=(2,)).astype(np.float32)}
+    for _ in range(7)
+  ]
   update = jax.jit(swad.average_update)
   state = swad.average_init(seq[0])
-  assert int(state.count) == 0 and all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(state.total))
+  assert int(state.count) == 0 and all(
+    np.all(np.asarray(x) == 0) for x in jax.tree.leaves(state.total)
+  )
   for p in seq:
     state = update(state, p)
   assert int(state.count) == 7
   mean = swad.average_value(state)
   for name in ("w", "b"):
-    np.testing.assert_allclose(mean[name], np.mean([p[name] for p in seq], axis=0), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+      mean[name], np.mean([p[name] for p in seq], axis=0), rtol=1e-6, atol=1e-7
+    )
   # inside a scan, as the engine's jitted chunk does
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *seq)
-  scanned, _ = jax.lax.scan(lambda s, p: (swad.average_update(s, p), None), swad.average_init(seq[0]), stacked)
+  scanned, _ = jax.lax.scan(
+    lambda s, p: (swad.average_update(s, p), None), swad.average_init(seq[0]), stacked
+  )
   np.testing.assert_allclose(swad.average_value(scanned)["w"], mean["w"], rtol=1e-6)
   empty = swad.average_reset(scanned)
   assert int(empty.count) == 0 and not np.any(np.asarray(empty.total["w"]))
@@ -61,7 +69,11 @@ class RefLossValley:
   """khanrc/swad ``domainbed/swad.py`` ``LossValley``, rule by rule (deques of segments)."""
 
   def __init__(self, n_converge, n_tolerance, tolerance_ratio):
-    self.n_converge, self.n_tolerance, self.tolerance_ratio = n_converge, n_tolerance, tolerance_ratio
+    self.n_converge, self.n_tolerance, self.tolerance_ratio = (
+      n_converge,
+      n_tolerance,
+      tolerance_ratio,
+    )
     self.converge_Q = collections.deque(maxlen=n_converge)
     self.smooth_Q = collections.deque(maxlen=n_tolerance)
     self.final_model, self.converge_step, self.dead_valley, self.threshold = None, None, False, None
@@ -79,7 +91,9 @@ class RefLossValley:
         self.converge_step = self.converge_Q[0]["end"]
         self.final_model = RefAveraged(self.converge_Q[0])
         # float32 threshold: dgjax rounds it so that resumed runs decide identically
-        self.threshold = np.float32(np.mean([m["loss"] for m in self.converge_Q]) * (1 + self.tolerance_ratio))
+        self.threshold = np.float32(
+          np.mean([m["loss"] for m in self.converge_Q]) * (1 + self.tolerance_ratio)
+        )
         if self.n_tolerance < self.n_converge:
           for i in range(self.n_converge - self.n_tolerance):
             m = self.converge_Q[1 + i]
@@ -91,7 +105,7 @@ class RefLossValley:
             if q[i]["loss"] > self.threshold:
               start_idx = i + 1
               break
-          for m in q[start_idx + 1:]:
+          for m in q[start_idx + 1 :]:
             self.final_model.update_parameters(m, m["start"], m["end"])
       return
     if self.smooth_Q[0]["end"] < self.converge_step:
@@ -123,18 +137,24 @@ def ref_window(losses, ends, n_converge=3, n_tolerance=6, ratio=0.3):
     start = ends[i - 1] + 1 if i else 0
     ref.update_and_evaluate({"id": i, "loss": np.float32(loss), "start": start, "end": end})
     final = copy.deepcopy(ref).get_final_model()
-    out.append((ref.converge_step is not None, ref.dead_valley,
-                None if final is None else sorted(set(final.members)), final))
+    out.append(
+      (
+        ref.converge_step is not None,
+        ref.dead_valley,
+        None if final is None else sorted(set(final.members)),
+        final,
+      )
+    )
   return out
 
 
 # hand-written: descent, a valley, a rise that kills it; ties; early convergence; a dip.
 LOSS_SEQUENCES = [
-    [0.9, 0.7, 0.6, 0.5, 0.45, 0.44, 0.46, 0.47, 0.5, 0.52, 0.55, 0.7, 0.8, 0.9, 0.95, 1.0, 1.1],
-    [1.0, 0.8, 0.6, 0.5, 0.5, 0.5, 0.55, 0.6, 0.5, 0.45, 0.7, 0.66, 0.64, 0.62, 0.61, 0.6],
-    [0.3, 0.5, 0.6, 0.4, 0.35, 0.33, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.2],
-    [0.9, 0.8, 0.7, 0.6, 0.55, 0.5, 0.45, 0.4, 0.38, 0.36],                    # never converges
-    [0.9, 0.5, 1.2, 0.4, 0.41, 0.42, 0.61, 0.39, 0.52, 0.53, 0.6, 0.6, 0.6, 0.54, 0.5],
+  [0.9, 0.7, 0.6, 0.5, 0.45, 0.44, 0.46, 0.47, 0.5, 0.52, 0.55, 0.7, 0.8, 0.9, 0.95, 1.0, 1.1],
+  [1.0, 0.8, 0.6, 0.5, 0.5, 0.5, 0.55, 0.6, 0.5, 0.45, 0.7, 0.66, 0.64, 0.62, 0.61, 0.6],
+  [0.3, 0.5, 0.6, 0.4, 0.35, 0.33, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.2],
+  [0.9, 0.8, 0.7, 0.6, 0.55, 0.5, 0.45, 0.4, 0.38, 0.36],  # never converges
+  [0.9, 0.5, 1.2, 0.4, 0.41, 0.42, 0.61, 0.39, 0.52, 0.53, 0.6, 0.6, 0.6, 0.54, 0.5],
 ]
 
 
@@ -201,7 +221,9 @@ def test_loss_valley_state_round_trip_and_errors():
   for segment, loss, end, _ in segs[:9]:
     a.update(segment, loss, end)
   assert a.converged and not a.dead
-  b.load_state_dict(jax.tree.map(jnp.asarray, a.state_dict({"w": np.zeros(len(losses), np.float32)})))
+  b.load_state_dict(
+    jax.tree.map(jnp.asarray, a.state_dict({"w": np.zeros(len(losses), np.float32)}))
+  )
   for segment, loss, end, _ in segs[9:]:
     a.update(segment, loss, end)
     b.update(segment, loss, end)
@@ -227,14 +249,16 @@ def test_loss_valley_state_round_trip_and_errors():
 class Block(nn.Module):
   @nn.compact
   def __call__(self, x, train):
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn")(nn.Dense(3, name="dense")(x))
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn")(
+      nn.Dense(3, name="dense")(x)
+    )
 
 
 class BNNet(nn.Module):
   @nn.compact
   def __call__(self, x, train=False):
     h = Block(name="block")(x, train)
-    h = nn.BatchNorm(use_running_average=not train, name="bn_top")(nn.relu(h))   # momentum 0.99
+    h = nn.BatchNorm(use_running_average=not train, name="bn_top")(nn.relu(h))  # momentum 0.99
     return nn.Dense(2, name="head")(h)
 
 
@@ -242,16 +266,19 @@ def test_update_bn_averages_batch_statistics():
   model = BNNet()
   rng = np.random.RandomState(0)
   batches = [rng.normal(size=(16, 4)).astype(np.float32) * (i + 1) for i in range(3)]
-  variables = jax.jit(model.init)(jax.random.key(0), batches[0])   # one compile, not many
+  variables = jax.jit(model.init)(jax.random.key(0), batches[0])  # one compile, not many
   new = swad.update_bn(model, variables, batches, train=True)
   p = variables["params"]
   means, vars_, means_top, vars_top = [], [], [], []
-  for x in batches:   # by hand: each BatchNorm's input, its batch mean and biased variance
+  for x in batches:  # by hand: each BatchNorm's input, its batch mean and biased variance
     h = x @ np.asarray(p["block"]["dense"]["kernel"]) + np.asarray(p["block"]["dense"]["bias"])
     means.append(h.mean(0))
     vars_.append(h.var(0))
     bn = p["block"]["bn"]
-    z = np.maximum((h - h.mean(0)) / np.sqrt(h.var(0) + 1e-5) * np.asarray(bn["scale"]) + np.asarray(bn["bias"]), 0)
+    z = np.maximum(
+      (h - h.mean(0)) / np.sqrt(h.var(0) + 1e-5) * np.asarray(bn["scale"]) + np.asarray(bn["bias"]),
+      0,
+    )
     means_top.append(z.mean(0))
     vars_top.append(z.var(0))
   stats = new["batch_stats"]
@@ -271,6 +298,7 @@ def test_update_bn_averages_batch_statistics():
 class TinyResNet(nn.Module):
   """conv -> BatchNorm -> ReLU -> one dgjax ``BasicBlock`` (conv, BN, ReLU, conv, BN, + input,
   ReLU) -> mean pool, with dgjax's torch-style BatchNorm as in the ResNets."""
+
   frozen: bool = False
 
   @nn.compact
@@ -285,7 +313,7 @@ def conv3x3(x, kernel):
   """A 3x3 convolution with padding 1 (NHWC, HWIO), by its nine shifted matmuls."""
   h, w = x.shape[1:3]
   padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  return sum(padded[:, i:i + h, j:j + w] @ kernel[i, j] for i in range(3) for j in range(3))
+  return sum(padded[:, i : i + h, j : j + w] @ kernel[i, j] for i in range(3) for j in range(3))
 
 
 def torch_update_bn_reference(params, batches):
@@ -305,32 +333,39 @@ def torch_update_bn_reference(params, batches):
   for k, x in enumerate(batches, start=1):
     h = np.maximum(bn(conv3x3(np.asarray(x, np.float64), p["conv"]["kernel"]), "bn", k), 0)
     out = np.maximum(bn(conv3x3(h, p["block"]["conv1"]["kernel"]), "block/bn1", k), 0)
-    bn(conv3x3(out, p["block"]["conv2"]["kernel"]), "block/bn2", k)   # (+ h, ReLU: no BN after)
+    bn(conv3x3(out, p["block"]["conv2"]["kernel"]), "block/bn2", k)  # (+ h, ReLU: no BN after)
   return running
 
 
 def test_update_bn_on_dgjax_batch_norm_is_torchs_cumulative_update():
   rng = np.random.RandomState(0)
-  batches = [rng.normal(size=(b, 5, 5, 3)).astype(np.float32) * (i + 1) + i
-             for i, b in enumerate((6, 6, 4))]   # unequal sizes: the unbiased factor differs
+  batches = [
+    rng.normal(size=(b, 5, 5, 3)).astype(np.float32) * (i + 1) + i for i, b in enumerate((6, 6, 4))
+  ]  # unequal sizes: the unbiased factor differs
   model = TinyResNet()
-  shapes = jax.eval_shape(model.init, jax.random.key(0), batches[0])   # traced, not compiled
+  shapes = jax.eval_shape(model.init, jax.random.key(0), batches[0])  # traced, not compiled
   # random weights, affine parameters and running statistics (the reset must discard these)
-  params, stale = (jax.tree.map(lambda a: (0.5 * rng.normal(size=a.shape)).astype(np.float32),
-                                shapes[c]) for c in ("params", "batch_stats"))
+  params, stale = (
+    jax.tree.map(lambda a: (0.5 * rng.normal(size=a.shape)).astype(np.float32), shapes[c])
+    for c in ("params", "batch_stats")
+  )
   new = swad.update_bn(model, {"params": params, "batch_stats": stale}, batches, train=True)
   want = torch_update_bn_reference(params, batches)
-  got = {"bn": new["batch_stats"]["bn"], "block/bn1": new["batch_stats"]["block"]["bn1"],
-         "block/bn2": new["batch_stats"]["block"]["bn2"]}
+  got = {
+    "bn": new["batch_stats"]["bn"],
+    "block/bn1": new["batch_stats"]["block"]["bn1"],
+    "block/bn2": new["batch_stats"]["block"]["bn2"],
+  }
   for name in want:
     for stat in ("mean", "var"):
-      np.testing.assert_allclose(got[name][stat], want[name][stat], rtol=2e-5, atol=2e-6,
-                                 err_msg=f"{name} {stat}")
+      np.testing.assert_allclose(
+        got[name][stat], want[name][stat], rtol=2e-5, atol=2e-6, err_msg=f"{name} {stat}"
+      )
   assert new["params"] is params
-  with pytest.raises(ValueError, match="training mode"):   # evaluation mode: nothing to average
+  with pytest.raises(ValueError, match="training mode"):  # evaluation mode: nothing to average
     swad.update_bn(model, {"params": params, "batch_stats": stale}, batches, train=False)
   frozen = TinyResNet(frozen=True)
-  with pytest.raises(ValueError, match="training mode"):   # frozen BatchNorm: its own statistics
+  with pytest.raises(ValueError, match="training mode"):  # frozen BatchNorm: its own statistics
     swad.update_bn(frozen, {"params": params, "batch_stats": stale}, batches, train=True)
 
 
@@ -346,9 +381,14 @@ def toy_splits(n_envs=3, n=64):
   return ins, outs
 
 
-STEPS, FREQ = 56, 3   # evaluations at 0, 3, ..., 54 and 55 (a one-step last segment)
-CONFIG = dict(method="erm", checkpoint_freq=FREQ, hparams={"batch_size": 8, "lr": 3e-2},
-              progress=False, swad=True)
+STEPS, FREQ = 56, 3  # evaluations at 0, 3, ..., 54 and 55 (a one-step last segment)
+CONFIG = dict(
+  method="erm",
+  checkpoint_freq=FREQ,
+  hparams={"batch_size": 8, "lr": 3e-2},
+  progress=False,
+  swad=True,
+)
 
 
 def strip_timing(records):
@@ -370,24 +410,41 @@ def test_engine_writes_swad_keys_and_averages_the_chosen_steps(engine_run):
   ends = [r["step"] for r in records]
   assert ends == list(range(0, STEPS, FREQ)) + [STEPS - 1]
   active = [r["swad_active"] for r in records]
-  assert not active[0] and active[-1] and active == sorted(active)    # averaging starts, stays
+  assert not active[0] and active[-1] and active == sorted(active)  # averaging starts, stays
   for r in records:
     assert ("swad_env2_in_acc" in r) == r["swad_active"]
   last = records[-1]
-  for key in ("swad_env0_in_acc", "swad_env2_out_acc", "swad_val_loss", "swad_segments",
-              "swad_start_step", "swad_end_step", "swad_dead", "val_loss"):
+  for key in (
+    "swad_env0_in_acc",
+    "swad_env2_out_acc",
+    "swad_val_loss",
+    "swad_segments",
+    "swad_start_step",
+    "swad_end_step",
+    "swad_dead",
+    "val_loss",
+  ):
     assert key in last
   # the window is the reference's rule on the recorded validation losses
-  for r, (converged, dead, members, _) in zip(records, ref_window([r["val_loss"] for r in records], ends)):
+  for r, (converged, dead, members, _) in zip(
+    records, ref_window([r["val_loss"] for r in records], ends)
+  ):
     assert (r["swad_active"], r["swad_dead"]) == (converged, dead)
     if members:
-      assert (r["swad_start_step"], r["swad_end_step"]) == (ends[min(members) - 1] + 1, ends[max(members)])
+      assert (r["swad_start_step"], r["swad_end_step"]) == (
+        ends[min(members) - 1] + 1,
+        ends[max(members)],
+      )
       assert r["swad_segments"] == len(members)
 
   # a reference loop with the engine's step: record every step's params
   method = methods.get_method(cfg.method)
-  ctx = core.Context(model=task.model, hparams=dict(cfg.resolved_hparams), num_domains=task.num_domains,
-                     per_domain_impl=train_lib.resolve_per_domain_impl("auto"))
+  ctx = core.Context(
+    model=task.model,
+    hparams=dict(cfg.resolved_hparams),
+    num_domains=task.num_domains,
+    per_domain_impl=train_lib.resolve_per_domain_impl("auto"),
+  )
   step_fn = method.build(ctx)
   init_key, _ = jax.random.split(jax.random.key(cfg.seed))
   state = train_lib.init_state(step_fn, task.init_params(init_key), cfg.seed)
@@ -398,20 +455,23 @@ def test_engine_writes_swad_keys_and_averages_the_chosen_steps(engine_run):
     per_step.append(jax.device_get(state.params))
     method_states.append(state.opt_state)
   predict = lambda model_state, x: step_fn.predict(model_state[0], model_state[1], x)  # noqa: E731
-  for r in records:   # the same trajectory
-    np.testing.assert_allclose(task.val_loss((per_step[r["step"]], method_states[r["step"]]), predict),
-                               r["val_loss"], rtol=1e-5)
+  for r in records:  # the same trajectory
+    np.testing.assert_allclose(
+      task.val_loss((per_step[r["step"]], method_states[r["step"]]), predict),
+      r["val_loss"],
+      rtol=1e-5,
+    )
   checked = 0
   for r in records:
     if not r["swad_active"]:
       continue
-    window = per_step[r["swad_start_step"]:r["swad_end_step"] + 1]
+    window = per_step[r["swad_start_step"] : r["swad_end_step"] + 1]
     mean = jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0), *window)
     averaged = (mean, method_states[r["step"]])
     np.testing.assert_allclose(task.val_loss(averaged, predict), r["swad_val_loss"], rtol=1e-5)
     accs = task.evaluate(averaged, 0, predict)
     for name, value in accs.items():
-      assert abs(r[f"swad_{name}"] - value) <= 1 / 16 + 1e-9, name   # at most one example off
+      assert abs(r[f"swad_{name}"] - value) <= 1 / 16 + 1e-9, name  # at most one example off
     checked += 1
   assert checked >= 3
 
@@ -431,7 +491,9 @@ def test_engine_resume_with_swad_equals_uninterrupted(engine_run, tmp_path):
   resumed = train_lib.train_many([cfg], task, output_dirs=[run_dir], resume=True)[0]
   assert [r["step"] for r in resumed] == [r["step"] for r in records]
   assert strip_timing(resumed) == strip_timing(records)
-  assert strip_timing(results.read_jsonl(run_dir / "results.jsonl")) == json.loads(json.dumps(strip_timing(records)))
+  assert strip_timing(results.read_jsonl(run_dir / "results.jsonl")) == json.loads(
+    json.dumps(strip_timing(records))
+  )
 
 
 def test_engine_refuses_swad_without_validation_data():

@@ -12,13 +12,28 @@ from dgjax import train as train_lib
 from dgjax.models import mlp
 from dgjax.task import Task, TaskBase
 
-MEMBERS = {"model", "num_domains", "variables", "per_run_data", "streams", "data", "has_val_loss",
-           "init_params", "stream", "batch", "epoch", "evaluate", "val_loss", "progress_numbers"}
+MEMBERS = {
+  "model",
+  "num_domains",
+  "variables",
+  "per_run_data",
+  "streams",
+  "data",
+  "has_val_loss",
+  "init_params",
+  "stream",
+  "batch",
+  "epoch",
+  "evaluate",
+  "val_loss",
+  "progress_numbers",
+}
 
 
 def test_the_protocol_is_these_members():
-  declared = set(Task.__annotations__) | {n for n, v in vars(Task).items()
-                                          if callable(v) and not n.startswith("_")}
+  declared = set(Task.__annotations__) | {
+    n for n, v in vars(Task).items() if callable(v) and not n.startswith("_")
+  }
   assert declared == MEMBERS
 
 
@@ -37,7 +52,7 @@ class ExactTask:
     self.per_run_data = False
     self.streams = False
     self.has_val_loss = True
-    self.data = {"x": jnp.asarray(x), "y": jnp.asarray(y)}   # [D, N, ...]
+    self.data = {"x": jnp.asarray(x), "y": jnp.asarray(y)}  # [D, N, ...]
     self.evaluated_at = []
 
   def __getattribute__(self, name):
@@ -74,9 +89,19 @@ def test_a_task_of_exactly_the_protocol_trains():
   x = rng.normal(size=(2, 16, 3)).astype(np.float32)
   task = ExactTask(x, (x[..., 0] > 0).astype(np.int32))
   assert isinstance(task, Task) and not isinstance(task, TaskBase)
-  cfgs = [train_lib.TrainConfig(method="erm", test_envs=(), steps=4, checkpoint_freq=2, seed=s,
-                                hparams={"batch_size": 4, "lr": lr}, progress=False, swad=True)
-          for s, lr in ((0, 1e-3), (1, 1e-2))]
+  cfgs = [
+    train_lib.TrainConfig(
+      method="erm",
+      test_envs=(),
+      steps=4,
+      checkpoint_freq=2,
+      seed=s,
+      hparams={"batch_size": 4, "lr": lr},
+      progress=False,
+      swad=True,
+    )
+    for s, lr in ((0, 1e-3), (1, 1e-2))
+  ]
   runs = train_lib.train_many(cfgs, task)
   for records in runs:
     assert [r["step"] for r in records] == [0, 2, 3]
@@ -93,9 +118,14 @@ def test_every_task_is_a_task():
   x = rng.uniform(size=(8, 4)).astype(np.float32)
   split = tasks.Split("e", x, (x[:, 0] > 0.5).astype(np.int32))
   assert isinstance(tasks.DomainBedTask(mlp(2, (4,)), [split] * 2, [split] * 2, (1,)), Task)
-  run = {"train_x": np.zeros((2, 4, 392), np.float32), "train_y": np.zeros((2, 4), np.int32),
-         "test_x": np.zeros((4, 392), np.float32), "test_y": np.zeros(4, np.int32),
-         "gray_x": np.zeros((4, 392), np.float32), "gray_y": np.zeros(4, np.int32)}
+  run = {
+    "train_x": np.zeros((2, 4, 392), np.float32),
+    "train_y": np.zeros((2, 4), np.int32),
+    "test_x": np.zeros((4, 392), np.float32),
+    "test_y": np.zeros(4, np.int32),
+    "gray_x": np.zeros((4, 392), np.float32),
+    "gray_y": np.zeros(4, np.int32),
+  }
   assert isinstance(irm_benchmark.IRMTask([run], 4), Task)
   # ImageTask: tests/test_image_training.py (it needs an image tree)
 

@@ -23,8 +23,8 @@ from dgjax.data.tfds_images import TFDS_IMAGE_DATASETS, TfdsImages, tfds_image_e
 from tensorflow_datasets.image_classification.domainnet import domainnet  # noqa: E402
 
 CONFIGS = TFDS_IMAGE_DATASETS["DomainNet"].configs
-NAMES = domainnet._CLASS_NAMES           # TFDS's label order (the official DomainNet list)
-SIZES = {"train": 7, "test": 4}          # records per split and config
+NAMES = domainnet._CLASS_NAMES  # TFDS's label order (the official DomainNet list)
+SIZES = {"train": 7, "test": 4}  # records per split and config
 
 
 def colour(label: int) -> tuple[int, int, int]:
@@ -39,17 +39,22 @@ def label_of(pixel) -> int:
 def tfds_label(config_index: int, split: str, i: int) -> int:
   # Chosen to hit classes whose TFDS index differs from the sorted one (The_* near the end).
   base = {"train": 0, "test": 100}[split]
-  return (base + 50 * config_index + 37 * i + (NAMES.index("The_Eiffel_Tower") if i == 0 else 0)) % len(NAMES)
+  return (
+    base + 50 * config_index + 37 * i + (NAMES.index("The_Eiffel_Tower") if i == 0 else 0)
+  ) % len(NAMES)
 
 
 def jpeg(label: int, shape) -> bytes:
   buf = io.BytesIO()
-  Image.fromarray(np.full((*shape, 3), colour(label), np.uint8)).save(buf, format="JPEG", quality=95)
+  Image.fromarray(np.full((*shape, 3), colour(label), np.uint8)).save(
+    buf, format="JPEG", quality=95
+  )
   return buf.getvalue()
 
 
 class _TinyDomainnet(domainnet.Domainnet, skip_registration=True):
   """TFDS's ``domainnet`` builder, its download replaced by generated images."""
+
   name = "domainnet"
 
   def _split_generators(self, dl_manager):
@@ -59,13 +64,17 @@ class _TinyDomainnet(domainnet.Domainnet, skip_registration=True):
     c = CONFIGS.index(self.builder_config.name)
     for i in range(SIZES[split]):
       label = tfds_label(c, split, i)
-      yield f"{split}_{i:08d}", {"image": io.BytesIO(jpeg(label, (24 + i, 30 + 2 * c))),
-                                 "label": label}
+      yield (
+        f"{split}_{i:08d}",
+        {"image": io.BytesIO(jpeg(label, (24 + i, 30 + 2 * c))), "label": label},
+      )
 
 
 def prepare(data_dir, configs=CONFIGS):
   for config in configs:
-    _TinyDomainnet(config=config, data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+    _TinyDomainnet(
+      config=config, data_dir=str(data_dir), file_format="array_record"
+    ).download_and_prepare()
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +93,9 @@ def reference_records(data_dir, config):
   """TFDS's own reading (its PIL decoding), train then test: (images, TFDS labels)."""
   images, labels = [], []
   for split in SIZES:
-    source = tfds.data_source(f"domainnet/{config}", split=split, data_dir=str(data_dir),
-                              download=False)
+    source = tfds.data_source(
+      f"domainnet/{config}", split=split, data_dir=str(data_dir), download=False
+    )
     for i in range(len(source)):
       images.append(np.asarray(source[i]["image"]))
       labels.append(int(source[i]["label"]))
@@ -129,8 +139,12 @@ def test_training_and_eval_batches(envs, num_workers):
   splits_in, splits_out = image_folder.image_splits(envs, 0.2, 0)
   train = [splits_in[e] for e in (0, 2, 5)]
   import jax
-  batches = list(image_pipeline.train_batches(train, jax.random.key(3), 4, num_steps=2,
-                                              size=32, num_workers=num_workers))
+
+  batches = list(
+    image_pipeline.train_batches(
+      train, jax.random.key(3), 4, num_steps=2, size=32, num_workers=num_workers
+    )
+  )
   assert len(batches) == 2
   names = sorted(NAMES)
   for b in batches:
@@ -138,7 +152,7 @@ def test_training_and_eval_batches(envs, num_workers):
     assert b["y"].shape == (3, 4)
     for d, split in enumerate(train):
       assert set(b["y"][d].tolist()) <= set(split.y.tolist())
-      for k in range(4):   # the image's colour says its label
+      for k in range(4):  # the image's colour says its label
         assert names[b["y"][d, k]] == NAMES[label_of(b["x"][d, k, 16, 16])]
   evals = list(image_pipeline.eval_batches(splits_out[1], 2, size=16, num_workers=0))
   n = len(splits_out[1].y)
@@ -158,12 +172,18 @@ def test_errors_name_path_and_command(tmp_path):
   with pytest.raises(DataError, match="TFDS has no 'PACS'.*DomainNet"):
     tfds_image_environments("PACS", tmp_path)
   missing = tmp_path / "nowhere"
-  with pytest.raises(DataError, match=f"{missing} does not exist.*tfds build domainnet "
-                                      f"--file_format=array_record --data_dir={missing}"):
+  with pytest.raises(
+    DataError,
+    match=f"{missing} does not exist.*tfds build domainnet "
+    f"--file_format=array_record --data_dir={missing}",
+  ):
     tfds_image_environments("DomainNet", missing)
   prepare(tmp_path, CONFIGS[:2])
-  with pytest.raises(DataError, match=r"domainnet/painting is not prepared in .*"
-                                      r"domainnet/painting/<version>/dataset_info.json.*tfds build"):
+  with pytest.raises(
+    DataError,
+    match=r"domainnet/painting is not prepared in .*"
+    r"domainnet/painting/<version>/dataset_info.json.*tfds build",
+  ):
     tfds_image_environments("DomainNet", tmp_path)
   assert len(tfds_image_environments("DomainNet", tmp_path, domains=["clip", "info"])) == 2
 
@@ -177,8 +197,11 @@ def test_tfrecord_copy_is_refused_with_the_conversion(data_dir, tmp_path):
   info = json.loads(info_file.read_text())
   info["fileFormat"] = "tfrecord"
   info_file.write_text(json.dumps(info))
-  with pytest.raises(DataError, match="prepared as tfrecord.*tfds convert_format "
-                                      "--dataset_dir=.*--out_file_format=array_record"):
+  with pytest.raises(
+    DataError,
+    match="prepared as tfrecord.*tfds convert_format "
+    "--dataset_dir=.*--out_file_format=array_record",
+  ):
     tfds_image_environments("DomainNet", tmp_path, domains=["clip"])
 
 
@@ -190,7 +213,9 @@ class _TrainOnly(_TinyDomainnet, skip_registration=True):
 
 
 def test_missing_split_is_named(tmp_path):
-  _TrainOnly(config="clipart", data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  _TrainOnly(
+    config="clipart", data_dir=str(tmp_path), file_format="array_record"
+  ).download_and_prepare()
   with pytest.raises(DataError, match=r"domainnet/clipart:1.0.0 in .* has no split 'test'"):
     tfds_image_environments("DomainNet", tmp_path, domains=["clip"])
 
@@ -200,11 +225,15 @@ def test_training_config_selects_the_tfds_copy(data_dir):
   (DomainBed's names), and an unknown source is refused before any work."""
   from dgjax import datasets, runs
   from dgjax.image_task import image_environments
-  config = runs.make_config(dataset="DomainNet", method="erm", data_source="tfds",
-                            data_dir=str(data_dir), pretrained="none")
+
+  config = runs.make_config(
+    dataset="DomainNet", method="erm", data_source="tfds", data_dir=str(data_dir), pretrained="none"
+  )
   envs = image_environments(config.dataset, config.data_dir, config.data_source)
-  assert [e.name for e in envs] == ["clip", "info", "paint", "quick", "real", "sketch"][:len(envs)]
-  assert [e.name for e in envs] == [e.name for e in datasets.get_dataset("DomainNet").environments(
-      str(data_dir), data_source="tfds")]
+  assert [e.name for e in envs] == ["clip", "info", "paint", "quick", "real", "sketch"][: len(envs)]
+  assert [e.name for e in envs] == [
+    e.name
+    for e in datasets.get_dataset("DomainNet").environments(str(data_dir), data_source="tfds")
+  ]
   with pytest.raises(ValueError, match="data_source must be one of"):
     runs.make_config(dataset="DomainNet", method="erm", data_source="hub", pretrained="none")

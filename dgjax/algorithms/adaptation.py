@@ -21,8 +21,17 @@ import optax
 
 from dgjax.algorithms.adversarial import like_params
 from dgjax.conv import Conv, conv2d
-from dgjax.core import (COMMON_HPARAMS, GradientSource, HParam, Method, Terms, domainbed_adam,
-                        env_losses_of, extra_net_key, flatten_domains)
+from dgjax.core import (
+  COMMON_HPARAMS,
+  GradientSource,
+  HParam,
+  Method,
+  Terms,
+  domainbed_adam,
+  env_losses_of,
+  extra_net_key,
+  flatten_domains,
+)
 from dgjax.types import PyTree
 
 
@@ -31,6 +40,7 @@ class TorchBatchNorm2d(nn.Module):
   over ``N, H, W`` normalise, and the running statistics (collection ``batch_stats``; mean 0,
   var 1 at init) move by ``momentum`` towards the batch mean and UNBIASED variance; in
   evaluation the running statistics normalise. Affine weight 1, bias 0 at init."""
+
   momentum: float = 0.1
   epsilon: float = 1e-5
 
@@ -68,8 +78,8 @@ class ContextNet(nn.Module):
 
 
 class ARMState(NamedTuple):
-  extra: PyTree           # {"context_net": params, "context_kernel": [k, k, 1, F1]}
-  batch_stats: PyTree     # the context net's BatchNorm running statistics
+  extra: PyTree  # {"context_net": params, "context_kernel": [k, k, 1, F1]}
+  batch_stats: PyTree  # the context net's BatchNorm running statistics
   extra_opt: optax.OptState
 
 
@@ -80,9 +90,10 @@ def first_conv(params) -> tuple[str, jax.Array]:
     if isinstance(sub, dict) and "kernel" in sub:
       if sub["kernel"].ndim != 4:
         raise ValueError(
-            f"ARM concatenates a context channel to image inputs: the featurizer's first layer "
-            f"({name!r}) must be a convolution, got a kernel of shape {sub['kernel'].shape} "
-            "(DomainBed's ARM, too, needs images)")
+          f"ARM concatenates a context channel to image inputs: the featurizer's first layer "
+          f"({name!r}) must be a convolution, got a kernel of shape {sub['kernel'].shape} "
+          "(DomainBed's ARM, too, needs images)"
+        )
       return name, sub["kernel"]
   raise ValueError("ARM: the featurizer has no layer with a 'kernel' parameter")
 
@@ -93,11 +104,14 @@ def _stride_and_padding(mod) -> tuple[int, int]:
   if hasattr(mod, "stride"):
     return mod.stride, mod.padding
   strides = mod.strides if isinstance(mod.strides, (tuple, list)) else (mod.strides or 1,)
-  pads = ({p for pair in mod.padding for p in pair} if isinstance(mod.padding, (tuple, list))
-          else set())
+  pads = (
+    {p for pair in mod.padding for p in pair} if isinstance(mod.padding, (tuple, list)) else set()
+  )
   if len(set(strides)) != 1 or len(pads) != 1:
-    raise ValueError(f"ARM needs a first convolution with equal strides and symmetric integer "
-                     f"padding, got strides={mod.strides!r} padding={mod.padding!r}")
+    raise ValueError(
+      f"ARM needs a first convolution with equal strides and symmetric integer "
+      f"padding, got strides={mod.strides!r} padding={mod.padding!r}"
+    )
   return strides[0], pads.pop()
 
 
@@ -125,8 +139,13 @@ def logits_with_context(ctx, params, x, context, context_kernel):
     mod = context_.module
     if context_.method_name == "__call__" and mod.path == path:
       stride, padding = _stride_and_padding(mod)
-      out = out + conv2d(context.astype(out.dtype), context_kernel.astype(out.dtype), stride,
-                         padding, getattr(mod, "impl", "xla"))
+      out = out + conv2d(
+        context.astype(out.dtype),
+        context_kernel.astype(out.dtype),
+        stride,
+        padding,
+        getattr(mod, "impl", "xla"),
+      )
     return out
 
   with nn.intercept_methods(interceptor):
@@ -191,8 +210,9 @@ def arm_gradients() -> GradientSource:
     else:
       bound = 1.0 / float(k * k * (c + 1)) ** 0.5
       context_kernel = jax.random.uniform(key_kernel, (k, k, 1, f1), jnp.float32, -bound, bound)
-    extra = like_params({"context_net": variables["params"], "context_kernel": context_kernel},
-                        params)
+    extra = like_params(
+      {"context_net": variables["params"], "context_kernel": context_kernel}, params
+    )
     stats = like_params(variables["batch_stats"], params)
     trained = {name: extra[name] for name in _trained_extra(ctx)}
     return ARMState(extra, stats, domainbed_adam()(ctx).init(trained))
@@ -206,15 +226,19 @@ def arm_gradients() -> GradientSource:
     def objective(p, trained_extra):
       extra = {**state.extra, **trained_extra}
       context, new_vars = ContextNet().apply(
-          {"params": extra["context_net"], "batch_stats": state.batch_stats}, x, True,
-          mutable=["batch_stats"])
+        {"params": extra["context_net"], "batch_stats": state.batch_stats},
+        x,
+        True,
+        mutable=["batch_stats"],
+      )
       context = group_context(context, b)
       logits = logits_with_context(ctx, p, x, context, extra["context_kernel"])
       env_losses = env_losses_of(logits.reshape(d, b, -1), batch["y"])
       return jnp.mean(env_losses), (env_losses, new_vars["batch_stats"])
 
     (_, (env_losses, stats)), (g, g_extra) = jax.value_and_grad(
-        objective, argnums=(0, 1), has_aux=True)(params, trained)
+      objective, argnums=(0, 1), has_aux=True
+    )(params, trained)
     tx = domainbed_adam()(ctx)
     updates, extra_opt = tx.update(g_extra, state.extra_opt, trained)
     extra = {**state.extra, **optax.apply_updates(trained, updates)}
@@ -228,8 +252,9 @@ def arm_predict(ctx, params, state, x):
   over groups of ``batch_size`` examples when that divides ``len(x)``, else over all of
   ``x``. The adaptation set is the evaluated batch: DomainBed evaluates in batches of 64."""
   source = state.source
-  context = ContextNet().apply({"params": source.extra["context_net"],
-                                "batch_stats": source.batch_stats}, x, False)
+  context = ContextNet().apply(
+    {"params": source.extra["context_net"], "batch_stats": source.batch_stats}, x, False
+  )
   context = group_context(context, _support_size(ctx))
   return logits_with_context(ctx, params, x, context, source.extra["context_kernel"])
 
@@ -238,23 +263,30 @@ def _arm_hparams():
   """DomainBed's ARM has no hparams of its own and fixes its batch size to 8 on large images;
   ``train_context_net`` is ours (the paper's form, see :func:`arm_gradients`)."""
   return {
-      "batch_size": dataclasses.replace(
-          COMMON_HPARAMS["batch_size"], large_default=8, large_sample=lambda r: 8,
-          doc="examples per domain per step (also ARM's support-set size)"),
-      "train_context_net": HParam(
-          False, lambda r: False, "train the context network with the network's Adam (the "
-          "paper); false: DomainBed's code, whose Adam never holds it", kind="bool",
-          structural=True),
+    "batch_size": dataclasses.replace(
+      COMMON_HPARAMS["batch_size"],
+      large_default=8,
+      large_sample=lambda r: 8,
+      doc="examples per domain per step (also ARM's support-set size)",
+    ),
+    "train_context_net": HParam(
+      False,
+      lambda r: False,
+      "train the context network with the network's Adam (the "
+      "paper); false: DomainBed's code, whose Adam never holds it",
+      kind="bool",
+      structural=True,
+    ),
   }
 
 
 ARM = Method(
-    name="arm",
-    description="ARM-CML: a context network's mean over the batch is an extra input channel, "
-                "adapting predictions to each test batch (Zhang et al., NeurIPS 2021)",
-    domainbed_name="ARM",
-    hparams=_arm_hparams(),
-    presets={"paper": {"train_context_net": True}},
-    gradients=arm_gradients(),
-    predict=arm_predict,
+  name="arm",
+  description="ARM-CML: a context network's mean over the batch is an extra input channel, "
+  "adapting predictions to each test batch (Zhang et al., NeurIPS 2021)",
+  domainbed_name="ARM",
+  hparams=_arm_hparams(),
+  presets={"paper": {"train_context_net": True}},
+  gradients=arm_gradients(),
+  predict=arm_predict,
 )

@@ -58,8 +58,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dgjax.core import (ExtraNet, GradientSource, HParam, Method, Terms, extra_net_key,
-                        flatten_domains, on_steps)
+from dgjax.core import (
+  ExtraNet,
+  GradientSource,
+  HParam,
+  Method,
+  Terms,
+  extra_net_key,
+  flatten_domains,
+  on_steps,
+)
 from dgjax.losses import cross_entropy
 from dgjax.models import TorchDense
 from dgjax.types import PyTree
@@ -67,6 +75,7 @@ from dgjax.types import PyTree
 
 class NonlinearClassifier(nn.Module):
   """DomainBed's ``Classifier(F, out, is_nonlinear=True)``: ``F -> F//2 -> F//4 -> out``."""
+
   in_features: int
   out: int
 
@@ -80,6 +89,7 @@ class NonlinearClassifier(nn.Module):
 class DomainMLP(nn.Module):
   """DomainBed's ``networks.MLP(F, out, hparams)``: input layer, ``depth - 2`` hidden layers
   and an output layer; dropout then ReLU after each but the last."""
+
   width: int
   depth: int
   out: int
@@ -121,8 +131,13 @@ def redraw_torch_init(params: PyTree, key: jax.Array) -> PyTree:
   return walk(dict(params))
 
 
-def supcon_lambda_loss(features: jax.Array, labels: jax.Array, domains: jax.Array,
-                       lamda: float = 0.5, temperature: float = 0.07) -> jax.Array:
+def supcon_lambda_loss(
+  features: jax.Array,
+  labels: jax.Array,
+  domains: jax.Array,
+  lamda: float = 0.5,
+  temperature: float = 0.07,
+) -> jax.Array:
   """DomainBed's ``SupConLossLambda`` (``domainbed/lib/misc.py``), vectorised over rows.
 
   With unit-normalised features, ``s_ij = f_i.f_j / T`` and ``w_ij = lamda`` for ``j`` in
@@ -180,25 +195,30 @@ def is_discriminator_step(step, d_steps_per_g_step):
 
 
 class ADRMXState(NamedTuple):
-  generator: ExtraNet       # featurizer_domain, classifier_label_1/2, classifier_domain
+  generator: ExtraNet  # featurizer_domain, classifier_label_1/2, classifier_domain
   discriminator: ExtraNet
 
 
 def _sizes(ctx, params):
   f, out = params["classifier"]["kernel"].shape
   if f < 4:
-    raise ValueError(f"ADRMX's non-linear classifiers need at least 4 features (F -> F/2 -> "
-                     f"F/4), the model's featurizer gives {f}")
+    raise ValueError(
+      f"ADRMX's non-linear classifiers need at least 4 features (F -> F/2 -> "
+      f"F/4), the model's featurizer gives {f}"
+    )
   return f, out
 
 
 def _networks(ctx, f, out):
   hp = ctx.hparams
-  return {"classifier_label_1": NonlinearClassifier(f, out),
-          "classifier_label_2": NonlinearClassifier(f, out),
-          "classifier_domain": NonlinearClassifier(f, ctx.num_domains),
-          "discriminator": DomainMLP(int(hp["mlp_width"]), int(hp["mlp_depth"]), ctx.num_domains,
-                                     float(hp["mlp_dropout"]))}
+  return {
+    "classifier_label_1": NonlinearClassifier(f, out),
+    "classifier_label_2": NonlinearClassifier(f, out),
+    "classifier_domain": NonlinearClassifier(f, ctx.num_domains),
+    "discriminator": DomainMLP(
+      int(hp["mlp_width"]), int(hp["mlp_depth"]), ctx.num_domains, float(hp["mlp_dropout"])
+    ),
+  }
 
 
 def adrmx_losses(ctx, params, generator, discriminator, batch, key):
@@ -215,31 +235,37 @@ def adrmx_losses(ctx, params, generator, discriminator, batch, key):
   z_l = ctx.features(params, x)
   z_d = ctx.features({**params, "featurizer": generator["featurizer_domain"]}, x)
   z = z_l - z_d
-  disc_loss = cross_entropy(nets["discriminator"].apply({"params": discriminator}, z, k_drop),
-                            domains)
+  disc_loss = cross_entropy(
+    nets["discriminator"].apply({"params": discriminator}, z, k_drop), domains
+  )
   int_logits = run("classifier_label_1", generator["classifier_label_1"], z_l)
   env_losses = jax.vmap(cross_entropy)(int_logits.reshape((d, b, -1)), batch["y"])
   num_classes = max(out, 2)
-  first, second, valid = remix_pairs(k_remix, y, num_classes,
-                                     ctx.hparams["remix_pairs"] == "same_class")
+  first, second, valid = remix_pairs(
+    k_remix, y, num_classes, ctx.hparams["remix_pairs"] == "same_class"
+  )
   remixed = run("classifier_label_1", generator["classifier_label_1"], z[first] + z_d[second])
   remix_terms = jax.vmap(lambda lg, t: cross_entropy(lg[None], t[None]))(remixed, y[first])
   terms = {
-      "loss_disc": disc_loss,
-      "loss_clf_int": jnp.mean(env_losses),
-      "loss_clf_fin": cross_entropy(run("classifier_label_2", generator["classifier_label_2"], z), y),
-      "loss_dmn": cross_entropy(run("classifier_domain", generator["classifier_domain"], z_d),
-                                domains),
-      "loss_cnt_int": supcon_lambda_loss(z_l, y, domains),
-      "loss_cnt_final": supcon_lambda_loss(z, y, domains),
-      "loss_remixed": jnp.sum(jnp.where(valid, remix_terms, 0.0)) / num_classes,
+    "loss_disc": disc_loss,
+    "loss_clf_int": jnp.mean(env_losses),
+    "loss_clf_fin": cross_entropy(run("classifier_label_2", generator["classifier_label_2"], z), y),
+    "loss_dmn": cross_entropy(
+      run("classifier_domain", generator["classifier_domain"], z_d), domains
+    ),
+    "loss_cnt_int": supcon_lambda_loss(z_l, y, domains),
+    "loss_cnt_final": supcon_lambda_loss(z, y, domains),
+    "loss_remixed": jnp.sum(jnp.where(valid, remix_terms, 0.0)) / num_classes,
   }
   hp = ctx.hparams
-  terms["loss_total"] = (terms["loss_clf_int"] + terms["loss_clf_fin"]
-                         + hp["dclf_lambda"] * terms["loss_dmn"]
-                         + hp["rmxd_lambda"] * terms["loss_remixed"]
-                         + hp["cnt_lambda"] * (terms["loss_cnt_int"] + terms["loss_cnt_final"])
-                         - hp["disc_lambda"] * disc_loss)
+  terms["loss_total"] = (
+    terms["loss_clf_int"]
+    + terms["loss_clf_fin"]
+    + hp["dclf_lambda"] * terms["loss_dmn"]
+    + hp["rmxd_lambda"] * terms["loss_remixed"]
+    + hp["cnt_lambda"] * (terms["loss_cnt_int"] + terms["loss_cnt_final"])
+    - hp["disc_lambda"] * disc_loss
+  )
   return terms, env_losses
 
 
@@ -256,8 +282,9 @@ def adrmx_gradients() -> GradientSource:
     if ctx.hparams["domain_featurizer_init"] == "copy":
       extra["featurizer_domain"] = jax.tree.map(jnp.asarray, params["featurizer"])
     else:
-      extra["featurizer_domain"] = redraw_torch_init(params["featurizer"],
-                                                     extra_net_key(key, "featurizer_domain"))
+      extra["featurizer_domain"] = redraw_torch_init(
+        params["featurizer"], extra_net_key(key, "featurizer_domain")
+      )
     disc = extra.pop("discriminator")
     tx = adrmx_adam(ctx)
     return ADRMXState(ExtraNet.create(extra, tx), ExtraNet.create(disc, tx))
@@ -268,23 +295,33 @@ def adrmx_gradients() -> GradientSource:
 
     def discriminator_step(_):
       (_, (terms, env_losses)), g_disc = jax.value_and_grad(
-          lambda dp: (lambda t: (t[0]["loss_disc"], t))(
-              adrmx_losses(ctx, params, gen.params, dp, batch, key)), has_aux=True)(disc.params)
+        lambda dp: (lambda t: (t[0]["loss_disc"], t))(
+          adrmx_losses(ctx, params, gen.params, dp, batch, key)
+        ),
+        has_aux=True,
+      )(disc.params)
       zeros = jax.tree.map(jnp.zeros_like, params)
       return zeros, gen, disc.apply_gradients(g_disc, tx), terms, env_losses
 
     def generator_step(_):
       (_, (terms, env_losses)), (g, g_gen) = jax.value_and_grad(
-          lambda p, gp: (lambda t: (t[0]["loss_total"], t))(
-              adrmx_losses(ctx, p, gp, disc.params, batch, key)),
-          argnums=(0, 1), has_aux=True)(params, gen.params)
+        lambda p, gp: (lambda t: (t[0]["loss_total"], t))(
+          adrmx_losses(ctx, p, gp, disc.params, batch, key)
+        ),
+        argnums=(0, 1),
+        has_aux=True,
+      )(params, gen.params)
       return g, gen.apply_gradients(g_gen, tx), disc, terms, env_losses
 
     disc_turn = is_discriminator_step(step, ctx.hparams["d_steps_per_g_step"])
     g, new_gen, new_disc, terms, env_losses = jax.lax.cond(
-        disc_turn, discriminator_step, generator_step, None)
-    metrics = {"loss": terms["loss_total"], **terms,
-               "discriminator_step": disc_turn.astype(jnp.float32)}
+      disc_turn, discriminator_step, generator_step, None
+    )
+    metrics = {
+      "loss": terms["loss_total"],
+      **terms,
+      "discriminator_step": disc_turn.astype(jnp.float32),
+    }
     return g, Terms(env_losses, None, metrics, ADRMXState(new_gen, new_disc))
 
   return GradientSource(grads, init)
@@ -294,8 +331,9 @@ def adrmx_optimizer(ctx) -> optax.GradientTransformation:
   """The model's ``Adam(lr, betas=(beta1, 0.9))`` on generator steps only (discriminator steps:
   no update, Adam's state unchanged)."""
   d_steps = ctx.hparams["d_steps_per_g_step"]
-  return on_steps(adrmx_adam(ctx),
-                  lambda step: jnp.logical_not(is_discriminator_step(step, d_steps)))
+  return on_steps(
+    adrmx_adam(ctx), lambda step: jnp.logical_not(is_discriminator_step(step, d_steps))
+  )
 
 
 def adrmx_predict(ctx, params, state, x):
@@ -310,38 +348,60 @@ def _fixed(value, doc, **kw):
 
 
 ADRMX = Method(
-    name="adrmx",
-    description="ADRMX: label and domain featurizers combined additively, a domain adversary on "
-                "their difference, SupCon and remix losses (Demirel et al., 2023)",
-    domainbed_name="ADRMX",
-    hparams={
-        "lr": HParam(3e-3, lambda r: float(r.choice([5e-4, 1e-3, 2e-3, 3e-3])),
-                     "Adam learning rate (both optimizers)", role="lr", positive=True,
-                     large_default=3e-5,
-                     large_sample=lambda r: float(r.choice([2e-5, 3e-5, 4e-5, 5e-5]))),
-        "cnt_lambda": _fixed(1.0, "weight of the two SupCon losses", minimum=0.0),
-        "dclf_lambda": _fixed(1.0, "weight of the domain classifier's CE", minimum=0.0),
-        "disc_lambda": _fixed(0.75, "weight of the adversarial (negated) discriminator loss",
-                              minimum=0.0),
-        "rmxd_lambda": _fixed(1.0, "weight of the remix loss", minimum=0.0),
-        "d_steps_per_g_step": _fixed(2, "discriminator steps per generator step", kind="int",
-                                     minimum=0),
-        "beta1": _fixed(0.5, "Adam beta1 (beta2 is 0.9)", minimum=0.0, maximum=1.0),
-        "mlp_width": _fixed(256, "discriminator width", kind="int", structural=True, minimum=1),
-        "mlp_depth": HParam(9, lambda r: int(r.choice([8, 9, 10])), "discriminator linear "
-                            "layers", kind="int", structural=True, minimum=2),
-        "mlp_dropout": _fixed(0.0, "discriminator dropout", structural=True, minimum=0.0,
-                              maximum=0.99),
-        "remix_pairs": HParam("domainbed", lambda r: "domainbed", "remix pairs as DomainBed's "
-                              "code draws them, or from the same class", kind="choice",
-                              choices=("domainbed", "same_class"), structural=True),
-        "domain_featurizer_init": HParam(
-            "independent", lambda r: "independent", "featurizer_domain's start: an independent "
-            "draw, or a copy (pretrained backbones)", kind="choice",
-            choices=("independent", "copy"), structural=True, large_default="copy",
-            large_sample=lambda r: "copy"),
-    },
-    gradients=adrmx_gradients(),
-    optimizer=adrmx_optimizer,
-    predict=adrmx_predict,
+  name="adrmx",
+  description="ADRMX: label and domain featurizers combined additively, a domain adversary on "
+  "their difference, SupCon and remix losses (Demirel et al., 2023)",
+  domainbed_name="ADRMX",
+  hparams={
+    "lr": HParam(
+      3e-3,
+      lambda r: float(r.choice([5e-4, 1e-3, 2e-3, 3e-3])),
+      "Adam learning rate (both optimizers)",
+      role="lr",
+      positive=True,
+      large_default=3e-5,
+      large_sample=lambda r: float(r.choice([2e-5, 3e-5, 4e-5, 5e-5])),
+    ),
+    "cnt_lambda": _fixed(1.0, "weight of the two SupCon losses", minimum=0.0),
+    "dclf_lambda": _fixed(1.0, "weight of the domain classifier's CE", minimum=0.0),
+    "disc_lambda": _fixed(
+      0.75, "weight of the adversarial (negated) discriminator loss", minimum=0.0
+    ),
+    "rmxd_lambda": _fixed(1.0, "weight of the remix loss", minimum=0.0),
+    "d_steps_per_g_step": _fixed(
+      2, "discriminator steps per generator step", kind="int", minimum=0
+    ),
+    "beta1": _fixed(0.5, "Adam beta1 (beta2 is 0.9)", minimum=0.0, maximum=1.0),
+    "mlp_width": _fixed(256, "discriminator width", kind="int", structural=True, minimum=1),
+    "mlp_depth": HParam(
+      9,
+      lambda r: int(r.choice([8, 9, 10])),
+      "discriminator linear layers",
+      kind="int",
+      structural=True,
+      minimum=2,
+    ),
+    "mlp_dropout": _fixed(0.0, "discriminator dropout", structural=True, minimum=0.0, maximum=0.99),
+    "remix_pairs": HParam(
+      "domainbed",
+      lambda r: "domainbed",
+      "remix pairs as DomainBed's code draws them, or from the same class",
+      kind="choice",
+      choices=("domainbed", "same_class"),
+      structural=True,
+    ),
+    "domain_featurizer_init": HParam(
+      "independent",
+      lambda r: "independent",
+      "featurizer_domain's start: an independent draw, or a copy (pretrained backbones)",
+      kind="choice",
+      choices=("independent", "copy"),
+      structural=True,
+      large_default="copy",
+      large_sample=lambda r: "copy",
+    ),
+  },
+  gradients=adrmx_gradients(),
+  optimizer=adrmx_optimizer,
+  predict=adrmx_predict,
 )

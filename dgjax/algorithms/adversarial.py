@@ -24,9 +24,20 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dgjax.core import (ExtraNet, GradientSource, HParam, Method, Terms, domainbed_adam,
-                        env_losses_of, extra_net_key, flatten_domains, log_uniform, on_steps,
-                        over_domains)
+from dgjax.core import (
+  ExtraNet,
+  GradientSource,
+  HParam,
+  Method,
+  Terms,
+  domainbed_adam,
+  env_losses_of,
+  extra_net_key,
+  flatten_domains,
+  log_uniform,
+  on_steps,
+  over_domains,
+)
 from dgjax.losses import cross_entropy
 from dgjax.models import TorchDense
 from dgjax.types import PyTree
@@ -49,8 +60,9 @@ def like_params(tree: PyTree, params: PyTree) -> PyTree:
 def torch_adam_betas(lr, weight_decay, b1, b2) -> optax.GradientTransformation:
   """``torch.optim.Adam(lr, weight_decay, betas=(b1, b2))``: ``weight_decay * param`` added
   to the gradient, then Adam (eps 1e-8). Every argument may be traced."""
-  return optax.chain(optax.add_decayed_weights(weight_decay),
-                     optax.adam(lr, b1=b1, b2=b2, eps=1e-8))
+  return optax.chain(
+    optax.add_decayed_weights(weight_decay), optax.adam(lr, b1=b1, b2=b2, eps=1e-8)
+  )
 
 
 def select_tree(pred, on_true: PyTree, on_false: PyTree) -> PyTree:
@@ -78,6 +90,7 @@ class DomainBedMLP(nn.Module):
   ``depth - 2`` times ``Linear(width, width) -> Dropout -> ReLU``, then ``Linear(width, out)``
   (torch's default init). ``dropout_rate`` may be traced; the masks use the ``"dropout"``
   rng."""
+
   width: int
   depth: int
   outputs: int
@@ -99,7 +112,7 @@ def _embedding_init(key, shape, dtype=jnp.float32):
 
 # ----------------------------------------------------------------------------- DANN / CDANN
 class DANNState(NamedTuple):
-  discriminator: ExtraNet   # params {"mlp": the MLP's[, "embedding": [C, F] (CDANN)]}
+  discriminator: ExtraNet  # params {"mlp": the MLP's[, "embedding": [C, F] (CDANN)]}
 
 
 def dann_discriminator_step(step, d_steps_per_g_step):
@@ -111,7 +124,8 @@ def dann_discriminator_step(step, d_steps_per_g_step):
 
 def dann_generator_step(ctx):
   return lambda step: jnp.logical_not(
-      dann_discriminator_step(step, ctx.hparams["d_steps_per_g_step"]))
+    dann_discriminator_step(step, ctx.hparams["d_steps_per_g_step"])
+  )
 
 
 def _dann_mlp(ctx, params):
@@ -194,29 +208,38 @@ def dann_gradients(conditional: bool, class_balance: bool) -> GradientSource:
       u = scale_gradient(z, -hp["lambda"])
       if conditional:
         u = u + disc["embedding"][y]
-      disc_fn = lambda v: mlp.apply({"params": disc["mlp"]}, v, hp["mlp_dropout"],
-                                    rngs={"dropout": key})
+      disc_fn = lambda v: mlp.apply(
+        {"params": disc["mlp"]}, v, hp["mlp_dropout"], rngs={"dropout": key}
+      )
       disc_out, disc_vjp = jax.vjp(disc_fn, u)
       probs = jax.nn.softmax(disc_out)
       # d/du of the summed (unweighted) CE: (softmax - onehot) pulled back through h
       (input_grad,) = disc_vjp(probs - jax.nn.one_hot(disc_labels, d, dtype=probs.dtype))
       penalty = jnp.mean(jnp.sum(jnp.square(input_grad), axis=1))
-      disc_loss = (dann_disc_loss(disc_out, disc_labels, y, classes, class_balance)
-                   + hp["grad_penalty"] * penalty)
+      disc_loss = (
+        dann_disc_loss(disc_out, disc_labels, y, classes, class_balance)
+        + hp["grad_penalty"] * penalty
+      )
       env_losses = env_losses_of(logits.reshape(d, b, -1), batch["y"])
       cls_loss = cross_entropy(logits, y)
       return cls_loss + disc_loss, (env_losses, cls_loss, disc_loss, penalty)
 
     disc = state.discriminator
     (_, (env_losses, cls_loss, disc_loss, penalty)), (g_net, g_disc) = jax.value_and_grad(
-        total, argnums=(0, 1), has_aux=True)(params, disc.params)
+      total, argnums=(0, 1), has_aux=True
+    )(params, disc.params)
 
     is_disc = dann_discriminator_step(step, hp["d_steps_per_g_step"])
-    new_state = DANNState(select_tree(is_disc, disc.apply_gradients(g_disc, _dann_disc_tx(ctx)),
-                                      disc))
+    new_state = DANNState(
+      select_tree(is_disc, disc.apply_gradients(g_disc, _dann_disc_tx(ctx)), disc)
+    )
     gen_loss = cls_loss - hp["lambda"] * disc_loss
-    metrics = {"disc_loss": disc_loss, "gen_loss": gen_loss, "grad_penalty": penalty,
-               "disc_step": is_disc.astype(jnp.float32)}
+    metrics = {
+      "disc_loss": disc_loss,
+      "gen_loss": gen_loss,
+      "grad_penalty": penalty,
+      "disc_step": is_disc.astype(jnp.float32),
+    }
     return g_net, Terms(env_losses, None, metrics, new_state)
 
   return GradientSource(grads, init)
@@ -224,63 +247,114 @@ def dann_gradients(conditional: bool, class_balance: bool) -> GradientSource:
 
 def _generator_optimizer(ctx):
   hp = ctx.hparams
-  return on_steps(torch_adam_betas(hp["lr_g"], hp["weight_decay_g"], hp["beta1"], 0.9),
-                  dann_generator_step(ctx))
+  return on_steps(
+    torch_adam_betas(hp["lr_g"], hp["weight_decay_g"], hp["beta1"], 0.9), dann_generator_step(ctx)
+  )
 
 
 def _dann_hparams() -> dict[str, HParam]:
   """DomainBed's ``DANN``/``CDANN`` hparams (``hparams_registry.py``)."""
   return {
-      "lambda": HParam(1.0, log_uniform(-2, 2), "weight of the adversarial (domain) loss in "
-                       "the generator loss", minimum=0.0),
-      "weight_decay_d": HParam(0.0, log_uniform(-6, -2), "discriminator Adam weight decay",
-                               minimum=0.0),
-      "d_steps_per_g_step": HParam(1, lambda r: int(2**r.uniform(0, 3)),
-                                   "discriminator steps per generator step", kind="int",
-                                   minimum=0),
-      "grad_penalty": HParam(0.0, log_uniform(-2, 1), "weight of the discriminator's "
-                             "input-gradient penalty", minimum=0.0),
-      "beta1": HParam(0.5, lambda r: float(r.choice([0.0, 0.5])), "Adam beta1 of both "
-                      "optimizers (beta2 is 0.9)", minimum=0.0, maximum=0.999),
-      "mlp_width": HParam(256, lambda r: int(2**r.uniform(6, 10)), "discriminator width",
-                          kind="int", structural=True, minimum=1),
-      "mlp_depth": HParam(3, lambda r: int(r.choice([3, 4, 5])), "discriminator depth (linear "
-                          "layers)", kind="int", structural=True, minimum=2),
-      "mlp_dropout": HParam(0.0, lambda r: float(r.choice([0.0, 0.1, 0.5])),
-                            "discriminator dropout rate", minimum=0.0, maximum=0.99),
-      "lr_g": HParam(1e-3, log_uniform(-4.5, -2.5), "generator (featurizer + classifier) "
-                     "Adam learning rate", positive=True, large_default=5e-5,
-                     large_sample=log_uniform(-5, -3.5)),
-      "lr_d": HParam(1e-3, log_uniform(-4.5, -2.5), "discriminator Adam learning rate",
-                     positive=True, large_default=5e-5, large_sample=log_uniform(-5, -3.5)),
-      "weight_decay_g": HParam(0.0, lambda r: 0.0, "generator Adam weight decay", minimum=0.0,
-                               large_default=0.0, large_sample=log_uniform(-6, -2)),
+    "lambda": HParam(
+      1.0,
+      log_uniform(-2, 2),
+      "weight of the adversarial (domain) loss in the generator loss",
+      minimum=0.0,
+    ),
+    "weight_decay_d": HParam(
+      0.0, log_uniform(-6, -2), "discriminator Adam weight decay", minimum=0.0
+    ),
+    "d_steps_per_g_step": HParam(
+      1,
+      lambda r: int(2 ** r.uniform(0, 3)),
+      "discriminator steps per generator step",
+      kind="int",
+      minimum=0,
+    ),
+    "grad_penalty": HParam(
+      0.0, log_uniform(-2, 1), "weight of the discriminator's input-gradient penalty", minimum=0.0
+    ),
+    "beta1": HParam(
+      0.5,
+      lambda r: float(r.choice([0.0, 0.5])),
+      "Adam beta1 of both optimizers (beta2 is 0.9)",
+      minimum=0.0,
+      maximum=0.999,
+    ),
+    "mlp_width": HParam(
+      256,
+      lambda r: int(2 ** r.uniform(6, 10)),
+      "discriminator width",
+      kind="int",
+      structural=True,
+      minimum=1,
+    ),
+    "mlp_depth": HParam(
+      3,
+      lambda r: int(r.choice([3, 4, 5])),
+      "discriminator depth (linear layers)",
+      kind="int",
+      structural=True,
+      minimum=2,
+    ),
+    "mlp_dropout": HParam(
+      0.0,
+      lambda r: float(r.choice([0.0, 0.1, 0.5])),
+      "discriminator dropout rate",
+      minimum=0.0,
+      maximum=0.99,
+    ),
+    "lr_g": HParam(
+      1e-3,
+      log_uniform(-4.5, -2.5),
+      "generator (featurizer + classifier) Adam learning rate",
+      positive=True,
+      large_default=5e-5,
+      large_sample=log_uniform(-5, -3.5),
+    ),
+    "lr_d": HParam(
+      1e-3,
+      log_uniform(-4.5, -2.5),
+      "discriminator Adam learning rate",
+      positive=True,
+      large_default=5e-5,
+      large_sample=log_uniform(-5, -3.5),
+    ),
+    "weight_decay_g": HParam(
+      0.0,
+      lambda r: 0.0,
+      "generator Adam weight decay",
+      minimum=0.0,
+      large_default=0.0,
+      large_sample=log_uniform(-6, -2),
+    ),
   }
 
 
 DANN = Method(
-    name="dann",
-    description="DANN: a domain discriminator on the features, trained adversarially with "
-                "alternating Adam steps (Ganin et al., JMLR 2016)",
-    domainbed_name="DANN",
-    hparams=_dann_hparams(),
-    gradients=dann_gradients(conditional=False, class_balance=False),
-    optimizer=_generator_optimizer,
+  name="dann",
+  description="DANN: a domain discriminator on the features, trained adversarially with "
+  "alternating Adam steps (Ganin et al., JMLR 2016)",
+  domainbed_name="DANN",
+  hparams=_dann_hparams(),
+  gradients=dann_gradients(conditional=False, class_balance=False),
+  optimizer=_generator_optimizer,
 )
 
 CDANN = Method(
-    name="cdann",
-    description="Conditional DANN: the discriminator sees features plus a class embedding, "
-                "class-balanced loss (Li et al., ECCV 2018)",
-    domainbed_name="CDANN",
-    hparams=_dann_hparams(),
-    gradients=dann_gradients(conditional=True, class_balance=True),
-    optimizer=_generator_optimizer,
+  name="cdann",
+  description="Conditional DANN: the discriminator sees features plus a class embedding, "
+  "class-balanced loss (Li et al., ECCV 2018)",
+  domainbed_name="CDANN",
+  hparams=_dann_hparams(),
+  gradients=dann_gradients(conditional=True, class_balance=True),
+  optimizer=_generator_optimizer,
 )
+
 
 # ----------------------------------------------------------------------------- Transfer
 class TransferState(NamedTuple):
-  adv_head: PyTree               # the adversarial classifier (same shape as the head)
+  adv_head: PyTree  # the adversarial classifier (same shape as the head)
   featurizer_opt: optax.OptState
   classifier_opt: optax.OptState
 
@@ -333,10 +407,11 @@ def transfer_gradients() -> GradientSource:
   """
 
   def init(ctx, params, key):
-    del key   # the adversarial classifier starts as a copy of the classifier
+    del key  # the adversarial classifier starts as a copy of the classifier
     tx = domainbed_adam()(ctx)
-    return TransferState(params["classifier"], tx.init(params["featurizer"]),
-                         tx.init(params["classifier"]))
+    return TransferState(
+      params["classifier"], tx.init(params["featurizer"]), tx.init(params["classifier"])
+    )
 
   def grads(ctx, params, state, batch, step, key):
     del step, key
@@ -368,8 +443,9 @@ def transfer_gradients() -> GradientSource:
       adv = jax.tree.map(lambda a, g: a + hp["lr_d"] * g, adv, g_adv)
       return project_to_ball(adv, c1, hp["delta"]), gap
 
-    adv, gap = jax.lax.fori_loop(0, hp["d_steps_per_g"], ascent,
-                                 (c1, jnp.zeros((), env_losses.dtype)))
+    adv, gap = jax.lax.fori_loop(
+      0, hp["d_steps_per_g"], ascent, (c1, jnp.zeros((), env_losses.dtype))
+    )
     new = {**params, "featurizer": f2, "classifier": c1}
     pseudo = jax.tree.map(lambda p, q: p - q, params, new)
     return pseudo, Terms(env_losses, None, {"gap": gap}, TransferState(adv, f_opt, c_opt))
@@ -378,27 +454,50 @@ def transfer_gradients() -> GradientSource:
 
 
 TRANSFER = Method(
-    name="transfer",
-    description="Transfer: the featurizer minimises the worst-case loss gap of an adversarial "
-                "classifier kept near the classifier (Zhang et al., NeurIPS 2021)",
-    domainbed_name="Transfer",
-    hparams={
-        "t_lambda": HParam(1.0, log_uniform(-2, 1), "weight of the loss gap",
-                           minimum=0.0),
-        "delta": HParam(2.0, lambda r: float(r.uniform(0.1, 3.0)), "radius of the ball around "
-                        "the classifier that holds the adversarial classifier", minimum=0.0),
-        "d_steps_per_g": HParam(10, lambda r: int(r.choice([1, 2, 5])), "adversarial SGD "
-                                "ascent steps per step", kind="int", minimum=0),
-        "weight_decay_d": HParam(0.0, log_uniform(-6, -2), "registered by DomainBed, unused "
-                                 "by its Transfer (and ours)", minimum=0.0),
-        "gda": HParam(False, lambda r: True, "DomainBed's gda branch: its optimizer then holds "
-                      "only the adversarial classifier, so the network never trains",
-                      kind="bool", structural=True),
-        "beta1": HParam(0.5, lambda r: float(r.choice([0.0, 0.5])), "registered by DomainBed, "
-                        "unused by its Transfer (and ours)", minimum=0.0, maximum=0.999),
-        "lr_d": HParam(1e-3, log_uniform(-4.5, -2.5), "adversarial classifier SGD step size",
-                       positive=True),
-    },
-    gradients=transfer_gradients(),
-    optimizer=lambda ctx: optax.sgd(1.0),
+  name="transfer",
+  description="Transfer: the featurizer minimises the worst-case loss gap of an adversarial "
+  "classifier kept near the classifier (Zhang et al., NeurIPS 2021)",
+  domainbed_name="Transfer",
+  hparams={
+    "t_lambda": HParam(1.0, log_uniform(-2, 1), "weight of the loss gap", minimum=0.0),
+    "delta": HParam(
+      2.0,
+      lambda r: float(r.uniform(0.1, 3.0)),
+      "radius of the ball around the classifier that holds the adversarial classifier",
+      minimum=0.0,
+    ),
+    "d_steps_per_g": HParam(
+      10,
+      lambda r: int(r.choice([1, 2, 5])),
+      "adversarial SGD ascent steps per step",
+      kind="int",
+      minimum=0,
+    ),
+    "weight_decay_d": HParam(
+      0.0,
+      log_uniform(-6, -2),
+      "registered by DomainBed, unused by its Transfer (and ours)",
+      minimum=0.0,
+    ),
+    "gda": HParam(
+      False,
+      lambda r: True,
+      "DomainBed's gda branch: its optimizer then holds "
+      "only the adversarial classifier, so the network never trains",
+      kind="bool",
+      structural=True,
+    ),
+    "beta1": HParam(
+      0.5,
+      lambda r: float(r.choice([0.0, 0.5])),
+      "registered by DomainBed, unused by its Transfer (and ours)",
+      minimum=0.0,
+      maximum=0.999,
+    ),
+    "lr_d": HParam(
+      1e-3, log_uniform(-4.5, -2.5), "adversarial classifier SGD step size", positive=True
+    ),
+  },
+  gradients=transfer_gradients(),
+  optimizer=lambda ctx: optax.sgd(1.0),
 )

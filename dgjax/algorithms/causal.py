@@ -30,8 +30,15 @@ import jax
 import jax.numpy as jnp
 
 from dgjax import penalties
-from dgjax.core import (HParam, Method, Terms, domain_features_and_logits, env_losses_of,
-                        flatten_domains, penalized)
+from dgjax.core import (
+  HParam,
+  Method,
+  Terms,
+  domain_features_and_logits,
+  env_losses_of,
+  flatten_domains,
+  penalized,
+)
 
 
 def split_points(key: jax.Array, num_domains: int, batch_size: int) -> jax.Array:
@@ -53,6 +60,7 @@ def masked_coral_distance(z: jax.Array, in_x: jax.Array, in_y: jax.Array) -> jax
       mu_x = sum_i m_i z_i / n_x,   C_x = sum_i m_i (z_i - mu_x)(z_i - mu_x)^T / (n_x - 1)
       mean_f (mu_x - mu_y)_f^2 + mean_{f,g} (C_x - C_y)_{fg}^2
   """
+
   def moments(mask):
     m = mask.astype(z.dtype)[:, None]
     n = jnp.sum(m)
@@ -65,8 +73,9 @@ def masked_coral_distance(z: jax.Array, in_x: jax.Array, in_y: jax.Array) -> jax
   return jnp.mean(jnp.square(mx - my)) + jnp.mean(jnp.square(cx - cy))
 
 
-def masked_mmd_distance(z: jax.Array, in_x: jax.Array, in_y: jax.Array,
-                        gammas: Sequence[float] = penalties.MMD_GAMMAS) -> jax.Array:
+def masked_mmd_distance(
+  z: jax.Array, in_x: jax.Array, in_y: jax.Array, gammas: Sequence[float] = penalties.MMD_GAMMAS
+) -> jax.Array:
   """:func:`dgjax.penalties.mmd_distance` between the rows of ``z`` ``[N, F]`` selected by the
   boolean masks ``in_x`` and ``in_y`` ``[N]``: masked means of the one ``[N, N]`` kernel,
 
@@ -96,33 +105,33 @@ def causirl_terms(distance):
     z, logits = domain_features_and_logits(ctx, params, batch["x"])
     d, b = batch["y"].shape[:2]
     points = split_points(key, d, b)
-    return Terms(env_losses_of(logits, batch["y"]), causirl_penalty(z, points, distance),
-                 state=state)
+    return Terms(
+      env_losses_of(logits, batch["y"]), causirl_penalty(z, points, distance), state=state
+    )
 
   return terms
 
 
 def _mmd_gamma():
-  return HParam(1.0, lambda r: 10**r.uniform(-1, 1), "penalty weight",
-                minimum=0.0)
+  return HParam(1.0, lambda r: 10 ** r.uniform(-1, 1), "penalty weight", minimum=0.0)
 
 
 CAUSIRL_CORAL = Method(
-    name="causirl_coral",
-    description="CausIRL-CORAL: mean CE + gamma * CORAL distance between the pooled heads and "
-                "tails of randomly cut domain batches (Chevalley et al., 2022)",
-    domainbed_name="CausIRL_CORAL",
-    hparams={"mmd_gamma": _mmd_gamma()},
-    gradients=penalized(causirl_terms(masked_coral_distance), weight="mmd_gamma"),
-    forward_per_domain=True,
+  name="causirl_coral",
+  description="CausIRL-CORAL: mean CE + gamma * CORAL distance between the pooled heads and "
+  "tails of randomly cut domain batches (Chevalley et al., 2022)",
+  domainbed_name="CausIRL_CORAL",
+  hparams={"mmd_gamma": _mmd_gamma()},
+  gradients=penalized(causirl_terms(masked_coral_distance), weight="mmd_gamma"),
+  forward_per_domain=True,
 )
 
 CAUSIRL_MMD = Method(
-    name="causirl_mmd",
-    description="CausIRL-MMD: mean CE + gamma * Gaussian-kernel MMD between the pooled heads and "
-                "tails of randomly cut domain batches (Chevalley et al., 2022)",
-    domainbed_name="CausIRL_MMD",
-    hparams={"mmd_gamma": _mmd_gamma()},
-    gradients=penalized(causirl_terms(masked_mmd_distance), weight="mmd_gamma"),
-    forward_per_domain=True,
+  name="causirl_mmd",
+  description="CausIRL-MMD: mean CE + gamma * Gaussian-kernel MMD between the pooled heads and "
+  "tails of randomly cut domain batches (Chevalley et al., 2022)",
+  domainbed_name="CausIRL_MMD",
+  hparams={"mmd_gamma": _mmd_gamma()},
+  gradients=penalized(causirl_terms(masked_mmd_distance), weight="mmd_gamma"),
+  forward_per_domain=True,
 )

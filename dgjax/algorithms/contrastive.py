@@ -32,8 +32,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dgjax.core import (ExtraNet, GradientSource, HParam, Method, Terms, domainbed_adam,
-                        env_losses_of, extra_net_key, flatten_domains)
+from dgjax.core import (
+  ExtraNet,
+  GradientSource,
+  HParam,
+  Method,
+  Terms,
+  domainbed_adam,
+  env_losses_of,
+  extra_net_key,
+  flatten_domains,
+)
 from dgjax.models import TorchDense
 
 #: DomainBed's ``base_temperature``: the bottleneck is scaled by ``temperature / 0.07``.
@@ -49,9 +58,15 @@ def _masked_logsumexp(x: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.where(nonempty, lse, -jnp.inf)
 
 
-def cad_bottleneck_loss(z: jax.Array, y: jax.Array, domains: jax.Array, temperature,
-                        conditional: bool, flipped: bool = True,
-                        normalized: bool = False) -> jax.Array:
+def cad_bottleneck_loss(
+  z: jax.Array,
+  y: jax.Array,
+  domains: jax.Array,
+  temperature,
+  conditional: bool,
+  flipped: bool = True,
+  normalized: bool = False,
+) -> jax.Array:
   """DomainBed's ``AbstractCAD.bn_loss`` on pooled features ``z`` ``[N, F]``, labels ``y`` and
   domain labels ``domains`` ``[N]``.
 
@@ -76,7 +91,7 @@ def cad_bottleneck_loss(z: jax.Array, y: jax.Array, domains: jax.Array, temperat
   same_y = y[:, None] == y[None, :]
   same_d = domains[:, None] == domains[None, :]
   not_self = ~jnp.eye(n, dtype=bool)
-  pos = same_y & not_self                      # same label, another example
+  pos = same_y & not_self  # same label, another example
   pos_other_d = pos & ~same_d
   pos_same_d = pos & same_d
 
@@ -105,6 +120,7 @@ def cad_bottleneck_loss(z: jax.Array, y: jax.Array, domains: jax.Array, temperat
 
 class ProjectionHead(nn.Module):
   """``Linear(F, F) -> ReLU -> Linear(F, 128)`` (DomainBed's ``AbstractCAD.project``)."""
+
   features: int
   out: int = 128
 
@@ -115,7 +131,7 @@ class ProjectionHead(nn.Module):
 
 
 class CADState(NamedTuple):
-  projection: ExtraNet | tuple   # ``()`` without a projection head
+  projection: ExtraNet | tuple  # ``()`` without a projection head
 
 
 def _feature_dim(params) -> int:
@@ -130,8 +146,9 @@ def cad_gradients(conditional: bool) -> GradientSource:
     if not ctx.hparams["is_project"]:
       return CADState(())
     f = _feature_dim(params)
-    head = ProjectionHead(f).init(extra_net_key(key, "projection"),
-                                  jnp.zeros((1, f), jnp.float32))["params"]
+    head = ProjectionHead(f).init(extra_net_key(key, "projection"), jnp.zeros((1, f), jnp.float32))[
+      "params"
+    ]
     return CADState(ExtraNet.create(head, domainbed_adam()(ctx)))
 
   def grads(ctx, params, state, batch, step, key):
@@ -147,19 +164,30 @@ def cad_gradients(conditional: bool) -> GradientSource:
       logits = ctx.head_logits(p["classifier"], z)
       env_losses = env_losses_of(logits.reshape((d, b) + logits.shape[1:]), y)
       zb = ProjectionHead(z.shape[-1]).apply({"params": head}, z) if project else z
-      bn = cad_bottleneck_loss(zb, flatten_domains(y), domains, hp["temperature"], conditional,
-                               bool(hp["is_flipped"]), bool(hp["is_normalized"]))
+      bn = cad_bottleneck_loss(
+        zb,
+        flatten_domains(y),
+        domains,
+        hp["temperature"],
+        conditional,
+        bool(hp["is_flipped"]),
+        bool(hp["is_normalized"]),
+      )
       total = jnp.mean(env_losses) + hp["lmbda"] * bn
       return total, (env_losses, bn)
 
     head = state.projection.params if project else {}
     (total, (env_losses, bn)), (g, g_head) = jax.value_and_grad(
-        objective, argnums=(0, 1), has_aux=True)(params, head)
+      objective, argnums=(0, 1), has_aux=True
+    )(params, head)
     new_state = state
     if project:
       new_state = CADState(state.projection.apply_gradients(g_head, domainbed_adam()(ctx)))
-    metrics = {"bn_loss": bn, "objective": total,
-               "penalty_weight": jnp.asarray(hp["lmbda"], jnp.float32)}
+    metrics = {
+      "bn_loss": bn,
+      "objective": total,
+      "penalty_weight": jnp.asarray(hp["lmbda"], jnp.float32),
+    }
     return g, Terms(env_losses, bn, metrics, new_state)
 
   return GradientSource(grads, init)
@@ -167,34 +195,53 @@ def cad_gradients(conditional: bool) -> GradientSource:
 
 def _cad_hparams():
   return {
-      "lmbda": HParam(1e-1, lambda r: float(r.choice([1e-4, 1e-3, 1e-2, 1e-1, 1, 1e1, 1e2])),
-                      "weight of the domain bottleneck", minimum=0.0),
-      "temperature": HParam(0.1, lambda r: float(r.choice([0.05, 0.1])),
-                            "contrastive temperature T", positive=True),
-      "is_normalized": HParam(False, lambda r: False, "L2-normalise the features in the "
-                              "bottleneck", kind="bool", structural=True),
-      "is_project": HParam(False, lambda r: False, "projection head F-F-128 before the "
-                           "bottleneck (broken in DomainBed; see the module docs)", kind="bool",
-                           structural=True),
-      "is_flipped": HParam(True, lambda r: True, "maximise log p(other domains) instead of "
-                           "minimising log p(same domain)", kind="bool", structural=True),
+    "lmbda": HParam(
+      1e-1,
+      lambda r: float(r.choice([1e-4, 1e-3, 1e-2, 1e-1, 1, 1e1, 1e2])),
+      "weight of the domain bottleneck",
+      minimum=0.0,
+    ),
+    "temperature": HParam(
+      0.1, lambda r: float(r.choice([0.05, 0.1])), "contrastive temperature T", positive=True
+    ),
+    "is_normalized": HParam(
+      False,
+      lambda r: False,
+      "L2-normalise the features in the bottleneck",
+      kind="bool",
+      structural=True,
+    ),
+    "is_project": HParam(
+      False,
+      lambda r: False,
+      "projection head F-F-128 before the bottleneck (broken in DomainBed; see the module docs)",
+      kind="bool",
+      structural=True,
+    ),
+    "is_flipped": HParam(
+      True,
+      lambda r: True,
+      "maximise log p(other domains) instead of minimising log p(same domain)",
+      kind="bool",
+      structural=True,
+    ),
   }
 
 
 CAD = Method(
-    name="cad",
-    description="CAD: CE + lmbda * contrastive domain bottleneck minimising I(D; Z) "
-                "(Ruan, Dubois & Maddison, ICLR 2022)",
-    domainbed_name="CAD",
-    hparams=_cad_hparams(),
-    gradients=cad_gradients(conditional=False),
+  name="cad",
+  description="CAD: CE + lmbda * contrastive domain bottleneck minimising I(D; Z) "
+  "(Ruan, Dubois & Maddison, ICLR 2022)",
+  domainbed_name="CAD",
+  hparams=_cad_hparams(),
+  gradients=cad_gradients(conditional=False),
 )
 
 COND_CAD = Method(
-    name="condcad",
-    description="CondCAD: CE + lmbda * contrastive domain bottleneck minimising I(D; Z | Y) "
-                "(Ruan, Dubois & Maddison, ICLR 2022)",
-    domainbed_name="CondCAD",
-    hparams=_cad_hparams(),
-    gradients=cad_gradients(conditional=True),
+  name="condcad",
+  description="CondCAD: CE + lmbda * contrastive domain bottleneck minimising I(D; Z | Y) "
+  "(Ruan, Dubois & Maddison, ICLR 2022)",
+  domainbed_name="CondCAD",
+  hparams=_cad_hparams(),
+  gradients=cad_gradients(conditional=True),
 )

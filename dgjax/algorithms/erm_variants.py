@@ -23,9 +23,20 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dgjax.core import (ExtraNet, GradientSource, HParam, Method, Terms, env_losses_of,
-                        extra_net_key, flatten_domains, log_uniform, penalized, pooled_erm_terms,
-                        torch_adam)
+from dgjax.core import (
+  ExtraNet,
+  GradientSource,
+  HParam,
+  Method,
+  Terms,
+  env_losses_of,
+  extra_net_key,
+  flatten_domains,
+  log_uniform,
+  penalized,
+  pooled_erm_terms,
+  torch_adam,
+)
 from dgjax.models import TorchDense
 from dgjax.types import PyTree
 
@@ -35,8 +46,9 @@ class LarsState(NamedTuple):
   momentum: PyTree
 
 
-def torch_lars(lr, weight_decay=0.0, momentum: float = 0.9,
-               trust_coefficient: float = 0.001) -> optax.GradientTransformation:
+def torch_lars(
+  lr, weight_decay=0.0, momentum: float = 0.9, trust_coefficient: float = 0.001
+) -> optax.GradientTransformation:
   """DomainBed's ``LARS`` optimizer (``domainbed/lib/misc.py``; You, Gitman & Ginsburg, 2017)
   for parameters with more than one dimension, plain heavy-ball SGD for the others::
 
@@ -64,13 +76,16 @@ def torch_lars(lr, weight_decay=0.0, momentum: float = 0.9,
 
 
 class LinearProbeState(NamedTuple):
-  head: optax.OptState   # the head-only optimizer (linear probing)
-  full: optax.OptState   # the whole-network optimizer, untouched until the switch
+  head: optax.OptState  # the head-only optimizer (linear probing)
+  full: optax.OptState  # the whole-network optimizer, untouched until the switch
 
 
-def linear_probe_then_full(head_tx: optax.GradientTransformation,
-                           full_tx: optax.GradientTransformation, linear_steps,
-                           head_key: str = "classifier") -> optax.GradientTransformationExtraArgs:
+def linear_probe_then_full(
+  head_tx: optax.GradientTransformation,
+  full_tx: optax.GradientTransformation,
+  linear_steps,
+  head_key: str = "classifier",
+) -> optax.GradientTransformationExtraArgs:
   """ERM++'s two optimizers as one transform (extra argument ``step``, 0-based):
 
   * ``step <= linear_steps``: ``head_tx`` updates ``params[head_key]`` only; every other
@@ -89,18 +104,20 @@ def linear_probe_then_full(head_tx: optax.GradientTransformation,
     del extra
     head_u, head_s = head_tx.update(grads[head_key], state.head, params[head_key])
     full_u, full_s = full_tx.update(grads, state.full, params)
-    probe_u = {k: (head_u if k == head_key else jax.tree.map(jnp.zeros_like, v))
-               for k, v in full_u.items()}
+    probe_u = {
+      k: (head_u if k == head_key else jax.tree.map(jnp.zeros_like, v)) for k, v in full_u.items()
+    }
     probing = step <= linear_steps
     pick = lambda a, b: jax.tree.map(lambda x, y: jnp.where(probing, x, y), a, b)
-    return pick(probe_u, full_u), LinearProbeState(pick(head_s, state.head),
-                                                   pick(state.full, full_s))
+    return pick(probe_u, full_u), LinearProbeState(
+      pick(head_s, state.head), pick(state.full, full_s)
+    )
 
   return optax.GradientTransformationExtraArgs(init, update)
 
 
 class WeightAverageState(NamedTuple):
-  sma_params: PyTree   # the averaged parameters (DomainBed's ``network_sma``)
+  sma_params: PyTree  # the averaged parameters (DomainBed's ``network_sma``)
 
 
 def simple_moving_average(start) -> optax.GradientTransformationExtraArgs:
@@ -144,9 +161,10 @@ def erm_plus_plus_optimizer(ctx) -> optax.GradientTransformation:
       return torch_lars(lr, hp["weight_decay"])
     return optax.chain(optax.add_decayed_weights(hp["weight_decay"]), torch_adam(lr))
 
-  return optax.chain(linear_probe_then_full(make(hp["linear_lr"]), make(hp["lr"]),
-                                            hp["linear_steps"]),
-                     simple_moving_average(hp["sma_start_iter"]))
+  return optax.chain(
+    linear_probe_then_full(make(hp["linear_lr"]), make(hp["lr"]), hp["linear_steps"]),
+    simple_moving_average(hp["sma_start_iter"]),
+  )
 
 
 def averaged_predict(ctx, params, state, x):
@@ -156,36 +174,54 @@ def averaged_predict(ctx, params, state, x):
 
 
 ERM_PLUS_PLUS = Method(
-    name="erm_plus_plus",
-    description="ERM++: linear-probing warm-up, then full fine-tuning, evaluated on a simple "
-                "moving average of the weights (Teterwak et al., 2023)",
-    domainbed_name="ERMPlusPlus",
-    hparams={
-        "linear_lr": HParam(5e-5, lambda r: 10**r.uniform(-5, -3.5),
-                            "learning rate of the head-only warm-up", positive=True),
-        "linear_steps": HParam(500, lambda r: 500, "warm-up steps training only the head "
-                               "(steps 0..linear_steps)", kind="int", minimum=0),
-        "lars": HParam(False, lambda r: False, "LARS instead of Adam (both phases)", kind="bool",
-                       structural=True),
-        "sma_start_iter": HParam(600, lambda r: 600, "updates before the weight average starts "
-                                 "(DomainBed's constant; ours as an hparam)", kind="int",
-                                 minimum=1),
-    },
-    gradients=penalized(pooled_erm_terms),
-    optimizer=erm_plus_plus_optimizer,
-    predict=averaged_predict,
+  name="erm_plus_plus",
+  description="ERM++: linear-probing warm-up, then full fine-tuning, evaluated on a simple "
+  "moving average of the weights (Teterwak et al., 2023)",
+  domainbed_name="ERMPlusPlus",
+  hparams={
+    "linear_lr": HParam(
+      5e-5,
+      lambda r: 10 ** r.uniform(-5, -3.5),
+      "learning rate of the head-only warm-up",
+      positive=True,
+    ),
+    "linear_steps": HParam(
+      500,
+      lambda r: 500,
+      "warm-up steps training only the head (steps 0..linear_steps)",
+      kind="int",
+      minimum=0,
+    ),
+    "lars": HParam(
+      False, lambda r: False, "LARS instead of Adam (both phases)", kind="bool", structural=True
+    ),
+    "sma_start_iter": HParam(
+      600,
+      lambda r: 600,
+      "updates before the weight average starts (DomainBed's constant; ours as an hparam)",
+      kind="int",
+      minimum=1,
+    ),
+  },
+  gradients=penalized(pooled_erm_terms),
+  optimizer=erm_plus_plus_optimizer,
+  predict=averaged_predict,
 )
 
 
 # ============================================================================== URM
 #: URM's bounded feature activations and the interval of their uniform noise.
-URM_OUTPUTS = {"tanh": (jnp.tanh, -1.0, 1.0), "relu": (jax.nn.relu, 0.0, 1.0),
-               "sigmoid": (jax.nn.sigmoid, 0.0, 1.0)}
+URM_OUTPUTS = {
+  "tanh": (jnp.tanh, -1.0, 1.0),
+  "relu": (jax.nn.relu, 0.0, 1.0),
+  "sigmoid": (jax.nn.sigmoid, 0.0, 1.0),
+}
 
 
 class URMDiscriminator(nn.Module):
   """DomainBed's URM discriminator: ``Linear(F, 100) -> LeakyReLU``, ``hidden_layers`` x
   ``(Linear(100, 100) -> LeakyReLU)``, ``Linear(100, 1)`` (torch's default init and slope)."""
+
   hidden_layers: int = 1
   width: int = 100
 
@@ -218,7 +254,7 @@ def _urm_discriminator(ctx):
 
 def _urm_discriminator_optimizer(ctx) -> optax.GradientTransformation:
   hp = ctx.hparams
-  if hp["urm_discriminator_optimizer"] == "sgd":   # torch SGD(lr, momentum=0.9, weight_decay)
+  if hp["urm_discriminator_optimizer"] == "sgd":  # torch SGD(lr, momentum=0.9, weight_decay)
     inner = optax.sgd(hp["urm_discriminator_lr"], momentum=0.9)
   else:
     inner = torch_adam(hp["urm_discriminator_lr"])
@@ -253,8 +289,9 @@ def urm_gradients() -> GradientSource:
 
   def init(ctx, params, key):
     f = params["classifier"]["kernel"].shape[0]
-    disc = _urm_discriminator(ctx).init(extra_net_key(key, "discriminator"),
-                                        jnp.zeros((1, f), jnp.float32))["params"]
+    disc = _urm_discriminator(ctx).init(
+      extra_net_key(key, "discriminator"), jnp.zeros((1, f), jnp.float32)
+    )["params"]
     return URMState(ExtraNet.create(disc, _urm_discriminator_optimizer(ctx)))
 
   def grads(ctx, params, state, batch, step, key):
@@ -279,12 +316,12 @@ def urm_gradients() -> GradientSource:
     noise, true_y, fake_y = urm_noise_and_labels(key, ctx, h.shape)
 
     def disc_loss(dp):
-      return (bce(disc_net.apply({"params": dp}, noise), true_y)
-              + lam * bce(disc_net.apply({"params": dp}, h), fake_y))
+      return bce(disc_net.apply({"params": dp}, noise), true_y) + lam * bce(
+        disc_net.apply({"params": dp}, h), fake_y
+      )
 
     d_loss, dg = jax.value_and_grad(disc_loss)(disc)
-    new_state = URMState(state.discriminator.apply_gradients(
-        dg, _urm_discriminator_optimizer(ctx)))
+    new_state = URMState(state.discriminator.apply_gradients(dg, _urm_discriminator_optimizer(ctx)))
     metrics = {"loss": total, "urm_adv_loss": adv, "discriminator_loss": d_loss}
     return g, Terms(env_losses, None, metrics, new_state)
 
@@ -292,33 +329,65 @@ def urm_gradients() -> GradientSource:
 
 
 URM = Method(
-    name="urm",
-    description="URM: bounded features pushed towards a uniform distribution by an adversarial "
-                "noise-vs-features discriminator (Krishnamachari et al., TMLR 2024)",
-    domainbed_name="URM",
-    hparams={
-        "urm": HParam("adversarial", lambda r: "adversarial", "URM variant (DomainBed has only "
-                      "'adversarial')", kind="choice", choices=("adversarial",), structural=True),
-        "urm_adv_lambda": HParam(0.1, lambda r: float(r.uniform(0, 0.2)),
-                                 "weight of the adversarial term (network and discriminator)",
-                                 minimum=0.0),
-        "urm_discriminator_label_smoothing": HParam(
-            0.0, lambda r: float(r.uniform(0, 0)), "soft discriminator targets U[1-s,1] / U[0,s]",
-            minimum=0.0, maximum=1.0),
-        "urm_discriminator_optimizer": HParam(
-            "adam", lambda r: "adam", "discriminator optimizer (adam, or sgd with momentum 0.9)",
-            kind="choice", choices=("adam", "sgd"), structural=True),
-        "urm_discriminator_hidden_layers": HParam(
-            1, lambda r: int(r.choice([1, 2, 3])), "100-wide hidden layers after the first",
-            kind="int", structural=True, minimum=0),
-        "urm_generator_output": HParam(
-            "tanh", lambda r: str(r.choice(["tanh", "relu"])), "activation on the features "
-            "(the noise is uniform on its range)", kind="choice",
-            choices=("tanh", "relu", "sigmoid"), structural=True),
-        "urm_discriminator_lr": HParam(1e-3, log_uniform(-5.5, -3.5), "discriminator learning "
-                                       "rate", positive=True, large_default=5e-5,
-                                       large_sample=log_uniform(-6, -4.5)),
-    },
-    gradients=urm_gradients(),
-    predict=urm_predict,
+  name="urm",
+  description="URM: bounded features pushed towards a uniform distribution by an adversarial "
+  "noise-vs-features discriminator (Krishnamachari et al., TMLR 2024)",
+  domainbed_name="URM",
+  hparams={
+    "urm": HParam(
+      "adversarial",
+      lambda r: "adversarial",
+      "URM variant (DomainBed has only 'adversarial')",
+      kind="choice",
+      choices=("adversarial",),
+      structural=True,
+    ),
+    "urm_adv_lambda": HParam(
+      0.1,
+      lambda r: float(r.uniform(0, 0.2)),
+      "weight of the adversarial term (network and discriminator)",
+      minimum=0.0,
+    ),
+    "urm_discriminator_label_smoothing": HParam(
+      0.0,
+      lambda r: float(r.uniform(0, 0)),
+      "soft discriminator targets U[1-s,1] / U[0,s]",
+      minimum=0.0,
+      maximum=1.0,
+    ),
+    "urm_discriminator_optimizer": HParam(
+      "adam",
+      lambda r: "adam",
+      "discriminator optimizer (adam, or sgd with momentum 0.9)",
+      kind="choice",
+      choices=("adam", "sgd"),
+      structural=True,
+    ),
+    "urm_discriminator_hidden_layers": HParam(
+      1,
+      lambda r: int(r.choice([1, 2, 3])),
+      "100-wide hidden layers after the first",
+      kind="int",
+      structural=True,
+      minimum=0,
+    ),
+    "urm_generator_output": HParam(
+      "tanh",
+      lambda r: str(r.choice(["tanh", "relu"])),
+      "activation on the features (the noise is uniform on its range)",
+      kind="choice",
+      choices=("tanh", "relu", "sigmoid"),
+      structural=True,
+    ),
+    "urm_discriminator_lr": HParam(
+      1e-3,
+      log_uniform(-5.5, -3.5),
+      "discriminator learning rate",
+      positive=True,
+      large_default=5e-5,
+      large_sample=log_uniform(-6, -4.5),
+    ),
+  },
+  gradients=urm_gradients(),
+  predict=urm_predict,
 )

@@ -18,8 +18,18 @@ import jax.numpy as jnp
 import optax
 
 from dgjax.algorithms.adversarial import head_shape, like_params
-from dgjax.core import (ExtraNet, GradientSource, HParam, Method, Terms, domainbed_adam,
-                        env_losses_of, domain_features, extra_net_key, flatten_domains)
+from dgjax.core import (
+  ExtraNet,
+  GradientSource,
+  HParam,
+  Method,
+  Terms,
+  domainbed_adam,
+  env_losses_of,
+  domain_features,
+  extra_net_key,
+  flatten_domains,
+)
 from dgjax.losses import cross_entropy
 
 
@@ -28,8 +38,10 @@ def torch_linear_init(key, fan_in: int, outputs: int, dtype=jnp.float32) -> dict
   of :class:`dgjax.models.TorchDense`): both ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``."""
   k_w, k_b = jax.random.split(key)
   bound = 1.0 / float(fan_in) ** 0.5
-  return {"kernel": jax.random.uniform(k_w, (fan_in, outputs), dtype, -bound, bound),
-          "bias": jax.random.uniform(k_b, (outputs,), dtype, -bound, bound)}
+  return {
+    "kernel": jax.random.uniform(k_w, (fan_in, outputs), dtype, -bound, bound),
+    "bias": jax.random.uniform(k_b, (outputs,), dtype, -bound, bound),
+  }
 
 
 def _adam(ctx):
@@ -38,8 +50,8 @@ def _adam(ctx):
 
 # ----------------------------------------------------------------------------- MTL
 class MTLState(NamedTuple):
-  embedding_head: ExtraNet    # [F, C]: the classifier's weights on the embedding half, its Adam
-  embeddings: jax.Array       # [D, F]: the stored per-domain embeddings (DomainBed's buffer)
+  embedding_head: ExtraNet  # [F, C]: the classifier's weights on the embedding half, its Adam
+  embeddings: jax.Array  # [D, F]: the stored per-domain embeddings (DomainBed's buffer)
 
 
 MTL_EMBEDDINGS = ("noise", "mean")
@@ -78,8 +90,9 @@ def mtl_gradients() -> GradientSource:
     feats, classes = head_shape(params)
     linear = torch_linear_init(extra_net_key(key, "embedding_head"), 2 * feats, classes)
     head_e = like_params(linear["kernel"][:feats], params)
-    return MTLState(ExtraNet.create(head_e, _adam(ctx)),
-                    jnp.zeros((ctx.num_domains, feats), head_e.dtype))
+    return MTLState(
+      ExtraNet.create(head_e, _adam(ctx)), jnp.zeros((ctx.num_domains, feats), head_e.dtype)
+    )
 
   def grads(ctx, params, state, batch, step, key):
     del step
@@ -89,9 +102,9 @@ def mtl_gradients() -> GradientSource:
     mode = hp["mtl_embedding"]
 
     def objective(p, head_e):
-      zd = domain_features(ctx, p, batch["x"])   # one featurizer call per domain (DomainBed)
+      zd = domain_features(ctx, p, batch["x"])  # one featurizer call per domain (DomainBed)
       z = flatten_domains(zd)
-      stored = ema * jnp.mean(zd, axis=1) + (1.0 - ema) * state.embeddings   # [D, F]
+      stored = ema * jnp.mean(zd, axis=1) + (1.0 - ema) * state.embeddings  # [D, F]
       if mode == "noise":
         e = jax.random.normal(key, z.shape, z.dtype)
       else:
@@ -101,7 +114,8 @@ def mtl_gradients() -> GradientSource:
       return jnp.sum(env_losses), (env_losses, jax.lax.stop_gradient(stored))
 
     (total, (env_losses, embeddings)), (g, g_e) = jax.value_and_grad(
-        objective, argnums=(0, 1), has_aux=True)(params, state.embedding_head.params)
+      objective, argnums=(0, 1), has_aux=True
+    )(params, state.embedding_head.params)
     new_state = MTLState(state.embedding_head.apply_gradients(g_e, _adam(ctx)), embeddings)
     return g, Terms(env_losses, None, {"loss": total}, new_state)
 
@@ -114,36 +128,46 @@ def mtl_predict(ctx, params, state, x):
   feature of the batch ``x`` (``"mean"``)."""
   z = ctx.features(params, x)
   if ctx.hparams["mtl_embedding"] == "noise":
-    e = jax.random.normal(jax.random.fold_in(jax.random.key(0), _PREDICT_NOISE_TAG), z.shape,
-                          z.dtype)
+    e = jax.random.normal(
+      jax.random.fold_in(jax.random.key(0), _PREDICT_NOISE_TAG), z.shape, z.dtype
+    )
   else:
     e = jnp.broadcast_to(jnp.mean(z, axis=0, keepdims=True), z.shape)
   return mtl_logits(ctx, params, state.source.embedding_head.params, z, e)
 
 
 MTL = Method(
-    name="mtl",
-    description="Marginal transfer learning: the classifier also sees a domain embedding "
-                "(DomainBed's code: standard normal noise) (Blanchard et al., JMLR 2021)",
-    domainbed_name="MTL",
-    hparams={
-        "mtl_ema": HParam(0.99, lambda r: float(r.choice([0.5, 0.9, 0.99, 1.0])),
-                          "weight of the current batch mean in the embedding moving average",
-                          minimum=0.0, maximum=1.0),
-        "mtl_embedding": HParam("noise", lambda r: "noise",
-                                "'noise': DomainBed's code (embedding overwritten by N(0, 1)); "
-                                "'mean': the paper's mean-feature embedding (ours)",
-                                kind="choice", choices=MTL_EMBEDDINGS, structural=True),
-    },
-    gradients=mtl_gradients(),
-    predict=mtl_predict,
-    forward_per_domain=True,
+  name="mtl",
+  description="Marginal transfer learning: the classifier also sees a domain embedding "
+  "(DomainBed's code: standard normal noise) (Blanchard et al., JMLR 2021)",
+  domainbed_name="MTL",
+  hparams={
+    "mtl_ema": HParam(
+      0.99,
+      lambda r: float(r.choice([0.5, 0.9, 0.99, 1.0])),
+      "weight of the current batch mean in the embedding moving average",
+      minimum=0.0,
+      maximum=1.0,
+    ),
+    "mtl_embedding": HParam(
+      "noise",
+      lambda r: "noise",
+      "'noise': DomainBed's code (embedding overwritten by N(0, 1)); "
+      "'mean': the paper's mean-feature embedding (ours)",
+      kind="choice",
+      choices=MTL_EMBEDDINGS,
+      structural=True,
+    ),
+  },
+  gradients=mtl_gradients(),
+  predict=mtl_predict,
+  forward_per_domain=True,
 )
 
 
 # ----------------------------------------------------------------------------- SagNet
 class SagNetState(NamedTuple):
-  style_head: ExtraNet         # the style network: a linear head {"kernel", "bias"}, its Adam
+  style_head: ExtraNet  # the style network: a linear head {"kernel", "bias"}, its Adam
   featurizer_opt: optax.OptState
   content_opt: optax.OptState
 
@@ -202,11 +226,11 @@ def sagnet_gradients() -> GradientSource:
 
   def init(ctx, params, key):
     feats, classes = head_shape(params)
-    style = like_params(torch_linear_init(extra_net_key(key, "style_head"), feats, classes),
-                        params)
+    style = like_params(torch_linear_init(extra_net_key(key, "style_head"), feats, classes), params)
     tx = _adam(ctx)
-    return SagNetState(ExtraNet.create(style, tx), tx.init(params["featurizer"]),
-                       tx.init(params["classifier"]))
+    return SagNetState(
+      ExtraNet.create(style, tx), tx.init(params["featurizer"]), tx.init(params["classifier"])
+    )
 
   def grads(ctx, params, state, batch, step, key):
     del step
@@ -229,17 +253,17 @@ def sagnet_gradients() -> GradientSource:
       logits = ctx.head_logits(c, randomize(features(f), k_c, "style"))
       return cross_entropy(logits, y), env_losses_of(logits.reshape(d, b, -1), batch["y"])
 
-    (loss_c, env_losses), (g_f, g_c) = jax.value_and_grad(content_loss, argnums=(0, 1),
-                                                          has_aux=True)(
-        params["featurizer"], params["classifier"])
+    (loss_c, env_losses), (g_f, g_c) = jax.value_and_grad(
+      content_loss, argnums=(0, 1), has_aux=True
+    )(params["featurizer"], params["classifier"])
     f1, f_opt = step_tree(params["featurizer"], g_f, state.featurizer_opt)
     c1, c_opt = step_tree(params["classifier"], g_c, state.content_opt)
 
     # 2. style head on content-randomised features of the updated featurizer
     z1 = jax.lax.stop_gradient(features(f1))
     loss_s, g_s = jax.value_and_grad(
-        lambda s: cross_entropy(_linear(s, randomize(z1, k_s, "content")), y))(
-            state.style_head.params)
+      lambda s: cross_entropy(_linear(s, randomize(z1, k_s, "content")), y)
+    )(state.style_head.params)
     style = state.style_head.apply_gradients(g_s, tx)
     s1 = style.params
 
@@ -260,14 +284,19 @@ def sagnet_gradients() -> GradientSource:
 
 
 SAGNET = Method(
-    name="sagnet",
-    description="SagNet: content head on style-randomised features, style head on "
-                "content-randomised ones, featurizer adversarial to the style head "
-                "(Nam et al., CVPR 2021)",
-    domainbed_name="SagNet",
-    hparams={"sag_w_adv": HParam(0.1, lambda r: float(10**r.uniform(-2, 1)),
-                                 "weight of the adversarial (style-confusion) loss",
-                                 minimum=0.0)},
-    gradients=sagnet_gradients(),
-    optimizer=lambda ctx: optax.sgd(1.0),
+  name="sagnet",
+  description="SagNet: content head on style-randomised features, style head on "
+  "content-randomised ones, featurizer adversarial to the style head "
+  "(Nam et al., CVPR 2021)",
+  domainbed_name="SagNet",
+  hparams={
+    "sag_w_adv": HParam(
+      0.1,
+      lambda r: float(10 ** r.uniform(-2, 1)),
+      "weight of the adversarial (style-confusion) loss",
+      minimum=0.0,
+    )
+  },
+  gradients=sagnet_gradients(),
+  optimizer=lambda ctx: optax.sgd(1.0),
 )

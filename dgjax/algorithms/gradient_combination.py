@@ -16,7 +16,7 @@ from dgjax.core import HParam, Method, penalized, per_domain_gradients, pooled_e
 
 # ------------------------------------------------------------------------------ GroupDRO
 class GroupDROState(NamedTuple):
-  q: jax.Array            # [D] domain weights, on the simplex
+  q: jax.Array  # [D] domain weights, on the simplex
   robust_loss: jax.Array  # sum_d q_d L_d of the last step (for logging)
 
 
@@ -37,8 +37,10 @@ def group_dro(eta: float, num_domains: int) -> optax.GradientTransformationExtra
 
   def init(params):
     del params
-    return GroupDROState(q=jnp.full((num_domains,), 1.0 / num_domains, jnp.float32),
-                         robust_loss=jnp.zeros((), jnp.float32))
+    return GroupDROState(
+      q=jnp.full((num_domains,), 1.0 / num_domains, jnp.float32),
+      robust_loss=jnp.zeros((), jnp.float32),
+    )
 
   def update(per_domain_grads, state, params=None, *, losses, **extra):
     del params, extra
@@ -53,54 +55,64 @@ def group_dro(eta: float, num_domains: int) -> optax.GradientTransformationExtra
 
 # ------------------------------------------------------------------------------ methods
 ERM = Method(
-    name="erm",
-    description="Empirical risk minimisation: cross-entropy of the concatenated domain batches "
-                "(Vapnik, 1998)",
-    domainbed_name="ERM",
-    hparams={},
-    gradients=penalized(pooled_erm_terms),
+  name="erm",
+  description="Empirical risk minimisation: cross-entropy of the concatenated domain batches "
+  "(Vapnik, 1998)",
+  domainbed_name="ERM",
+  hparams={},
+  gradients=penalized(pooled_erm_terms),
 )
 
 AND_MASK = Method(
-    name="and",
-    description="AND-mask: keep gradient entries whose sign the domains agree on "
-                "(Parascandolo et al., ICLR 2021)",
-    domainbed_name="ANDMask",
-    hparams={"tau": HParam(1.0, lambda r: r.uniform(0.5, 1.0), "sign-agreement threshold",
-                           minimum=0.0, maximum=1.0)},
-    gradients=per_domain_gradients(),
-    combine=lambda ctx: masks.and_mask(tau=ctx.hparams["tau"]),
-    logged_state={"kept_fraction": "kept_fraction"},
-    forward_per_domain=True,
+  name="and",
+  description="AND-mask: keep gradient entries whose sign the domains agree on "
+  "(Parascandolo et al., ICLR 2021)",
+  domainbed_name="ANDMask",
+  hparams={
+    "tau": HParam(
+      1.0, lambda r: r.uniform(0.5, 1.0), "sign-agreement threshold", minimum=0.0, maximum=1.0
+    )
+  },
+  gradients=per_domain_gradients(),
+  combine=lambda ctx: masks.and_mask(tau=ctx.hparams["tau"]),
+  logged_state={"kept_fraction": "kept_fraction"},
+  forward_per_domain=True,
 )
 
 SAND_MASK = Method(
-    name="sand",
-    description="SAND-mask: smooth agreement mask tanh(k(|mean sign| - tau)/var) "
-                "(Shahtalebi et al., 2021)",
-    domainbed_name="SANDMask",
-    hparams={
-        # DomainBed's default tau=1.0 zeroes every mask entry (see dgjax.masks.sand_mask).
-        "tau": HParam(0.5, lambda r: r.uniform(0.0, 1.0),
-                      "agreement threshold (DomainBed: 1.0, which never trains)",
-                      minimum=0.0, maximum=1.0),
-        "k": HParam(10.0, lambda r: 10**r.uniform(-3, 5), "tanh steepness", positive=True),
-    },
-    gradients=per_domain_gradients(),
-    combine=lambda ctx: masks.sand_mask(tau=ctx.hparams["tau"], k=ctx.hparams["k"]),
-    logged_state={"kept_fraction": "kept_fraction"},
-    forward_per_domain=True,
+  name="sand",
+  description="SAND-mask: smooth agreement mask tanh(k(|mean sign| - tau)/var) "
+  "(Shahtalebi et al., 2021)",
+  domainbed_name="SANDMask",
+  hparams={
+    # DomainBed's default tau=1.0 zeroes every mask entry (see dgjax.masks.sand_mask).
+    "tau": HParam(
+      0.5,
+      lambda r: r.uniform(0.0, 1.0),
+      "agreement threshold (DomainBed: 1.0, which never trains)",
+      minimum=0.0,
+      maximum=1.0,
+    ),
+    "k": HParam(10.0, lambda r: 10 ** r.uniform(-3, 5), "tanh steepness", positive=True),
+  },
+  gradients=per_domain_gradients(),
+  combine=lambda ctx: masks.sand_mask(tau=ctx.hparams["tau"], k=ctx.hparams["k"]),
+  logged_state={"kept_fraction": "kept_fraction"},
+  forward_per_domain=True,
 )
 
 GROUP_DRO = Method(
-    name="groupdro",
-    description="GroupDRO: exponentiated-gradient weights on the domains' losses "
-                "(Sagawa et al., ICLR 2020)",
-    domainbed_name="GroupDRO",
-    hparams={"groupdro_eta": HParam(1e-2, lambda r: 10**r.uniform(-3, -1),
-                                    "step size of the domain weights", minimum=0.0)},
-    gradients=per_domain_gradients(),
-    combine=lambda ctx: group_dro(ctx.hparams["groupdro_eta"], ctx.num_domains),
-    logged_state={"groupdro_q": "q", "robust_loss": "robust_loss"},
-    forward_per_domain=True,
+  name="groupdro",
+  description="GroupDRO: exponentiated-gradient weights on the domains' losses "
+  "(Sagawa et al., ICLR 2020)",
+  domainbed_name="GroupDRO",
+  hparams={
+    "groupdro_eta": HParam(
+      1e-2, lambda r: 10 ** r.uniform(-3, -1), "step size of the domain weights", minimum=0.0
+    )
+  },
+  gradients=per_domain_gradients(),
+  combine=lambda ctx: group_dro(ctx.hparams["groupdro_eta"], ctx.num_domains),
+  logged_state={"groupdro_q": "q", "robust_loss": "robust_loss"},
+  forward_per_domain=True,
 )

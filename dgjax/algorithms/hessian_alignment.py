@@ -54,9 +54,19 @@ import jax.numpy as jnp
 import optax
 
 from dgjax import hessian
-from dgjax.core import (HParam, Method, Terms, domain_features_and_logits, env_losses_of,
-                        penalized, rescale_by_penalty_weight, rescale_loss_hparam,
-                        reset_at_step, reset_optimizer_hparam, torch_adam)
+from dgjax.core import (
+  HParam,
+  Method,
+  Terms,
+  domain_features_and_logits,
+  env_losses_of,
+  penalized,
+  rescale_by_penalty_weight,
+  rescale_loss_hparam,
+  reset_at_step,
+  reset_optimizer_hparam,
+  torch_adam,
+)
 from dgjax.losses import cross_entropy
 
 
@@ -70,21 +80,31 @@ def alignment_terms(kind: str):
 
   def terms(ctx, params, batch, key, state) -> Terms:
     hp = ctx.hparams
-    z, logits = domain_features_and_logits(ctx, params, batch["x"])   # the one featurizer pass
+    z, logits = domain_features_and_logits(ctx, params, batch["x"])  # the one featurizer pass
     inputs = {"z": z, "y": batch["y"]}
     head = params[hessian.DEFAULT_HEAD]
     if kind == "hgp":
       t = hessian.hgp_terms(head_objective(ctx), head, inputs, bool(hp["detach_target"]))
     elif kind == "hutchinson":
       _, probe_key = jax.random.split(key)
-      t = hessian.hutchinson_terms(head_objective(ctx), head, inputs, probe_key,
-                                   int(hp["hutchinson_samples"]), bool(hp["detach_target"]),
-                                   bool(hp["independent_probes"]))
+      t = hessian.hutchinson_terms(
+        head_objective(ctx),
+        head,
+        inputs,
+        probe_key,
+        int(hp["hutchinson_samples"]),
+        bool(hp["detach_target"]),
+        bool(hp["independent_probes"]),
+      )
     else:
       t = hessian.cma_terms(head, inputs)
     penalty = hp["alpha"] * t.hessian + hp["beta"] * t.gradient
-    return Terms(env_losses_of(logits, batch["y"]), penalty,
-                 {"hessian_term": t.hessian, "gradient_term": t.gradient}, state)
+    return Terms(
+      env_losses_of(logits, batch["y"]),
+      penalty,
+      {"hessian_term": t.hessian, "gradient_term": t.gradient},
+      state,
+    )
 
   return terms
 
@@ -94,8 +114,9 @@ def alignment_optimizer(ctx) -> optax.GradientTransformation:
   hp = ctx.hparams
   anneal = hp["penalty_anneal_iters"]
   rescale = rescale_by_penalty_weight(hp["penalty_weight"], anneal, hp["rescale_loss"])
-  adam = reset_at_step(torch_adam(hp["lr"]), jnp.where(anneal > 0, anneal + 1, 0),
-                       enabled=hp["reset_optimizer"])
+  adam = reset_at_step(
+    torch_adam(hp["lr"]), jnp.where(anneal > 0, anneal + 1, 0), enabled=hp["reset_optimizer"]
+  )
   return optax.chain(optax.add_decayed_weights(hp["weight_decay"]), rescale, adam)
 
 
@@ -108,8 +129,9 @@ def hessian_gap_diagnostics(ctx):
 
   def diagnostics(params, batch, key):
     z, _ = domain_features_and_logits(ctx, params, batch["x"])
-    gap = hessian.hessian_difference_norm(head_objective(ctx), params[hessian.DEFAULT_HEAD],
-                                          {"z": z, "y": batch["y"]}, key, iters)
+    gap = hessian.hessian_difference_norm(
+      head_objective(ctx), params[hessian.DEFAULT_HEAD], {"z": z, "y": batch["y"]}, key, iters
+    )
     return {"hessian_gap": gap}
 
   return diagnostics
@@ -117,33 +139,61 @@ def hessian_gap_diagnostics(ctx):
 
 def _schedule(weight=1.0, anneal=0, reset=False):
   return {
-      "penalty_weight": HParam(weight, lambda r: 10**r.uniform(-1, 5), "penalty weight after the switch",
-                               role="penalty_weight", minimum=0.0),
-      "penalty_anneal_iters": HParam(anneal, lambda r: int(10**r.uniform(0, 4)),
-                                     "step at which the weight switches from 1.0 to penalty_weight",
-                                     kind="int", role="anneal_iters", minimum=0),
-      "rescale_loss": rescale_loss_hparam(),
-      "reset_optimizer": reset_optimizer_hparam(reset, "re-create Adam after the switch"),
-      "log_hessian_gap": HParam(False, lambda r: False, "log max_{e,e'} ||H_e - H_e'||_2 at each "
-                                "evaluation", kind="bool", structural=True),
-      "hessian_gap_iters": HParam(20, lambda r: 20, "power iterations for hessian_gap", kind="int",
-                                  structural=True, minimum=1),
+    "penalty_weight": HParam(
+      weight,
+      lambda r: 10 ** r.uniform(-1, 5),
+      "penalty weight after the switch",
+      role="penalty_weight",
+      minimum=0.0,
+    ),
+    "penalty_anneal_iters": HParam(
+      anneal,
+      lambda r: int(10 ** r.uniform(0, 4)),
+      "step at which the weight switches from 1.0 to penalty_weight",
+      kind="int",
+      role="anneal_iters",
+      minimum=0,
+    ),
+    "rescale_loss": rescale_loss_hparam(),
+    "reset_optimizer": reset_optimizer_hparam(reset, "re-create Adam after the switch"),
+    "log_hessian_gap": HParam(
+      False,
+      lambda r: False,
+      "log max_{e,e'} ||H_e - H_e'||_2 at each evaluation",
+      kind="bool",
+      structural=True,
+    ),
+    "hessian_gap_iters": HParam(
+      20, lambda r: 20, "power iterations for hessian_gap", kind="int", structural=True, minimum=1
+    ),
   }
 
 
 def _alpha_beta(alpha, alpha_sample, beta, beta_sample):
-  return {"alpha": HParam(alpha, alpha_sample, "weight of the Hessian term", minimum=0.0),
-          "beta": HParam(beta, beta_sample, "weight of the gradient term", minimum=0.0)}
+  return {
+    "alpha": HParam(alpha, alpha_sample, "weight of the Hessian term", minimum=0.0),
+    "beta": HParam(beta, beta_sample, "weight of the gradient term", minimum=0.0),
+  }
 
 
 _DETACH = {
-    "detach_target": HParam(True, lambda r: True, "mean targets H g / diag(H) / g are constants "
-                            "(DomainBed code)", kind="bool", structural=True),
+  "detach_target": HParam(
+    True,
+    lambda r: True,
+    "mean targets H g / diag(H) / g are constants (DomainBed code)",
+    kind="bool",
+    structural=True,
+  ),
 }
 
 #: dgjax's earlier defaults: alpha = beta = 1 under DomainBed's IRM schedule, shared probes.
-IRM_SCHEDULE = {"alpha": 1.0, "beta": 1.0, "penalty_weight": 100.0, "penalty_anneal_iters": 500,
-                "reset_optimizer": True}
+IRM_SCHEDULE = {
+  "alpha": 1.0,
+  "beta": 1.0,
+  "penalty_weight": 100.0,
+  "penalty_anneal_iters": 500,
+  "reset_optimizer": True,
+}
 #: The IRM-style Colored MNIST task's values, the Hessian paper's ``cmnist_HGP.py`` /
 #: ``cmnist_Hutchinson.py`` (its schedule comes from the task's roles): their "sad" penalty is
 #: the SUM over the two environments of ``||H_e g_e - H g||^2 + ||g_e - g||^2`` (so alpha =
@@ -153,44 +203,76 @@ IRM_CMNIST = {"alpha": 2.0, "beta": 2.0, "detach_target": False}
 
 def _alignment_method(name, kind, domainbed_name, description, hparams, presets):
   return Method(
-      name=name, description=description, domainbed_name=domainbed_name, hparams=hparams,
-      presets=presets,
-      gradients=penalized(alignment_terms(kind), weight="penalty_weight",
-                          anneal_iters="penalty_anneal_iters"),
-      optimizer=alignment_optimizer,
-      diagnostics=hessian_gap_diagnostics,
-      forward_per_domain=True,   # the fork's HGP/Hutchinson: featurizer(x) per minibatch
+    name=name,
+    description=description,
+    domainbed_name=domainbed_name,
+    hparams=hparams,
+    presets=presets,
+    gradients=penalized(
+      alignment_terms(kind), weight="penalty_weight", anneal_iters="penalty_anneal_iters"
+    ),
+    optimizer=alignment_optimizer,
+    diagnostics=hessian_gap_diagnostics,
+    forward_per_domain=True,  # the fork's HGP/Hutchinson: featurizer(x) per minibatch
   )
 
 
 HGP = _alignment_method(
-    "hgp", "hgp", "HGP",
-    "Hessian-gradient-product alignment of the head: (1/E) sum_e alpha||H_e g_e - H g||^2 "
-    "+ beta||g_e - g||^2 (Hemati et al., ICCV 2023)",
-    {**_alpha_beta(1e-4, lambda r: 10**r.uniform(-5, -3), 5e-3, lambda r: 10**r.uniform(-3, -1)),
-     **_DETACH, **_schedule()},
-    {"irm_schedule": IRM_SCHEDULE, "irm_cmnist": IRM_CMNIST})
+  "hgp",
+  "hgp",
+  "HGP",
+  "Hessian-gradient-product alignment of the head: (1/E) sum_e alpha||H_e g_e - H g||^2 "
+  "+ beta||g_e - g||^2 (Hemati et al., ICCV 2023)",
+  {
+    **_alpha_beta(1e-4, lambda r: 10 ** r.uniform(-5, -3), 5e-3, lambda r: 10 ** r.uniform(-3, -1)),
+    **_DETACH,
+    **_schedule(),
+  },
+  {"irm_schedule": IRM_SCHEDULE, "irm_cmnist": IRM_CMNIST},
+)
 
 HUTCHINSON = _alignment_method(
-    "hutchinson", "hutchinson", "Hutchinson",
-    "Hutchinson Hessian-diagonal alignment of the head: (1/E) sum_e alpha||diag H_e - diag H||^2 "
-    "+ beta||g_e - g||^2 (Hemati et al., ICCV 2023)",
-    {**_alpha_beta(1e-3, lambda r: 10**r.uniform(1, 4), 5e-3, lambda r: 10**r.uniform(2, 6)),
-     **_DETACH, **_schedule(),
-     "hutchinson_samples": HParam(300, lambda r: int(10**r.uniform(1, 2.5)),
-                                  "Rademacher probes S per step (the fork: 300)", kind="int",
-                                  structural=True, minimum=1),
-     "independent_probes": HParam(True, lambda r: True, "fresh probes for every domain and for "
-                                  "the mean target (the fork); false: shared probes", kind="bool",
-                                  structural=True)},
-    {"irm_schedule": {**IRM_SCHEDULE, "hutchinson_samples": 100, "independent_probes": False},
-     # cmnist_Hutchinson.py: calc_hessian_diag(..., repeat=150) for each environment and the mean
-     "irm_cmnist": {**IRM_CMNIST, "hutchinson_samples": 150, "independent_probes": True}})
+  "hutchinson",
+  "hutchinson",
+  "Hutchinson",
+  "Hutchinson Hessian-diagonal alignment of the head: (1/E) sum_e alpha||diag H_e - diag H||^2 "
+  "+ beta||g_e - g||^2 (Hemati et al., ICCV 2023)",
+  {
+    **_alpha_beta(1e-3, lambda r: 10 ** r.uniform(1, 4), 5e-3, lambda r: 10 ** r.uniform(2, 6)),
+    **_DETACH,
+    **_schedule(),
+    "hutchinson_samples": HParam(
+      300,
+      lambda r: int(10 ** r.uniform(1, 2.5)),
+      "Rademacher probes S per step (the fork: 300)",
+      kind="int",
+      structural=True,
+      minimum=1,
+    ),
+    "independent_probes": HParam(
+      True,
+      lambda r: True,
+      "fresh probes for every domain and for the mean target (the fork); false: shared probes",
+      kind="bool",
+      structural=True,
+    ),
+  },
+  {
+    "irm_schedule": {**IRM_SCHEDULE, "hutchinson_samples": 100, "independent_probes": False},
+    # cmnist_Hutchinson.py: calc_hessian_diag(..., repeat=150) for each environment and the mean
+    "irm_cmnist": {**IRM_CMNIST, "hutchinson_samples": 150, "independent_probes": True},
+  },
+)
 
 CMA = _alignment_method(
-    "cma", "cma", "CMA",
-    "Closed-form moment alignment of a linear head: alpha Var_e(diag Hessian) + beta Var_e(grad) "
-    "(Chen, Si, Zhang & Zhao, UAI 2025)",
-    {**_alpha_beta(1.0, lambda r: 10**r.uniform(-2, 2), 1.0, lambda r: 10**r.uniform(-2, 2)),
-     **_schedule(weight=1e2, anneal=500, reset=True)},
-    {"irm_cmnist": {"alpha": 1.0, "beta": 1.0}})   # no script: dgjax's earlier values
+  "cma",
+  "cma",
+  "CMA",
+  "Closed-form moment alignment of a linear head: alpha Var_e(diag Hessian) + beta Var_e(grad) "
+  "(Chen, Si, Zhang & Zhao, UAI 2025)",
+  {
+    **_alpha_beta(1.0, lambda r: 10 ** r.uniform(-2, 2), 1.0, lambda r: 10 ** r.uniform(-2, 2)),
+    **_schedule(weight=1e2, anneal=500, reset=True),
+  },
+  {"irm_cmnist": {"alpha": 1.0, "beta": 1.0}},
+)  # no script: dgjax's earlier values

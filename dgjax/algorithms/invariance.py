@@ -38,22 +38,42 @@ import jax.numpy as jnp
 import optax
 
 from dgjax import penalties
-from dgjax.core import (GradientSource, HParam, Method, Terms, annealed_weight, domain_features_and_logits,
-                        domain_logits, domainbed_adam, env_losses_of, flatten_domains, penalized,
-                        penalty_form_hparam, rescale_loss_hparam, reset_optimizer_hparam)
+from dgjax.core import (
+  GradientSource,
+  HParam,
+  Method,
+  Terms,
+  annealed_weight,
+  domain_features_and_logits,
+  domain_logits,
+  domainbed_adam,
+  env_losses_of,
+  flatten_domains,
+  penalized,
+  penalty_form_hparam,
+  rescale_loss_hparam,
+  reset_optimizer_hparam,
+)
 from dgjax.losses import cross_entropy
 from dgjax.per_domain import per_domain_value_and_grad
 from dgjax.types import PyTree
 
 
 def _anneal_iters(default, doc="steps before the penalty weight switches (weight 1 before)"):
-  return HParam(default, lambda r: int(10**r.uniform(0, 4)), doc, kind="int", role="anneal_iters",
-                minimum=0)
+  return HParam(
+    default, lambda r: int(10 ** r.uniform(0, 4)), doc, kind="int", role="anneal_iters", minimum=0
+  )
 
 
 def _no_anneal():
-  return HParam(0, lambda r: 0, "steps with weight 1 before the penalty weight applies "
-                "(ours; 0 = DomainBed's behaviour)", kind="int", role="anneal_iters", minimum=0)
+  return HParam(
+    0,
+    lambda r: 0,
+    "steps with weight 1 before the penalty weight applies (ours; 0 = DomainBed's behaviour)",
+    kind="int",
+    role="anneal_iters",
+    minimum=0,
+  )
 
 
 # ------------------------------------------------------------------------------ IRM / V-REx
@@ -131,15 +151,23 @@ def iga_gradients(weight: str, anneal_iters: str | None = None) -> GradientSourc
 
     if ctx.per_domain_impl == "unrolled":
       d = losses.shape[0]
-      hv = [domain_hvp(jax.tree.map(lambda x, i=i: x[i], batch),
-                       jax.tree.map(lambda x, i=i: x[i], deviation)) for i in range(d)]
+      hv = [
+        domain_hvp(
+          jax.tree.map(lambda x, i=i: x[i], batch), jax.tree.map(lambda x, i=i: x[i], deviation)
+        )
+        for i in range(d)
+      ]
       hv_sum = jax.tree.map(lambda *xs: sum(xs), *hv)
     else:
       hv_sum = jax.tree.map(lambda x: jnp.sum(x, axis=0), jax.vmap(domain_hvp)(batch, deviation))
     total = jax.tree.map(lambda m, h: m + (2.0 * w) * h, g_mean, hv_sum)
     objective = jnp.mean(losses) + w * penalty
-    return total, Terms(losses, penalty, {"penalty": penalty, "objective": objective,
-                                          "penalty_weight": jnp.asarray(w, jnp.float32)}, state)
+    return total, Terms(
+      losses,
+      penalty,
+      {"penalty": penalty, "objective": objective, "penalty_weight": jnp.asarray(w, jnp.float32)},
+      state,
+    )
 
   return GradientSource(grads)
 
@@ -181,15 +209,18 @@ def head_gradient_variances(ctx, params, batch):
   def example_loss(head, zi, yi):  # CrossEntropyLoss(reduction="none") of one example
     return cross_entropy(ctx.head_logits(head, zi[None]), yi[None])
 
-  grads = penalties.per_example_grads(example_loss, params["classifier"], flatten_domains(z),
-                                      flatten_domains(y))
+  grads = penalties.per_example_grads(
+    example_loss, params["classifier"], flatten_domains(z), flatten_domains(y)
+  )
   grads = jax.tree.map(lambda g: g.reshape((d, b) + g.shape[1:]), grads)
   return env_losses_of(logits, y), penalties.domain_gradient_variances(grads)
 
 
 def _fishr_init(ctx, params, key):
   del key
-  like = jax.tree.map(lambda p: jnp.zeros((ctx.num_domains,) + p.shape, p.dtype), params["classifier"])
+  like = jax.tree.map(
+    lambda p: jnp.zeros((ctx.num_domains,) + p.shape, p.dtype), params["classifier"]
+  )
   return moving_average(ctx.hparams["ema"]).init(like)
 
 
@@ -213,119 +244,181 @@ SCRIPT_FORM = {"penalty_form": "script"}
 
 def _script_switches():
   """``penalty_form``, ``rescale_loss`` and ``reset_optimizer`` (DomainBed's values by default)."""
-  return {"penalty_form": penalty_form_hparam(), "rescale_loss": rescale_loss_hparam(),
-          "reset_optimizer": reset_optimizer_hparam(True)}
+  return {
+    "penalty_form": penalty_form_hparam(),
+    "rescale_loss": rescale_loss_hparam(),
+    "reset_optimizer": reset_optimizer_hparam(True),
+  }
 
 
 IRM = Method(
-    name="irm",
-    description="IRMv1: mean CE + lambda * squared gradient of each domain's risk w.r.t. a dummy "
-                "scale (Arjovsky et al., 2019)",
-    domainbed_name="IRM",
-    hparams={
-        "irm_lambda": HParam(1e2, lambda r: 10**r.uniform(-1, 5), "penalty weight after the anneal",
-                             role="penalty_weight", minimum=0.0),
-        "irm_penalty_anneal_iters": _anneal_iters(500),
-        **_script_switches(),
-    },
-    gradients=penalized(irm_terms, weight="irm_lambda", anneal_iters="irm_penalty_anneal_iters"),
-    optimizer=domainbed_adam(reset_at="irm_penalty_anneal_iters",
-                             rescale_by=("irm_lambda", "irm_penalty_anneal_iters")),
-    presets={"irm_cmnist": SCRIPT_FORM},
+  name="irm",
+  description="IRMv1: mean CE + lambda * squared gradient of each domain's risk w.r.t. a dummy "
+  "scale (Arjovsky et al., 2019)",
+  domainbed_name="IRM",
+  hparams={
+    "irm_lambda": HParam(
+      1e2,
+      lambda r: 10 ** r.uniform(-1, 5),
+      "penalty weight after the anneal",
+      role="penalty_weight",
+      minimum=0.0,
+    ),
+    "irm_penalty_anneal_iters": _anneal_iters(500),
+    **_script_switches(),
+  },
+  gradients=penalized(irm_terms, weight="irm_lambda", anneal_iters="irm_penalty_anneal_iters"),
+  optimizer=domainbed_adam(
+    reset_at="irm_penalty_anneal_iters", rescale_by=("irm_lambda", "irm_penalty_anneal_iters")
+  ),
+  presets={"irm_cmnist": SCRIPT_FORM},
 )
 
 VREX = Method(
-    name="vrex",
-    description="V-REx: mean CE + lambda * variance of the per-domain risks (Krueger et al., ICML 2021)",
-    domainbed_name="VREx",
-    hparams={
-        "vrex_lambda": HParam(1e1, lambda r: 10**r.uniform(-1, 5), "penalty weight after the anneal",
-                              role="penalty_weight", minimum=0.0),
-        "vrex_penalty_anneal_iters": _anneal_iters(500),
-        **_script_switches(),
-    },
-    gradients=penalized(vrex_terms, weight="vrex_lambda", anneal_iters="vrex_penalty_anneal_iters"),
-    optimizer=domainbed_adam(reset_at="vrex_penalty_anneal_iters",
-                             rescale_by=("vrex_lambda", "vrex_penalty_anneal_iters")),
-    presets={"irm_cmnist": SCRIPT_FORM},
+  name="vrex",
+  description="V-REx: mean CE + lambda * variance of the per-domain risks (Krueger et al., ICML 2021)",
+  domainbed_name="VREx",
+  hparams={
+    "vrex_lambda": HParam(
+      1e1,
+      lambda r: 10 ** r.uniform(-1, 5),
+      "penalty weight after the anneal",
+      role="penalty_weight",
+      minimum=0.0,
+    ),
+    "vrex_penalty_anneal_iters": _anneal_iters(500),
+    **_script_switches(),
+  },
+  gradients=penalized(vrex_terms, weight="vrex_lambda", anneal_iters="vrex_penalty_anneal_iters"),
+  optimizer=domainbed_adam(
+    reset_at="vrex_penalty_anneal_iters", rescale_by=("vrex_lambda", "vrex_penalty_anneal_iters")
+  ),
+  presets={"irm_cmnist": SCRIPT_FORM},
 )
 
 
 def _mmd_gamma():
-  return HParam(1.0, lambda r: 10**r.uniform(-1, 1), "penalty weight", role="penalty_weight",
-                minimum=0.0)
+  return HParam(
+    1.0, lambda r: 10 ** r.uniform(-1, 1), "penalty weight", role="penalty_weight", minimum=0.0
+  )
 
 
 CORAL = Method(
-    name="coral",
-    description="Deep CORAL: mean CE + gamma * feature mean/covariance mismatch between domains "
-                "(Sun & Saenko, 2016)",
-    domainbed_name="CORAL",
-    hparams={"mmd_gamma": _mmd_gamma(), "penalty_anneal_iters": _no_anneal(),
-             "rescale_loss": rescale_loss_hparam()},
-    gradients=penalized(feature_alignment_terms(penalties.coral_penalty), weight="mmd_gamma",
-                        anneal_iters="penalty_anneal_iters"),
-    optimizer=domainbed_adam(rescale_by=("mmd_gamma", "penalty_anneal_iters")),
-    forward_per_domain=True,
+  name="coral",
+  description="Deep CORAL: mean CE + gamma * feature mean/covariance mismatch between domains "
+  "(Sun & Saenko, 2016)",
+  domainbed_name="CORAL",
+  hparams={
+    "mmd_gamma": _mmd_gamma(),
+    "penalty_anneal_iters": _no_anneal(),
+    "rescale_loss": rescale_loss_hparam(),
+  },
+  gradients=penalized(
+    feature_alignment_terms(penalties.coral_penalty),
+    weight="mmd_gamma",
+    anneal_iters="penalty_anneal_iters",
+  ),
+  optimizer=domainbed_adam(rescale_by=("mmd_gamma", "penalty_anneal_iters")),
+  forward_per_domain=True,
 )
 
 MMD = Method(
-    name="mmd",
-    description="MMD: mean CE + gamma * Gaussian-kernel MMD between domains' features "
-                "(Li et al., CVPR 2018)",
-    domainbed_name="MMD",
-    hparams={"mmd_gamma": _mmd_gamma(), "penalty_anneal_iters": _no_anneal(),
-             "rescale_loss": rescale_loss_hparam()},
-    gradients=penalized(feature_alignment_terms(penalties.mmd_penalty), weight="mmd_gamma",
-                        anneal_iters="penalty_anneal_iters"),
-    optimizer=domainbed_adam(rescale_by=("mmd_gamma", "penalty_anneal_iters")),
-    forward_per_domain=True,
+  name="mmd",
+  description="MMD: mean CE + gamma * Gaussian-kernel MMD between domains' features "
+  "(Li et al., CVPR 2018)",
+  domainbed_name="MMD",
+  hparams={
+    "mmd_gamma": _mmd_gamma(),
+    "penalty_anneal_iters": _no_anneal(),
+    "rescale_loss": rescale_loss_hparam(),
+  },
+  gradients=penalized(
+    feature_alignment_terms(penalties.mmd_penalty),
+    weight="mmd_gamma",
+    anneal_iters="penalty_anneal_iters",
+  ),
+  optimizer=domainbed_adam(rescale_by=("mmd_gamma", "penalty_anneal_iters")),
+  forward_per_domain=True,
 )
 
 IGA = Method(
-    name="iga",
-    description="IGA: mean CE + penalty * summed squared deviation of per-domain gradients from "
-                "their mean (Koyama & Yamaguchi, 2020)",
-    domainbed_name="IGA",
-    hparams={"penalty": HParam(1000.0, lambda r: 10**r.uniform(1, 5), "penalty weight",
-                               role="penalty_weight", minimum=0.0),
-             "penalty_anneal_iters": _no_anneal(), "rescale_loss": rescale_loss_hparam()},
-    gradients=iga_gradients(weight="penalty", anneal_iters="penalty_anneal_iters"),
-    optimizer=domainbed_adam(rescale_by=("penalty", "penalty_anneal_iters")),
-    forward_per_domain=True,
+  name="iga",
+  description="IGA: mean CE + penalty * summed squared deviation of per-domain gradients from "
+  "their mean (Koyama & Yamaguchi, 2020)",
+  domainbed_name="IGA",
+  hparams={
+    "penalty": HParam(
+      1000.0, lambda r: 10 ** r.uniform(1, 5), "penalty weight", role="penalty_weight", minimum=0.0
+    ),
+    "penalty_anneal_iters": _no_anneal(),
+    "rescale_loss": rescale_loss_hparam(),
+  },
+  gradients=iga_gradients(weight="penalty", anneal_iters="penalty_anneal_iters"),
+  optimizer=domainbed_adam(rescale_by=("penalty", "penalty_anneal_iters")),
+  forward_per_domain=True,
 )
 
 FISHR = Method(
-    name="fishr",
-    description="Fishr: mean CE + lambda * variance across domains of the per-example "
-                "head-gradient variances, EMA-smoothed (Rame et al., ICML 2022)",
-    domainbed_name="Fishr",
-    hparams={
-        "lambda": HParam(1000.0, lambda r: 10**r.uniform(1.0, 4.0), "penalty weight after the anneal",
-                         role="penalty_weight", minimum=0.0),
-        "penalty_anneal_iters": HParam(1500, lambda r: int(r.uniform(0.0, 5000.0)),
-                                       "steps with weight 0 (script form: 1) before the penalty weight", kind="int",
-                                       role="anneal_iters", minimum=0),
-        "ema": HParam(0.95, lambda r: r.uniform(0.90, 0.99), "EMA decay of the gradient variances "
-                      "(DomainBed's form only)", minimum=0.0, maximum=1.0),
-        **_script_switches(),
-    },
-    gradients=penalized(fishr_terms, weight="lambda", anneal_iters="penalty_anneal_iters",
-                        before=lambda hp: 1.0 if hp["penalty_form"] == "script" else 0.0,
-                        init=_fishr_init),
-    optimizer=domainbed_adam(reset_at="penalty_anneal_iters",
-                             rescale_by=("lambda", "penalty_anneal_iters")),
-    presets={"irm_cmnist": SCRIPT_FORM},
+  name="fishr",
+  description="Fishr: mean CE + lambda * variance across domains of the per-example "
+  "head-gradient variances, EMA-smoothed (Rame et al., ICML 2022)",
+  domainbed_name="Fishr",
+  hparams={
+    "lambda": HParam(
+      1000.0,
+      lambda r: 10 ** r.uniform(1.0, 4.0),
+      "penalty weight after the anneal",
+      role="penalty_weight",
+      minimum=0.0,
+    ),
+    "penalty_anneal_iters": HParam(
+      1500,
+      lambda r: int(r.uniform(0.0, 5000.0)),
+      "steps with weight 0 (script form: 1) before the penalty weight",
+      kind="int",
+      role="anneal_iters",
+      minimum=0,
+    ),
+    "ema": HParam(
+      0.95,
+      lambda r: r.uniform(0.90, 0.99),
+      "EMA decay of the gradient variances (DomainBed's form only)",
+      minimum=0.0,
+      maximum=1.0,
+    ),
+    **_script_switches(),
+  },
+  gradients=penalized(
+    fishr_terms,
+    weight="lambda",
+    anneal_iters="penalty_anneal_iters",
+    before=lambda hp: 1.0 if hp["penalty_form"] == "script" else 0.0,
+    init=_fishr_init,
+  ),
+  optimizer=domainbed_adam(
+    reset_at="penalty_anneal_iters", rescale_by=("lambda", "penalty_anneal_iters")
+  ),
+  presets={"irm_cmnist": SCRIPT_FORM},
 )
 
 SD = Method(
-    name="sd",
-    description="Spectral decoupling: mean CE + sd_reg * mean squared logit "
-                "(Pezeshki et al., NeurIPS 2021)",
-    domainbed_name="SD",
-    hparams={"sd_reg": HParam(0.1, lambda r: 10**r.uniform(-5, -1), "weight of the squared logits",
-                              role="penalty_weight", minimum=0.0),
-             "penalty_anneal_iters": _no_anneal(), "rescale_loss": rescale_loss_hparam()},
-    gradients=penalized(spectral_decoupling_terms, weight="sd_reg", anneal_iters="penalty_anneal_iters"),
-    optimizer=domainbed_adam(rescale_by=("sd_reg", "penalty_anneal_iters")),
+  name="sd",
+  description="Spectral decoupling: mean CE + sd_reg * mean squared logit "
+  "(Pezeshki et al., NeurIPS 2021)",
+  domainbed_name="SD",
+  hparams={
+    "sd_reg": HParam(
+      0.1,
+      lambda r: 10 ** r.uniform(-5, -1),
+      "weight of the squared logits",
+      role="penalty_weight",
+      minimum=0.0,
+    ),
+    "penalty_anneal_iters": _no_anneal(),
+    "rescale_loss": rescale_loss_hparam(),
+  },
+  gradients=penalized(
+    spectral_decoupling_terms, weight="sd_reg", anneal_iters="penalty_anneal_iters"
+  ),
+  optimizer=domainbed_adam(rescale_by=("sd_reg", "penalty_anneal_iters")),
 )

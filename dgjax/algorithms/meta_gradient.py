@@ -9,8 +9,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dgjax.core import (GradientSource, HParam, Method, Terms, domain_logits, domainbed_adam,
-                        env_losses_of)
+from dgjax.core import (
+  GradientSource,
+  HParam,
+  Method,
+  Terms,
+  domain_logits,
+  domainbed_adam,
+  env_losses_of,
+)
 from dgjax.per_domain import map_over_leading
 
 
@@ -20,7 +27,7 @@ def meta_split(num_domains: int, num_meta_test: int):
   ``n >= D`` gives no pair), pair ``k`` = (meta-train ``k``, meta-test ``k mod n``).
   Returns ``(train_positions, test_positions)``, static lists of equal length."""
   positions = list(range(num_domains))
-  train = positions[:num_domains - num_meta_test]
+  train = positions[: num_domains - num_meta_test]
   test = positions[-num_meta_test:] if num_meta_test > 0 else []
   return train, [test[k % len(test)] for k in range(len(train))]
 
@@ -53,8 +60,9 @@ def mldg_gradients() -> GradientSource:
     d = ctx.num_domains
     beta = hp["mldg_beta"]
     train_pos, test_pos = meta_split(d, int(hp["n_meta_test"]))
-    env_losses = env_losses_of(jax.lax.stop_gradient(domain_logits(ctx, params, batch["x"])),
-                               batch["y"])
+    env_losses = env_losses_of(
+      jax.lax.stop_gradient(domain_logits(ctx, params, batch["x"])), batch["y"]
+    )
     if not train_pos:
       zeros = jax.tree.map(jnp.zeros_like, params)
       return zeros, Terms(env_losses, None, {"loss": jnp.zeros((), env_losses.dtype)}, state)
@@ -80,18 +88,24 @@ def mldg_gradients() -> GradientSource:
 
 
 MLDG = Method(
-    name="mldg",
-    description="MLDG: first-order meta-learning, meta-test gradients at a clone after one "
-                "Adam step on a meta-train domain (Li et al., AAAI 2018)",
-    domainbed_name="MLDG",
-    hparams={
-        "mldg_beta": HParam(1.0, lambda r: float(10**r.uniform(-1, 1)),
-                            "weight of the meta-test loss", minimum=0.0),
-        "n_meta_test": HParam(2, lambda r: int(r.choice([1, 2])),
-                              "meta-test domains per step (the rest are meta-train)",
-                              kind="int", structural=True, minimum=1),
-    },
-    gradients=mldg_gradients(),
-    optimizer=domainbed_adam(),
-    forward_per_domain=True,
+  name="mldg",
+  description="MLDG: first-order meta-learning, meta-test gradients at a clone after one "
+  "Adam step on a meta-train domain (Li et al., AAAI 2018)",
+  domainbed_name="MLDG",
+  hparams={
+    "mldg_beta": HParam(
+      1.0, lambda r: float(10 ** r.uniform(-1, 1)), "weight of the meta-test loss", minimum=0.0
+    ),
+    "n_meta_test": HParam(
+      2,
+      lambda r: int(r.choice([1, 2])),
+      "meta-test domains per step (the rest are meta-train)",
+      kind="int",
+      structural=True,
+      minimum=1,
+    ),
+  },
+  gradients=mldg_gradients(),
+  optimizer=domainbed_adam(),
+  forward_per_domain=True,
 )

@@ -50,13 +50,14 @@ def fish_gradients() -> GradientSource:
 
 
 FISH = Method(
-    name="fish",
-    description="Fish: sequential inner Adam steps over the domains on a clone, then a meta step "
-                "towards it (Shi et al., ICLR 2022)",
-    domainbed_name="Fish",
-    hparams={"meta_lr": HParam(0.5, lambda r: r.choice([0.05, 0.1, 0.5]), "meta step size",
-                               positive=True)},
-    gradients=fish_gradients(),
-    optimizer=lambda ctx: optax.sgd(ctx.hparams["meta_lr"]),
-    forward_per_domain=True,
+  name="fish",
+  description="Fish: sequential inner Adam steps over the domains on a clone, then a meta step "
+  "towards it (Shi et al., ICLR 2022)",
+  domainbed_name="Fish",
+  hparams={
+    "meta_lr": HParam(0.5, lambda r: r.choice([0.05, 0.1, 0.5]), "meta step size", positive=True)
+  },
+  gradients=fish_gradients(),
+  optimizer=lambda ctx: optax.sgd(ctx.hparams["meta_lr"]),
+  forward_per_domain=True,
 )

@@ -40,12 +40,15 @@ def mixup_terms(ctx, params, batch, key, state) -> Terms:
 
 
 MIXUP = Method(
-    name="mixup",
-    description="Inter-domain Mixup of inputs and labels between random pairs of domains "
-                "(Yan et al., 2020); loss = the mixed objective",
-    domainbed_name="Mixup",
-    hparams={"mixup_alpha": HParam(0.2, lambda r: 10**r.uniform(-1, 1),
-                                   "Beta(alpha, alpha) mixing weights", positive=True)},
-    gradients=penalized(mixup_terms),
-    forward_per_domain=True,
+  name="mixup",
+  description="Inter-domain Mixup of inputs and labels between random pairs of domains "
+  "(Yan et al., 2020); loss = the mixed objective",
+  domainbed_name="Mixup",
+  hparams={
+    "mixup_alpha": HParam(
+      0.2, lambda r: 10 ** r.uniform(-1, 1), "Beta(alpha, alpha) mixing weights", positive=True
+    )
+  },
+  gradients=penalized(mixup_terms),
+  forward_per_domain=True,
 )

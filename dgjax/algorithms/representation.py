@@ -34,9 +34,21 @@ import jax.numpy as jnp
 import optax
 
 from dgjax import penalties
-from dgjax.core import (GradientSource, HParam, Method, Terms, annealed_weight,
-                        domain_features_and_logits, domainbed_adam, env_losses_of, extra_net_key,
-                        flatten_domains, penalized, reset_at_step, torch_adam)
+from dgjax.core import (
+  GradientSource,
+  HParam,
+  Method,
+  Terms,
+  annealed_weight,
+  domain_features_and_logits,
+  domainbed_adam,
+  env_losses_of,
+  extra_net_key,
+  flatten_domains,
+  penalized,
+  reset_at_step,
+  torch_adam,
+)
 from dgjax.losses import cross_entropy
 from dgjax.models import TorchDense
 from dgjax.types import PyTree
@@ -53,12 +65,13 @@ def two_class_logits(logits: jax.Array) -> jax.Array:
 
 
 def _anneal_iters(doc):
-  return HParam(500, lambda r: int(10**r.uniform(0, 4)), doc, kind="int", role="anneal_iters",
-                minimum=0)
+  return HParam(
+    500, lambda r: int(10 ** r.uniform(0, 4)), doc, kind="int", role="anneal_iters", minimum=0
+  )
 
 
 def _lambda(doc):
-  return HParam(1e2, lambda r: 10**r.uniform(-1, 5), doc, role="penalty_weight", minimum=0.0)
+  return HParam(1e2, lambda r: 10 ** r.uniform(-1, 5), doc, role="penalty_weight", minimum=0.0)
 
 
 # ------------------------------------------------------------------------------ IB-ERM / IB-IRM
@@ -96,15 +109,20 @@ def ib_irm_gradients() -> GradientSource:
     def objective(p):
       z, logits = domain_features_and_logits(ctx, p, batch["x"])
       env_losses = env_losses_of(logits, batch["y"])
-      irm = jnp.mean(jax.vmap(lambda lg, y: penalties.irm_penalty(lg, y, cross_entropy))(
-          logits, batch["y"]))
+      irm = jnp.mean(
+        jax.vmap(lambda lg, y: penalties.irm_penalty(lg, y, cross_entropy))(logits, batch["y"])
+      )
       ib = ib_penalty(z)
       return jnp.mean(env_losses) + w_irm * irm + w_ib * ib, (env_losses, irm, ib)
 
     (value, (env_losses, irm, ib)), g = jax.value_and_grad(objective, has_aux=True)(params)
-    metrics = {"irm_penalty": irm, "ib_penalty": ib, "objective": value,
-               "irm_penalty_weight": jnp.asarray(w_irm, jnp.float32),
-               "ib_penalty_weight": jnp.asarray(w_ib, jnp.float32)}
+    metrics = {
+      "irm_penalty": irm,
+      "ib_penalty": ib,
+      "objective": value,
+      "irm_penalty_weight": jnp.asarray(w_irm, jnp.float32),
+      "ib_penalty_weight": jnp.asarray(w_ib, jnp.float32),
+    }
     return g, Terms(env_losses, None, metrics, state)
 
   return GradientSource(grads)
@@ -114,8 +132,9 @@ def ib_irm_adam(ctx) -> optax.GradientTransformation:
   """``torch.optim.Adam(lr, weight_decay)`` re-created when ``step`` equals either switch step
   (``irm_penalty_anneal_iters`` or ``ib_penalty_anneal_iters``), as DomainBed's ``IB_IRM``."""
   hp = ctx.hparams
-  adam = reset_at_step(torch_adam(hp["lr"]),
-                       (hp["irm_penalty_anneal_iters"], hp["ib_penalty_anneal_iters"]))
+  adam = reset_at_step(
+    torch_adam(hp["lr"]), (hp["irm_penalty_anneal_iters"], hp["ib_penalty_anneal_iters"])
+  )
   return optax.chain(optax.add_decayed_weights(hp["weight_decay"]), adam)
 
 
@@ -154,7 +173,7 @@ def rsc_terms(ctx, params, batch, key, state) -> Terms:
     _, onehot, logits = probs_and_true_logit(zz)
     return jnp.sum(logits * onehot)
 
-  g = jax.grad(true_logit_sum)(z_const)                                   # [N, F]
+  g = jax.grad(true_logit_sum)(z_const)  # [N, F]
   threshold_f = jnp.percentile(g, (1.0 - hp["rsc_f_drop_factor"]) * 100.0, axis=1, keepdims=True)
   mask_f = g < threshold_f
   p, onehot, _ = probs_and_true_logit(z_const)
@@ -173,6 +192,7 @@ class TrainModeBatchNorm(nn.Module):
   """``torch.nn.BatchNorm1d`` in training mode: normalised by the batch's mean and biased
   variance (eps 1e-5), then ``scale`` (init 1) and ``bias`` (init 0). The running statistics
   torch keeps are not needed: SelfReg's projection is only used in training."""
+
   epsilon: float = 1e-5
 
   @nn.compact
@@ -188,6 +208,7 @@ class SelfRegProjection(nn.Module):
   """SelfReg's class-discriminative projection (DomainBed's ``SelfReg.cdpl``):
   ``Linear(F, h) - BN - ReLU - Linear(h, h) - BN - ReLU - Linear(h, F) - BN`` with
   ``h = F`` when ``F == 2048`` else ``2 F`` (torch's default Linear init)."""
+
   features: int
 
   @nn.compact
@@ -205,8 +226,10 @@ class SelfRegState(NamedTuple):
 def _feature_dim(params) -> int:
   kernel = params["classifier"].get("kernel") if hasattr(params["classifier"], "get") else None
   if kernel is None or kernel.ndim != 2:
-    raise ValueError("SelfReg needs a linear head params['classifier']['kernel'] of shape "
-                     "[features, classes] to size its projection")
+    raise ValueError(
+      "SelfReg needs a linear head params['classifier']['kernel'] of shape "
+      "[features, classes] to size its projection"
+    )
   return kernel.shape[0]
 
 
@@ -221,8 +244,8 @@ def within_class_partners(key: jax.Array, labels: jax.Array) -> jax.Array:
   """For each example, the index of a same-class example: a uniformly random permutation
   within each class (DomainBed's per-class ``randperm`` over the label-sorted batch)."""
   u = jax.random.uniform(key, labels.shape)
-  shuffled = jnp.lexsort((u, labels))                   # by label, random within a class
-  ordered = jnp.argsort(labels, stable=True)            # by label, by index within a class
+  shuffled = jnp.lexsort((u, labels))  # by label, random within a class
+  ordered = jnp.argsort(labels, stable=True)  # by label, by index within a class
   return jnp.zeros_like(ordered).at[ordered].set(shuffled)
 
 
@@ -254,7 +277,7 @@ def selfreg_terms(ctx, params, batch, key, state) -> Terms:
   o2, q2 = o[pi1], q[pi1]
   o3, q3 = lam * o[pi1] + (1 - lam) * o[pi2], lam * q[pi1] + (1 - lam) * q[pi2]
   mse = lambda a, c: jnp.mean(jnp.square(a - c))
-  reg = (lam * (mse(o, o2) + 0.3 * mse(z, q2)) + (1 - lam) * (mse(o, o3) + 0.3 * mse(z, q3)))
+  reg = lam * (mse(o, o2) + 0.3 * mse(z, q2)) + (1 - lam) * (mse(o, o3) + 0.3 * mse(z, q3))
   env_losses = env_losses_of(o.reshape((d, b) + o.shape[1:]), y)
   scale = jax.lax.stop_gradient(jnp.minimum(jnp.mean(env_losses), 1.0))
   return Terms(env_losses, scale * reg, {"selfreg_lambda": lam}, state)
@@ -262,54 +285,76 @@ def selfreg_terms(ctx, params, batch, key, state) -> Terms:
 
 # ------------------------------------------------------------------------------ methods
 IB_ERM = Method(
-    name="ib_erm",
-    description="IB-ERM: mean CE + ib_lambda * mean per-feature variance of the featurizer "
-                "output (Ahuja et al., NeurIPS 2021)",
-    domainbed_name="IB_ERM",
-    hparams={"ib_lambda": _lambda("IB penalty weight after the anneal (0 before)"),
-             "ib_penalty_anneal_iters": _anneal_iters("steps with IB weight 0; Adam is re-created "
-                                                      "at this step")},
-    gradients=penalized(ib_erm_terms, weight="ib_lambda", anneal_iters="ib_penalty_anneal_iters",
-                        before=0.0),
-    optimizer=domainbed_adam(reset_at="ib_penalty_anneal_iters"),
+  name="ib_erm",
+  description="IB-ERM: mean CE + ib_lambda * mean per-feature variance of the featurizer "
+  "output (Ahuja et al., NeurIPS 2021)",
+  domainbed_name="IB_ERM",
+  hparams={
+    "ib_lambda": _lambda("IB penalty weight after the anneal (0 before)"),
+    "ib_penalty_anneal_iters": _anneal_iters(
+      "steps with IB weight 0; Adam is re-created at this step"
+    ),
+  },
+  gradients=penalized(
+    ib_erm_terms, weight="ib_lambda", anneal_iters="ib_penalty_anneal_iters", before=0.0
+  ),
+  optimizer=domainbed_adam(reset_at="ib_penalty_anneal_iters"),
 )
 
 IB_IRM = Method(
-    name="ib_irm",
-    description="IB-IRM: IRMv1 + ib_lambda * mean per-feature variance of the featurizer output "
-                "(Ahuja et al., NeurIPS 2021)",
-    domainbed_name="IB_IRM",
-    hparams={"irm_lambda": _lambda("IRM penalty weight after its anneal (1 before)"),
-             "irm_penalty_anneal_iters": _anneal_iters("steps with IRM weight 1; Adam is "
-                                                       "re-created at this step"),
-             # no role: a benchmark's penalty weight is IRM's, not the bottleneck's
-             "ib_lambda": HParam(1e2, lambda r: 10**r.uniform(-1, 5),
-                                 "IB penalty weight after its anneal (0 before)", minimum=0.0),
-             "ib_penalty_anneal_iters": _anneal_iters("steps with IB weight 0; Adam is "
-                                                      "re-created at this step")},
-    gradients=ib_irm_gradients(),
-    optimizer=ib_irm_adam,
+  name="ib_irm",
+  description="IB-IRM: IRMv1 + ib_lambda * mean per-feature variance of the featurizer output "
+  "(Ahuja et al., NeurIPS 2021)",
+  domainbed_name="IB_IRM",
+  hparams={
+    "irm_lambda": _lambda("IRM penalty weight after its anneal (1 before)"),
+    "irm_penalty_anneal_iters": _anneal_iters(
+      "steps with IRM weight 1; Adam is re-created at this step"
+    ),
+    # no role: a benchmark's penalty weight is IRM's, not the bottleneck's
+    "ib_lambda": HParam(
+      1e2,
+      lambda r: 10 ** r.uniform(-1, 5),
+      "IB penalty weight after its anneal (0 before)",
+      minimum=0.0,
+    ),
+    "ib_penalty_anneal_iters": _anneal_iters(
+      "steps with IB weight 0; Adam is re-created at this step"
+    ),
+  },
+  gradients=ib_irm_gradients(),
+  optimizer=ib_irm_adam,
 )
 
 RSC = Method(
-    name="rsc",
-    description="RSC: train on logits with the top-gradient features muted on the examples "
-                "they matter most for (Huang et al., ECCV 2020)",
-    domainbed_name="RSC",
-    hparams={"rsc_f_drop_factor": HParam(1 / 3, lambda r: r.uniform(0, 0.5),
-                                         "fraction of features muted per example",
-                                         minimum=0.0, maximum=1.0),
-             "rsc_b_drop_factor": HParam(1 / 3, lambda r: r.uniform(0, 0.5),
-                                         "fraction of examples whose features are muted",
-                                         minimum=0.0, maximum=1.0)},
-    gradients=penalized(rsc_terms),
+  name="rsc",
+  description="RSC: train on logits with the top-gradient features muted on the examples "
+  "they matter most for (Huang et al., ECCV 2020)",
+  domainbed_name="RSC",
+  hparams={
+    "rsc_f_drop_factor": HParam(
+      1 / 3,
+      lambda r: r.uniform(0, 0.5),
+      "fraction of features muted per example",
+      minimum=0.0,
+      maximum=1.0,
+    ),
+    "rsc_b_drop_factor": HParam(
+      1 / 3,
+      lambda r: r.uniform(0, 0.5),
+      "fraction of examples whose features are muted",
+      minimum=0.0,
+      maximum=1.0,
+    ),
+  },
+  gradients=penalized(rsc_terms),
 )
 
 SELFREG = Method(
-    name="selfreg",
-    description="SelfReg: CE + logit/feature regression towards random same-class examples "
-                "and their mixtures (Kim et al., ICCV 2021)",
-    domainbed_name="SelfReg",
-    hparams={},
-    gradients=penalized(selfreg_terms, init=_selfreg_init),
+  name="selfreg",
+  description="SelfReg: CE + logit/feature regression towards random same-class examples "
+  "and their mixtures (Kim et al., ICCV 2021)",
+  domainbed_name="SelfReg",
+  hparams={},
+  gradients=penalized(selfreg_terms, init=_selfreg_init),
 )

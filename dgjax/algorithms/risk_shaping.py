@@ -26,9 +26,20 @@ import numpy as np
 import optax
 from jax.scipy.special import ndtr, ndtri
 
-from dgjax.core import (COMMON_HPARAMS, GradientSource, HParam, Method, Terms, domain_logits,
-                        domainbed_adam, env_losses_of, extra_net_key, flatten_domains, penalized,
-                        reset_at_step)
+from dgjax.core import (
+  COMMON_HPARAMS,
+  GradientSource,
+  HParam,
+  Method,
+  Terms,
+  domain_logits,
+  domainbed_adam,
+  env_losses_of,
+  extra_net_key,
+  flatten_domains,
+  penalized,
+  reset_at_step,
+)
 from dgjax.losses import cross_entropy
 from dgjax.types import PyTree
 
@@ -62,9 +73,10 @@ def switched_adam(lr_after: str, at: str):
   def make(ctx) -> optax.GradientTransformation:
     hp = ctx.hparams
     return optax.chain(
-        optax.add_decayed_weights(hp["weight_decay"]),
-        reset_at_step(optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8), hp[at]),
-        scale_by_switched_lr(hp["lr"], hp[lr_after], hp[at]))
+      optax.add_decayed_weights(hp["weight_decay"]),
+      reset_at_step(optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-8), hp[at]),
+      scale_by_switched_lr(hp["lr"], hp[lr_after], hp[at]),
+    )
 
   return make
 
@@ -106,14 +118,18 @@ def kde_quantile(risks: jax.Array, q: Any, bisection_steps: int = 32) -> jax.Arr
     nxt = tuple(0.5 * (l + h) for l, h in zip(new_lo, new_hi))
     stop = nxt[0] == k_v
     keep = lambda old, new: jax.tree.map(lambda o, w: jnp.where(done, o, w), old, new)
-    k_new = keep((k_v, k_a, k_b), jax.tree.map(lambda k, w: jnp.where(stop, k, w),
-                                               (k_v, k_a, k_b), nxt))
-    return (keep((lo_v, lo_a, lo_b), new_lo), keep((hi_v, hi_a, hi_b), new_hi), k_new,
-            done | stop)
+    k_new = keep(
+      (k_v, k_a, k_b), jax.tree.map(lambda k, w: jnp.where(stop, k, w), (k_v, k_a, k_b), nxt)
+    )
+    return (keep((lo_v, lo_a, lo_b), new_lo), keep((hi_v, hi_a, hi_b), new_hi), k_new, done | stop)
 
   lo_v, hi_v = jax.lax.stop_gradient(lo), jax.lax.stop_gradient(hi)
-  init = ((lo_v, one, zero), (hi_v, zero, one), (0.5 * (lo_v + hi_v), 0.5 * one, 0.5 * one),
-          jnp.zeros((), bool))
+  init = (
+    (lo_v, one, zero),
+    (hi_v, zero, one),
+    (0.5 * (lo_v + hi_v), 0.5 * one, 0.5 * one),
+    jnp.zeros((), bool),
+  )
   _, _, (k_v, a, b), _ = jax.lax.fori_loop(0, bisection_steps, body, init)
   return k_v + a * (lo - lo_v) + b * (hi - hi_v)
 
@@ -134,15 +150,18 @@ def eqrm_gradients() -> GradientSource:
   def grads(ctx, params, state, batch, step, key):
     del key
     if ctx.num_domains < 2:
-      raise ValueError(f"EQRM needs at least 2 training domains (its KDE bandwidth is a "
-                       f"standard deviation over domains); got {ctx.num_domains}")
+      raise ValueError(
+        f"EQRM needs at least 2 training domains (its KDE bandwidth is a "
+        f"standard deviation over domains); got {ctx.num_domains}"
+      )
     hp = ctx.hparams
     burnin = step < hp["eqrm_burnin_iters"]
 
     def objective(p):
       env_losses = env_losses_of(domain_logits(ctx, p, batch["x"]), batch["y"])
-      value = jax.lax.cond(burnin, jnp.mean, lambda r: kde_quantile(r, hp["eqrm_quantile"]),
-                           env_losses)
+      value = jax.lax.cond(
+        burnin, jnp.mean, lambda r: kde_quantile(r, hp["eqrm_quantile"]), env_losses
+      )
       return value, env_losses
 
     (value, env_losses), g = jax.value_and_grad(objective, has_aux=True)(params)
@@ -183,7 +202,8 @@ def rdm_terms(ctx, params, batch, key, state) -> Terms:
   hp = ctx.hparams
   logits = domain_logits(ctx, params, batch["x"])
   per_example = jax.vmap(jax.vmap(lambda lg, y: cross_entropy(lg[None], y[None])))(
-      logits, batch["y"])                                                   # [D, B]
+    logits, batch["y"]
+  )  # [D, B]
   env_losses = jnp.mean(per_example, axis=1)
   worst = jnp.argmax(jax.lax.stop_gradient(env_losses))
   worst_risks = per_example[worst]
@@ -191,25 +211,35 @@ def rdm_terms(ctx, params, batch, key, state) -> Terms:
   matching = rdm_mmd(worst_risks, everything)
   variance = jnp.var(everything, ddof=1) + jnp.var(worst_risks, ddof=1)
   penalty = hp["rdm_lambda"] * matching + hp["variance_weight"] * variance
-  return Terms(env_losses, penalty, {"matching_penalty": matching, "variance_penalty": variance,
-                                     "worst_domain": worst.astype(jnp.float32)}, state)
+  return Terms(
+    env_losses,
+    penalty,
+    {
+      "matching_penalty": matching,
+      "variance_penalty": variance,
+      "worst_domain": worst.astype(jnp.float32),
+    },
+    state,
+  )
 
 
 # ------------------------------------------------------------------------------ TRM
 class TRMState(NamedTuple):
-  heads: PyTree     # one linear head per training domain (leaves [D, ...]), trained by SGD
+  heads: PyTree  # one linear head per training domain (leaves [D, ...]), trained by SGD
   alpha: jax.Array  # [D, D] transfer weights (unnormalised, zero diagonal)
 
 
-TRM_HEAD_SGD_STEPS = 30      # DomainBed: 30 SGD steps on the per-domain heads per step
-TRM_HEAD_LR = 0.1            # DomainBed: torch.optim.SGD(lr=1e-1)
-TRM_NEUMANN_STEPS = 10       # DomainBed: 10 Neumann terms, stopped when max |h| > 10
+TRM_HEAD_SGD_STEPS = 30  # DomainBed: 30 SGD steps on the per-domain heads per step
+TRM_HEAD_LR = 0.1  # DomainBed: torch.optim.SGD(lr=1e-1)
+TRM_NEUMANN_STEPS = 10  # DomainBed: 10 Neumann terms, stopped when max |h| > 10
 
 
 def _head_kernel(head):
   if not hasattr(head, "get") or head.get("kernel") is None or head["kernel"].ndim != 2:
-    raise ValueError("TRM needs a linear head params['classifier'] with a 'kernel' of shape "
-                     "[features, classes] (and a 'bias')")
+    raise ValueError(
+      "TRM needs a linear head params['classifier'] with a 'kernel' of shape "
+      "[features, classes] (and a 'bias')"
+    )
   return head["kernel"]
 
 
@@ -223,14 +253,23 @@ def _trm_init(ctx, params, key):
   leaves, treedef = jax.tree.flatten(head)
   keys = jax.random.split(extra_net_key(key, "heads"), len(leaves))
   d = ctx.num_domains
-  heads = treedef.unflatten([jax.random.uniform(k, (d,) + leaf.shape, leaf.dtype, -bound, bound)
-                             for k, leaf in zip(keys, leaves)])
-  dtype = _head_kernel(head).dtype     # the network's precision (float64 under jax_enable_x64)
+  heads = treedef.unflatten(
+    [
+      jax.random.uniform(k, (d,) + leaf.shape, leaf.dtype, -bound, bound)
+      for k, leaf in zip(keys, leaves)
+    ]
+  )
+  dtype = _head_kernel(head).dtype  # the network's precision (float64 under jax_enable_x64)
   return TRMState(heads, jnp.ones((d, d), dtype) - jnp.eye(d, dtype=dtype))
 
 
-def neumann_inverse_hvp(hvp, v0: jax.Array, steps: int = TRM_NEUMANN_STEPS, bound: float = 10.0,
-                        alias_first_term: bool = True) -> jax.Array:
+def neumann_inverse_hvp(
+  hvp,
+  v0: jax.Array,
+  steps: int = TRM_NEUMANN_STEPS,
+  bound: float = 10.0,
+  alias_first_term: bool = True,
+) -> jax.Array:
   """DomainBed's ``TRM.neum``: the Neumann series ``H^-1 v0 ~ sum_j (I - H)^j v0``, with
   ``v_j = (I - H) v_{j-1}`` and the running sum ``h``; it stops after the step where
   ``max |h| > bound`` (that ``h`` is returned).
@@ -321,8 +360,12 @@ def trm_gradients() -> GradientSource:
       heads = st.heads
       main_kernel = p["classifier"]["kernel"]
       balanced = jnp.asarray(hp["class_balanced"], bool)
-      heads = dict(heads, kernel=jnp.where(balanced, jnp.broadcast_to(main_kernel, heads["kernel"].shape),
-                                           heads["kernel"]))
+      heads = dict(
+        heads,
+        kernel=jnp.where(
+          balanced, jnp.broadcast_to(main_kernel, heads["kernel"].shape), heads["kernel"]
+        ),
+      )
       alpha = st.alpha / jnp.sum(st.alpha, axis=1, keepdims=True)
 
       def sgd_step(hs, _):
@@ -342,22 +385,35 @@ def trm_gradients() -> GradientSource:
         swaps, new_rows = [], []
         for q in range(d):
           head_q = jax.tree.map(lambda h: h[q], heads)
-          cross = jax.vmap(lambda zi, yi: ce(head_q, zi, yi))(zz, y)             # [D]
+          cross = jax.vmap(lambda zi, yi: ce(head_q, zi, yi))(zz, y)  # [D]
           w_q = jnp.where(eye[q], 0.0, alpha[q])
           weighted = jax.lax.stop_gradient(w_q * cross)
-          new_row = jnp.where(eye[q], alpha[q],
-                              alpha[q] * jnp.exp(hp["groupdro_eta"] * weighted))
+          new_row = jnp.where(eye[q], alpha[q], alpha[q] * jnp.exp(hp["groupdro_eta"] * weighted))
           # the value with this step's weights; the gradient with the updated ones if aliased
           w_grad = jnp.where(eye[q], 0.0, jnp.where(alias_alpha, new_row, w_q))
           cross_const = jax.lax.stop_gradient(cross)
-          loss_p = jnp.sum(jnp.where(eye[q], 0.0,
-                                     w_q * cross_const + w_grad * (cross - cross_const)))
-          grad_p = jax.grad(lambda k: jnp.sum(jnp.where(eye[q], 0.0, w_q * jax.vmap(
-              lambda zi, yi: ce(dict(head_q, kernel=k), zi, yi))(z_const, y))))(head_q["kernel"])
-          hvp = lambda v: jax.jvp(lambda k: kernel_grad(dict(head_q, kernel=k), z_const[q], y[q]),
-                                  (head_q["kernel"],), (v,))[1]
-          h_q = jax.lax.stop_gradient(neumann_inverse_hvp(hvp, jax.lax.stop_gradient(grad_p),
-                                                          alias_first_term=alias_first_term))
+          loss_p = jnp.sum(
+            jnp.where(eye[q], 0.0, w_q * cross_const + w_grad * (cross - cross_const))
+          )
+          grad_p = jax.grad(
+            lambda k: jnp.sum(
+              jnp.where(
+                eye[q],
+                0.0,
+                w_q * jax.vmap(lambda zi, yi: ce(dict(head_q, kernel=k), zi, yi))(z_const, y),
+              )
+            )
+          )(head_q["kernel"])
+          hvp = lambda v: jax.jvp(
+            lambda k: kernel_grad(dict(head_q, kernel=k), z_const[q], y[q]),
+            (head_q["kernel"],),
+            (v,),
+          )[1]
+          h_q = jax.lax.stop_gradient(
+            neumann_inverse_hvp(
+              hvp, jax.lax.stop_gradient(grad_p), alias_first_term=alias_first_term
+            )
+          )
           g_q = kernel_grad(head_q, zz[q], y[q])
           swaps.append(loss_p - hp["cos_lambda"] * jnp.vdot(h_q, g_q))
           new_rows.append(new_row)
@@ -366,100 +422,160 @@ def trm_gradients() -> GradientSource:
         return nll + swap, (env_losses, swap, jnp.stack(new_rows))
 
       (_, (env_losses, swap, new_alpha)), (g_head, g_z) = jax.value_and_grad(
-          objective, argnums=(0, 1), has_aux=True)(p["classifier"], z)
+        objective, argnums=(0, 1), has_aux=True
+      )(p["classifier"], z)
       g = features_vjp(g_z.reshape(z_flat.shape))[0]
       g = dict(g, classifier=jax.tree.map(jnp.add, g["classifier"], g_head))
-      return (g, env_losses, swap.astype(env_losses.dtype),
-              TRMState(heads, new_alpha.astype(st.alpha.dtype)))
+      return (
+        g,
+        env_losses,
+        swap.astype(env_losses.dtype),
+        TRMState(heads, new_alpha.astype(st.alpha.dtype)),
+      )
 
-    g, env_losses, swap, new_state = jax.lax.cond(step >= hp["iters"], trm_branch, erm_branch,
-                                                  (params, state))
+    g, env_losses, swap, new_state = jax.lax.cond(
+      step >= hp["iters"], trm_branch, erm_branch, (params, state)
+    )
     nll = jnp.mean(env_losses)
-    return g, Terms(env_losses, None, {"nll": nll, "trm_loss": swap, "objective": nll + swap},
-                    new_state)
+    return g, Terms(
+      env_losses, None, {"nll": nll, "trm_loss": swap, "objective": nll + swap}, new_state
+    )
 
   return GradientSource(grads, _trm_init)
 
 
 # ------------------------------------------------------------------------------ methods
 EQRM = Method(
-    name="eqrm",
-    description="EQRM: minimise the eqrm_quantile-quantile of a KDE of the per-domain risks "
-                "after an ERM burn-in (Eastwood et al., NeurIPS 2022)",
-    domainbed_name="EQRM",
-    hparams={
-        "eqrm_quantile": HParam(0.75, lambda r: r.uniform(0.5, 0.99),
-                                "quantile of the risk distribution minimised (0 < q < 1)",
-                                positive=True, maximum=0.999999),
-        "eqrm_burnin_iters": HParam(2500.0, lambda r: 10 ** r.uniform(2.5, 3.5),
-                                    "ERM steps before the quantile objective; Adam is re-created "
-                                    "with eqrm_lr at this step if it is an integer (DomainBed)",
-                                    role="anneal_iters", minimum=0.0),
-        "eqrm_lr": HParam(1e-6, lambda r: 10 ** r.uniform(-7, -5),
-                          "Adam learning rate after the burn-in", positive=True),
-    },
-    gradients=eqrm_gradients(),
-    optimizer=switched_adam(lr_after="eqrm_lr", at="eqrm_burnin_iters"),
-    forward_per_domain=True,
+  name="eqrm",
+  description="EQRM: minimise the eqrm_quantile-quantile of a KDE of the per-domain risks "
+  "after an ERM burn-in (Eastwood et al., NeurIPS 2022)",
+  domainbed_name="EQRM",
+  hparams={
+    "eqrm_quantile": HParam(
+      0.75,
+      lambda r: r.uniform(0.5, 0.99),
+      "quantile of the risk distribution minimised (0 < q < 1)",
+      positive=True,
+      maximum=0.999999,
+    ),
+    "eqrm_burnin_iters": HParam(
+      2500.0,
+      lambda r: 10 ** r.uniform(2.5, 3.5),
+      "ERM steps before the quantile objective; Adam is re-created "
+      "with eqrm_lr at this step if it is an integer (DomainBed)",
+      role="anneal_iters",
+      minimum=0.0,
+    ),
+    "eqrm_lr": HParam(
+      1e-6, lambda r: 10 ** r.uniform(-7, -5), "Adam learning rate after the burn-in", positive=True
+    ),
+  },
+  gradients=eqrm_gradients(),
+  optimizer=switched_adam(lr_after="eqrm_lr", at="eqrm_burnin_iters"),
+  forward_per_domain=True,
 )
 
 RDM = Method(
-    name="rdm",
-    description="RDM: mean CE + MMD between the worst domain's and all per-example risks + their "
-                "variances (Nguyen et al., WACV 2024)",
-    domainbed_name="RDM",
-    hparams={
-        "rdm_lambda": HParam(5.0, lambda r: r.uniform(0.1, 10.0), "weight of the risk-distribution "
-                             "MMD after the anneal (0 before)", role="penalty_weight", minimum=0.0,
-                             per_dataset={"DomainNet": (0.5, lambda r: r.uniform(0.1, 1.0)),
-                                          "PACS": (5.0, lambda r: r.uniform(1.0, 10.0)),
-                                          "TerraIncognita": (5.0, lambda r: r.uniform(1.0, 10.0))}),
-        "rdm_penalty_anneal_iters": HParam(1500, lambda r: int(r.uniform(800, 2700)),
-                                           "steps with penalty weights 0; Adam is re-created with "
-                                           "rdm_lr at this step", kind="int", role="anneal_iters",
-                                           minimum=0,
-                                           per_dataset={"DomainNet": (2400, lambda r: int(r.uniform(1500, 3000)))}),
-        "variance_weight": HParam(0.004, lambda r: r.uniform(0.001, 0.007),
-                                  "weight of the risk variances after the anneal (0 before)",
-                                  minimum=0.0,
-                                  per_dataset={d: (0.0, lambda r: 0.0) for d in
-                                               ("TerraIncognita", "OfficeHome", "DomainNet")}),
-        "rdm_lr": HParam(1.5e-5, lambda r: r.uniform(8e-6, 2e-5),
-                         "Adam learning rate after the anneal", positive=True),
-        "batch_size": HParam(64, COMMON_HPARAMS["batch_size"].sample,
-                             "examples per domain per step", kind="int", structural=True,
-                             role="batch_size", minimum=1, large_default=88,
-                             large_sample=lambda r: int(r.uniform(70, 100)),
-                             per_dataset={d: (40, lambda r: int(r.uniform(30, 60)))
-                                          for d in ("DomainNet", "TerraIncognita")}),
-    },
-    gradients=penalized(rdm_terms, anneal_iters="rdm_penalty_anneal_iters", before=0.0),
-    optimizer=switched_adam(lr_after="rdm_lr", at="rdm_penalty_anneal_iters"),
+  name="rdm",
+  description="RDM: mean CE + MMD between the worst domain's and all per-example risks + their "
+  "variances (Nguyen et al., WACV 2024)",
+  domainbed_name="RDM",
+  hparams={
+    "rdm_lambda": HParam(
+      5.0,
+      lambda r: r.uniform(0.1, 10.0),
+      "weight of the risk-distribution MMD after the anneal (0 before)",
+      role="penalty_weight",
+      minimum=0.0,
+      per_dataset={
+        "DomainNet": (0.5, lambda r: r.uniform(0.1, 1.0)),
+        "PACS": (5.0, lambda r: r.uniform(1.0, 10.0)),
+        "TerraIncognita": (5.0, lambda r: r.uniform(1.0, 10.0)),
+      },
+    ),
+    "rdm_penalty_anneal_iters": HParam(
+      1500,
+      lambda r: int(r.uniform(800, 2700)),
+      "steps with penalty weights 0; Adam is re-created with rdm_lr at this step",
+      kind="int",
+      role="anneal_iters",
+      minimum=0,
+      per_dataset={"DomainNet": (2400, lambda r: int(r.uniform(1500, 3000)))},
+    ),
+    "variance_weight": HParam(
+      0.004,
+      lambda r: r.uniform(0.001, 0.007),
+      "weight of the risk variances after the anneal (0 before)",
+      minimum=0.0,
+      per_dataset={d: (0.0, lambda r: 0.0) for d in ("TerraIncognita", "OfficeHome", "DomainNet")},
+    ),
+    "rdm_lr": HParam(
+      1.5e-5, lambda r: r.uniform(8e-6, 2e-5), "Adam learning rate after the anneal", positive=True
+    ),
+    "batch_size": HParam(
+      64,
+      COMMON_HPARAMS["batch_size"].sample,
+      "examples per domain per step",
+      kind="int",
+      structural=True,
+      role="batch_size",
+      minimum=1,
+      large_default=88,
+      large_sample=lambda r: int(r.uniform(70, 100)),
+      per_dataset={
+        d: (40, lambda r: int(r.uniform(30, 60))) for d in ("DomainNet", "TerraIncognita")
+      },
+    ),
+  },
+  gradients=penalized(rdm_terms, anneal_iters="rdm_penalty_anneal_iters", before=0.0),
+  optimizer=switched_adam(lr_after="rdm_lr", at="rdm_penalty_anneal_iters"),
 )
 
 TRM = Method(
-    name="trm",
-    description="TRM: ERM + transfer risk of per-domain heads across domains, with a "
-                "Neumann-series gradient alignment (Chen et al., 2021)",
-    domainbed_name="TRM",
-    hparams={
-        "cos_lambda": HParam(1e-4, lambda r: 10 ** r.uniform(-5, 0),
-                             "weight of the gradient-alignment term", minimum=0.0),
-        "iters": HParam(200, lambda r: int(10 ** r.uniform(0, 4)), "ERM steps before TRM starts",
-                        kind="int", role="anneal_iters", minimum=0),
-        "groupdro_eta": HParam(1e-2, lambda r: 10 ** r.uniform(-3, -1),
-                               "exponentiated-gradient step of the transfer weights alpha",
-                               minimum=0.0),
-        "class_balanced": HParam(False, lambda r: False, "copy the main head's kernel into every "
-                                 "domain head each step (DomainBed's common hparam)", kind="bool"),
-        "alias_alpha_weight": HParam(True, lambda r: True, "the transfer risk's gradient weighted "
-                                     "by alpha after this step's update, as DomainBed's in-place "
-                                     "aliasing; false: this step's alpha (the paper)", kind="bool"),
-        "alias_first_term": HParam(True, lambda r: True, "the Neumann sum's first term aliased "
-                                   "as DomainBed's code (2 v1); false: v0 + v1 (the paper)",
-                                   kind="bool"),
-    },
-    presets={"paper": {"alias_alpha_weight": False, "alias_first_term": False}},
-    gradients=trm_gradients(),
-    optimizer=domainbed_adam(),
+  name="trm",
+  description="TRM: ERM + transfer risk of per-domain heads across domains, with a "
+  "Neumann-series gradient alignment (Chen et al., 2021)",
+  domainbed_name="TRM",
+  hparams={
+    "cos_lambda": HParam(
+      1e-4, lambda r: 10 ** r.uniform(-5, 0), "weight of the gradient-alignment term", minimum=0.0
+    ),
+    "iters": HParam(
+      200,
+      lambda r: int(10 ** r.uniform(0, 4)),
+      "ERM steps before TRM starts",
+      kind="int",
+      role="anneal_iters",
+      minimum=0,
+    ),
+    "groupdro_eta": HParam(
+      1e-2,
+      lambda r: 10 ** r.uniform(-3, -1),
+      "exponentiated-gradient step of the transfer weights alpha",
+      minimum=0.0,
+    ),
+    "class_balanced": HParam(
+      False,
+      lambda r: False,
+      "copy the main head's kernel into every domain head each step (DomainBed's common hparam)",
+      kind="bool",
+    ),
+    "alias_alpha_weight": HParam(
+      True,
+      lambda r: True,
+      "the transfer risk's gradient weighted "
+      "by alpha after this step's update, as DomainBed's in-place "
+      "aliasing; false: this step's alpha (the paper)",
+      kind="bool",
+    ),
+    "alias_first_term": HParam(
+      True,
+      lambda r: True,
+      "the Neumann sum's first term aliased as DomainBed's code (2 v1); false: v0 + v1 (the paper)",
+      kind="bool",
+    ),
+  },
+  presets={"paper": {"alias_alpha_weight": False, "alias_first_term": False}},
+  gradients=trm_gradients(),
+  optimizer=domainbed_adam(),
 )

@@ -22,16 +22,24 @@ from typing import Callable, Iterable, NamedTuple
 
 from dgjax.data.idx import DataError
 
-_SIGNATURES = ((b"\xff\xd8\xff", "jpeg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF87a", "gif"),
-               (b"GIF89a", "gif"), (b"BM", "bmp"), (b"II*\x00", "tiff"), (b"MM\x00*", "tiff"),
-               (b"II+\x00", "tiff"), (b"MM\x00+", "tiff"))
+_SIGNATURES = (
+  (b"\xff\xd8\xff", "jpeg"),
+  (b"\x89PNG\r\n\x1a\n", "png"),
+  (b"GIF87a", "gif"),
+  (b"GIF89a", "gif"),
+  (b"BM", "bmp"),
+  (b"II*\x00", "tiff"),
+  (b"MM\x00*", "tiff"),
+  (b"II+\x00", "tiff"),
+  (b"MM\x00+", "tiff"),
+)
 #: The bytes each format ends with, where a missing end means a truncated file.
 _ENDS = {"jpeg": b"\xff\xd9", "png": b"IEND"}
-_THREADS_ABOVE = 10_000   # files: below, one thread is faster (and warm caches are the rule)
+_THREADS_ABOVE = 10_000  # files: below, one thread is faster (and warm caches are the rule)
 
 
 class FileKind(NamedTuple):
-  format: str | None   # None: no image format
+  format: str | None  # None: no image format
   truncated: bool
   head: bytes
 
@@ -43,21 +51,25 @@ def sniff(path: str) -> FileKind:
     head = f.read(16)
     try:
       f.seek(-32, os.SEEK_END)
-    except OSError:   # shorter than 32 bytes
+    except OSError:  # shorter than 32 bytes
       f.seek(0)
     tail = f.read(32)
   fmt = next((name for magic, name in _SIGNATURES if head.startswith(magic)), None)
   if fmt is None and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
     fmt = "webp"
-  if fmt is None and len(head) >= 3 and head[:1] == b"P" and head[1:2] in b"123456" \
-      and head[2:3].isspace():
+  if (
+    fmt is None
+    and len(head) >= 3
+    and head[:1] == b"P"
+    and head[1:2] in b"123456"
+    and head[2:3].isspace()
+  ):
     fmt = "pnm"
   end = _ENDS.get(fmt)
   return FileKind(fmt, end is not None and end not in tail, head)
 
 
-def check_image_files(paths: Iterable[str],
-                      warn: Callable[[str], None] | None = None) -> None:
+def check_image_files(paths: Iterable[str], warn: Callable[[str], None] | None = None) -> None:
   """Raises :class:`DataError` naming the files among ``paths`` that are not images (or
   cannot be opened), in one line; warns (one line) about truncated JPEGs and PNGs."""
   paths = list(dict.fromkeys(str(p) for p in paths))
@@ -78,10 +90,14 @@ def check_image_files(paths: Iterable[str],
   if bad:
     shown = ", ".join(f"{p} (starts {h[:12]!r})" for p, h in bad[:3])
     more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-    raise DataError(f"{len(bad)} of {len(paths)} image files are not images (their first bytes "
-                    f"match no image format): {shown}{more}; remove or replace them")
+    raise DataError(
+      f"{len(bad)} of {len(paths)} image files are not images (their first bytes "
+      f"match no image format): {shown}{more}; remove or replace them"
+    )
   truncated = [p for p, k in zip(paths, kinds) if k.truncated]
   if truncated:
     more = f" and {len(truncated) - 3} more" if len(truncated) > 3 else ""
-    warn(f"warning: {len(truncated)} image files end early (truncated; decoded as far as they "
-         f"go, as DomainBed does): {', '.join(truncated[:3])}{more}")
+    warn(
+      f"warning: {len(truncated)} image files end early (truncated; decoded as far as they "
+      f"go, as DomainBed does): {', '.join(truncated[:3])}{more}"
+    )

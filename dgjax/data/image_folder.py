@@ -56,15 +56,15 @@ from dgjax.data.colored_mnist import env_split_seed, split_in_out
 from dgjax.data.idx import DataError
 
 __all__ = [
-    "IMAGE_DATASETS",
-    "IMG_EXTENSIONS",
-    "FileSplit",
-    "ImageDatasetSpec",
-    "ImageEnvironment",
-    "ImageFolderDomains",
-    "get_image_dataset",
-    "image_dataset_environments",
-    "image_splits",
+  "IMAGE_DATASETS",
+  "IMG_EXTENSIONS",
+  "FileSplit",
+  "ImageDatasetSpec",
+  "ImageEnvironment",
+  "ImageFolderDomains",
+  "get_image_dataset",
+  "image_dataset_environments",
+  "image_splits",
 ]
 
 #: File extensions torchvision's ``ImageFolder`` accepts (compared case-insensitively).
@@ -73,207 +73,261 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 
 @dataclasses.dataclass(frozen=True)
 class ImageDatasetSpec:
-    """One of DomainBed's image benchmarks: where it lives and how DomainBed trains it.
+  """One of DomainBed's image benchmarks: where it lives and how DomainBed trains it.
 
-    ``env_folders`` are the environment folders in DomainBed's (sorted) order and
-    ``env_names`` DomainBed's ``ENVIRONMENTS`` for them; ``checkpoint_freq`` and ``n_steps``
-    are DomainBed's ``CHECKPOINT_FREQ`` and ``N_STEPS``.
-    """
-    name: str
-    folder: str
-    env_folders: tuple[str, ...]
-    env_names: tuple[str, ...]
-    num_classes: int
-    checkpoint_freq: int = 300
-    n_steps: int = 5001
-    input_shape: tuple[int, int, int] = (224, 224, 3)
+  ``env_folders`` are the environment folders in DomainBed's (sorted) order and
+  ``env_names`` DomainBed's ``ENVIRONMENTS`` for them; ``checkpoint_freq`` and ``n_steps``
+  are DomainBed's ``CHECKPOINT_FREQ`` and ``N_STEPS``.
+  """
 
-    def __post_init__(self):
-        if len(self.env_folders) != len(self.env_names):
-            raise ValueError(f"{self.name}: {len(self.env_folders)} folders for "
-                             f"{len(self.env_names)} environment names")
-        if list(self.env_folders) != sorted(self.env_folders):
-            raise ValueError(f"{self.name}: environment folders must be in sorted order "
-                             f"(DomainBed's), got {self.env_folders}")
+  name: str
+  folder: str
+  env_folders: tuple[str, ...]
+  env_names: tuple[str, ...]
+  num_classes: int
+  checkpoint_freq: int = 300
+  n_steps: int = 5001
+  input_shape: tuple[int, int, int] = (224, 224, 3)
+
+  def __post_init__(self):
+    if len(self.env_folders) != len(self.env_names):
+      raise ValueError(
+        f"{self.name}: {len(self.env_folders)} folders for {len(self.env_names)} environment names"
+      )
+    if list(self.env_folders) != sorted(self.env_folders):
+      raise ValueError(
+        f"{self.name}: environment folders must be in sorted order "
+        f"(DomainBed's), got {self.env_folders}"
+      )
 
 
 IMAGE_DATASETS: dict[str, ImageDatasetSpec] = {
-    spec.name: spec for spec in (
-        ImageDatasetSpec("VLCS", "VLCS", ("Caltech101", "LabelMe", "SUN09", "VOC2007"),
-                         ("C", "L", "S", "V"), num_classes=5),
-        ImageDatasetSpec("PACS", "PACS", ("art_painting", "cartoon", "photo", "sketch"),
-                         ("A", "C", "P", "S"), num_classes=7),
-        ImageDatasetSpec("OfficeHome", "office_home", ("Art", "Clipart", "Product", "Real World"),
-                         ("A", "C", "P", "R"), num_classes=65),
-        ImageDatasetSpec("TerraIncognita", "terra_incognita",
-                         ("location_100", "location_38", "location_43", "location_46"),
-                         ("L100", "L38", "L43", "L46"), num_classes=10),
-        ImageDatasetSpec("DomainNet", "domain_net",
-                         ("clipart", "infograph", "painting", "quickdraw", "real", "sketch"),
-                         ("clip", "info", "paint", "quick", "real", "sketch"), num_classes=345,
-                         checkpoint_freq=1000),
-    )
+  spec.name: spec
+  for spec in (
+    ImageDatasetSpec(
+      "VLCS",
+      "VLCS",
+      ("Caltech101", "LabelMe", "SUN09", "VOC2007"),
+      ("C", "L", "S", "V"),
+      num_classes=5,
+    ),
+    ImageDatasetSpec(
+      "PACS",
+      "PACS",
+      ("art_painting", "cartoon", "photo", "sketch"),
+      ("A", "C", "P", "S"),
+      num_classes=7,
+    ),
+    ImageDatasetSpec(
+      "OfficeHome",
+      "office_home",
+      ("Art", "Clipart", "Product", "Real World"),
+      ("A", "C", "P", "R"),
+      num_classes=65,
+    ),
+    ImageDatasetSpec(
+      "TerraIncognita",
+      "terra_incognita",
+      ("location_100", "location_38", "location_43", "location_46"),
+      ("L100", "L38", "L43", "L46"),
+      num_classes=10,
+    ),
+    ImageDatasetSpec(
+      "DomainNet",
+      "domain_net",
+      ("clipart", "infograph", "painting", "quickdraw", "real", "sketch"),
+      ("clip", "info", "paint", "quick", "real", "sketch"),
+      num_classes=345,
+      checkpoint_freq=1000,
+    ),
+  )
 }
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ImageEnvironment:
-    """One environment as a file list: ``x`` holds image paths (str array), ``y`` labels.
+  """One environment as a file list: ``x`` holds image paths (str array), ``y`` labels.
 
-    ``x``/``y`` keep the interface of the in-memory environments (``name``, ``x``, ``y``) so
-    the registry's generic split code applies; nothing is decoded.
-    """
-    name: str
-    root: Path
-    classes: tuple[str, ...]
-    x: np.ndarray  # [n] str: absolute image paths
-    y: np.ndarray  # [n] int32 labels, indices into ``classes``
+  ``x``/``y`` keep the interface of the in-memory environments (``name``, ``x``, ``y``) so
+  the registry's generic split code applies; nothing is decoded.
+  """
 
-    def __len__(self) -> int:
-        return len(self.y)
+  name: str
+  root: Path
+  classes: tuple[str, ...]
+  x: np.ndarray  # [n] str: absolute image paths
+  y: np.ndarray  # [n] int32 labels, indices into ``classes``
 
-    @property
-    def paths(self) -> np.ndarray:
-        return self.x
+  def __len__(self) -> int:
+    return len(self.y)
 
-    @property
-    def labels(self) -> np.ndarray:
-        return self.y
+  @property
+  def paths(self) -> np.ndarray:
+    return self.x
+
+  @property
+  def labels(self) -> np.ndarray:
+    return self.y
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class FileSplit:
-    """One split (``env{i}_in`` / ``env{i}_out``) of an image environment: paths + labels."""
-    name: str
-    x: np.ndarray  # [n] str paths
-    y: np.ndarray  # [n] int32
+  """One split (``env{i}_in`` / ``env{i}_out``) of an image environment: paths + labels."""
 
-    def __len__(self) -> int:
-        return len(self.y)
+  name: str
+  x: np.ndarray  # [n] str paths
+  y: np.ndarray  # [n] int32
+
+  def __len__(self) -> int:
+    return len(self.y)
 
 
 def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMG_EXTENSIONS)
+  return name.lower().endswith(IMG_EXTENSIONS)
 
 
 def _subdirs(path: Path) -> list[str]:
-    return sorted(entry.name for entry in os.scandir(path) if entry.is_dir())
+  return sorted(entry.name for entry in os.scandir(path) if entry.is_dir())
 
 
 def _class_files(class_dir: Path) -> list[str]:
-    """``ImageFolder``'s files of one class: sorted ``os.walk`` (following links), sorted names."""
-    files = []
-    for dirpath, _, fnames in sorted(os.walk(class_dir, followlinks=True)):
-        files.extend(os.path.join(dirpath, f) for f in sorted(fnames) if _is_image(f))
-    return files
+  """``ImageFolder``'s files of one class: sorted ``os.walk`` (following links), sorted names."""
+  files = []
+  for dirpath, _, fnames in sorted(os.walk(class_dir, followlinks=True)):
+    files.extend(os.path.join(dirpath, f) for f in sorted(fnames) if _is_image(f))
+  return files
 
 
 def _read_environment(env_dir: Path, name: str) -> ImageEnvironment:
-    if not env_dir.is_dir():
-        raise DataError(f"environment folder {env_dir} does not exist "
-                        f"(expected {env_dir}/<class>/<image>)")
-    classes = _subdirs(env_dir)
-    if not classes:
-        raise DataError(f"environment folder {env_dir} is empty: it has no class folders "
-                        f"(expected {env_dir}/<class>/<image>)")
-    paths, labels = [], []
-    for label, cls in enumerate(classes):
-        files = _class_files(env_dir / cls)
-        if not files:
-            raise DataError(f"class folder {env_dir / cls} holds no image "
-                            f"(extensions {', '.join(IMG_EXTENSIONS)})")
-        paths.extend(files)
-        labels.extend([label] * len(files))
-    return ImageEnvironment(name=name, root=env_dir, classes=tuple(classes),
-                            x=np.asarray(paths, dtype=str), y=np.asarray(labels, dtype=np.int32))
+  if not env_dir.is_dir():
+    raise DataError(
+      f"environment folder {env_dir} does not exist (expected {env_dir}/<class>/<image>)"
+    )
+  classes = _subdirs(env_dir)
+  if not classes:
+    raise DataError(
+      f"environment folder {env_dir} is empty: it has no class folders "
+      f"(expected {env_dir}/<class>/<image>)"
+    )
+  paths, labels = [], []
+  for label, cls in enumerate(classes):
+    files = _class_files(env_dir / cls)
+    if not files:
+      raise DataError(
+        f"class folder {env_dir / cls} holds no image (extensions {', '.join(IMG_EXTENSIONS)})"
+      )
+    paths.extend(files)
+    labels.extend([label] * len(files))
+  return ImageEnvironment(
+    name=name,
+    root=env_dir,
+    classes=tuple(classes),
+    x=np.asarray(paths, dtype=str),
+    y=np.asarray(labels, dtype=np.int32),
+  )
 
 
 def _check_same_classes(envs: Sequence[ImageEnvironment]) -> None:
-    union = sorted(set().union(*(env.classes for env in envs)))
-    problems = []
-    for env in envs:
-        missing = [c for c in union if c not in env.classes]
-        if missing:
-            shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
-            problems.append(f"{env.root} lacks class folder(s) {shown}")
-    if problems:
-        raise DataError("environments must have the same class folders (labels are the sorted "
-                        "class folder index): " + "; ".join(problems))
-
-
-def ImageFolderDomains(root, env_folders: Sequence[str] | None = None,
-                       env_names: Sequence[str] | None = None) -> list[ImageEnvironment]:
-    """The environments of a user's own ``root/<env>/<class>/<image>`` tree.
-
-    ``env_folders`` defaults to every sub-folder of ``root``, sorted by name (DomainBed's
-    rule); ``env_names`` defaults to the folder names. Environments must share their class
-    folders; labels are the indices of the sorted class folder names (torchvision's
-    ``ImageFolder``). Raises :class:`DataError` naming the path on a missing or empty folder,
-    a class folder without images, or class sets that differ.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"dataset folder {root} does not exist "
-                        f"(expected {root}/<environment>/<class>/<image>)")
-    if env_folders is None:
-        env_folders = _subdirs(root)
-        if not env_folders:
-            raise DataError(f"dataset folder {root} holds no environment folder "
-                            f"(expected {root}/<environment>/<class>/<image>)")
-    env_names = list(env_folders) if env_names is None else list(env_names)
-    if len(env_names) != len(env_folders):
-        raise ValueError(f"{len(env_names)} environment names for {len(env_folders)} folders")
-    missing = [str(root / f) for f in env_folders if not (root / f).is_dir()]
+  union = sorted(set().union(*(env.classes for env in envs)))
+  problems = []
+  for env in envs:
+    missing = [c for c in union if c not in env.classes]
     if missing:
-        raise DataError(f"missing environment folder(s): {', '.join(missing)}")
-    envs = [_read_environment(root / f, n) for f, n in zip(env_folders, env_names)]
-    _check_same_classes(envs)
-    return envs
+      shown = ", ".join(missing[:10]) + (
+        f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+      )
+      problems.append(f"{env.root} lacks class folder(s) {shown}")
+  if problems:
+    raise DataError(
+      "environments must have the same class folders (labels are the sorted "
+      "class folder index): " + "; ".join(problems)
+    )
+
+
+def ImageFolderDomains(
+  root, env_folders: Sequence[str] | None = None, env_names: Sequence[str] | None = None
+) -> list[ImageEnvironment]:
+  """The environments of a user's own ``root/<env>/<class>/<image>`` tree.
+
+  ``env_folders`` defaults to every sub-folder of ``root``, sorted by name (DomainBed's
+  rule); ``env_names`` defaults to the folder names. Environments must share their class
+  folders; labels are the indices of the sorted class folder names (torchvision's
+  ``ImageFolder``). Raises :class:`DataError` naming the path on a missing or empty folder,
+  a class folder without images, or class sets that differ.
+  """
+  root = Path(root)
+  if not root.is_dir():
+    raise DataError(
+      f"dataset folder {root} does not exist (expected {root}/<environment>/<class>/<image>)"
+    )
+  if env_folders is None:
+    env_folders = _subdirs(root)
+    if not env_folders:
+      raise DataError(
+        f"dataset folder {root} holds no environment folder "
+        f"(expected {root}/<environment>/<class>/<image>)"
+      )
+  env_names = list(env_folders) if env_names is None else list(env_names)
+  if len(env_names) != len(env_folders):
+    raise ValueError(f"{len(env_names)} environment names for {len(env_folders)} folders")
+  missing = [str(root / f) for f in env_folders if not (root / f).is_dir()]
+  if missing:
+    raise DataError(f"missing environment folder(s): {', '.join(missing)}")
+  envs = [_read_environment(root / f, n) for f, n in zip(env_folders, env_names)]
+  _check_same_classes(envs)
+  return envs
 
 
 def get_image_dataset(name: str) -> ImageDatasetSpec:
-    """The spec of DomainBed image dataset ``name``; an unknown name lists the valid ones."""
-    try:
-        return IMAGE_DATASETS[name]
-    except KeyError:
-        raise ValueError(f"unknown image dataset {name!r}; valid: "
-                         f"{', '.join(IMAGE_DATASETS)}") from None
+  """The spec of DomainBed image dataset ``name``; an unknown name lists the valid ones."""
+  try:
+    return IMAGE_DATASETS[name]
+  except KeyError:
+    raise ValueError(
+      f"unknown image dataset {name!r}; valid: {', '.join(IMAGE_DATASETS)}"
+    ) from None
 
 
 def image_dataset_environments(name: str, data_dir) -> list[ImageEnvironment]:
-    """The environments of DomainBed image dataset ``name`` under ``data_dir``.
+  """The environments of DomainBed image dataset ``name`` under ``data_dir``.
 
-    Reads ``data_dir/<folder>/<env folder>/<class>/<image>`` (see the module table); checks
-    that the number of classes is DomainBed's.
-    """
-    spec = get_image_dataset(name)
-    if data_dir is None:
-        raise DataError(f"{name} needs a data directory holding {spec.folder}/ "
-                        f"(DomainBed's download.py layout)")
-    root = Path(data_dir) / spec.folder
-    if not root.is_dir():
-        raise DataError(f"{name}: folder {root} does not exist; expected DomainBed's layout "
-                        f"{root}/{{{','.join(spec.env_folders)}}}/<class>/<image> "
-                        f"(python -m domainbed.scripts.download --data_dir {data_dir})")
-    envs = ImageFolderDomains(root, spec.env_folders, spec.env_names)
-    found = len(envs[0].classes)
-    if found != spec.num_classes:
-        raise DataError(f"{name}: {root} has {found} class folders per environment, "
-                        f"DomainBed's {name} has {spec.num_classes}")
-    return envs
+  Reads ``data_dir/<folder>/<env folder>/<class>/<image>`` (see the module table); checks
+  that the number of classes is DomainBed's.
+  """
+  spec = get_image_dataset(name)
+  if data_dir is None:
+    raise DataError(
+      f"{name} needs a data directory holding {spec.folder}/ (DomainBed's download.py layout)"
+    )
+  root = Path(data_dir) / spec.folder
+  if not root.is_dir():
+    raise DataError(
+      f"{name}: folder {root} does not exist; expected DomainBed's layout "
+      f"{root}/{{{','.join(spec.env_folders)}}}/<class>/<image> "
+      f"(python -m domainbed.scripts.download --data_dir {data_dir})"
+    )
+  envs = ImageFolderDomains(root, spec.env_folders, spec.env_names)
+  found = len(envs[0].classes)
+  if found != spec.num_classes:
+    raise DataError(
+      f"{name}: {root} has {found} class folders per environment, "
+      f"DomainBed's {name} has {spec.num_classes}"
+    )
+  return envs
 
 
-def image_splits(envs: Sequence[ImageEnvironment], holdout_fraction: float = 0.2,
-                 trial_seed: int = 0) -> tuple[list[FileSplit], list[FileSplit]]:
-    """DomainBed's in/out split of every environment, over file lists.
+def image_splits(
+  envs: Sequence[ImageEnvironment], holdout_fraction: float = 0.2, trial_seed: int = 0
+) -> tuple[list[FileSplit], list[FileSplit]]:
+  """DomainBed's in/out split of every environment, over file lists.
 
-    Environment ``i`` is split by :func:`dgjax.data.split_in_out` with seed
-    :func:`dgjax.data.env_split_seed` ``(trial_seed, i)``, exactly as the MNIST datasets.
-    Returns ``(splits_in, splits_out)`` named ``env{i}_in`` / ``env{i}_out``.
-    """
-    splits_in, splits_out = [], []
-    for i, env in enumerate(envs):
-        idx_in, idx_out = split_in_out(len(env), holdout_fraction, env_split_seed(trial_seed, i))
-        splits_in.append(FileSplit(f"env{i}_in", env.x[idx_in], env.y[idx_in]))
-        splits_out.append(FileSplit(f"env{i}_out", env.x[idx_out], env.y[idx_out]))
-    return splits_in, splits_out
+  Environment ``i`` is split by :func:`dgjax.data.split_in_out` with seed
+  :func:`dgjax.data.env_split_seed` ``(trial_seed, i)``, exactly as the MNIST datasets.
+  Returns ``(splits_in, splits_out)`` named ``env{i}_in`` / ``env{i}_out``.
+  """
+  splits_in, splits_out = [], []
+  for i, env in enumerate(envs):
+    idx_in, idx_out = split_in_out(len(env), holdout_fraction, env_split_seed(trial_seed, i))
+    splits_in.append(FileSplit(f"env{i}_in", env.x[idx_in], env.y[idx_in]))
+    splits_out.append(FileSplit(f"env{i}_out", env.x[idx_out], env.y[idx_out]))
+  return splits_in, splits_out

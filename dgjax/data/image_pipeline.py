@@ -52,20 +52,20 @@ from PIL import Image, ImageFile
 from dgjax.data.idx import DataError
 
 __all__ = [
-    "CROP_RATIO",
-    "CROP_SCALE",
-    "IMAGE_SIZE",
-    "DevicePrefetch",
-    "EncodedImage",
-    "ImageDecodeError",
-    "decode_eval",
-    "decode_train",
-    "eval_batches",
-    "example_rng",
-    "key_entropy",
-    "load_rgb",
-    "random_resized_crop_box",
-    "train_batches",
+  "CROP_RATIO",
+  "CROP_SCALE",
+  "IMAGE_SIZE",
+  "DevicePrefetch",
+  "EncodedImage",
+  "ImageDecodeError",
+  "decode_eval",
+  "decode_train",
+  "eval_batches",
+  "example_rng",
+  "key_entropy",
+  "load_rgb",
+  "random_resized_crop_box",
+  "train_batches",
 ]
 
 #: DomainBed's image side (``transforms.Resize((224, 224))`` / ``RandomResizedCrop(224)``).
@@ -77,230 +77,262 @@ CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
 class ImageDecodeError(DataError):
-    """An image file cannot be opened or decoded; the message names the file."""
+  """An image file cannot be opened or decoded; the message names the file."""
 
 
 class EncodedImage(NamedTuple):
-    """An image given as its encoded bytes (JPEG, PNG, ...) instead of a path; ``name`` says
-    where it came from in error messages."""
-    data: bytes
-    name: str
+  """An image given as its encoded bytes (JPEG, PNG, ...) instead of a path; ``name`` says
+  where it came from in error messages."""
+
+  data: bytes
+  name: str
 
 
 # --------------------------------------------------------------------------- randomness
 def key_entropy(key) -> tuple[int, ...]:
-    """The uint32 words of a JAX PRNG key (typed ``jax.random.key`` or raw ``uint32[2]``)."""
-    import jax  # local: workers only need the resulting ints
-    if hasattr(key, "dtype") and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.key_data(key)
-    words = np.asarray(key).astype(np.uint32).ravel()
-    return tuple(int(w) for w in words)
+  """The uint32 words of a JAX PRNG key (typed ``jax.random.key`` or raw ``uint32[2]``)."""
+  import jax  # local: workers only need the resulting ints
+
+  if hasattr(key, "dtype") and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.key_data(key)
+  words = np.asarray(key).astype(np.uint32).ravel()
+  return tuple(int(w) for w in words)
 
 
 def example_rng(entropy: Sequence[int], *index: int) -> np.random.Generator:
-    """``numpy`` generator of one example: ``SeedSequence([*entropy, *index])``."""
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([*entropy, *index])))
+  """``numpy`` generator of one example: ``SeedSequence([*entropy, *index])``."""
+  return np.random.Generator(np.random.PCG64(np.random.SeedSequence([*entropy, *index])))
 
 
 # --------------------------------------------------------------------------- decoding
 def load_rgb(path: str | EncodedImage, allow_truncated: bool = True) -> Image.Image:
-    """The image at ``path`` (or the :class:`EncodedImage`) as RGB (torchvision's
-    ``ImageFolder`` loader).
+  """The image at ``path`` (or the :class:`EncodedImage`) as RGB (torchvision's
+  ``ImageFolder`` loader).
 
-    ``allow_truncated`` decodes a truncated JPEG as far as it goes (DomainBed sets PIL's
-    ``ImageFile.LOAD_TRUNCATED_IMAGES = True``). Any failure raises
-    :class:`ImageDecodeError` naming ``path``.
-    """
-    name = path.name if isinstance(path, EncodedImage) else path
+  ``allow_truncated`` decodes a truncated JPEG as far as it goes (DomainBed sets PIL's
+  ``ImageFile.LOAD_TRUNCATED_IMAGES = True``). Any failure raises
+  :class:`ImageDecodeError` naming ``path``.
+  """
+  name = path.name if isinstance(path, EncodedImage) else path
 
-    def open_image():
-        return Image.open(io.BytesIO(path.data) if isinstance(path, EncodedImage) else path)
+  def open_image():
+    return Image.open(io.BytesIO(path.data) if isinstance(path, EncodedImage) else path)
 
+  try:
     try:
-        try:
-            with open_image() as image:
-                return image.convert("RGB")
-        except OSError as e:
-            if not (allow_truncated and "truncated" in str(e)):
-                raise
-        previous = ImageFile.LOAD_TRUNCATED_IMAGES
-        ImageFile.LOAD_TRUNCATED_IMAGES = True
-        try:
-            with open_image() as image:
-                return image.convert("RGB")
-        finally:
-            ImageFile.LOAD_TRUNCATED_IMAGES = previous
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ImageDecodeError(f"cannot decode image {name}: {type(e).__name__}: {e}") from None
+      with open_image() as image:
+        return image.convert("RGB")
+    except OSError as e:
+      if not (allow_truncated and "truncated" in str(e)):
+        raise
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = True
+    try:
+      with open_image() as image:
+        return image.convert("RGB")
+    finally:
+      ImageFile.LOAD_TRUNCATED_IMAGES = previous
+  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    raise ImageDecodeError(f"cannot decode image {name}: {type(e).__name__}: {e}") from None
 
 
-def random_resized_crop_box(height: int, width: int, rng: np.random.Generator,
-                            scale=CROP_SCALE, ratio=CROP_RATIO) -> tuple[int, int, int, int]:
-    """torchvision's ``RandomResizedCrop.get_params``: ``(top, left, h, w)`` of the crop.
+def random_resized_crop_box(
+  height: int, width: int, rng: np.random.Generator, scale=CROP_SCALE, ratio=CROP_RATIO
+) -> tuple[int, int, int, int]:
+  """torchvision's ``RandomResizedCrop.get_params``: ``(top, left, h, w)`` of the crop.
 
-    Up to 10 tries: area fraction ``~ U(scale)``, log aspect ratio ``~ U(log ratio)``,
-    ``w = round(sqrt(area * ar))``, ``h = round(sqrt(area / ar))``; the first that fits is
-    placed uniformly. Otherwise the central crop with the aspect ratio clipped to ``ratio``.
-    """
-    area = height * width
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    for _ in range(10):
-        target_area = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_lo, log_hi))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            return top, left, h, w
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+  Up to 10 tries: area fraction ``~ U(scale)``, log aspect ratio ``~ U(log ratio)``,
+  ``w = round(sqrt(area * ar))``, ``h = round(sqrt(area / ar))``; the first that fits is
+  placed uniformly. Otherwise the central crop with the aspect ratio clipped to ``ratio``.
+  """
+  area = height * width
+  log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+  for _ in range(10):
+    target_area = area * rng.uniform(scale[0], scale[1])
+    aspect = math.exp(rng.uniform(log_lo, log_hi))
+    w = int(round(math.sqrt(target_area * aspect)))
+    h = int(round(math.sqrt(target_area / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      top = int(rng.integers(0, height - h + 1))
+      left = int(rng.integers(0, width - w + 1))
+      return top, left, h, w
+  in_ratio = width / height
+  if in_ratio < min(ratio):
+    w, h = width, int(round(width / min(ratio)))
+  elif in_ratio > max(ratio):
+    h, w = height, int(round(height * max(ratio)))
+  else:
+    w, h = width, height
+  return (height - h) // 2, (width - w) // 2, h, w
 
 
 def decode_eval(path: str, size: int = IMAGE_SIZE) -> np.ndarray:
-    """DomainBed's evaluation input: ``Resize((size, size))`` (PIL bilinear), uint8 HWC."""
-    image = load_rgb(path).resize((size, size), Image.BILINEAR)
-    return np.asarray(image, dtype=np.uint8)
+  """DomainBed's evaluation input: ``Resize((size, size))`` (PIL bilinear), uint8 HWC."""
+  image = load_rgb(path).resize((size, size), Image.BILINEAR)
+  return np.asarray(image, dtype=np.uint8)
 
 
-def decode_train(path: str, rng: np.random.Generator, size: int = IMAGE_SIZE,
-                 scale=CROP_SCALE) -> np.ndarray:
-    """``RandomResizedCrop(size, scale)`` then ``RandomHorizontalFlip()``, uint8 HWC.
+def decode_train(
+  path: str, rng: np.random.Generator, size: int = IMAGE_SIZE, scale=CROP_SCALE
+) -> np.ndarray:
+  """``RandomResizedCrop(size, scale)`` then ``RandomHorizontalFlip()``, uint8 HWC.
 
-    Crop box from :func:`random_resized_crop_box`, ``crop`` then bilinear ``resize`` (PIL,
-    as torchvision on PIL images), then a left-right flip with probability 1/2, all drawn
-    from ``rng``.
-    """
-    image = load_rgb(path)
-    top, left, h, w = random_resized_crop_box(image.height, image.width, rng, scale)
-    image = image.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
-    if rng.random() < 0.5:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return np.asarray(image, dtype=np.uint8)
+  Crop box from :func:`random_resized_crop_box`, ``crop`` then bilinear ``resize`` (PIL,
+  as torchvision on PIL images), then a left-right flip with probability 1/2, all drawn
+  from ``rng``.
+  """
+  image = load_rgb(path)
+  top, left, h, w = random_resized_crop_box(image.height, image.width, rng, scale)
+  image = image.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
+  if rng.random() < 0.5:
+    image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+  return np.asarray(image, dtype=np.uint8)
 
 
 # --------------------------------------------------------------------------- grain streams
 def _images(x):
-    """Paths as a str array; any other random-access sequence of images (item ``j`` a path or
-    an :class:`EncodedImage`, e.g. :class:`dgjax.data.tfds_images.TfdsImages`) as it is."""
-    return np.asarray(x, dtype=str) if isinstance(x, (list, tuple, np.ndarray)) else x
+  """Paths as a str array; any other random-access sequence of images (item ``j`` a path or
+  an :class:`EncodedImage`, e.g. :class:`dgjax.data.tfds_images.TfdsImages`) as it is."""
+  return np.asarray(x, dtype=str) if isinstance(x, (list, tuple, np.ndarray)) else x
 
 
 def _image(images, j: int):
-    image = images[j]
-    return image if isinstance(image, EncodedImage) else str(image)
+  image = images[j]
+  return image if isinstance(image, EncodedImage) else str(image)
 
 
 class _TrainExample:
-    """Flat example index ``i = (s * D + d) * B + b`` -> one augmented (or resized) example."""
+  """Flat example index ``i = (s * D + d) * B + b`` -> one augmented (or resized) example."""
 
-    def __init__(self, paths, labels, batch_size, entropy, size, augment):
-        self.paths = [_images(p) for p in paths]
-        self.labels = [np.asarray(y, dtype=np.int32) for y in labels]
-        self.batch_size = batch_size
-        self.entropy = tuple(entropy)
-        self.size = size
-        self.augment = augment
+  def __init__(self, paths, labels, batch_size, entropy, size, augment):
+    self.paths = [_images(p) for p in paths]
+    self.labels = [np.asarray(y, dtype=np.int32) for y in labels]
+    self.batch_size = batch_size
+    self.entropy = tuple(entropy)
+    self.size = size
+    self.augment = augment
 
-    def __call__(self, i: int):
-        i = int(i)
-        num_domains = len(self.paths)
-        step, rest = divmod(i, num_domains * self.batch_size)
-        domain, slot = divmod(rest, self.batch_size)
-        rng = example_rng(self.entropy, step, domain, slot)
-        j = int(rng.integers(0, len(self.labels[domain])))
-        path = _image(self.paths[domain], j)
-        x = decode_train(path, rng, self.size) if self.augment else decode_eval(path, self.size)
-        return {"x": x, "y": self.labels[domain][j]}
+  def __call__(self, i: int):
+    i = int(i)
+    num_domains = len(self.paths)
+    step, rest = divmod(i, num_domains * self.batch_size)
+    domain, slot = divmod(rest, self.batch_size)
+    rng = example_rng(self.entropy, step, domain, slot)
+    j = int(rng.integers(0, len(self.labels[domain])))
+    path = _image(self.paths[domain], j)
+    x = decode_train(path, rng, self.size) if self.augment else decode_eval(path, self.size)
+    return {"x": x, "y": self.labels[domain][j]}
 
 
 class _DomainAxis:
-    def __init__(self, num_domains):
-        self.num_domains = num_domains
+  def __init__(self, num_domains):
+    self.num_domains = num_domains
 
-    def __call__(self, batch):
-        return {k: v.reshape(self.num_domains, -1, *v.shape[1:]) for k, v in batch.items()}
+  def __call__(self, batch):
+    return {k: v.reshape(self.num_domains, -1, *v.shape[1:]) for k, v in batch.items()}
 
 
 class _EvalExample:
-    def __init__(self, paths, labels, size):
-        self.paths = _images(paths)
-        self.labels = np.asarray(labels, dtype=np.int32)
-        self.size = size
+  def __init__(self, paths, labels, size):
+    self.paths = _images(paths)
+    self.labels = np.asarray(labels, dtype=np.int32)
+    self.size = size
 
-    def __call__(self, i: int):
-        i = int(i)
-        n = len(self.labels)
-        j = i if i < n else 0
-        return {"x": decode_eval(_image(self.paths, j), self.size), "y": self.labels[j],
-                "mask": np.bool_(i < n)}
-
-
-def _workers(dataset: grain.MapDataset, num_workers: int, buffer: int,
-               read_threads: int) -> grain.IterDataset:
-    # grain reads absl flags in its worker machinery; a program without absl.app has not parsed
-    # them (grain then raises UnparsedFlagAccessError): accept the defaults.
-    from absl import flags
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
-    it = dataset.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
-                                                   prefetch_buffer_size=buffer))
-    if num_workers > 0:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                         per_worker_buffer_size=buffer))
-    return it
+  def __call__(self, i: int):
+    i = int(i)
+    n = len(self.labels)
+    j = i if i < n else 0
+    return {
+      "x": decode_eval(_image(self.paths, j), self.size),
+      "y": self.labels[j],
+      "mask": np.bool_(i < n),
+    }
 
 
-def train_batches(envs: Sequence[Any], key, batch_size: int, *, augment: bool = True,
-                  start_step: int = 0, num_steps: int | None = None,
-                  size: int = IMAGE_SIZE, num_workers: int = 2, worker_buffer: int = 2,
-                  read_threads: int = 1) -> grain.IterDataset:
-    """Per-step training batches ``{"x": uint8[D, B, size, size, 3], "y": int32[D, B]}``.
+def _workers(
+  dataset: grain.MapDataset, num_workers: int, buffer: int, read_threads: int
+) -> grain.IterDataset:
+  # grain reads absl flags in its worker machinery; a program without absl.app has not parsed
+  # them (grain then raises UnparsedFlagAccessError): accept the defaults.
+  from absl import flags
 
-    ``envs``: the training environments (or their in-splits), each with ``x`` (image paths,
-    or a random-access sequence of :class:`EncodedImage`) and ``y`` (labels). Domain ``d``
-    of every step samples ``batch_size`` examples of ``envs[d]`` uniformly with replacement
-    (DomainBed's ``InfiniteDataLoader``); ``augment`` applies ``RandomResizedCrop`` + flip
-    (DomainBed's ``data_augmentation``), otherwise ``Resize``. All draws come from ``key`` (see the module docstring): the stream
-    is a function of ``(key, step)`` only. Steps ``start_step, start_step + 1, ...``;
-    infinite unless ``num_steps`` is given.
-
-    ``num_workers`` grain worker processes (0: in this process) each build whole batches;
-    ``read_threads`` threads per worker decode the examples of a batch.
-    """
-    if not envs:
-        raise ValueError("train_batches needs at least one environment")
-    for i, env in enumerate(envs):
-        if len(env.y) == 0:
-            raise DataError(f"training environment {i} ({getattr(env, 'name', '?')}) is empty")
-    per_step = len(envs) * batch_size
-    stop = None if num_steps is None else start_step + num_steps
-    first = start_step * per_step
-    last = 2 ** 62 if stop is None else stop * per_step
-    example = _TrainExample([e.x for e in envs], [e.y for e in envs], batch_size,
-                            key_entropy(key), size, augment)
-    ds = (grain.MapDataset.range(first, last).map(example)
-          .batch(per_step, drop_remainder=True).map(_DomainAxis(len(envs))))
-    return _workers(ds, num_workers, worker_buffer, read_threads)
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  it = dataset.to_iter_dataset(
+    grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=buffer)
+  )
+  if num_workers > 0:
+    it = it.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=buffer)
+    )
+  return it
 
 
-def eval_batches(split: Any, batch_size: int, *, size: int = IMAGE_SIZE, num_workers: int = 2,
-                 worker_buffer: int = 2, read_threads: int = 1) -> grain.IterDataset:
-    """One ordered pass over ``split`` (``x`` paths, ``y`` labels) in batches of
-    ``batch_size``: ``{"x": uint8[B, size, size, 3], "y": int32[B], "mask": bool[B]}``; the
-    last batch is padded with ``mask`` False."""
-    n = len(split.y)
-    if n == 0:
-        raise DataError(f"split {getattr(split, 'name', '?')} is empty")
-    padded = -(-n // batch_size) * batch_size
-    ds = grain.MapDataset.range(padded).map(_EvalExample(split.x, split.y, size)).batch(batch_size)
-    return _workers(ds, num_workers, worker_buffer, read_threads)
+def train_batches(
+  envs: Sequence[Any],
+  key,
+  batch_size: int,
+  *,
+  augment: bool = True,
+  start_step: int = 0,
+  num_steps: int | None = None,
+  size: int = IMAGE_SIZE,
+  num_workers: int = 2,
+  worker_buffer: int = 2,
+  read_threads: int = 1,
+) -> grain.IterDataset:
+  """Per-step training batches ``{"x": uint8[D, B, size, size, 3], "y": int32[D, B]}``.
+
+  ``envs``: the training environments (or their in-splits), each with ``x`` (image paths,
+  or a random-access sequence of :class:`EncodedImage`) and ``y`` (labels). Domain ``d``
+  of every step samples ``batch_size`` examples of ``envs[d]`` uniformly with replacement
+  (DomainBed's ``InfiniteDataLoader``); ``augment`` applies ``RandomResizedCrop`` + flip
+  (DomainBed's ``data_augmentation``), otherwise ``Resize``. All draws come from ``key`` (see the module docstring): the stream
+  is a function of ``(key, step)`` only. Steps ``start_step, start_step + 1, ...``;
+  infinite unless ``num_steps`` is given.
+
+  ``num_workers`` grain worker processes (0: in this process) each build whole batches;
+  ``read_threads`` threads per worker decode the examples of a batch.
+  """
+  if not envs:
+    raise ValueError("train_batches needs at least one environment")
+  for i, env in enumerate(envs):
+    if len(env.y) == 0:
+      raise DataError(f"training environment {i} ({getattr(env, 'name', '?')}) is empty")
+  per_step = len(envs) * batch_size
+  stop = None if num_steps is None else start_step + num_steps
+  first = start_step * per_step
+  last = 2**62 if stop is None else stop * per_step
+  example = _TrainExample(
+    [e.x for e in envs], [e.y for e in envs], batch_size, key_entropy(key), size, augment
+  )
+  ds = (
+    grain.MapDataset.range(first, last)
+    .map(example)
+    .batch(per_step, drop_remainder=True)
+    .map(_DomainAxis(len(envs)))
+  )
+  return _workers(ds, num_workers, worker_buffer, read_threads)
+
+
+def eval_batches(
+  split: Any,
+  batch_size: int,
+  *,
+  size: int = IMAGE_SIZE,
+  num_workers: int = 2,
+  worker_buffer: int = 2,
+  read_threads: int = 1,
+) -> grain.IterDataset:
+  """One ordered pass over ``split`` (``x`` paths, ``y`` labels) in batches of
+  ``batch_size``: ``{"x": uint8[B, size, size, 3], "y": int32[B], "mask": bool[B]}``; the
+  last batch is padded with ``mask`` False."""
+  n = len(split.y)
+  if n == 0:
+    raise DataError(f"split {getattr(split, 'name', '?')} is empty")
+  padded = -(-n // batch_size) * batch_size
+  ds = grain.MapDataset.range(padded).map(_EvalExample(split.x, split.y, size)).batch(batch_size)
+  return _workers(ds, num_workers, worker_buffer, read_threads)
 
 
 # --------------------------------------------------------------------------- device prefetch
@@ -308,66 +340,67 @@ _END = object()
 
 
 class DevicePrefetch:
-    """Iterate ``batches`` with ``size`` of them already transferred to the device.
+  """Iterate ``batches`` with ``size`` of them already transferred to the device.
 
-    A background thread pulls from the host iterator and calls ``jax.device_put(batch,
-    sharding)`` (asynchronous), keeping up to ``size`` device batches queued, so a step
-    finds its input ready whenever the host keeps up. An exception of the host iterator
-    (e.g. :class:`ImageDecodeError` from a worker) is re-raised by ``next``.
-    Use as a context manager (or call :meth:`close`) to stop the thread early.
-    """
+  A background thread pulls from the host iterator and calls ``jax.device_put(batch,
+  sharding)`` (asynchronous), keeping up to ``size`` device batches queued, so a step
+  finds its input ready whenever the host keeps up. An exception of the host iterator
+  (e.g. :class:`ImageDecodeError` from a worker) is re-raised by ``next``.
+  Use as a context manager (or call :meth:`close`) to stop the thread early.
+  """
 
-    def __init__(self, batches, size: int = 2, sharding=None):
-        import jax
-        self._put = lambda b: jax.device_put(b, sharding) if sharding is not None else jax.device_put(b)
-        self._source = iter(batches)
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, size))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="DevicePrefetch")
-        self._thread.start()
+  def __init__(self, batches, size: int = 2, sharding=None):
+    import jax
 
-    def _offer(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+    self._put = lambda b: jax.device_put(b, sharding) if sharding is not None else jax.device_put(b)
+    self._source = iter(batches)
+    self._queue: queue.Queue = queue.Queue(maxsize=max(1, size))
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, daemon=True, name="DevicePrefetch")
+    self._thread.start()
 
-    def _run(self):
-        try:
-            for batch in self._source:
-                if not self._offer(("ok", self._put(batch))):
-                    return
-            self._offer(("end", _END))
-        except BaseException as e:  # forwarded to the consumer
-            self._offer(("error", e))
+  def _offer(self, item) -> bool:
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
 
-    def __iter__(self) -> Iterator:
-        return self
+  def _run(self):
+    try:
+      for batch in self._source:
+        if not self._offer(("ok", self._put(batch))):
+          return
+      self._offer(("end", _END))
+    except BaseException as e:  # forwarded to the consumer
+      self._offer(("error", e))
 
-    def __next__(self):
-        if self._stop.is_set():
-            raise StopIteration
-        kind, value = self._queue.get()
-        if kind == "ok":
-            return value
-        self._stop.set()
-        if kind == "error":
-            raise value
-        raise StopIteration
+  def __iter__(self) -> Iterator:
+    return self
 
-    def close(self):
-        """Stops the thread, then closes the host iterator (grain: shuts its workers down)."""
-        self._stop.set()
-        self._thread.join(timeout=5)
-        close = getattr(self._source, "close", None)
-        if close is not None and not self._thread.is_alive():
-            close()
+  def __next__(self):
+    if self._stop.is_set():
+      raise StopIteration
+    kind, value = self._queue.get()
+    if kind == "ok":
+      return value
+    self._stop.set()
+    if kind == "error":
+      raise value
+    raise StopIteration
 
-    def __enter__(self):
-        return self
+  def close(self):
+    """Stops the thread, then closes the host iterator (grain: shuts its workers down)."""
+    self._stop.set()
+    self._thread.join(timeout=5)
+    close = getattr(self._source, "close", None)
+    if close is not None and not self._thread.is_alive():
+      close()
 
-    def __exit__(self, *exc):
-        self.close()
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()

@@ -48,21 +48,22 @@ TRAIN_FRACTION = 5 / 6
 
 class IRMEnvironment(NamedTuple):
   """One environment: indices into :attr:`IRMColoredMNIST.images`, labels and colours."""
+
   name: str
-  index: np.ndarray   # int32 [n]
-  y: np.ndarray       # int32 [n], noisy (digit < 5)
-  color: np.ndarray   # int32 [n], 0 keeps channel 0, 1 keeps channel 1
-  digit: np.ndarray   # int32 [n], the MNIST class
+  index: np.ndarray  # int32 [n]
+  y: np.ndarray  # int32 [n], noisy (digit < 5)
+  color: np.ndarray  # int32 [n], 0 keeps channel 0, 1 keeps channel 1
+  digit: np.ndarray  # int32 [n], the MNIST class
 
 
 class IRMColoredMNIST(NamedTuple):
-  images: np.ndarray                # float32 [N, 196]: 14x14 grey digits in [0, 1]
+  images: np.ndarray  # float32 [N, 196]: 14x14 grey digits in [0, 1]
   train: list[IRMEnvironment]
   test: IRMEnvironment
-  gray: IRMEnvironment              # the test digits, own label noise, shown without colour
-  num_digits: int                   # N, digits used (<= 60,000)
-  num_train_digits: int             # round(5/6 N)
-  note: str                         # human-readable description of the split
+  gray: IRMEnvironment  # the test digits, own label noise, shown without colour
+  num_digits: int  # N, digits used (<= 60,000)
+  num_train_digits: int  # round(5/6 N)
+  note: str  # human-readable description of the split
 
 
 def downsample_images(images: np.ndarray) -> np.ndarray:
@@ -90,13 +91,13 @@ def _environment(name, index, digits, flip, rng, label_noise) -> IRMEnvironment:
 
 
 def irm_colored_mnist(
-    images: np.ndarray,
-    labels: np.ndarray,
-    seed: int = 0,
-    label_shift: Optional[float] = None,
-    train_flips: Sequence[float] = TRAIN_FLIPS,
-    test_flip: float = TEST_FLIP,
-    label_noise: float = LABEL_NOISE,
+  images: np.ndarray,
+  labels: np.ndarray,
+  seed: int = 0,
+  label_shift: Optional[float] = None,
+  train_flips: Sequence[float] = TRAIN_FLIPS,
+  test_flip: float = TEST_FLIP,
+  label_noise: float = LABEL_NOISE,
 ) -> IRMColoredMNIST:
   """Builds the IRM-style Colored MNIST environments (see the module docstring).
 
@@ -130,19 +131,41 @@ def irm_colored_mnist(
   else:
     low, high = perm[digits[perm] < 5], perm[digits[perm] >= 5]
     k_low, k_high = int(round(label_shift * len(low))), int(round((1 - label_shift) * len(high)))
-    parts = [np.concatenate([low[:k_low], high[:k_high]]), np.concatenate([low[k_low:], high[k_high:]])]
-  train = [_environment(f"train{i} (flip {f})", idx, digits, f, np.random.default_rng(seq[i + 1]), label_noise)
-           for i, (idx, f) in enumerate(zip(parts, train_flips))]
-  test = _environment(f"test (flip {test_flip})", np.arange(n_train, n), digits, test_flip,
-                      np.random.default_rng(seq[3]), label_noise)
-  gray = _environment(f"gray test (flip {test_flip}, colour removed)", np.arange(n_train, n),
-                      digits, test_flip, np.random.default_rng(seq[4]), label_noise)
+    parts = [
+      np.concatenate([low[:k_low], high[:k_high]]),
+      np.concatenate([low[k_low:], high[k_high:]]),
+    ]
+  train = [
+    _environment(
+      f"train{i} (flip {f})", idx, digits, f, np.random.default_rng(seq[i + 1]), label_noise
+    )
+    for i, (idx, f) in enumerate(zip(parts, train_flips))
+  ]
+  test = _environment(
+    f"test (flip {test_flip})",
+    np.arange(n_train, n),
+    digits,
+    test_flip,
+    np.random.default_rng(seq[3]),
+    label_noise,
+  )
+  gray = _environment(
+    f"gray test (flip {test_flip}, colour removed)",
+    np.arange(n_train, n),
+    digits,
+    test_flip,
+    np.random.default_rng(seq[4]),
+    label_noise,
+  )
   if n == MNIST_TRAIN_SIZE:
     note = f"full MNIST training set: {n_train} train / {n - n_train} test digits"
   else:
-    note = (f"{n} digits (fewer than MNIST's {MNIST_TRAIN_SIZE}): proportions kept, first 5/6 = "
-            f"{n_train} train / last 1/6 = {n - n_train} test (the published setup: 50000 / 10000)")
+    note = (
+      f"{n} digits (fewer than MNIST's {MNIST_TRAIN_SIZE}): proportions kept, first 5/6 = "
+      f"{n_train} train / last 1/6 = {n - n_train} test (the published setup: 50000 / 10000)"
+    )
   if label_shift is not None:
     note += f"; label shift {label_shift}: env sizes {len(parts[0])} / {len(parts[1])}"
-  return IRMColoredMNIST(downsample_images(np.asarray(images[:n])), train, test, gray, n, n_train,
-                         note)
+  return IRMColoredMNIST(
+    downsample_images(np.asarray(images[:n])), train, test, gray, n, n_train, note
+  )

@@ -34,6 +34,7 @@ ANGLES = (0, 15, 30, 45, 60, 75)
 
 class LabeledEnvironment(NamedTuple):
   """One environment: ``name``, inputs ``x`` (float32) and labels ``y`` (int32 ``[n]``)."""
+
   name: str
   x: np.ndarray
   y: np.ndarray
@@ -70,8 +71,9 @@ def rotate_images(images: np.ndarray, angle: float) -> np.ndarray:
   return out.astype(images.dtype)
 
 
-def rotated_mnist(images: np.ndarray, labels: np.ndarray, seed: int = 0,
-                  angles: Sequence[float] = ANGLES) -> List[LabeledEnvironment]:
+def rotated_mnist(
+  images: np.ndarray, labels: np.ndarray, seed: int = 0, angles: Sequence[float] = ANGLES
+) -> List[LabeledEnvironment]:
   """Builds DomainBed's Rotated MNIST environments from pooled MNIST digits.
 
   Args:
@@ -89,8 +91,9 @@ def rotated_mnist(images: np.ndarray, labels: np.ndarray, seed: int = 0,
   labels = np.asarray(labels)
   if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
     raise DataError(
-        "rotated_mnist: expected images [N, H, W] and labels [N], found "
-        f"images {images.shape} and labels {labels.shape}")
+      "rotated_mnist: expected images [N, H, W] and labels [N], found "
+      f"images {images.shape} and labels {labels.shape}"
+    )
   envs = []
   for idx, angle in zip(environment_indices(len(labels), len(angles), seed), angles):
     rotated = rotate_images(images[idx].astype(np.uint8), angle)

@@ -30,8 +30,9 @@ from dgjax.data.rotated_mnist import LabeledEnvironment
 __all__ = ["spirals", "spiral_environment"]
 
 
-def spiral_environment(rng: np.random.Generator, n: int, n_dims: int, n_revolutions: float,
-                       signature: np.ndarray | None):
+def spiral_environment(
+  rng: np.random.Generator, n: int, n_dims: int, n_revolutions: float, signature: np.ndarray | None
+):
   """``(x [n, 2 + n_dims] float32, y [n] int32)``; ``signature=None`` gives noise signatures."""
   radius = rng.uniform(0.08, 1.0, n)
   y = rng.integers(0, 2, n)
@@ -46,8 +47,14 @@ def spiral_environment(rng: np.random.Generator, n: int, n_dims: int, n_revoluti
   return np.hstack([mechanism, sig]).astype(np.float32), y.astype(np.int32)
 
 
-def spirals(num_train_envs: int = 16, examples_per_env: int = 1024, num_test: int = 2000,
-            n_dims: int = 8, n_revolutions: float = 3, seed: int = 0) -> List[LabeledEnvironment]:
+def spirals(
+  num_train_envs: int = 16,
+  examples_per_env: int = 1024,
+  num_test: int = 2000,
+  n_dims: int = 8,
+  n_revolutions: float = 3,
+  seed: int = 0,
+) -> List[LabeledEnvironment]:
   """The Spirals environments: ``num_train_envs`` training environments named ``"train0"``
   ... and a last one named ``"test"`` (noise signatures).
 
@@ -56,8 +63,10 @@ def spirals(num_train_envs: int = 16, examples_per_env: int = 1024, num_test: in
   ``[n, 2 + n_dims]``, ``y`` int32 binary labels.
   """
   if num_train_envs < 1 or examples_per_env < 2 or num_test < 2 or n_dims < 0:
-    raise ValueError("spirals: need num_train_envs >= 1, examples_per_env >= 2, num_test >= 2, "
-                     f"n_dims >= 0 (got {num_train_envs}, {examples_per_env}, {num_test}, {n_dims})")
+    raise ValueError(
+      "spirals: need num_train_envs >= 1, examples_per_env >= 2, num_test >= 2, "
+      f"n_dims >= 0 (got {num_train_envs}, {examples_per_env}, {num_test}, {n_dims})"
+    )
   seqs = np.random.SeedSequence(seed).spawn(num_train_envs + 1)
   envs = []
   for e in range(num_train_envs):

@@ -50,11 +50,11 @@ from dgjax.data.image_folder import IMAGE_DATASETS, ImageEnvironment
 from dgjax.data.image_pipeline import EncodedImage
 
 __all__ = [
-    "TFDS_IMAGE_DATASETS",
-    "TfdsImageDataset",
-    "TfdsImages",
-    "default_tfds_data_dir",
-    "tfds_image_environments",
+  "TFDS_IMAGE_DATASETS",
+  "TfdsImageDataset",
+  "TfdsImages",
+  "default_tfds_data_dir",
+  "tfds_image_environments",
 ]
 
 
@@ -65,6 +65,7 @@ class TfdsImageDataset:
   ``configs[i]`` is environment ``i`` (DomainBed's order), named ``env_names[i]``; its
   ``splits`` are pooled in order. ``image_key`` / ``label_key`` name the features.
   """
+
   name: str
   builder: str
   configs: tuple[str, ...]
@@ -76,10 +77,13 @@ class TfdsImageDataset:
 
 
 TFDS_IMAGE_DATASETS: dict[str, TfdsImageDataset] = {
-    "DomainNet": TfdsImageDataset(
-        "DomainNet", "domainnet",
-        ("clipart", "infograph", "painting", "quickdraw", "real", "sketch"),
-        IMAGE_DATASETS["DomainNet"].env_names, num_classes=345),
+  "DomainNet": TfdsImageDataset(
+    "DomainNet",
+    "domainnet",
+    ("clipart", "infograph", "painting", "quickdraw", "real", "sketch"),
+    IMAGE_DATASETS["DomainNet"].env_names,
+    num_classes=345,
+  ),
 }
 
 
@@ -92,11 +96,18 @@ def _build_command(builder: str, data_dir) -> str:
   return f"tfds build {builder} --file_format=array_record --data_dir={data_dir}"
 
 
-def _open_source(data_dir: str, builder: str, config: str, version: str, split: str,
-                 image_key: str):
+def _open_source(
+  data_dir: str, builder: str, config: str, version: str, split: str, image_key: str
+):
   import tensorflow_datasets as tfds  # lazy: only where records are read
-  return tfds.data_source(f"{builder}/{config}:{version}", split=split, data_dir=data_dir,
-                          download=False, decoders={image_key: tfds.decode.SkipDecoding()})
+
+  return tfds.data_source(
+    f"{builder}/{config}:{version}",
+    split=split,
+    data_dir=data_dir,
+    download=False,
+    decoders={image_key: tfds.decode.SkipDecoding()},
+  )
 
 
 class TfdsImages:
@@ -108,9 +119,16 @@ class TfdsImages:
   are opened on first read in each process, so the object pickles small (grain workers).
   """
 
-  def __init__(self, data_dir: str, builder: str, config: str, version: str,
-               splits: Sequence[tuple[str, int]], image_key: str = "image",
-               index: np.ndarray | None = None):
+  def __init__(
+    self,
+    data_dir: str,
+    builder: str,
+    config: str,
+    version: str,
+    splits: Sequence[tuple[str, int]],
+    image_key: str = "image",
+    index: np.ndarray | None = None,
+  ):
     self.data_dir, self.builder, self.config, self.version = data_dir, builder, config, version
     self.splits = tuple((str(s), int(n)) for s, n in splits)
     self.image_key = image_key
@@ -131,8 +149,9 @@ class TfdsImages:
     if self._sources is None:
       self._sources = {}
     if split not in self._sources:
-      self._sources[split] = _open_source(self.data_dir, self.builder, self.config,
-                                          self.version, split, self.image_key)
+      self._sources[split] = _open_source(
+        self.data_dir, self.builder, self.config, self.version, split, self.image_key
+      )
     return self._sources[split]
 
   def locate(self, i: int) -> tuple[str, int]:
@@ -144,32 +163,45 @@ class TfdsImages:
   def __getitem__(self, key):
     if isinstance(key, (int, np.integer)):
       split, j = self.locate(int(key))
-      name = (f"TFDS {self.builder}/{self.config}:{self.version} {split}[{j}] "
-              f"in {self.data_dir}")
+      name = f"TFDS {self.builder}/{self.config}:{self.version} {split}[{j}] in {self.data_dir}"
       data = self._source(split)[j][self.image_key]
       if not isinstance(data, bytes):
-        raise DataError(f"{name}: feature {self.image_key!r} is {type(data).__name__}, "
-                        f"expected encoded image bytes")
+        raise DataError(
+          f"{name}: feature {self.image_key!r} is {type(data).__name__}, "
+          f"expected encoded image bytes"
+        )
       return EncodedImage(data, name)
-    return TfdsImages(self.data_dir, self.builder, self.config, self.version, self.splits,
-                      self.image_key, self.index[key])
+    return TfdsImages(
+      self.data_dir,
+      self.builder,
+      self.config,
+      self.version,
+      self.splits,
+      self.image_key,
+      self.index[key],
+    )
 
   def __repr__(self) -> str:
-    return (f"TfdsImages({self.builder}/{self.config}:{self.version}, {len(self)} of "
-            f"{dict(self.splits)}, data_dir={self.data_dir!r})")
+    return (
+      f"TfdsImages({self.builder}/{self.config}:{self.version}, {len(self)} of "
+      f"{dict(self.splits)}, data_dir={self.data_dir!r})"
+    )
 
 
 def _prepared_version(data_dir: Path, spec: TfdsImageDataset, config: str) -> str:
   """The newest version of ``builder/config`` prepared under ``data_dir``, else DataError."""
   config_dir = data_dir / spec.builder / config
-  versions = sorted((p.name for p in config_dir.glob("*") if (p / "dataset_info.json").is_file()),
-                    key=lambda v: tuple(int(x) if x.isdigit() else -1 for x in v.split(".")))
+  versions = sorted(
+    (p.name for p in config_dir.glob("*") if (p / "dataset_info.json").is_file()),
+    key=lambda v: tuple(int(x) if x.isdigit() else -1 for x in v.split(".")),
+  )
   if not versions:
     raise DataError(
-        f"{spec.name}: TFDS dataset {spec.builder}/{config} is not prepared in {data_dir} "
-        f"(no {config_dir}/<version>/dataset_info.json). Prepare it where TensorFlow and "
-        f"internet are available, then copy {data_dir / spec.builder} here: "
-        f"{_build_command(spec.builder, data_dir)}")
+      f"{spec.name}: TFDS dataset {spec.builder}/{config} is not prepared in {data_dir} "
+      f"(no {config_dir}/<version>/dataset_info.json). Prepare it where TensorFlow and "
+      f"internet are available, then copy {data_dir / spec.builder} here: "
+      f"{_build_command(spec.builder, data_dir)}"
+    )
   return versions[-1]
 
 
@@ -180,9 +212,9 @@ def _read_labels(source, label_key: str, where: str, chunk: int = 1024) -> np.nd
     keys = list(range(start, min(start + chunk, n)))
     try:
       records = source.__getitems__(keys)
-    except TypeError:   # a source without a usable batched read: one by one
+    except TypeError:  # a source without a usable batched read: one by one
       records = [source[i] for i in keys]
-    labels[start:start + len(keys)] = [int(r[label_key]) for r in records]
+    labels[start : start + len(keys)] = [int(r[label_key]) for r in records]
   if n and (labels.min() < 0):
     raise DataError(f"{where}: negative label {labels.min()}")
   return labels
@@ -196,8 +228,9 @@ def _class_names(source, spec: TfdsImageDataset, where: str) -> tuple[str, ...]:
   return tuple(names)
 
 
-def tfds_image_environments(name: str, data_dir=None,
-                            domains: Sequence[str] | None = None) -> list[ImageEnvironment]:
+def tfds_image_environments(
+  name: str, data_dir=None, domains: Sequence[str] | None = None
+) -> list[ImageEnvironment]:
   """The environments of DomainBed image dataset ``name`` from its prepared TFDS copy.
 
   ``data_dir``: the TFDS data directory holding ``<builder>/<config>/<version>/``
@@ -218,11 +251,13 @@ def tfds_image_environments(name: str, data_dir=None,
   spec = TFDS_IMAGE_DATASETS.get(name)
   if spec is None:
     raise DataError(
-        f"TFDS has no {name!r}; of DomainBed's image datasets it has only "
-        f"{', '.join(TFDS_IMAGE_DATASETS)}. Read {name} from DomainBed's folder layout "
-        f"instead (python -m domainbed.scripts.download)")
-  data_dir = Path(os.path.expanduser(str(data_dir if data_dir is not None
-                                         else default_tfds_data_dir())))
+      f"TFDS has no {name!r}; of DomainBed's image datasets it has only "
+      f"{', '.join(TFDS_IMAGE_DATASETS)}. Read {name} from DomainBed's folder layout "
+      f"instead (python -m domainbed.scripts.download)"
+    )
+  data_dir = Path(
+    os.path.expanduser(str(data_dir if data_dir is not None else default_tfds_data_dir()))
+  )
   if domains is None:
     picked = list(range(len(spec.configs)))
   else:
@@ -231,12 +266,15 @@ def tfds_image_environments(name: str, data_dir=None,
     unknown = [d for d in domains if d not in lookup]
     if unknown:
       raise ValueError(
-          f"{name}: unknown domain(s) {', '.join(map(repr, unknown))}; valid: "
-          + ", ".join(f"{n} ({c})" for n, c in zip(spec.env_names, spec.configs)))
+        f"{name}: unknown domain(s) {', '.join(map(repr, unknown))}; valid: "
+        + ", ".join(f"{n} ({c})" for n, c in zip(spec.env_names, spec.configs))
+      )
     picked = sorted({lookup[d] for d in domains})
   if not data_dir.is_dir():
-    raise DataError(f"{name}: TFDS data directory {data_dir} does not exist; prepare "
-                    f"{spec.builder} there with: {_build_command(spec.builder, data_dir)}")
+    raise DataError(
+      f"{name}: TFDS data directory {data_dir} does not exist; prepare "
+      f"{spec.builder} there with: {_build_command(spec.builder, data_dir)}"
+    )
   versions = {i: _prepared_version(data_dir, spec, spec.configs[i]) for i in picked}
 
   envs, reference = [], None
@@ -246,16 +284,16 @@ def tfds_image_environments(name: str, data_dir=None,
     sources, labels, names = [], [], None
     for split in spec.splits:
       try:
-        source = _open_source(str(data_dir), spec.builder, config, version, split,
-                              spec.image_key)
-      except NotImplementedError as e:   # prepared, but not in a random-access format
+        source = _open_source(str(data_dir), spec.builder, config, version, split, spec.image_key)
+      except NotImplementedError as e:  # prepared, but not in a random-access format
         info = data_dir / spec.builder / config / version / "dataset_info.json"
         fmt = json.loads(info.read_text()).get("fileFormat", "tfrecord")
         raise DataError(
-            f"{where} is prepared as {fmt}; reading without TensorFlow needs "
-            f"array_record. Convert it (needs TensorFlow): tfds convert_format "
-            f"--dataset_dir={data_dir / spec.builder} --out_file_format=array_record, "
-            f"or rebuild: {_build_command(spec.builder, data_dir)}") from e
+          f"{where} is prepared as {fmt}; reading without TensorFlow needs "
+          f"array_record. Convert it (needs TensorFlow): tfds convert_format "
+          f"--dataset_dir={data_dir / spec.builder} --out_file_format=array_record, "
+          f"or rebuild: {_build_command(spec.builder, data_dir)}"
+        ) from e
       except (KeyError, ValueError) as e:
         raise DataError(f"{where} has no split {split!r} ({type(e).__name__}: {e})") from e
       split_names = _class_names(source, spec, where)
@@ -265,20 +303,28 @@ def tfds_image_environments(name: str, data_dir=None,
     if reference is None:
       reference = names
       if len(names) != spec.num_classes:
-        raise DataError(f"{where} has {len(names)} classes, DomainBed's {name} has "
-                        f"{spec.num_classes}")
+        raise DataError(
+          f"{where} has {len(names)} classes, DomainBed's {name} has {spec.num_classes}"
+        )
     elif names != reference:
-      raise DataError(f"{where}: class names differ from those of "
-                      f"{spec.builder}/{spec.configs[picked[0]]}")
+      raise DataError(
+        f"{where}: class names differ from those of {spec.builder}/{spec.configs[picked[0]]}"
+      )
     classes = tuple(sorted(names))
-    renumber = np.array([classes.index(c) for c in names], np.int32)   # TFDS -> sorted
+    renumber = np.array([classes.index(c) for c in names], np.int32)  # TFDS -> sorted
     y = np.concatenate(labels) if labels else np.empty(0, np.int64)
     if len(y) == 0:
       raise DataError(f"{where} holds no examples in splits {', '.join(spec.splits)}")
     if y.max() >= len(names):
       raise DataError(f"{where}: label {y.max()} out of range for {len(names)} classes")
     images = TfdsImages(str(data_dir), spec.builder, config, version, sources, spec.image_key)
-    envs.append(ImageEnvironment(name=spec.env_names[i],
-                                 root=data_dir / spec.builder / config / version,
-                                 classes=classes, x=images, y=renumber[y]))
+    envs.append(
+      ImageEnvironment(
+        name=spec.env_names[i],
+        root=data_dir / spec.builder / config / version,
+        classes=classes,
+        x=images,
+        y=renumber[y],
+      )
+    )
   return envs
