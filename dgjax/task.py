@@ -89,3 +89,12 @@ class TaskBase:
 
   def progress_numbers(self, record: Mapping[str, Any]) -> dict[str, float]:
     return {"loss": record["loss"]}
+
+
+def is_task(obj: Any) -> bool:
+  """``isinstance(obj, Task)``; ``False`` for an object whose members raise when read (an
+  unbound flax module's ``variables``: Python 3.11's protocol check reads them with hasattr)."""
+  try:
+    return isinstance(obj, Task)
+  except Exception:  # noqa: BLE001
+    return False

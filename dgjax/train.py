@@ -43,7 +43,7 @@ from dgjax import swad as swad_lib
 from dgjax.checkpoints import CheckpointError, Checkpoints, key_from_data, key_to_data
 from dgjax.config import DATA_SOURCES, PER_DOMAIN_IMPLS, TrainConfig  # noqa: F401
 from dgjax.progress import Progress
-from dgjax.task import Task
+from dgjax.task import Task, is_task
 from dgjax.tasks import (
   DomainBedTask,
   Split,
@@ -322,7 +322,7 @@ def train_many(
   _check_group(configs)
   if mesh is not None and k_runs != 1:
     raise NotImplementedError("a device mesh shards single runs; K vmapped runs use one device")
-  if not isinstance(task, Task):
+  if not is_task(task):
     raise TypeError(
       f"train_many trains on a task (dgjax.task.Task), not a {type(task).__name__}: "
       "build one, e.g. dgjax.tasks.DomainBedTask(model, splits_in, splits_out, ...)"
