@@ -269,6 +269,14 @@ def data_split(cfg: IRMConfig, images: np.ndarray, labels: np.ndarray) -> tuple[
   return datasets[0].note, min(len(e.index) for d in datasets for e in d.train)
 
 
+def resolve_restarts_impl(impl: str) -> str:
+  """``"auto"``: restarts one after another on CPU (measured faster there), one vmapped
+  program elsewhere; ``"vmap"`` and ``"sequential"`` as given."""
+  if impl != "auto":
+    return impl
+  return "sequential" if jax.default_backend() == "cpu" else "vmap"
+
+
 def updates(cfg: IRMConfig) -> int:
   """The engine's steps: the scripts report the forward pass of their last loop iteration,
   which precedes its update, so ``range(steps)`` is ``steps - 1`` updates, then evaluation."""

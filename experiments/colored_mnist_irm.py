@@ -98,11 +98,7 @@ def main(argv):
     mnist = load_mnist(FLAGS.data_dir)
   except DataError as e:
     fail(str(e))
-  impl = FLAGS.restarts_impl
-  if impl == "auto":
-    import jax
-
-    impl = "sequential" if jax.default_backend() == "cpu" else "vmap"
+  impl = irm_benchmark.resolve_restarts_impl(FLAGS.restarts_impl)
   print(f"data: {mnist.source}")
   note, n_env = None, None
   results = []

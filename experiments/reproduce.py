@@ -114,11 +114,7 @@ def run_irm_cmnist(args) -> int:
     mnist = load_mnist(args.data_dir)
   except (ValueError, DataError) as e:
     return fail(str(e))
-  impl = args.restarts_impl
-  if impl == "auto":
-    import jax
-
-    impl = "sequential" if jax.default_backend() == "cpu" else "vmap"
+  impl = irm_benchmark.resolve_restarts_impl(args.restarts_impl)
   done = {}
   if args.results and Path(args.results).exists():
     for r in read_jsonl(args.results):
