@@ -20,6 +20,11 @@ from and where the work runs, not the method:
 * the Hutchinson script's ``eval_hessian`` (a full head Hessian for one log column,
   ``hessain_dists``, never used in training) returns zeros.
 
+Two options for comparing one restart step by step (``bench/irm_same_start.py``):
+``--dump FILE.npz`` writes restart 0's four environments and the MLP's initial weights before
+training, and ``--print_every N`` prints the script's log line every ``N`` steps (it prints
+every 100).
+
 Compare its final lines with ``python -m experiments.reproduce irm_cmnist`` on the same digits.
 """
 
@@ -60,7 +65,17 @@ PER_EXAMPLE_GRADS = (
 )
 
 
-def patch(source: str, n_train: int) -> str:
+DUMP = (
+  "    mlp = MLP()\n"
+  "    if restart == 0 and os.environ.get('REFERENCE_DUMP'):\n"
+  "        _d = {f'env{i}_x': e['images'].numpy() for i, e in enumerate(envs)}\n"
+  "        _d.update({f'env{i}_y': e['labels'].numpy() for i, e in enumerate(envs)})\n"
+  "        _d.update({'p_' + k: v.detach().numpy() for k, v in mlp.state_dict().items()})\n"
+  "        np.savez(os.environ['REFERENCE_DUMP'], **_d)\n"
+)
+
+
+def patch(source: str, n_train: int, print_every: int = 100) -> str:
   """The script's text with the patches of the module docstring."""
   out = source.replace(".cuda()", "")
   out = out.replace("[:50000]", f"[:{n_train}]").replace("[50000:]", f"[{n_train}:]")
@@ -78,7 +93,13 @@ def patch(source: str, n_train: int) -> str:
     "    def eval_hessian(loss_grad, model):\n",
     "    def eval_hessian(loss_grad, model):\n        return np.zeros((1, 1))\n",
   )
-  return out
+  out = out.replace("    mlp = MLP()\n", DUMP, 1)
+  out = out.replace(
+    "        if step % 100 == 0:\n",
+    f"        if step % {print_every} == 0 or step == flags.steps - 1:\n",
+    1,
+  )
+  return "import os\n" + out
 
 
 def main(argv=None) -> int:
@@ -87,6 +108,8 @@ def main(argv=None) -> int:
   p.add_argument("--digits", required=True, help="MNIST IDX files (training digits)")
   p.add_argument("--python", default=sys.executable, help="an interpreter with torch, backpack")
   p.add_argument("--n_digits", type=int, default=10000, help="digits in --digits")
+  p.add_argument("--dump", help="write restart 0's environments and initial weights here (.npz)")
+  p.add_argument("--print_every", type=int, default=100, help="log every this many steps")
   args, script_args = p.parse_known_args(argv)
   n_train = int(round(args.n_digits * 5 / 6))
   with tempfile.TemporaryDirectory() as tmp:
@@ -95,8 +118,10 @@ def main(argv=None) -> int:
     (shim / "__init__.py").write_text("")
     (shim / "datasets.py").write_text(MNIST_STANDIN)
     script = Path(tmp) / Path(args.script).name
-    script.write_text(patch(Path(args.script).read_text(), n_train))
+    script.write_text(patch(Path(args.script).read_text(), n_train, args.print_every))
     env = {**os.environ, "PYTHONPATH": tmp, "REFERENCE_DIGITS": str(Path(args.digits).resolve())}
+    if args.dump:
+      env["REFERENCE_DUMP"] = str(Path(args.dump).resolve())
     return subprocess.call([args.python, str(script), *script_args], env=env)
 
 
