@@ -76,34 +76,45 @@ def random_grads(key, d, shapes, case):
 CASES = ["random", "all_agree", "all_disagree", "zero_variance"]
 
 
-@pytest.mark.parametrize("d", DOMAINS)
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("jit", [False, True])
-def test_and_mask_matches_reference(d, case, jit):
-  grads = random_grads(jax.random.key(d), d, SHAPES, case)
-  for tau in (0.0, 0.5, 1.0):
-    tx = dgjax.and_mask(tau=tau)
-    update = jax.jit(tx.update) if jit else tx.update
-    out, _ = update(grads, tx.init(None))
-    expected = {k: ref_and_leaf(v, tau) for k, v in grads.items()}
-    chex.assert_trees_all_close(out, jax.tree.map(np.float32, expected), rtol=1e-5, atol=1e-6)
-    chex.assert_trees_all_equal_shapes(out, jax.tree.map(lambda g: g[0], grads))
+def _masked(make):
+  """``make(*args).update`` under one ``jax.jit`` with the mask's hparams traced: one compile
+  per gradient shape serves every case and threshold."""
+  return jax.jit(lambda grads, *args: make(*args).update(grads, None)[0])
 
 
 @pytest.mark.parametrize("d", DOMAINS)
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("jit", [False, True])
-def test_sand_mask_matches_reference(d, case, jit):
-  grads = random_grads(jax.random.key(100 + d), d, SHAPES, case)
-  for tau, k in ((0.0, 10.0), (0.3, 1.0), (0.5, 10.0), (0.7, 1e3)):
-    tx = dgjax.sand_mask(tau=tau, k=k)
-    update = jax.jit(tx.update) if jit else tx.update
-    out, _ = update(grads, tx.init(None))
-    expected = {key: ref_sand_leaf(v, tau, k) for key, v in grads.items()}
-    # DomainBed's 1e-17 (for NaN) is our exact 0: hence the absolute tolerance.
-    chex.assert_trees_all_close(out, jax.tree.map(np.float32, expected), rtol=1e-4, atol=1e-6)
-    for leaf in jax.tree.leaves(out):
-      assert np.all(np.isfinite(leaf))
+def test_and_mask_matches_reference(d):
+  masked = _masked(lambda tau: dgjax.and_mask(tau=tau))
+  for case in CASES:
+    grads = random_grads(jax.random.key(d), d, SHAPES, case)
+    for tau in (0.0, 0.5, 1.0):
+      out = masked(grads, tau)
+      expected = {k: ref_and_leaf(v, tau) for k, v in grads.items()}
+      chex.assert_trees_all_close(out, jax.tree.map(np.float32, expected), rtol=1e-5, atol=1e-6)
+      chex.assert_trees_all_equal_shapes(out, jax.tree.map(lambda g: g[0], grads))
+
+
+@pytest.mark.parametrize("d", DOMAINS)
+def test_sand_mask_matches_reference(d):
+  masked = _masked(lambda tau, k: dgjax.sand_mask(tau=tau, k=k))
+  for case in CASES:
+    grads = random_grads(jax.random.key(100 + d), d, SHAPES, case)
+    for tau, k in ((0.0, 10.0), (0.3, 1.0), (0.5, 10.0), (0.7, 1e3)):
+      out = masked(grads, tau, k)
+      expected = {key: ref_sand_leaf(v, tau, k) for key, v in grads.items()}
+      # DomainBed's 1e-17 (for NaN) is our exact 0: hence the absolute tolerance.
+      chex.assert_trees_all_close(out, jax.tree.map(np.float32, expected), rtol=1e-4, atol=1e-6)
+      for leaf in jax.tree.leaves(out):
+        assert np.all(np.isfinite(leaf))
+
+
+def test_masks_outside_jit_equal_the_jitted_masks():
+  """The transforms also run eagerly (concrete hparams, Python-level checks)."""
+  grads = random_grads(jax.random.key(3), 3, SHAPES, "random")
+  for tx in (dgjax.and_mask(0.5), dgjax.sand_mask(0.3, 10.0)):
+    eager, _ = tx.update(grads, tx.init(None))
+    jitted, _ = jax.jit(tx.update)(grads, tx.init(None))
+    chex.assert_trees_all_close(eager, jitted, rtol=1e-6, atol=1e-7)
 
 
 def test_sand_mask_weights_in_unit_interval_and_limits():
