@@ -409,6 +409,15 @@ def config_fields(cls: type = None) -> tuple[dataclasses.Field, ...]:
   return tuple(f for f in dataclasses.fields(cls or TrainConfig) if f.init)
 
 
+def field_default(name: str, cls: type = None) -> Any:
+  """Field ``name``'s default (of ``cls``, default :class:`TrainConfig`)."""
+  return _default_of({f.name: f for f in config_fields(cls)}[name])
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+  return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
 def help_text(f: dataclasses.Field) -> str:
   h = f.metadata["help"]
   return h() if callable(h) else h
@@ -475,7 +484,7 @@ def flag_specs(cls: type = None) -> list[FlagSpec]:
       continue
     default = f.metadata.get("flag_default", _UNSET)
     if default is _UNSET:
-      default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+      default = _default_of(f)
     kind = _KINDS[value_type(f.name, cls)[0]]
     if kind == "list" and _item_type(f.name, cls) is str:
       kind = "strings"
@@ -583,7 +592,7 @@ def check_field_value(name: str, value: Any, what: str = "", cls: type = None) -
     ok = isinstance(value, tp) and isinstance(value, bool) == (tp is bool)
   if not ok:
     f = {f.name: f for f in config_fields(cls)}[name]
-    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    default = _default_of(f)
     kind = {Mapping: "a JSON object"}.get(tp, tp.__name__)
     if tp is tuple:
       kind = f"a list of {'integers' if _item_type(name, cls) is int else 'strings'}"

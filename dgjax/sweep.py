@@ -155,7 +155,8 @@ class SweepConfig:
   ``job_args`` holds those (as their flags give them: ``hparams`` as its JSON text; unset ones
   left out, so they change the job hash only when given) and ``train_args`` any other config
   field for every job (``--train_arg``, :func:`train_arg_fields`). The names are resolved
-  once, here (``resolved_datasets``).
+  once, here (``resolved_datasets``, ``resolved_methods``), and carried by the jobs
+  (:meth:`jobs`) into their configs.
   """
 
   datasets: tuple[str, ...] = config_field(("ColoredMNIST",), _datasets_help)
@@ -177,6 +178,7 @@ class SweepConfig:
   job_args: Mapping[str, Any] = config_field(factory=dict, flag=False)
   train_args: Mapping[str, Any] = config_field(factory=dict, flag=False)
   resolved_datasets: tuple[Any, ...] = dataclasses.field(init=False, compare=False, repr=False)
+  resolved_methods: tuple[Any, ...] = dataclasses.field(init=False, compare=False, repr=False)
 
   def __post_init__(self):
     object.__setattr__(self, "datasets", tuple(self.datasets))
@@ -196,8 +198,7 @@ class SweepConfig:
       else:
         config_lib.check_field_value(name, value, f"--{name} ")
     object.__setattr__(self, "job_args", job_args)
-    for name in self.methods:
-      methods.get_method(name)
+    object.__setattr__(self, "resolved_methods", tuple(methods.get_method(m) for m in self.methods))
     object.__setattr__(
       self, "resolved_datasets", tuple(datasets.get_dataset(d) for d in self.datasets)
     )
@@ -227,6 +228,16 @@ class SweepConfig:
                 }
               )
     return out
+
+  def jobs(self, sweep_dir: str | os.PathLike) -> list["Job"]:
+    """Every job (:meth:`args_list`) in ``sweep_dir``, carrying its resolved dataset and
+    method."""
+    ds = {d.name: d for d in self.resolved_datasets}
+    ms = {m.name: m for m in self.resolved_methods}
+    return [
+      Job.create(a, sweep_dir, dataset=ds[a["dataset"]], method=ms[a["method"]])
+      for a in self.args_list()
+    ]
 
 
 def make_args_list(
@@ -278,14 +289,19 @@ def _lock_held(path: Path) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-  """One run of a sweep: DomainBed's ``Job`` (its args and directory) and its config."""
+  """One run of a sweep: DomainBed's ``Job`` (its args and directory) and its config
+  (``dataset`` / ``method``: the resolved objects, when the sweep has them)."""
 
   args: dict[str, Any]
   output_dir: Path
+  dataset: Any = dataclasses.field(default=None, compare=False, repr=False)
+  method: Any = dataclasses.field(default=None, compare=False, repr=False)
 
   @classmethod
-  def create(cls, args: Mapping[str, Any], sweep_dir: str | os.PathLike) -> "Job":
-    return cls(dict(args), Path(sweep_dir) / args_hash(args))
+  def create(
+    cls, args: Mapping[str, Any], sweep_dir: str | os.PathLike, dataset=None, method=None
+  ) -> "Job":
+    return cls(dict(args), Path(sweep_dir) / args_hash(args), dataset, method)
 
   def config(self) -> runs.TrainConfig:
     """The job's one :class:`~dgjax.config.TrainConfig` (validated; it resolves the hparams
@@ -297,6 +313,10 @@ class Job:
         "hparams": config_lib.parse_json_object("hparams", self.args.get("hparams")),
         "output_dir": str(self.output_dir),
       }
+      if self.dataset is not None:
+        fields["dataset"] = self.dataset
+      if self.method is not None:
+        fields["method"] = self.method
       self.__dict__["_config"] = runs.make_config(**fields)
     return self.__dict__["_config"]
 

@@ -474,7 +474,7 @@ def _make_run(configs, task: Task, dirs, run_args, checkpoint: bool, mesh, write
   return Run(
     configs=tuple(configs),
     task=task,
-    method=methods.get_method(configs[0].method),
+    method=configs[0].resolved_method,
     hparams=tuple(hparams),
     static_hp={n: v for n, v in hparams[0].items() if n not in varying},
     traced_hp={n: jnp.asarray([h[n] for h in hparams]) for n in varying},

@@ -25,7 +25,6 @@ from absl import flags
 from absl import logging
 
 from dgjax import irm_benchmark
-from dgjax import methods
 from dgjax.data import DataError, load_mnist
 from experiments import cli
 

@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
   try:
     if args.max_parallel < 1:
       raise ValueError(f"--max_parallel must be >= 1, got {args.max_parallel}")
-    jobs = sweep.make_jobs(sweep_config(args).args_list(), args.output_dir)
+    jobs = sweep_config(args).jobs(args.output_dir)
     sweep.check_configs(jobs)  # every job's config and hparams, before any work
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)

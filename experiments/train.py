@@ -23,8 +23,6 @@ from absl import flags
 from absl import logging
 
 from dgjax import config as config_lib
-from dgjax import datasets
-from dgjax import methods
 from dgjax import results as results_lib
 from dgjax import runs
 from dgjax import selection
@@ -67,8 +65,7 @@ def config_from_flags() -> runs.TrainConfig:
   fields = cli.flag_fields(config_lib.TrainConfig)
   if FLAGS.test_env is not None:
     fields["test_envs"] = (FLAGS.test_env,)
-  methods.get_method(fields["method"])
-  return runs.make_config(**fields)
+  return runs.make_config(**fields)  # resolves the names, once
 
 
 def main(argv):
@@ -114,7 +111,7 @@ def _main(argv):
       task, envs = runs.load(config)
     except (DataError, ValueError, NotImplementedError) as e:
       fail(str(e))
-    print(f"dataset {config.dataset}: {datasets.get_dataset(config.dataset).description}")
+    print(f"dataset {config.dataset}: {config.resolved_dataset.description}")
     for i, env in enumerate(envs):
       print(
         f"env{i} {env.name}: {len(task.splits_in[i].y)} in / {len(task.splits_out[i].y)} out"
