@@ -704,11 +704,12 @@ class CheckpointHook:
 
   def __init__(self, run: Run, swad: SwadHook | None):
     self.run, self.swad = run, swad
+    writes = [d is not None and run.checkpoint for d in run.dirs]
+    # the identity: the config's, and the data's content (moved data resumes, other data not)
+    data = run.task.data_fingerprint() if any(writes) else None
     self.ckpts = [
-      Checkpoints(d, c.identity(), c.keep_checkpoints)
-      if (d is not None and run.checkpoint)
-      else None
-      for c, d in zip(run.configs, run.dirs)
+      Checkpoints(d, {**c.identity(), "data": data}, c.keep_checkpoints) if w else None
+      for c, d, w in zip(run.configs, run.dirs, writes)
     ]
 
   def is_time(self, step: int) -> bool:
