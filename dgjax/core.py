@@ -234,6 +234,15 @@ def reset_optimizer_hparam(
 
 
 # ----------------------------------------------------------------------------- context
+def batch_norm_momentum(model) -> float | None:
+  """The momentum of ``model``'s BatchNorm statistics when they train (torch's rule
+  ``r <- (1 - m) r + m s``), ``None`` when frozen or absent: the model protocol's optional
+  ``batch_norm_momentum`` (:class:`dgjax.resnet.ResNetClassifier`), read here for the step
+  and for SWAD. A task's members are never probed (:class:`dgjax.task.Task`); a model's
+  optional ones (``takes_train``, this) are, as any flax model may serve."""
+  return getattr(model, "batch_norm_momentum", None)
+
+
 @dataclasses.dataclass(frozen=True)
 class Context:
   """What a method's step may use: the model, its hparams and the run's shape.
@@ -290,7 +299,7 @@ class Context:
     are other batches (Mixup's mixed pairs, Fish's inner clone, MLDG's clones) get their
     rule's update of the raw batches: see each method's docstring.
     """
-    momentum = getattr(self.model, "batch_norm_momentum", None)
+    momentum = batch_norm_momentum(self.model)
     if momentum is None or "batch_stats" not in self.variables:
       return self.variables
 
