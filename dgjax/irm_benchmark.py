@@ -43,8 +43,9 @@ benchmark's settings reach each method through the roles of its hparams
 the switch), wherever the method has an hparam of that role, over the method's ``irm_cmnist``
 preset where it has one (the scripts' penalty forms, above). Per-run overrides win.
 
-Restarts run as one vmapped program (``restarts_impl="vmap"``) or one after another
-(``"sequential"``). With label shift the two environments differ in size; both are truncated
+Restarts run as one vmapped program (``restarts_impl="vmap"``), one after another
+(``"sequential"``) or as :func:`resolve_restarts_impl` picks for the backend (``"auto"``,
+the command lines' default). With label shift the two environments differ in size; both are truncated
 to the smaller one so that the per-domain batch is rectangular.
 """
 
@@ -403,15 +404,16 @@ def run(
   runs = [restart_data(d, n_env) for d in datasets]
   overrides = benchmark_overrides(cfg.method, cfg, n_env)
   seeds = [seed_hash(cfg.seed, r, "init") for r in range(cfg.n_restarts)]
+  method, preset = methods.get_method(cfg.method), benchmark_preset(cfg.method)  # once
   configs = [
     train_lib.TrainConfig(
-      method=cfg.method,
+      method=method,
       test_envs=(),
       steps=updates(cfg),
       checkpoint_freq=cfg.eval_every,
       seed=s,
       hparams=overrides,
-      preset=benchmark_preset(cfg.method),
+      preset=preset,
       per_domain_impl="vmap",
       progress=False,
       scan_steps=cfg.scan_steps,

@@ -2,7 +2,9 @@
 ``command_launchers.py``; Gulrajani & Lopez-Paz, ICLR 2021).
 
 A sweep is every combination of trial seed x dataset x method x test environments x
-hyperparameter seed (:func:`make_args_list`). Each combination is a :class:`Job`: DomainBed's
+hyperparameter seed, as one :class:`SweepConfig` declares it (:meth:`SweepConfig.args_list`,
+:func:`make_args_list`; its fields, and the config fields it passes to every job, are the
+sweep's command-line options). Each combination is a :class:`Job`: DomainBed's
 argument dict (its keys are config fields), an output directory named by the md5 of that
 dict, and ONE :class:`dgjax.config.TrainConfig` (:meth:`Job.config`, built by
 :func:`dgjax.runs.make_config`).
