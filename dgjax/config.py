@@ -1,4 +1,7 @@
-"""One declaration of a run's configuration: :class:`TrainConfig`.
+"""One declaration of a run's configuration: :class:`TrainConfig`, and the machinery every
+other configuration dataclass of dgjax is declared with (the IRM-style benchmark's
+:class:`dgjax.irm_benchmark.IRMConfig`, the sweep's :class:`dgjax.sweep.SweepConfig`: the
+functions below take the class as ``cls``).
 
 Every field says in its metadata what it is to the rest of dgjax, and everything that lists
 fields is derived from that, so a new field is one declaration here:
@@ -14,12 +17,22 @@ fields is derived from that, so a new field is one declaration here:
   :func:`vmap_group_key`);
 * ``record``: how it appears in the ``args`` of every record (``dgjax.runs.record_args``):
   ``"domainbed"`` (a key of DomainBed's ``train.py``), ``"dgjax"`` (dgjax's own) or ``None``;
-* ``sweep``: the sweep flag that sets it for every job (``None``: ``--train_arg`` may);
+* ``sweep``: the sweep flag that sets it (``None``: ``--train_arg`` may); a flag of the
+  field's own name (``"--steps"`` for ``steps``) gives every job the value as it is
+  (:func:`sweep_passed_fields`: the sweep's command line has it, with this help);
 * ``flag_default``: the flag's default where it is not the field's (``None``: the
   dataset's value, resolved by ``dgjax.runs.make_config``);
-* ``choices`` / ``minimum``: the valid values, checked on construction.
+* ``flag``: ``False`` for a field its program sets, not a flag of its own;
+* ``choices`` / ``minimum``: the valid values, checked on construction
+  (:func:`check_fields`).
 
-The hparams are resolved once, on construction (``resolved_hparams``).
+The names are resolved once, on construction: the method and dataset objects
+(``resolved_method``, ``resolved_dataset``) and the hparams (``resolved_hparams``) are
+carried by the config, so nothing downstream looks a name up again.
+
+The command lines (``experiments/``) define one flag per field from :func:`flag_specs`; what
+a command line has beyond its config's fields (``--resume``, a launcher's options, where a
+report goes) is not run configuration.
 """
 
 from __future__ import annotations
@@ -53,9 +66,10 @@ def config_field(
   choices: Sequence[Any] | None = None,
   minimum: int | None = None,
   factory: Callable[[], Any] | None = None,
+  flag: bool = True,
 ):
-  """A :class:`TrainConfig` field: its default (or ``factory``) and its metadata (see the
-  module docstring)."""
+  """A config field: its default (or ``factory``) and its metadata (see the module
+  docstring; ``flag=False``: set by the program, not a flag of its own)."""
   if record not in RECORD_KINDS:
     raise ValueError(f"record must be one of {RECORD_KINDS}, got {record!r}")
   metadata = {
@@ -66,6 +80,7 @@ def config_field(
     "sweep": sweep,
     "choices": None if choices is None else tuple(choices),
     "minimum": minimum,
+    "flag": flag,
   }
   if flag_default is not _UNSET:
     metadata["flag_default"] = flag_default
@@ -103,7 +118,7 @@ class TrainConfig:
     "leave-one-domain-out selection). Default: the dataset's",
     identity=True,
     record="domainbed",
-    sweep="--test_envs",
+    sweep="--test_envs (one job per held-out environment, or only these)",
     flag_default=None,
   )
   steps: int = config_field(
@@ -284,6 +299,18 @@ class TrainConfig:
     identity=True,
     record="dgjax",
   )
+  resolved_method: Any = dataclasses.field(
+    init=False,
+    compare=False,
+    repr=False,
+    metadata={"identity": False, "per_run": True, "record": None},
+  )
+  resolved_dataset: Any = dataclasses.field(
+    init=False,
+    compare=False,
+    repr=False,
+    metadata={"identity": False, "per_run": True, "record": None},
+  )
   resolved_hparams: Mapping[str, Any] = dataclasses.field(
     init=False,
     compare=False,
@@ -292,10 +319,21 @@ class TrainConfig:
   )
 
   def __post_init__(self):
+    from dgjax import core, datasets  # lazily: the registries import this module's users
+
+    # ``method`` / ``dataset`` may be given resolved (a ``Method`` / ``Dataset``): the field
+    # keeps the name, the object is carried as ``resolved_method`` / ``resolved_dataset``
+    method = self.method if isinstance(self.method, core.Method) else _get_method(self.method)
+    dataset = self.dataset
+    if dataset is not None and not isinstance(dataset, datasets.Dataset):
+      dataset = datasets.get_dataset(dataset)
+    object.__setattr__(self, "method", method.name)
+    object.__setattr__(self, "dataset", None if dataset is None else dataset.name)
+    object.__setattr__(self, "resolved_method", method)
+    object.__setattr__(self, "resolved_dataset", dataset)
     object.__setattr__(self, "test_envs", tuple(int(e) for e in self.test_envs))
     object.__setattr__(self, "hparams", dict(self.hparams or {}))
-    for f in config_fields(type(self)):
-      _check_value(f, getattr(self, f.name))
+    check_fields(self)
     if not 0.0 <= self.holdout_fraction < 1.0:
       raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction!r}")
     if self.swad:
@@ -306,26 +344,48 @@ class TrainConfig:
         raise ValueError(
           "swad reads the training-domain validation loss: holdout_fraction must be > 0"
         )
-    from dgjax import methods  # the dataset (a registered name) gives small- or large-image
-
-    # values and its own hparams (e.g. the ResNets' resnet_dropout)
+    # the dataset gives small- or large-image values and its own hparams (e.g. the ResNets'
+    # resnet_dropout)
     object.__setattr__(
       self,
       "resolved_hparams",
-      methods.resolve_hparams(
-        self.method, self.hparams_seed, self.hparams, self.trial_seed, self.dataset, self.preset
+      core.resolve_hparams(
+        method, self.hparams_seed, self.hparams, self.trial_seed, dataset, self.preset
       ),
     )
 
   def identity(self) -> dict[str, Any]:
     """What a checkpoint must match to be resumed by this run: every ``identity`` field (the
-    hparams as resolved), as JSON values."""
-    return json.loads(
-      json.dumps(
-        {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["identity"]},
-        sort_keys=True,
-      )
+    hparams as resolved), as JSON values (:func:`identity_of`; the engine adds the task's
+    data fingerprint, :meth:`dgjax.task.Task.data_fingerprint`)."""
+    return identity_of(self)
+
+
+def _get_method(name: str):
+  from dgjax import methods
+
+  return methods.get_method(name)
+
+
+def check_fields(config: Any) -> None:
+  """Every field's ``minimum`` and ``choices`` (a ``ValueError`` naming the first bad one)."""
+  for f in config_fields(type(config)):
+    _check_value(f, getattr(config, f.name))
+
+
+def identity_of(config: Any) -> dict[str, Any]:
+  """Every ``identity`` field of ``config``, as JSON values: what a stored result or
+  checkpoint must match to stand for this configuration."""
+  return json.loads(
+    json.dumps(
+      {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(config)
+        if f.metadata["identity"]
+      },
+      sort_keys=True,
     )
+  )
 
 
 def _check_value(f: dataclasses.Field, value: Any) -> None:
@@ -349,6 +409,15 @@ def config_fields(cls: type = None) -> tuple[dataclasses.Field, ...]:
   return tuple(f for f in dataclasses.fields(cls or TrainConfig) if f.init)
 
 
+def field_default(name: str, cls: type = None) -> Any:
+  """Field ``name``'s default (of ``cls``, default :class:`TrainConfig`)."""
+  return _default_of({f.name: f for f in config_fields(cls)}[name])
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+  return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
 def help_text(f: dataclasses.Field) -> str:
   h = f.metadata["help"]
   return h() if callable(h) else h
@@ -357,8 +426,8 @@ def help_text(f: dataclasses.Field) -> str:
 # ------------------------------------------------------------------------- command line
 class FlagSpec(NamedTuple):
   """How a field is a command-line flag: ``kind`` is ``"string"``, ``"integer"``,
-  ``"float"``, ``"bool"``, ``"enum"`` (``choices``), ``"list"`` (comma-separated integers) or
-  ``"json"`` (a JSON object)."""
+  ``"float"``, ``"bool"``, ``"enum"`` (``choices``), ``"list"`` (comma-separated integers),
+  ``"strings"`` (comma-separated names) or ``"json"`` (a JSON object)."""
 
   name: str
   kind: str
@@ -388,6 +457,14 @@ def value_type(name: str, cls: type = None) -> tuple[type, bool]:
   return origin, optional
 
 
+def _item_type(name: str, cls: type = None) -> type:
+  """The item type of a tuple field ``name`` (``tuple[int, ...]``: ``int``)."""
+  tp = _field_types(cls or TrainConfig)[name]
+  if typing.get_origin(tp) in (types.UnionType, typing.Union):
+    tp = next(a for a in typing.get_args(tp) if a is not type(None))
+  return typing.get_args(tp)[0]
+
+
 _KINDS = {
   int: "integer",
   float: "float",
@@ -403,13 +480,17 @@ def flag_specs(cls: type = None) -> list[FlagSpec]:
   experiments.train``."""
   specs = []
   for f in config_fields(cls):
+    if not f.metadata.get("flag", True):
+      continue
     default = f.metadata.get("flag_default", _UNSET)
     if default is _UNSET:
-      default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+      default = _default_of(f)
     kind = _KINDS[value_type(f.name, cls)[0]]
+    if kind == "list" and _item_type(f.name, cls) is str:
+      kind = "strings"
     if f.metadata["choices"] is not None:
       kind = "enum"
-    if kind == "list" and default is not None:
+    if kind in ("list", "strings") and default is not None:
       default = ",".join(map(str, default))
     if kind == "json":
       default = json.dumps(default) if default else None
@@ -427,7 +508,7 @@ def to_argv(config: TrainConfig) -> list[str]:
       continue
     if spec.kind == "bool":
       argv.append(f"--{spec.name}" if value else f"--no{spec.name}")
-    elif spec.kind == "list":
+    elif spec.kind in ("list", "strings"):
       argv.append(f"--{spec.name}=" + ",".join(map(str, value)))
     elif spec.kind == "json":
       if value:
@@ -452,21 +533,27 @@ def parse_json_object(name: str, value: str | None) -> dict[str, Any]:
 
 
 def from_flag_values(values: Mapping[str, Any], cls: type = None) -> dict[str, Any]:
-  """Config fields from flag values (as absl holds them: a list of strings for ``list``
-  flags, the JSON text for ``json`` ones); a ``ValueError`` names a bad flag."""
+  """Config fields (of ``cls``, default :class:`TrainConfig`) from flag values (as absl or
+  argparse hold them: a comma-separated string or a list of strings for ``list`` and
+  ``strings`` flags, the JSON text for ``json`` ones); a ``ValueError`` names a bad flag."""
   out = {}
   for spec in flag_specs(cls):
     if spec.name not in values:
       continue
     value = values[spec.name]
+    if spec.kind in ("list", "strings") and value is not None:
+      items = [
+        v for part in ([value] if isinstance(value, str) else value) for v in part.split(",")
+      ]
     if spec.kind == "list" and value is not None:
-      items = value.split(",") if isinstance(value, str) else list(value)
       try:
         value = tuple(int(v) for v in items) or None
       except ValueError:
         raise ValueError(
           f"--{spec.name} must be integers (got {','.join(map(str, items))})"
         ) from None
+    elif spec.kind == "strings" and value is not None:
+      value = tuple(v.strip() for v in items if v.strip()) or None
     elif spec.kind == "json":
       value = parse_json_object(spec.name, value)
     out[spec.name] = value
@@ -479,6 +566,13 @@ def sweep_fields(cls: type = None) -> dict[str, str]:
   return {f.name: f.metadata["sweep"] for f in config_fields(cls) if f.metadata["sweep"]}
 
 
+def sweep_passed_fields(cls: type = None) -> list[FlagSpec]:
+  """The fields a sweep passes to every job as they are, by a flag of the field's own name
+  (``sweep`` metadata ``"--<name>"``), as flags (the sweep's default is the flag's)."""
+  passed = {f.name for f in config_fields(cls) if f.metadata["sweep"] == f"--{f.name}"}
+  return [spec for spec in flag_specs(cls) if spec.name in passed]
+
+
 def check_field_value(name: str, value: Any, what: str = "", cls: type = None) -> None:
   """A ``ValueError`` unless ``value`` (a JSON value) has field ``name``'s type; ``what``
   prefixes the message (e.g. ``"--train_arg "``)."""
@@ -488,8 +582,9 @@ def check_field_value(name: str, value: Any, what: str = "", cls: type = None) -
   if tp is float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
   elif tp is tuple:
+    item = _item_type(name, cls)
     ok = isinstance(value, (list, tuple)) and all(
-      isinstance(v, int) and not isinstance(v, bool) for v in value
+      isinstance(v, item) and not isinstance(v, bool) for v in value
     )
   elif tp is Mapping:
     ok = isinstance(value, Mapping)
@@ -497,8 +592,10 @@ def check_field_value(name: str, value: Any, what: str = "", cls: type = None) -
     ok = isinstance(value, tp) and isinstance(value, bool) == (tp is bool)
   if not ok:
     f = {f.name: f for f in config_fields(cls)}[name]
-    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-    kind = {tuple: "a list of integers", Mapping: "a JSON object"}.get(tp, tp.__name__)
+    default = _default_of(f)
+    kind = {Mapping: "a JSON object"}.get(tp, tp.__name__)
+    if tp is tuple:
+      kind = f"a list of {'integers' if _item_type(name, cls) is int else 'strings'}"
     raise ValueError(
       f"{what}{name} must be {kind}{' or null' if optional else ''} (its default "
       f"is {json.dumps(default)}), got {value!r}"
@@ -526,13 +623,16 @@ def shared_values(config: TrainConfig) -> dict[str, Any]:
   """What the runs of one vmapped program share: every field but the ``per_run`` ones, and
   the value of every structural hparam (``batch_size``, Hutchinson's ``hutchinson_samples``,
   ...: they set shapes or Python control flow)."""
-  from dgjax import methods
+  from dgjax import core
 
   out = {
     f.name: getattr(config, f.name) for f in dataclasses.fields(config) if not f.metadata["per_run"]
   }
   out.update(
-    {f"hparam {n}": config.resolved_hparams[n] for n in methods.structural_hparams(config.method)}
+    {
+      f"hparam {n}": config.resolved_hparams[n]
+      for n in core.structural_hparams(config.resolved_method)
+    }
   )
   return out
 

@@ -21,7 +21,8 @@ A :class:`Method` is three parts, and :func:`build_step` is the only code that a
 * ``optimizer``: an optax transform, by default DomainBed's ``torch.optim.Adam(lr,
   weight_decay)`` (:func:`domainbed_adam`), with the Adam reset at a penalty switch as a
   transform that owns its inner state (:func:`reset_at_step`), and optimizers that move only on
-  some steps as :func:`on_steps` (``optax.conditionally_mask``).
+  some steps as :func:`on_steps` (``optax.conditionally_mask``'s rule, read from the engine's
+  ``step``).
 
 Every schedule reads one clock, the train state's ``step``, passed to the transforms as the
 extra argument ``step``. Metrics come back from the step; state that must be logged is read by
@@ -233,6 +234,15 @@ def reset_optimizer_hparam(
 
 
 # ----------------------------------------------------------------------------- context
+def batch_norm_momentum(model) -> float | None:
+  """The momentum of ``model``'s BatchNorm statistics when they train (torch's rule
+  ``r <- (1 - m) r + m s``), ``None`` when frozen or absent: the model protocol's optional
+  ``batch_norm_momentum`` (:class:`dgjax.resnet.ResNetClassifier`), read here for the step
+  and for SWAD. A task's members are never probed (:class:`dgjax.task.Task`); a model's
+  optional ones (``takes_train``, this) are, as any flax model may serve."""
+  return getattr(model, "batch_norm_momentum", None)
+
+
 @dataclasses.dataclass(frozen=True)
 class Context:
   """What a method's step may use: the model, its hparams and the run's shape.
@@ -289,7 +299,7 @@ class Context:
     are other batches (Mixup's mixed pairs, Fish's inner clone, MLDG's clones) get their
     rule's update of the raw batches: see each method's docstring.
     """
-    momentum = getattr(self.model, "batch_norm_momentum", None)
+    momentum = batch_norm_momentum(self.model)
     if momentum is None or "batch_stats" not in self.variables:
       return self.variables
 
@@ -567,18 +577,38 @@ def rescale_by_penalty_weight(
   return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
 
 
+class OnStepsState(NamedTuple):
+  """:func:`on_steps`'s state: the inner transform's, and no counter of its own (the engine's
+  ``step`` is the clock)."""
+
+  inner_state: Any
+
+
 def on_steps(
   inner: optax.GradientTransformation, active: Callable[[jax.Array], jax.Array]
 ) -> optax.GradientTransformationExtraArgs:
   """``inner`` on the steps where ``active(step)`` is true (``step``: the engine's extra
-  argument); on the others a zero update and ``inner``'s state unchanged, as a torch optimizer
-  whose ``step()`` is not called (Adam's moments and bias-correction count do not advance).
-  ``optax.conditionally_mask`` with the condition read from the engine's ``step`` (the call
-  counter optax keeps in its state is not read). The adversarial methods' generator
-  optimizers (DANN, CDANN, ADRMX) skip the discriminator's steps this way."""
-  return optax.conditionally_mask(
-    inner, lambda count, *, step, **extra: active(step), forward_extra_args=True
-  )
+  argument, required); on the others a zero update and ``inner``'s state unchanged, as a torch
+  optimizer whose ``step()`` is not called (Adam's moments and bias-correction count do not
+  advance). ``optax.conditionally_mask``'s rule (the same ``lax.cond``, the same numbers)
+  without its call counter: the engine's ``step`` is the one clock. The adversarial methods'
+  generator optimizers (DANN, CDANN, ADRMX) skip the discriminator's steps this way."""
+  inner = optax.with_extra_args_support(inner)
+
+  def init(params):
+    return OnStepsState(inner.init(params))
+
+  def update(updates, state, params=None, *, step, **extra_args):
+    def run(_):
+      return inner.update(updates, state.inner_state, params, step=step, **extra_args)
+
+    def skip(_):
+      return jax.tree.map(jnp.zeros_like, updates), state.inner_state
+
+    updates, inner_state = jax.lax.cond(active(step), run, skip, None)
+    return updates, OnStepsState(inner_state)
+
+  return optax.GradientTransformationExtraArgs(init, update)
 
 
 def torch_adam(lr) -> optax.GradientTransformation:

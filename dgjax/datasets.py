@@ -73,6 +73,21 @@ class Dataset:
       return self.env_names
     return tuple(self.discover_env_names(data_dir))
 
+  def load(
+    self, data_dir=None, trial_seed: int = 0, max_examples: int | None = None, **options
+  ) -> Environments:
+    """The environments (:func:`load_environments`); an option this dataset does not take
+    raises naming the valid ones."""
+    unknown = sorted(set(options) - set(self.options))
+    if unknown:
+      raise ValueError(
+        f"dataset {self.name!r} takes no option(s) {', '.join(unknown)}; "
+        f"valid: {', '.join(self.options) or 'none'}"
+      )
+    return self.environments(
+      data_dir=data_dir, trial_seed=trial_seed, max_examples=max_examples, **options
+    )
+
   @property
   def num_environments(self) -> int:
     return len(self.env_names)
@@ -85,9 +100,7 @@ class Dataset:
     if self.make_task is not None:
       return self.make_task(config)
     options = {"downsample": True} if config.downsample else {}
-    envs = load_environments(
-      self.name, config.data_dir, config.trial_seed, max_examples=config.max_examples, **options
-    )
+    envs = self.load(config.data_dir, config.trial_seed, config.max_examples, **options)
     splits_in, splits_out = make_splits(envs, config.holdout_fraction, config.trial_seed)
     task = DomainBedTask(
       self.model(config.conv_impl), splits_in, splits_out, config.test_envs, config.eval_batch_size
@@ -300,16 +313,7 @@ def load_environments(
   built (MNIST variants), or is the number of examples per environment (Spirals): for quick
   runs and tests. ``options`` are dataset-specific (``downsample`` for the colored ones).
   """
-  ds = get_dataset(name)
-  unknown = sorted(set(options) - set(ds.options))
-  if unknown:
-    raise ValueError(
-      f"dataset {name!r} takes no option(s) {', '.join(unknown)}; "
-      f"valid: {', '.join(ds.options) or 'none'}"
-    )
-  return ds.environments(
-    data_dir=data_dir, trial_seed=trial_seed, max_examples=max_examples, **options
-  )
+  return get_dataset(name).load(data_dir, trial_seed, max_examples, **options)
 
 
 def make_splits(

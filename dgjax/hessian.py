@@ -55,6 +55,12 @@ Usage as optax transforms (extra arguments are forwarded by :func:`optax.chain`)
     updates, state = tx.update(mean_loss_grads, state, params,
                                obj_fn=obj_fn, head_inputs=head_inputs)
 
+One clock: a weight schedule (``weight=lambda step: ...``) reads the extra argument ``step``
+when the caller passes it (a train loop's step, e.g. dgjax's engine's ``TrainState.step``, as
+every other schedule of dgjax reads it), else the transform's own count of its calls
+(standalone optax use, where the loop keeps no step of its own). The probe key likewise comes
+from the extra argument ``key`` when given, else from the state.
+
 Gradient accumulation: the penalty is a nonlinear function of a batch's per-domain statistics,
 and ``optax.MultiSteps`` hands its inner chain the accumulated incoming gradient together with
 the extra arguments (``head_inputs``) of the last micro-batch only, so the penalty gradient would
@@ -422,8 +428,9 @@ def hessian_difference_norm(
 
 # --------------------------------------------------------------------------- transforms
 class HessianAlignmentState(NamedTuple):
-  """State of the alignment transforms: step count (for weight schedules), the probe key,
-  and the last penalty and its unweighted terms (for logging)."""
+  """State of the alignment transforms: the calls so far (``count``: the weight schedule's
+  clock in standalone optax use, when no ``step`` is passed), the probe key, and the last
+  penalty and its unweighted terms (for logging)."""
 
   count: jax.Array
   key: jax.Array
@@ -473,7 +480,15 @@ def _alignment_transform(
     return HessianAlignmentState(jnp.zeros((), jnp.int32), key, zero, zero, zero, zero)
 
   def update_fn(
-    updates, state, params=None, *, obj_fn=None, head_inputs=None, key=None, **extra_args
+    updates,
+    state,
+    params=None,
+    *,
+    obj_fn=None,
+    head_inputs=None,
+    key=None,
+    step=None,
+    **extra_args,
   ):
     del extra_args
     _refuse_accumulation(name, penalty_name)
@@ -493,7 +508,9 @@ def _alignment_transform(
       return combine(terms), terms
 
     (penalty, terms), grads = jax.value_and_grad(penalty_of, has_aux=True)(params)
-    w = jnp.asarray(_resolve_weight(weight, state.count), jnp.float32)
+    # one clock: the caller's ``step`` (a train loop's, e.g. dgjax's engine) when given, else
+    # the calls so far (standalone optax use)
+    w = jnp.asarray(_resolve_weight(weight, state.count if step is None else step), jnp.float32)
     updates = jax.tree.map(lambda u, q: u + (w * q).astype(u.dtype), updates, grads)
     new_state = HessianAlignmentState(
       count=optax.safe_increment(state.count),
@@ -529,12 +546,15 @@ def hessian_gradient_product(
   Args:
     alpha: weight of the Hessian-gradient-product term.
     beta: weight of the gradient term.
-    weight: penalty weight, a number or a schedule ``count -> weight``.
+    weight: penalty weight, a number or a schedule ``step -> weight``: ``step`` is the extra
+      argument ``step`` when the caller passes it (a train loop's step: give it wherever a
+      loop keeps one, so that every schedule reads the same clock), else the transform's own
+      count of its calls (standalone optax use; the same numbers when the loop counts from 0).
     detach_target: treat ``H g`` and ``g`` as constants (DomainBed code; the CMNIST scripts don't).
     head: which parameters are the head (key, key path or function; default ``"classifier"``).
 
-  ``update(updates, state, params, *, obj_fn, head_inputs)``: ``obj_fn(head, domain_inputs)``
-  is one domain's loss; ``head_inputs`` is a pytree with leaves ``[E, ...]`` or a function
+  ``update(updates, state, params, *, obj_fn, head_inputs, key=None, step=None)``:
+  ``obj_fn(head, domain_inputs)`` is one domain's loss; ``head_inputs`` is a pytree with leaves ``[E, ...]`` or a function
   ``params -> that pytree`` (then the penalty's gradient reaches the featurizer).
 
   Refuses to run inside ``optax.MultiSteps``: for gradient accumulation differentiate

@@ -38,7 +38,7 @@ from dgjax.core import HParam
 from dgjax.data import image_check
 from dgjax.data import image_folder
 from dgjax.data import image_pipeline
-from dgjax.task import TaskBase
+from dgjax.task import TaskBase, arrays_fingerprint, files_fingerprint
 from dgjax.tasks import make_accuracy_fn, make_loss_fn
 
 #: The model and data hparams of DomainBed's image datasets (``hparams_registry.py``).
@@ -277,6 +277,19 @@ class ImageTask(TaskBase):
   def progress_numbers(self, record: Mapping[str, Any]) -> dict[str, float]:
     test = np.mean([record[f"env{e}_in_acc"] for e in self.test_envs])
     return {"loss": record["loss"], "test_acc": float(test)}
+
+  def data_fingerprint(self) -> str:
+    """A digest of every split's files (paths relative to their common folder, sizes,
+    labels: :func:`dgjax.task.files_fingerprint`; the images are not read), or, for a TFDS
+    copy, of its labels and record counts."""
+    splits = self.splits_in + self.splits_out
+    if all(isinstance(s.x, np.ndarray) and s.x.dtype.kind in "US" for s in splits):
+      return files_fingerprint(
+        (p for s in splits for p in s.x), (label for s in splits for label in s.y)
+      )
+    return arrays_fingerprint(
+      (np.asarray(s.y) for s in splits), f"{sum(len(s.y) for s in splits)} labelled records"
+    )
 
   def close(self):
     for s in self._streams:

@@ -43,8 +43,9 @@ benchmark's settings reach each method through the roles of its hparams
 the switch), wherever the method has an hparam of that role, over the method's ``irm_cmnist``
 preset where it has one (the scripts' penalty forms, above). Per-run overrides win.
 
-Restarts run as one vmapped program (``restarts_impl="vmap"``) or one after another
-(``"sequential"``). With label shift the two environments differ in size; both are truncated
+Restarts run as one vmapped program (``restarts_impl="vmap"``), one after another
+(``"sequential"``) or as :func:`resolve_restarts_impl` picks for the backend (``"auto"``,
+the command lines' default). With label shift the two environments differ in size; both are truncated
 to the smaller one so that the per-domain batch is rectangular.
 """
 
@@ -54,15 +55,17 @@ import dataclasses
 import functools
 import math
 import time
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dgjax import config as config_lib
 from dgjax import hessian
 from dgjax import methods
 from dgjax import train as train_lib
+from dgjax.config import config_field
 from dgjax.data import irm_cmnist
 from dgjax.losses import cross_entropy
 from dgjax.models import mlp
@@ -93,24 +96,119 @@ PUBLISHED_SOURCE = (
 PUBLISHED_RESTARTS = 10
 
 
+#: How the restarts run: one vmapped program, one after another, or ``"auto"``
+#: (:func:`resolve_restarts_impl`).
+RESTARTS_IMPLS = ("auto", "vmap", "sequential")
+
+
+def _method_help() -> str:
+  return (
+    "the method (the command line takes a comma-separated list, one benchmark each), one of: "
+    + ", ".join(sorted(methods.METHODS))
+  )
+
+
 @dataclasses.dataclass(frozen=True)
 class IRMConfig:
-  method: str = "erm"
-  steps: int = STEPS
-  n_restarts: int = 10
-  seed: int = 0
-  lr: float = LR
-  l2_weight: float = L2_WEIGHT
-  penalty_weight: float = PENALTY_WEIGHT
-  penalty_anneal_iters: int = PENALTY_ANNEAL_ITERS
-  hidden: int = HIDDEN
-  label_shift: Optional[float] = None
-  hparams: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-  eval_every: int = 100
-  hessian_gap: bool = False  # log max_{e,e'} ||H_e - H_e'||_2 at each evaluation
-  hessian_gap_iters: int = 20
-  restarts_impl: str = "vmap"  # "vmap" | "sequential"
-  scan_steps: int = 100  # steps per jit call (full-batch MLP steps are short)
+  """One benchmark: a method, ``n_restarts`` times, under the scripts' protocol; declared with
+  :func:`dgjax.config.config_field`, so ``python -m experiments.colored_mnist_irm`` and
+  ``experiments.reproduce irm_cmnist`` have one flag per field, and a stored result stands
+  for a config when its ``identity`` fields (those that change the numbers) agree
+  (:func:`dgjax.config.identity_of`). Every field but ``hparams`` (whose resolution is
+  recorded instead) is written into the result (``record``)."""
+
+  method: str = config_field("erm", _method_help, identity=True, record="dgjax")
+  steps: int = config_field(
+    STEPS,
+    "the scripts' loop length: steps - 1 full-batch updates, then the report (their last "
+    "iteration's forward pass)",
+    identity=True,
+    record="dgjax",
+    minimum=2,
+  )
+  n_restarts: int = config_field(
+    10, "restarts (new data draw and initialisation each)", identity=True, record="dgjax", minimum=1
+  )
+  seed: int = config_field(0, "base seed of the restarts", identity=True, record="dgjax")
+  lr: float = config_field(LR, "Adam learning rate", identity=True, record="dgjax")
+  l2_weight: float = config_field(
+    L2_WEIGHT, "weight of sum ||w||^2 in the loss", identity=True, record="dgjax"
+  )
+  penalty_weight: float = config_field(
+    PENALTY_WEIGHT, "penalty weight after the switch", identity=True, record="dgjax"
+  )
+  penalty_anneal_iters: int = config_field(
+    PENALTY_ANNEAL_ITERS, "switch step", identity=True, record="dgjax", minimum=0
+  )
+  hidden: int = config_field(
+    HIDDEN, "width of the MLP's two hidden layers", identity=True, record="dgjax", minimum=1
+  )
+  label_shift: Optional[float] = config_field(
+    None,
+    "label-shift variant: env 0 gets this fraction of the digits < 5 and 1 - it of the "
+    "others (the Hessian paper uses 0.97)",
+    identity=True,
+    record="dgjax",
+  )
+  hparams: Mapping[str, Any] = config_field(
+    help='JSON object of hparam overrides, e.g. \'{"alpha": 0.1}\' (the command line gives '
+    "each method those of its hparams)",
+    identity=True,
+    factory=dict,
+  )
+  eval_every: int = config_field(
+    100, "evaluate every this many steps", identity=True, record="dgjax", minimum=1
+  )
+  hessian_gap: bool = config_field(
+    False,
+    "log max_{e,e'} ||H_e - H_e'||_2 of the head at each evaluation",
+    identity=True,
+    record="dgjax",
+  )
+  hessian_gap_iters: int = config_field(
+    20, "power iterations of the Hessian gap", identity=True, record="dgjax", minimum=1
+  )
+  restarts_impl: str = config_field(
+    "vmap",
+    "restarts as one vmapped program or one after another (auto: sequential on CPU)",
+    record="dgjax",
+    flag_default="auto",
+    choices=RESTARTS_IMPLS,
+  )
+  scan_steps: int = config_field(
+    100, "steps per jit call (full-batch MLP steps are short)", record="dgjax", minimum=1
+  )
+  data_dir: Optional[str] = config_field(
+    None,
+    "directory with the MNIST IDX files (training digits first). Default: TFDS 'mnist'",
+    record="dgjax",
+  )
+
+  def __post_init__(self):
+    object.__setattr__(self, "hparams", dict(self.hparams or {}))
+    methods.get_method(self.method)
+    config_lib.check_fields(self)
+    if self.label_shift is not None and not 0 < self.label_shift < 1:
+      raise ValueError(f"label_shift must be in (0, 1), got {self.label_shift}")
+
+  def identity(self) -> dict[str, Any]:
+    """What a stored result must match to stand for this config (:func:`stored_result`)."""
+    return config_lib.identity_of(self)
+
+
+def method_configs(method_names: Sequence[str], **fields: Any) -> list[IRMConfig]:
+  """One :class:`IRMConfig` per method from the same ``fields`` (every field but ``method``),
+  each given those of the ``hparams`` overrides its method has (one ``--hparams`` for a
+  command line's several methods)."""
+  overrides = dict(fields.pop("hparams", None) or {})
+  return [
+    IRMConfig(
+      method=m,
+      hparams={k: v for k, v in overrides.items() if k in methods.hparam_specs(m)},
+      **fields,
+    )
+    for m in method_names
+  ]
 
 
 def benchmark_overrides(method: str, cfg: IRMConfig, n_train: int) -> dict[str, Any]:
@@ -287,20 +385,15 @@ def run(
   cfg: IRMConfig, images: np.ndarray, labels: np.ndarray, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
   """Trains ``cfg.method`` ``cfg.n_restarts`` times on the engine; returns finals, summary and
-  history.
+  history (``cfg.data_dir`` is not read: ``images`` and ``labels`` are the digits).
 
-  Returns a dict with ``final`` (per-restart ``train_acc``, ``test_acc``, ``gray_acc``),
+  Returns a dict with the config's recorded fields (``method``, ``n_restarts``, ...) and
+  its ``identity``, ``final`` (per-restart ``train_acc``, ``test_acc``, ``gray_acc``),
   ``summary`` (mean, std and standard error of each, in %), ``history`` (one record per evaluation: step and
   per-restart metrics, averaged over the steps since the previous evaluation, and
   accuracies), ``note`` (the data split), ``hparams`` and timings.
   """
-  if cfg.restarts_impl not in ("vmap", "sequential"):
-    raise ValueError(f"restarts_impl must be 'vmap' or 'sequential', got {cfg.restarts_impl!r}")
-  if cfg.steps < 2:
-    raise ValueError(
-      f"steps is the scripts' loop length (>= 2: the report is the forward pass of "
-      f"the last iteration, after steps - 1 updates), got {cfg.steps}"
-    )
+  cfg = dataclasses.replace(cfg, restarts_impl=resolve_restarts_impl(cfg.restarts_impl))
   datasets = [
     irm_cmnist.irm_colored_mnist(
       images, labels, seed=seed_hash(cfg.seed, r), label_shift=cfg.label_shift
@@ -311,15 +404,16 @@ def run(
   runs = [restart_data(d, n_env) for d in datasets]
   overrides = benchmark_overrides(cfg.method, cfg, n_env)
   seeds = [seed_hash(cfg.seed, r, "init") for r in range(cfg.n_restarts)]
+  method, preset = methods.get_method(cfg.method), benchmark_preset(cfg.method)  # once
   configs = [
     train_lib.TrainConfig(
-      method=cfg.method,
+      method=method,
       test_envs=(),
       steps=updates(cfg),
       checkpoint_freq=cfg.eval_every,
       seed=s,
       hparams=overrides,
-      preset=benchmark_preset(cfg.method),
+      preset=preset,
       per_domain_impl="vmap",
       progress=False,
       scan_steps=cfg.scan_steps,
@@ -364,19 +458,23 @@ def run(
     for k, v in final.items()
   }
   return {
-    "method": cfg.method,
+    **config_lib.record_fields(cfg, "dgjax"),
     "final": {k: v.tolist() for k, v in final.items()},
     "summary": summary,
     "history": history,
     "note": datasets[0].note,
     "hparams": dict(configs[0].resolved_hparams),
-    "n_restarts": cfg.n_restarts,
+    "identity": cfg.identity(),
     "train_seconds": time.perf_counter() - t0,
     "env_size": int(n_env),
-    "label_shift": cfg.label_shift,
-    "steps": cfg.steps,
-    "seed": cfg.seed,
   }
+
+
+def stored_result(results: Sequence[Mapping[str, Any]], cfg: IRMConfig) -> dict | None:
+  """The last of ``results`` (:func:`run`'s, e.g. read back from JSON lines) that stands for
+  ``cfg`` (the same :meth:`IRMConfig.identity`), or ``None``."""
+  same = [r for r in results if r.get("identity") == cfg.identity()]
+  return dict(same[-1]) if same else None
 
 
 METRICS = ("train_acc", "test_acc", "gray_acc")

@@ -11,7 +11,6 @@ its directory's lock (:func:`open_output_dir`), then reads, checks or deletes an
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import shutil
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ import jax
 
 from dgjax import checkpoints
 from dgjax import config as config_lib
+from dgjax import core
 from dgjax import datasets
 from dgjax import domainbed_format
 from dgjax import methods
@@ -31,17 +31,18 @@ from dgjax import train as train_lib
 TrainConfig = config_lib.TrainConfig
 
 
-def test_envs_of(dataset: str, test_envs: Sequence[int] | None, data_dir=None) -> tuple[int, ...]:
-  """``test_envs`` (negative: from the end) as sorted indices, or the dataset's default; an
+def test_envs_of(
+  dataset: datasets.Dataset, test_envs: Sequence[int] | None, data_dir=None
+) -> tuple[int, ...]:
+  """``test_envs`` (negative: from the end) as sorted indices, or ``dataset``'s default; an
   out-of-range index raises naming the dataset's environments."""
-  ds = datasets.get_dataset(dataset)
-  names = ds.environment_names(data_dir)
+  names = dataset.environment_names(data_dir)
   n = len(names)
-  envs = list(test_envs) if test_envs else [ds.default_test_env]
+  envs = list(test_envs) if test_envs else [dataset.default_test_env]
   bad = [e for e in envs if not -n <= e < n]
   if bad:
     raise ValueError(
-      f"test environment(s) {bad} out of range for {dataset}: 0..{n - 1} ({', '.join(names)})"
+      f"test environment(s) {bad} out of range for {dataset.name}: 0..{n - 1} ({', '.join(names)})"
     )
   envs = sorted({e % n for e in envs})
   if len(envs) == n:
@@ -50,7 +51,7 @@ def test_envs_of(dataset: str, test_envs: Sequence[int] | None, data_dir=None) -
 
 
 def make_config(
-  dataset: str = "ColoredMNIST",
+  dataset: str | datasets.Dataset = "ColoredMNIST",
   test_envs: Sequence[int] | None = None,
   steps: int | None = None,
   checkpoint_freq: int | None = None,
@@ -59,24 +60,28 @@ def make_config(
   """A validated config for ``dataset``: test environments resolved (default: the dataset's),
   ``steps`` / ``checkpoint_freq`` defaulting to the dataset's (DomainBed's ``N_STEPS`` /
   ``CHECKPOINT_FREQ``), the default output directory
-  ``runs/<dataset>/<method>_test<envs>_seed<seed>``."""
-  ds = datasets.get_dataset(dataset)
-  envs = test_envs_of(dataset, test_envs, fields.get("data_dir"))
-  config = TrainConfig(
-    dataset=dataset,
+  ``runs/<dataset>/<method>_test<envs>_seed<seed>``. The names are resolved here, once
+  (``dataset`` and ``method`` may be given resolved); the config carries the objects and
+  resolves the hparams once."""
+  ds = dataset if isinstance(dataset, datasets.Dataset) else datasets.get_dataset(dataset)
+  method = fields.pop("method", config_lib.field_default("method"))
+  method = method if isinstance(method, core.Method) else methods.get_method(method)
+  if fields.get("downsample") and "downsample" not in ds.options:
+    raise ValueError(f"--downsample does not apply to {ds.name}")
+  envs = test_envs_of(ds, test_envs, fields.get("data_dir"))
+  if fields.get("output_dir") is None:
+    tag = "_".join(map(str, envs))
+    fields["output_dir"] = (
+      f"runs/{ds.name}/{method.name}_test{tag}_seed{fields.get('seed', config_lib.field_default('seed'))}"
+    )
+  return TrainConfig(
+    dataset=ds,
+    method=method,
     test_envs=envs,
     steps=ds.steps if steps is None else steps,
     checkpoint_freq=ds.checkpoint_freq if checkpoint_freq is None else checkpoint_freq,
     **fields,
   )
-  if config.output_dir is None:
-    tag = "_".join(map(str, envs))
-    config = dataclasses.replace(
-      config, output_dir=f"runs/{dataset}/{config.method}_test{tag}_seed{config.seed}"
-    )
-  if config.downsample and "downsample" not in ds.options:
-    raise ValueError(f"--downsample does not apply to {dataset}")
-  return config
 
 
 def command(
@@ -94,12 +99,10 @@ def record_args(config: TrainConfig, **extra: Any) -> dict[str, Any]:
   """The ``args`` of every record: DomainBed's keys (``algorithm``, ``dataset``,
   ``test_envs``, ``hparams_seed``, ``trial_seed``, ...) and dgjax's settings (the fields
   whose ``record`` metadata says so, :func:`dgjax.config.record_fields`)."""
-  ds = datasets.get_dataset(config.dataset)
-  method = methods.get_method(config.method)
   args = domainbed_format.domainbed_args(
     **config_lib.record_fields(config, "domainbed"),
-    algorithm=method.domainbed_name,
-    env_names=list(ds.environment_names(config.data_dir)),
+    algorithm=config.resolved_method.domainbed_name,
+    env_names=list(config.resolved_dataset.environment_names(config.data_dir)),
     **config_lib.record_fields(config, "dgjax"),
     **extra,
   )
@@ -171,7 +174,7 @@ def make_mesh(config: TrainConfig):
   spec = (config.mesh or "none").lower()
   if spec == "none" or (spec == "auto" and jax.device_count() == 1):
     return None
-  num_train = len(datasets.get_dataset(config.dataset).environment_names(config.data_dir)) - len(
+  num_train = len(config.resolved_dataset.environment_names(config.data_dir)) - len(
     config.test_envs
   )
   return sharding.make_mesh(sharding.parse_mesh_shape(spec, num_train))
@@ -179,7 +182,7 @@ def make_mesh(config: TrainConfig):
 
 def load(config: TrainConfig):
   """``(task, environments)`` of ``config``'s dataset (:meth:`dgjax.datasets.Dataset.task`)."""
-  return datasets.get_dataset(config.dataset).task(config)
+  return config.resolved_dataset.task(config)
 
 
 def _locked(

@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dgjax import core
 from dgjax.types import PyTree
 
 
@@ -385,7 +386,7 @@ class SwadTracker:
       return record
     record.update(swad_start_step=window.start_step, swad_end_step=window.end_step)
     averaged = (jax.tree.map(jnp.asarray, window.params()), *model_state[1:])
-    if getattr(task.model, "batch_norm_momentum", None) is not None:  # BatchNorm trains
+    if core.batch_norm_momentum(task.model) is not None:  # BatchNorm trains
       if bn_batches is None:
         return record
       averaged = with_batch_norm_recomputed(task.model, averaged, bn_batches())

@@ -2,7 +2,9 @@
 ``command_launchers.py``; Gulrajani & Lopez-Paz, ICLR 2021).
 
 A sweep is every combination of trial seed x dataset x method x test environments x
-hyperparameter seed (:func:`make_args_list`). Each combination is a :class:`Job`: DomainBed's
+hyperparameter seed, as one :class:`SweepConfig` declares it (:meth:`SweepConfig.args_list`,
+:func:`make_args_list`; its fields, and the config fields it passes to every job, are the
+sweep's command-line options). Each combination is a :class:`Job`: DomainBed's
 argument dict (its keys are config fields), an output directory named by the md5 of that
 dict, and ONE :class:`dgjax.config.TrainConfig` (:meth:`Job.config`, built by
 :func:`dgjax.runs.make_config`).
@@ -55,6 +57,7 @@ from dgjax import datasets
 from dgjax import methods
 from dgjax import results as results_lib
 from dgjax import runs
+from dgjax.config import config_field
 from dgjax.seeding import seed_hash
 
 NOT_LAUNCHED = "Not launched"
@@ -139,62 +142,130 @@ def test_env_sets(
   return [s for s in sets if keep & set(s)]
 
 
+def _datasets_help() -> str:
+  return f"datasets swept, from: {', '.join(sorted(datasets.DATASETS))}"
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+  """Which jobs a sweep holds (DomainBed's ``sweep.py`` arguments), declared with
+  :func:`dgjax.config.config_field`: ``python -m experiments.sweep`` (and
+  ``experiments.reproduce domainbed``) has one flag per field, and one per
+  :class:`~dgjax.config.TrainConfig` field the sweep passes to every job as it is
+  (:func:`dgjax.config.sweep_passed_fields`: ``--steps``, ``--hparams``, ...).
+
+  ``job_args`` holds those (as their flags give them: ``hparams`` as its JSON text; unset ones
+  left out, so they change the job hash only when given) and ``train_args`` any other config
+  field for every job (``--train_arg``, :func:`train_arg_fields`). The names are resolved
+  once, here (``resolved_datasets``, ``resolved_methods``), and carried by the jobs
+  (:meth:`jobs`) into their configs.
+  """
+
+  datasets: tuple[str, ...] = config_field(("ColoredMNIST",), _datasets_help)
+  methods: tuple[str, ...] = config_field(
+    help="methods swept (default: every registered one)",
+    factory=lambda: tuple(sorted(methods.METHODS)),
+  )
+  n_hparams_from: int = config_field(0, "first hparams seed (0 = defaults)", minimum=0)
+  n_hparams: int = config_field(20, "hparams seeds are range(n_hparams_from, n_hparams)")
+  n_trials: int = config_field(3, "trial seeds are range(n_trials)")
+  test_envs: tuple[int, ...] | None = config_field(
+    None,
+    "only the jobs holding out one of these (negative: from the end, e.g. -1 for Spirals); "
+    "with --holdout_pairs also every pair containing one; default all",
+  )
+  holdout_pairs: bool = config_field(
+    False, "also run every pair of test envs (needed by leave-one-domain-out selection)"
+  )
+  job_args: Mapping[str, Any] = config_field(factory=dict, flag=False)
+  train_args: Mapping[str, Any] = config_field(factory=dict, flag=False)
+  resolved_datasets: tuple[Any, ...] = dataclasses.field(init=False, compare=False, repr=False)
+  resolved_methods: tuple[Any, ...] = dataclasses.field(init=False, compare=False, repr=False)
+
+  def __post_init__(self):
+    object.__setattr__(self, "datasets", tuple(self.datasets))
+    object.__setattr__(self, "methods", tuple(self.methods))
+    config_lib.check_fields(self)
+    for name, value in self.train_args.items():
+      check_train_arg(name, value)
+    passed = {spec.name: spec for spec in config_lib.sweep_passed_fields()}
+    unknown = sorted(set(self.job_args) - set(passed))
+    if unknown:
+      raise ValueError(f"job_args may only hold {sorted(passed)}, got {unknown}")
+    job_args = {n: spec.default for n, spec in passed.items() if spec.default is not None}
+    job_args.update({k: v for k, v in self.job_args.items() if v is not None})
+    for name, value in job_args.items():
+      if passed[name].kind == "json":  # kept as given: it is part of the job hash
+        config_lib.parse_json_object(name, value)
+      else:
+        config_lib.check_field_value(name, value, f"--{name} ")
+    object.__setattr__(self, "job_args", job_args)
+    object.__setattr__(self, "resolved_methods", tuple(methods.get_method(m) for m in self.methods))
+    object.__setattr__(
+      self, "resolved_datasets", tuple(datasets.get_dataset(d) for d in self.datasets)
+    )
+
+  def args_list(self) -> list[dict[str, Any]]:
+    """Every job's arguments, in DomainBed's order (``make_args_list``): trial seed, dataset,
+    method, test environments (:func:`test_env_sets`), hparams seed
+    (``range(n_hparams_from, n_hparams)``); then ``job_args`` and ``train_args``."""
+    out = []
+    for trial_seed in range(self.n_trials):
+      for dataset in self.resolved_datasets:
+        n = dataset.num_environments
+        for method in self.methods:
+          for envs in test_env_sets(n, self.holdout_pairs, self.test_envs):
+            for hparams_seed in range(self.n_hparams_from, self.n_hparams):
+              seed = seed_hash(dataset.name, method, list(envs), hparams_seed, trial_seed)
+              out.append(
+                {
+                  "dataset": dataset.name,
+                  "method": method,
+                  "test_envs": list(envs),
+                  "hparams_seed": hparams_seed,
+                  "trial_seed": trial_seed,
+                  "seed": seed,
+                  **self.job_args,
+                  **self.train_args,
+                }
+              )
+    return out
+
+  def jobs(self, sweep_dir: str | os.PathLike) -> list["Job"]:
+    """Every job (:meth:`args_list`) in ``sweep_dir``, carrying its resolved dataset and
+    method."""
+    ds = {d.name: d for d in self.resolved_datasets}
+    ms = {m.name: m for m in self.resolved_methods}
+    return [
+      Job.create(a, sweep_dir, dataset=ds[a["dataset"]], method=ms[a["method"]])
+      for a in self.args_list()
+    ]
+
+
 def make_args_list(
   dataset_names: Sequence[str],
   method_names: Sequence[str],
   *,
-  n_trials: int,
-  n_hparams: int,
-  n_hparams_from: int = 0,
-  holdout_pairs: bool = False,
-  test_envs: Sequence[int] | None = None,
-  steps: int | None = None,
-  checkpoint_freq: int | None = None,
-  holdout_fraction: float = 0.2,
-  data_dir: str | None = None,
-  hparams: str | None = None,
   extra_args: Mapping[str, Any] | None = None,
+  **fields: Any,
 ) -> list[dict[str, Any]]:
-  """Every job's arguments, in DomainBed's order (``make_args_list``): trial seed, dataset,
-  method, test environments (:func:`test_env_sets`; the dataset's environment count from
-  :mod:`dgjax.datasets`), hparams seed (``range(n_hparams_from, n_hparams)``).
-
-  ``steps``, ``checkpoint_freq``, ``data_dir`` and ``hparams`` (a JSON object of overrides,
-  as a string) are recorded only when given, so they change the job hash only then;
-  ``extra_args`` are more config fields for every job (e.g. ``{"max_examples": 2000}``; see
-  :func:`train_arg_fields`), recorded and hashed the same way.
-  """
-  extra = dict(extra_args or {})
-  for key, value in extra.items():
-    check_train_arg(key, value)
-  for name in method_names:
-    methods.get_method(name)
-  args_list = []
-  for trial_seed in range(n_trials):
-    for dataset in dataset_names:
-      n = datasets.get_dataset(dataset).num_environments
-      for method in method_names:
-        for envs in test_env_sets(n, holdout_pairs, test_envs):
-          for hparams_seed in range(n_hparams_from, n_hparams):
-            args = {
-              "dataset": dataset,
-              "method": method,
-              "test_envs": list(envs),
-              "holdout_fraction": holdout_fraction,
-              "hparams_seed": hparams_seed,
-              "trial_seed": trial_seed,
-              "seed": seed_hash(dataset, method, list(envs), hparams_seed, trial_seed),
-            }
-            optional = {
-              "steps": steps,
-              "checkpoint_freq": checkpoint_freq,
-              "data_dir": data_dir,
-              "hparams": hparams,
-            }
-            args.update({k: v for k, v in optional.items() if v is not None})
-            args.update(extra)
-            args_list.append(args)
-  return args_list
+  """Every job's arguments (:meth:`SweepConfig.args_list`): ``fields`` are
+  :class:`SweepConfig` fields (``n_trials``, ``n_hparams``, ``test_envs``, ...) and the
+  config fields the sweep passes to every job (``steps``, ``checkpoint_freq``,
+  ``holdout_fraction``, ``data_dir``, ``hparams`` as a JSON string: recorded only when
+  given, so they change the job hash only then); ``extra_args`` are more config fields for
+  every job (e.g. ``{"max_examples": 2000}``; see :func:`train_arg_fields`), recorded and
+  hashed the same way."""
+  passed = {spec.name for spec in config_lib.sweep_passed_fields()}
+  job_args = {k: fields.pop(k) for k in list(fields) if k in passed}
+  config = SweepConfig(
+    datasets=tuple(dataset_names),
+    methods=tuple(method_names),
+    job_args=job_args,
+    train_args=dict(extra_args or {}),
+    **fields,
+  )
+  return config.args_list()
 
 
 def args_hash(args: Mapping[str, Any]) -> str:
@@ -220,14 +291,19 @@ def _lock_held(path: Path) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-  """One run of a sweep: DomainBed's ``Job`` (its args and directory) and its config."""
+  """One run of a sweep: DomainBed's ``Job`` (its args and directory) and its config
+  (``dataset`` / ``method``: the resolved objects, when the sweep has them)."""
 
   args: dict[str, Any]
   output_dir: Path
+  dataset: Any = dataclasses.field(default=None, compare=False, repr=False)
+  method: Any = dataclasses.field(default=None, compare=False, repr=False)
 
   @classmethod
-  def create(cls, args: Mapping[str, Any], sweep_dir: str | os.PathLike) -> "Job":
-    return cls(dict(args), Path(sweep_dir) / args_hash(args))
+  def create(
+    cls, args: Mapping[str, Any], sweep_dir: str | os.PathLike, dataset=None, method=None
+  ) -> "Job":
+    return cls(dict(args), Path(sweep_dir) / args_hash(args), dataset, method)
 
   def config(self) -> runs.TrainConfig:
     """The job's one :class:`~dgjax.config.TrainConfig` (validated; it resolves the hparams
@@ -239,6 +315,10 @@ class Job:
         "hparams": config_lib.parse_json_object("hparams", self.args.get("hparams")),
         "output_dir": str(self.output_dir),
       }
+      if self.dataset is not None:
+        fields["dataset"] = self.dataset
+      if self.method is not None:
+        fields["method"] = self.method
       self.__dict__["_config"] = runs.make_config(**fields)
     return self.__dict__["_config"]
 

@@ -10,9 +10,12 @@ inheriting :class:`TaskBase`'s defaults (:class:`dgjax.tasks.DomainBedTask`,
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping, Protocol, runtime_checkable
+import hashlib
+import os
+from typing import Any, Iterable, Iterator, Mapping, Protocol, runtime_checkable
 
 import jax
+import numpy as np
 
 from dgjax.types import PyTree
 
@@ -64,6 +67,11 @@ class Task(Protocol):
   def progress_numbers(self, record: Mapping[str, Any]) -> dict[str, float]:
     """The few numbers the progress line shows from ``record``."""
 
+  def data_fingerprint(self) -> str:
+    """What the run trains and evaluates on, as a short text with a digest of the content
+    (not of where it was read from): part of a checkpoint's identity (``data``), so that a
+    resume on other data is refused and one on the same data moved elsewhere is not."""
+
 
 class TaskBase:
   """The protocol's defaults: full-batch or in-memory data shared by the runs, no stream, no
@@ -89,6 +97,34 @@ class TaskBase:
 
   def progress_numbers(self, record: Mapping[str, Any]) -> dict[str, float]:
     return {"loss": record["loss"]}
+
+  def data_fingerprint(self) -> str:
+    """A digest of ``data``'s arrays (a task whose evaluation reads more overrides it)."""
+    leaves = jax.tree.leaves(self.data)
+    return arrays_fingerprint(leaves, f"{len(leaves)} arrays")
+
+
+def arrays_fingerprint(arrays: Iterable[Any], what: str) -> str:
+  """``"<what>, sha256 <16 hex digits>"`` of the arrays' dtypes, shapes and bytes."""
+  h = hashlib.sha256()
+  for a in arrays:
+    a = np.ascontiguousarray(np.asarray(a))
+    h.update(f"{a.dtype.str}{a.shape};".encode())
+    h.update(a.tobytes() if a.dtype.kind in "OUS" else memoryview(a).cast("B"))
+  return f"{what}, sha256 {h.hexdigest()[:16]}"
+
+
+def files_fingerprint(paths: Iterable[Any], labels: Iterable[Any]) -> str:
+  """``"<n> files, sha256 <16 hex digits>"`` of the files' paths relative to their common
+  folder, their sizes and their labels: the same for a tree moved or copied elsewhere,
+  another for a file added, removed, renamed, resized or relabelled (a change that keeps
+  a file's name and size is not seen: the files are not read)."""
+  paths = [str(p) for p in paths]
+  root = os.path.commonpath(paths) if paths else ""
+  h = hashlib.sha256()
+  for path, label in zip(paths, labels):
+    h.update(f"{os.path.relpath(path, root)}\0{os.path.getsize(path)}\0{int(label)}\n".encode())
+  return f"{len(paths)} files, sha256 {h.hexdigest()[:16]}"
 
 
 def is_task(obj: Any) -> bool:

@@ -22,7 +22,7 @@ import numpy as np
 
 from dgjax import sharding
 from dgjax.losses import cross_entropy
-from dgjax.task import TaskBase
+from dgjax.task import TaskBase, arrays_fingerprint
 
 
 @dataclasses.dataclass
@@ -235,3 +235,11 @@ class DomainBedTask(TaskBase):
   def progress_numbers(self, record: Mapping[str, Any]) -> dict[str, float]:
     test = np.mean([record[f"env{e}_in_acc"] for e in self.test_envs])
     return {"loss": record["loss"], "test_acc": float(test)}
+
+  def data_fingerprint(self) -> str:
+    """A digest of every environment's in and out splits (inputs and labels)."""
+    splits = self.splits_in + self.splits_out
+    n = sum(len(s.y) for s in splits)
+    return arrays_fingerprint(
+      (a for s in splits for a in (s.x, s.y)), f"{n} examples in {len(self.splits_in)} environments"
+    )

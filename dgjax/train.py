@@ -474,7 +474,7 @@ def _make_run(configs, task: Task, dirs, run_args, checkpoint: bool, mesh, write
   return Run(
     configs=tuple(configs),
     task=task,
-    method=methods.get_method(configs[0].method),
+    method=configs[0].resolved_method,
     hparams=tuple(hparams),
     static_hp={n: v for n, v in hparams[0].items() if n not in varying},
     traced_hp={n: jnp.asarray([h[n] for h in hparams]) for n in varying},
@@ -704,11 +704,12 @@ class CheckpointHook:
 
   def __init__(self, run: Run, swad: SwadHook | None):
     self.run, self.swad = run, swad
+    writes = [d is not None and run.checkpoint for d in run.dirs]
+    # the identity: the config's, and the data's content (moved data resumes, other data not)
+    data = run.task.data_fingerprint() if any(writes) else None
     self.ckpts = [
-      Checkpoints(d, c.identity(), c.keep_checkpoints)
-      if (d is not None and run.checkpoint)
-      else None
-      for c, d in zip(run.configs, run.dirs)
+      Checkpoints(d, {**c.identity(), "data": data}, c.keep_checkpoints) if w else None
+      for c, d, w in zip(run.configs, run.dirs, writes)
     ]
 
   def is_time(self, step: int) -> bool:

@@ -24,10 +24,16 @@ import argparse
 import sys
 from pathlib import Path
 
+from dgjax import config as config_lib
+from experiments import cli
+
 DEFAULT_IRM_METHODS = ("erm", "irm", "vrex", "fishr", "hgp", "hutchinson")
 
 
 def parse_args(argv):
+  from dgjax import irm_benchmark
+  from experiments import sweep as sweep_cli
+
   p = argparse.ArgumentParser(
     description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
   )
@@ -38,21 +44,14 @@ def parse_args(argv):
     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
   irm.add_argument("--methods", nargs="+", default=list(DEFAULT_IRM_METHODS))
-  irm.add_argument("--n_restarts", type=int, default=10)
-  irm.add_argument("--steps", type=int, default=501, help="the scripts' loop length")
-  irm.add_argument("--seed", type=int, default=0)
-  irm.add_argument("--data_dir", default=None, help="MNIST IDX files (default: TFDS 'mnist')")
-  irm.add_argument(
-    "--restarts_impl",
-    choices=["auto", "vmap", "sequential"],
-    default="auto",
-    help="auto: sequential on CPU, vmapped elsewhere",
-  )
+  # the rest of the benchmark's config, one option per IRMConfig field (its defaults: the
+  # published protocol)
+  cli.add_arguments(irm, config_lib.flag_specs(irm_benchmark.IRMConfig), skip=("method",))
   irm.add_argument(
     "--results",
     default=None,
     help="JSON lines of each method's result, appended as it finishes; a method "
-    "already there with the same restarts, steps and seed is not run again",
+    "already there with the same config (its identity fields) is not run again",
   )
   irm.add_argument("--output", default=None, help="write the Markdown report here")
   db = sub.add_parser(
@@ -60,30 +59,14 @@ def parse_args(argv):
     help="DomainBed's sweep protocol and selection",
     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
-  db.add_argument("--datasets", nargs="+", default=["ColoredMNIST", "RotatedMNIST"])
-  db.add_argument("--methods", nargs="+", default=["erm", "irm", "vrex"])
-  db.add_argument("--n_hparams", type=int, default=20)
-  db.add_argument("--n_trials", type=int, default=3)
-  db.add_argument(
-    "--test_envs",
-    nargs="+",
-    type=int,
-    default=None,
-    help="only the jobs holding out these environments (default: every one)",
+  sweep_cli.add_arguments(db)  # the sweep's own options (experiments.sweep)
+  db.set_defaults(
+    command="launch",
+    quiet=True,
+    datasets=["ColoredMNIST", "RotatedMNIST"],
+    methods=["erm", "irm", "vrex"],
+    launcher="vmap",
   )
-  db.add_argument("--steps", type=int, default=None, help="default: the dataset's (DomainBed's)")
-  db.add_argument("--checkpoint_freq", type=int, default=None, help="default: the dataset's")
-  db.add_argument(
-    "--train_arg",
-    action="append",
-    default=[],
-    metavar="KEY=VALUE",
-    help="passed to the sweep, e.g. max_examples=2000 (a reduced run)",
-  )
-  db.add_argument("--output_dir", required=True, help="the sweep directory")
-  db.add_argument("--data_dir", default=None)
-  db.add_argument("--launcher", choices=["local", "vmap"], default="vmap")
-  db.add_argument("--max_parallel", type=int, default=1)
   db.add_argument("--output", default=None, help="write the Markdown report here")
   return p.parse_args(argv)
 
@@ -102,34 +85,26 @@ def write(report: str, output: str | None) -> None:
 
 
 def run_irm_cmnist(args) -> int:
-  from dgjax import irm_benchmark, methods, reproduce
+  from dgjax import irm_benchmark, reproduce
   from dgjax.data import DataError, load_mnist
   from dgjax.results import append_jsonl, read_jsonl
 
   try:
-    for m in args.methods:
-      methods.get_method(m)
-    if args.n_restarts < 1 or args.steps < 2:
-      raise ValueError("--n_restarts must be >= 1 and --steps >= 2")
-    mnist = load_mnist(args.data_dir)
+    fields = cli.argument_fields(args, irm_benchmark.IRMConfig, skip=("method",))
+    configs = irm_benchmark.method_configs(args.methods, **fields)
+    mnist = load_mnist(fields["data_dir"])
   except (ValueError, DataError) as e:
     return fail(str(e))
-  impl = irm_benchmark.resolve_restarts_impl(args.restarts_impl)
-  done = {}
-  if args.results and Path(args.results).exists():
-    for r in read_jsonl(args.results):
-      if (r["n_restarts"], r["steps"], r["seed"]) == (args.n_restarts, args.steps, args.seed):
-        done[r["method"]] = r
+  stored = read_jsonl(args.results) if args.results and Path(args.results).exists() else []
   results = []
-  for m in args.methods:
-    if m in done:
-      print(f"== {m}: from {args.results}", flush=True)
-      results.append(done[m])
+  for cfg in configs:
+    done = irm_benchmark.stored_result(stored, cfg)
+    if done is not None:
+      print(f"== {cfg.method}: from {args.results}", flush=True)
+      results.append(done)
       continue
-    cfg = irm_benchmark.IRMConfig(
-      method=m, steps=args.steps, n_restarts=args.n_restarts, seed=args.seed, restarts_impl=impl
-    )
-    print(f"== {m}: {args.n_restarts} restarts ({impl})", flush=True)
+    impl = irm_benchmark.resolve_restarts_impl(cfg.restarts_impl)
+    print(f"== {cfg.method}: {cfg.n_restarts} restarts ({impl})", flush=True)
     r = irm_benchmark.run(
       cfg, mnist.images, mnist.labels, log=lambda line: print("  " + line, flush=True)
     )
@@ -137,9 +112,10 @@ def run_irm_cmnist(args) -> int:
     results.append(r)
     if args.results:
       append_jsonl(args.results, r)
+  cfg = configs[0]
   scale = (
-    f"{results[0]['note']}; {args.steps} steps, {args.n_restarts} restarts per method, "
-    f"seed {args.seed}; data: {mnist.source}"
+    f"{results[0]['note']}; {cfg.steps} steps, {cfg.n_restarts} restarts per method, "
+    f"seed {cfg.seed}; data: {mnist.source}"
   )
   write(reproduce.irm_cmnist_report(results, scale), args.output)
   return 0
@@ -149,32 +125,7 @@ def run_domainbed(args) -> int:
   from dgjax import collect, reproduce
   from experiments import sweep as sweep_cli
 
-  argv = [
-    "launch",
-    "--datasets",
-    *args.datasets,
-    "--methods",
-    *args.methods,
-    "--n_hparams",
-    str(args.n_hparams),
-    "--n_trials",
-    str(args.n_trials),
-    "--output_dir",
-    args.output_dir,
-    "--launcher",
-    args.launcher,
-    "--max_parallel",
-    str(args.max_parallel),
-    "--quiet",
-  ]
-  for flag in ("steps", "checkpoint_freq", "data_dir"):
-    if getattr(args, flag) is not None:
-      argv += [f"--{flag}", str(getattr(args, flag))]
-  if args.test_envs is not None:
-    argv += ["--test_envs", *map(str, args.test_envs)]
-  for item in args.train_arg:
-    argv += ["--train_arg", item]
-  code = sweep_cli.main(argv)
+  code = sweep_cli.run(args)  # launch, quietly (parse_args' defaults)
   if code == 2:
     return code
   records = collect.load_records(args.output_dir)
@@ -186,8 +137,8 @@ def run_domainbed(args) -> int:
     else f"test environment(s) {' '.join(map(str, args.test_envs))}"
   )
   scale = (
-    f"{len(args.datasets)} dataset(s), hparams seeds 0..{args.n_hparams - 1} x "
-    f"{args.n_trials} trial(s) x {envs}, steps "
+    f"{len(args.datasets)} dataset(s), hparams seeds {args.n_hparams_from}.."
+    f"{args.n_hparams - 1} x {args.n_trials} trial(s) x {envs}, steps "
     f"{args.steps or 'the dataset default'}"
     + (f", {', '.join(args.train_arg)}" if args.train_arg else "")
     + (f", data {args.data_dir}" if args.data_dir else "")
@@ -198,7 +149,11 @@ def run_domainbed(args) -> int:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  return run_irm_cmnist(args) if args.benchmark == "irm_cmnist" else run_domainbed(args)
+  try:
+    return run_irm_cmnist(args) if args.benchmark == "irm_cmnist" else run_domainbed(args)
+  except KeyboardInterrupt:  # what finished is kept (--results; the sweep's job directories)
+    print("\ninterrupted (Ctrl-C); run the same command again to continue", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 from dgjax import config as config_lib
-from dgjax import methods
 from dgjax import sweep
+from experiments import cli
 
 
 def parse_train_args(items):
@@ -37,30 +37,13 @@ def parse_train_args(items):
   return out
 
 
-def parse_args(argv):
-  p = argparse.ArgumentParser(
-    description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-  )
-  p.add_argument("command", choices=["launch", "delete_incomplete", "status"])
-  p.add_argument("--datasets", nargs="+", default=["ColoredMNIST"])
-  p.add_argument("--methods", nargs="+", default=sorted(methods.METHODS))
-  p.add_argument("--n_hparams_from", type=int, default=0, help="first hparams seed (0 = defaults)")
-  p.add_argument(
-    "--n_hparams", type=int, default=20, help="hparams seeds are range(n_hparams_from, n_hparams)"
-  )
-  p.add_argument("--n_trials", type=int, default=3, help="trial seeds are range(n_trials)")
-  p.add_argument("--steps", type=int, default=None, help="default: the dataset's")
-  p.add_argument("--checkpoint_freq", type=int, default=None, help="default: the dataset's")
-  p.add_argument("--holdout_fraction", type=float, default=0.2)
-  p.add_argument("--hparams", default=None, help="JSON object of hparam overrides for every job")
-  p.add_argument(
-    "--test_envs",
-    nargs="+",
-    type=int,
-    default=None,
-    help="only the jobs holding out one of these (negative: from the end, e.g. -1 "
-    "for Spirals); with --holdout_pairs also every pair containing one; default all",
-  )
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  """The sweep's options: one per :class:`dgjax.sweep.SweepConfig` field, one per config field
+  it passes to every job (:func:`dgjax.config.sweep_passed_fields`), ``--train_arg``, the
+  sweep directory and the launchers' options (how and where jobs run: not run
+  configuration)."""
+  cli.add_arguments(p, config_lib.flag_specs(sweep.SweepConfig))
+  cli.add_arguments(p, config_lib.sweep_passed_fields())
   p.add_argument(
     "--train_arg",
     action="append",
@@ -70,14 +53,8 @@ def parse_args(argv):
     f"(part of the job hash); one of: {', '.join(sweep.train_arg_fields())}",
   )
   p.add_argument(
-    "--holdout_pairs",
-    action="store_true",
-    help="also run every pair of test envs (needed by leave-one-domain-out selection)",
-  )
-  p.add_argument(
     "--output_dir", required=True, help="the sweep directory: one subdirectory per job"
   )
-  p.add_argument("--data_dir", default=None)
   p.add_argument(
     "--launcher",
     choices=["local", "vmap", "submitit", "dry_run"],
@@ -115,12 +92,29 @@ def parse_args(argv):
   )
   p.add_argument("--yes", action="store_true", help="do not ask before deleting")
   p.add_argument("--quiet", action="store_true", help="print only the summary, not every job")
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(
+    description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+  )
+  p.add_argument("command", choices=["launch", "delete_incomplete", "status"])
+  add_arguments(p)
   return p.parse_args(argv)
+
+
+def sweep_config(args: argparse.Namespace) -> sweep.SweepConfig:
+  """The sweep's :class:`~dgjax.sweep.SweepConfig` from its parsed options."""
+  return sweep.SweepConfig(
+    **cli.argument_fields(args, sweep.SweepConfig),
+    job_args={spec.name: getattr(args, spec.name) for spec in config_lib.sweep_passed_fields()},
+    train_args=parse_train_args(args.train_arg),
+  )
 
 
 def main(argv=None) -> int:
   try:
-    return _main(argv)
+    return run(parse_args(argv))
   except KeyboardInterrupt:  # the launchers stop the jobs they started; each keeps its records
     print(
       "\ninterrupted (Ctrl-C); `status` lists what each job kept, `launch` resumes the "
@@ -130,28 +124,12 @@ def main(argv=None) -> int:
     return 130
 
 
-def _main(argv=None) -> int:
-  args = parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+  """Runs ``args.command`` on the sweep of ``args`` (:func:`add_arguments`); the exit code."""
   try:
-    config_lib.parse_json_object("hparams", args.hparams)
     if args.max_parallel < 1:
       raise ValueError(f"--max_parallel must be >= 1, got {args.max_parallel}")
-    args_list = sweep.make_args_list(
-      args.datasets,
-      args.methods,
-      n_trials=args.n_trials,
-      n_hparams=args.n_hparams,
-      n_hparams_from=args.n_hparams_from,
-      holdout_pairs=args.holdout_pairs,
-      test_envs=args.test_envs,
-      steps=args.steps,
-      checkpoint_freq=args.checkpoint_freq,
-      holdout_fraction=args.holdout_fraction,
-      data_dir=args.data_dir,
-      hparams=args.hparams,
-      extra_args=parse_train_args(args.train_arg),
-    )
-    jobs = sweep.make_jobs(args_list, args.output_dir)
+    jobs = sweep_config(args).jobs(args.output_dir)
     sweep.check_configs(jobs)  # every job's config and hparams, before any work
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -23,8 +23,6 @@ from absl import flags
 from absl import logging
 
 from dgjax import config as config_lib
-from dgjax import datasets
-from dgjax import methods
 from dgjax import results as results_lib
 from dgjax import runs
 from dgjax import selection
@@ -32,22 +30,11 @@ from dgjax import sharding
 from dgjax import train as train_lib
 from dgjax.checkpoints import CheckpointError
 from dgjax.data import DataError
+from experiments import cli
 
 
 FLAGS = flags.FLAGS
-_DEFINE = {
-  "string": flags.DEFINE_string,
-  "integer": flags.DEFINE_integer,
-  "float": flags.DEFINE_float,
-  "bool": flags.DEFINE_bool,
-  "list": flags.DEFINE_list,
-  "json": flags.DEFINE_string,
-}
-for _spec in config_lib.flag_specs():  # one flag per TrainConfig field (dgjax.config)
-  if _spec.kind == "enum":
-    flags.DEFINE_enum(_spec.name, _spec.default, list(_spec.choices), _spec.help)
-  else:
-    _DEFINE[_spec.kind](_spec.name, _spec.default, _spec.help)
+cli.define_flags(config_lib.TrainConfig)  # one flag per TrainConfig field (dgjax.config)
 flags.DEFINE_integer("test_env", None, "one test environment (the same as --test_envs=i)")
 flags.DEFINE_bool(
   "overwrite", False, "replace an existing run in output_dir (results.jsonl, checkpoints/, done)"
@@ -75,13 +62,10 @@ def config_from_flags() -> runs.TrainConfig:
   """The run's config from the flags; a ``ValueError`` names the bad flag or hparam."""
   if FLAGS.test_env is not None and FLAGS.test_envs:
     raise ValueError("pass --test_env or --test_envs, not both")
-  fields = config_lib.from_flag_values(
-    {s.name: FLAGS[s.name].value for s in config_lib.flag_specs()}
-  )
+  fields = cli.flag_fields(config_lib.TrainConfig)
   if FLAGS.test_env is not None:
     fields["test_envs"] = (FLAGS.test_env,)
-  methods.get_method(fields["method"])
-  return runs.make_config(**fields)
+  return runs.make_config(**fields)  # resolves the names, once
 
 
 def main(argv):
@@ -127,7 +111,7 @@ def _main(argv):
       task, envs = runs.load(config)
     except (DataError, ValueError, NotImplementedError) as e:
       fail(str(e))
-    print(f"dataset {config.dataset}: {datasets.get_dataset(config.dataset).description}")
+    print(f"dataset {config.dataset}: {config.resolved_dataset.description}")
     for i, env in enumerate(envs):
       print(
         f"env{i} {env.name}: {len(task.splits_in[i].y)} in / {len(task.splits_out[i].y)} out"

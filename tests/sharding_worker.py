@@ -3,6 +3,7 @@
 python tests/sharding_worker.py equal METHOD[,METHOD...]      # 8 CPU devices
 python tests/sharding_worker.py process ID PORT OUTDIR        # 2 processes x 2 devices
 python tests/sharding_worker.py eval TMPDIR                   # 8 CPU devices
+python tests/sharding_worker.py update_bn                     # 8 CPU devices
 """
 
 import contextlib
@@ -363,6 +364,56 @@ def eval_equal(tmpdir):
   print(json.dumps(out))
 
 
+def update_bn_on_mesh():
+  """SWAD's ``update_bn`` with the averaged model's variables and the batches on an 8-device
+  mesh (as the engine holds them with a mesh: statistics replicated, params uncommitted,
+  inputs replicated or split over every device) equals torch's cumulative update by hand."""
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from dgjax import sharding, swad
+  from test_swad import TinyResNet, torch_update_bn_reference
+
+  assert len(jax.devices()) == 8, jax.devices()
+  rng = np.random.RandomState(0)
+  batches = [rng.normal(size=(8, 5, 5, 3)).astype(np.float32) * (i + 1) + i for i in range(3)]
+  model = TinyResNet()
+  shapes = jax.eval_shape(model.init, jax.random.key(0), batches[0])
+  params, stale = (
+    jax.tree.map(lambda a: (0.5 * rng.normal(size=a.shape)).astype(np.float32), shapes[c])
+    for c in ("params", "batch_stats")
+  )
+  want = torch_update_bn_reference(params, batches)
+  mesh = sharding.make_mesh((2, 4))
+  split = NamedSharding(mesh, P(sharding.AXES))  # the batch over all 8 devices
+  out = {}
+  for label, put in (
+    ("replicated", lambda x: sharding.put_replicated(x, mesh)),
+    ("split", lambda x: jax.device_put(x, split)),
+  ):
+    variables = {
+      "params": jax.tree.map(jnp.asarray, params),
+      "batch_stats": sharding.put_replicated(stale, mesh),
+    }
+    inputs = [put(x) for x in batches]
+    assert len(inputs[0].sharding.device_set) == 8
+    new = swad.update_bn(model, variables, inputs, train=True)
+    stats = new["batch_stats"]
+    got = {
+      "bn": stats["bn"],
+      "block/bn1": stats["block"]["bn1"],
+      "block/bn2": stats["block"]["bn2"],
+    }
+    worst = 0.0
+    for name in want:
+      for stat in ("mean", "var"):
+        g = np.asarray(got[name][stat])
+        np.testing.assert_allclose(g, want[name][stat], rtol=2e-5, atol=2e-6, err_msg=label)
+        worst = max(worst, float(np.max(np.abs(g - want[name][stat]))))
+    out[label] = worst
+  print(json.dumps(out))
+
+
 if __name__ == "__main__":
   mode = sys.argv[1]
   if mode == "equal":
@@ -375,3 +426,6 @@ if __name__ == "__main__":
   elif mode == "eval":
     jax.config.update("jax_num_cpu_devices", 8)
     eval_equal(sys.argv[2])
+  elif mode == "update_bn":
+    jax.config.update("jax_num_cpu_devices", 8)
+    update_bn_on_mesh()

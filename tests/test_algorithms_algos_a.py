@@ -220,8 +220,7 @@ def test_dann_schedule_is_domainbeds():
 
 
 def _inner_state(opt_state):
-  """The step-gated optimizer's inner state (:func:`dgjax.core.on_steps`; optax's own call
-  counter beside it is not read)."""
+  """The step-gated optimizer's inner state (:func:`dgjax.core.on_steps`)."""
   ((_, inner),) = optax.tree_utils.tree_get_all_with_path(opt_state, "inner_state")
   return inner
 
@@ -248,6 +247,20 @@ def test_on_steps_skips_updates_and_freezes_the_inner_state():
   # (the inner update runs compiled inside lax.cond: float32 rounding may differ from eager)
   _close(_inner_state(s), s_ref, rtol=1e-6)
   assert int(_inner_state(s)[0].count) == 2
+
+
+def test_on_steps_reads_the_engines_step_and_keeps_no_counter():
+  """One clock: the gate reads the ``step`` it is given, whatever the calls so far, and the
+  state is the inner optimizer's alone."""
+  tx = core.on_steps(optax.sgd(1.0), lambda step: step >= 2)
+  params = {"w": jnp.zeros(2)}
+  state = tx.init(params)
+  assert state == core.OnStepsState(optax.sgd(1.0).init(params))
+  ones = {"w": jnp.ones(2)}
+  u, state = tx.update(ones, state, params, step=jnp.int32(5))  # the first call, step 5: moves
+  _close(u, {"w": -jnp.ones(2)}, rtol=0, atol=0)
+  u, state = tx.update(ones, state, params, step=jnp.int32(0))  # the second call, step 0: not
+  _close(u, {"w": jnp.zeros(2)}, rtol=0, atol=0)
 
 
 def test_cdann_class_balance_uses_the_one_hot_width_of_the_batch():

@@ -192,3 +192,32 @@ def test_a_new_field_reaches_every_derived_place():
   with pytest.raises(ValueError, match="crop must be int"):
     C.check_field_value("crop", "8", cls=Extended)
   assert "crop" not in C.sweep_fields(Extended)
+
+
+def test_the_other_entry_points_take_their_configs_fields():
+  """The sweep's and the reproduction's options are their dataclasses' fields (and the
+  TrainConfig fields the sweep passes to every job), read back into the same configs."""
+  from dgjax import irm_benchmark
+  from experiments import cli
+  from experiments import reproduce as reproduce_cli
+  from experiments import sweep as sweep_cli
+
+  args = sweep_cli.parse_args(["status", "--output_dir", "/s", "--steps", "3", "--n_trials", "1"])
+  passed = {s.name for s in C.sweep_passed_fields()}
+  assert passed == {"steps", "checkpoint_freq", "hparams", "holdout_fraction", "data_dir"}
+  assert {s.name for s in C.flag_specs(sweep.SweepConfig)} | passed <= set(vars(args))
+  config = sweep_cli.sweep_config(args)
+  assert config == sweep.SweepConfig(
+    n_trials=1, job_args={"steps": 3, "holdout_fraction": 0.2}, train_args={}
+  )
+  assert config.args_list()[0]["steps"] == 3 and "checkpoint_freq" not in config.args_list()[0]
+  args = reproduce_cli.parse_args(["irm_cmnist", "--n_restarts", "2", "--nohessian_gap"])
+  irm_fields = {f.name for f in C.config_fields(irm_benchmark.IRMConfig)} - {"method"}
+  assert irm_fields <= set(vars(args))
+  fields = cli.argument_fields(args, irm_benchmark.IRMConfig, skip=("method",))
+  assert irm_benchmark.IRMConfig(**fields) == irm_benchmark.IRMConfig(
+    n_restarts=2, restarts_impl="auto"
+  )
+  args = reproduce_cli.parse_args(["domainbed", "--output_dir", "/s"])
+  assert (args.datasets, args.launcher) == (["ColoredMNIST", "RotatedMNIST"], "vmap")
+  assert set(vars(sweep_cli.parse_args(["status", "--output_dir", "/s"]))) <= set(vars(args))

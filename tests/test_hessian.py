@@ -205,6 +205,28 @@ def test_transforms_in_a_jitted_chain():
     tx.update(zeros, tx.init(params), params, obj_fn=obj_fn)
 
 
+def test_a_weight_schedule_reads_the_callers_step_when_given():
+  """One clock: a schedule reads the ``step`` extra argument when the caller passes it (a train
+  loop's step, e.g. the engine's), the transform's own call count otherwise (standalone)."""
+  params, x, y = tiny_problem(jax.random.key(8), dtype=jnp.float32)
+  head_inputs = lambda p: inputs_of(p, x, y)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  tx = hessian.moment_alignment(weight=lambda s: 2.0 * s)
+  fixed = hessian.moment_alignment(weight=6.0)
+  want, _ = fixed.update(zeros, fixed.init(params), params, head_inputs=head_inputs)
+  # a fresh state (count 0) at the caller's step 3: weight 2 * 3
+  got, s = tx.update(zeros, tx.init(params), params, head_inputs=head_inputs, step=jnp.int32(3))
+  assert float(s.weight) == 6.0 and int(s.count) == 1
+  np.testing.assert_allclose(ravel_pytree(got)[0], ravel_pytree(want)[0], rtol=1e-6)
+  # no step: the calls so far (0, then 1), through optax.chain's forwarding as well
+  chain = optax.chain(tx, optax.sgd(1.0))
+  u0, state = chain.update(zeros, chain.init(params), params, head_inputs=head_inputs)
+  _, state = chain.update(zeros, state, params, head_inputs=head_inputs)
+  assert float(jnp.abs(ravel_pytree(u0)[0]).max()) == 0.0 and float(state[0].weight) == 2.0
+  _, state = chain.update(zeros, state, params, head_inputs=head_inputs, step=jnp.int32(7))
+  assert float(state[0].weight) == 14.0
+
+
 def test_registered_methods_step_under_jit():
   from dgjax import models, train as T
 

@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -286,6 +287,84 @@ def test_resume_with_other_data_is_refused_in_one_line_before_loading_it(tmp_pat
   assert proc.stderr.strip().splitlines()[-1].startswith("error: the checkpoint in ")
   assert "max_examples: checkpoint 16 vs now 32" in proc.stderr
   assert (out / "results.jsonl").read_bytes() == kept and (out / "done").exists()
+
+
+def test_resume_reads_the_data_not_where_it_lies(tmp_path, uninterrupted):
+  """The checkpoint's identity holds a digest of the data (:meth:`dgjax.task.Task.
+  data_fingerprint`): the same data (here a copy of the arrays) resumes, changed data (one
+  label) is refused in one line before any record is touched."""
+  out = tmp_path / "run"
+  ins, outs = splits()
+  train_lib.train(config(), mlp(2, (8,)), ins, outs, output_dir=out)
+  kept = (out / "results.jsonl").read_bytes()
+  meta = json.loads((out / "checkpoint_meta.json").read_text())
+  assert meta["data"].startswith("192 examples in 3 environments, sha256 ")
+  flipped = [train_lib.Split(s.name, s.x, s.y.copy()) for s in outs]
+  flipped[1].y[0] = 1 - flipped[1].y[0]
+  with pytest.raises(CheckpointError, match=r"\(data: checkpoint .192 examples.*' vs now") as err:
+    train_lib.train(config(), mlp(2, (8,)), ins, flipped, output_dir=out, resume=True)
+  assert "\n" not in str(err.value) and (out / "results.jsonl").read_bytes() == kept
+  copies = [[train_lib.Split(s.name, s.x.copy(), s.y.copy()) for s in ss] for ss in (ins, outs)]
+  resumed = train_lib.train(config(), mlp(2, (8,)), *copies, output_dir=out, resume=True)
+  assert strip_timing(resumed) == uninterrupted  # resumed at the end: nothing trained again
+
+
+def write_idx(folder, images, labels):
+  """MNIST's two training IDX files (uint8 images, labels) in ``folder``."""
+  folder.mkdir(parents=True)
+  header = lambda magic, shape: (
+    bytes([0, 0, 8, magic]) + b"".join(int(n).to_bytes(4, "big") for n in shape)
+  )
+  (folder / "train-images-idx3-ubyte").write_bytes(header(3, images.shape) + images.tobytes())
+  (folder / "train-labels-idx1-ubyte").write_bytes(header(1, labels.shape) + labels.tobytes())
+
+
+def test_data_fingerprint_follows_the_content_of_data_dir(tmp_path):
+  """A data directory moved (the same files elsewhere) gives the same fingerprint, so its run
+  resumes; other content (one digit changed, one image file resized or added) another."""
+  from dgjax import datasets
+  from dgjax.data.image_folder import FileSplit
+  from dgjax.image_task import ImageTask
+
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (60, 28, 28), dtype=np.uint8)
+  labels = rng.integers(0, 10, 60).astype(np.uint8)
+  write_idx(tmp_path / "a", images, labels)
+  (tmp_path / "a").rename(tmp_path / "moved")
+  changed = images.copy()
+  changed[7, 3, 3] ^= 1
+  write_idx(tmp_path / "b", changed, labels)
+  ds = datasets.get_dataset("ColoredMNIST")
+
+  def fingerprint(folder):
+    cfg = runs.make_config(ds, data_dir=str(tmp_path / folder), max_examples=60, progress=False)
+    return ds.task(cfg)[0].data_fingerprint()
+
+  moved = fingerprint("moved")
+  assert moved.startswith("60 examples in 3 environments, sha256 ")
+  assert moved != fingerprint("b")
+  write_idx(tmp_path / "c", images, labels)
+  assert fingerprint("c") == moved
+  # image trees (ImageTask): paths relative to their common folder, sizes, labels
+  for root in ("t1", "t2"):
+    for env, cls, name in (("e0", "c0", "x.jpg"), ("e1", "c1", "y.jpg")):
+      (tmp_path / root / env / cls).mkdir(parents=True)
+      (tmp_path / root / env / cls / name).write_bytes(b"\xff\xd8" + bytes(10))
+
+  def tree(root, labels=(0, 1)):  # an ImageTask's splits, one file each
+    paths = [str(tmp_path / root / p) for p in ("e0/c0/x.jpg", "e1/c1/y.jpg")]
+    split = lambda i, kind: FileSplit(
+      f"env{i}_{kind}", np.array(paths[i : i + 1]), labels[i : i + 1]
+    )
+    task = types.SimpleNamespace(
+      splits_in=[split(0, "in"), split(1, "in")], splits_out=[split(0, "out"), split(1, "out")]
+    )
+    return ImageTask.data_fingerprint(task)
+
+  assert tree("t1") == tree("t2") and tree("t1").startswith("4 files, sha256 ")
+  assert tree("t1") != tree("t1", labels=(1, 1))
+  (tmp_path / "t2/e1/c1/y.jpg").write_bytes(b"\xff\xd8" + bytes(11))
+  assert tree("t1") != tree("t2")
 
 
 def test_overwrite_while_another_process_holds_the_run_touches_nothing(tmp_path):

@@ -5,6 +5,9 @@ import collections
 import copy
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -501,3 +504,16 @@ def test_engine_refuses_swad_without_validation_data():
     train_lib.TrainConfig(swad=True, holdout_fraction=0.0)
   with pytest.raises(ValueError, match="n_tolerance must be an integer"):
     train_lib.TrainConfig(swad=True, swad_n_tolerance=0)
+
+
+def test_update_bn_on_a_multi_device_mesh():
+  """``update_bn`` with the statistics replicated over an 8-device mesh and the batches
+  replicated or split over it (as the engine holds them with a mesh) is torch's cumulative
+  update; in a subprocess, as the device count is fixed when JAX starts."""
+  worker = Path(__file__).resolve().parent / "sharding_worker.py"
+  proc = subprocess.run(
+    [sys.executable, str(worker), "update_bn"], capture_output=True, text=True, timeout=600
+  )
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  worst = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert set(worst) == {"replicated", "split"} and max(worst.values()) < 1e-4

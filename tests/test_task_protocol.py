@@ -27,6 +27,7 @@ MEMBERS = {
   "evaluate",
   "val_loss",
   "progress_numbers",
+  "data_fingerprint",
 }
 
 
@@ -82,6 +83,9 @@ class ExactTask:
 
   def progress_numbers(self, record):
     return {"acc": record["acc"]}
+
+  def data_fingerprint(self):
+    return "toy data"
 
 
 def test_a_task_of_exactly_the_protocol_trains():
