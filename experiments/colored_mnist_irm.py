@@ -23,6 +23,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from dgjax import compilation_cache
 from dgjax import irm_benchmark
 from dgjax import methods
 from dgjax.data import DataError, load_mnist
@@ -68,6 +69,7 @@ flags.DEFINE_enum(
   "restarts as one vmapped program or one after another (auto: sequential on CPU)",
 )
 flags.DEFINE_string("output", None, "append each method's result as one JSON line to this file")
+flags.DEFINE_string("compilation_cache", None, compilation_cache.FLAG_HELP)
 
 
 def fail(message: str) -> None:
@@ -79,6 +81,10 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   if len(argv) > 1:
     fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:  # before anything compiles: JAX opens the cache once
+    compilation_cache.setup(FLAGS.compilation_cache)
+  except compilation_cache.CompilationCacheError as e:
+    fail(str(e))
   names = [m.strip() for m in FLAGS.method.split(",") if m.strip()]
   try:
     for m in names:

@@ -25,6 +25,10 @@ import sys
 from pathlib import Path
 
 DEFAULT_IRM_METHODS = ("erm", "irm", "vrex", "fishr", "hgp", "hutchinson")
+CACHE_HELP = (
+  "directory of JAX's persistent compilation cache, 'off' to disable (default: "
+  "$DGJAX_COMPILATION_CACHE, else ~/.cache/dgjax/jax; see dgjax.compilation_cache)"
+)
 
 
 def parse_args(argv):
@@ -55,6 +59,7 @@ def parse_args(argv):
     "already there with the same restarts, steps and seed is not run again",
   )
   irm.add_argument("--output", default=None, help="write the Markdown report here")
+  irm.add_argument("--compilation_cache", default=None, help=CACHE_HELP)
   db = sub.add_parser(
     "domainbed",
     help="DomainBed's sweep protocol and selection",
@@ -85,6 +90,7 @@ def parse_args(argv):
   db.add_argument("--launcher", choices=["local", "vmap"], default="vmap")
   db.add_argument("--max_parallel", type=int, default=1)
   db.add_argument("--output", default=None, help="write the Markdown report here")
+  db.add_argument("--compilation_cache", default=None, help=CACHE_HELP)
   return p.parse_args(argv)
 
 
@@ -102,11 +108,12 @@ def write(report: str, output: str | None) -> None:
 
 
 def run_irm_cmnist(args) -> int:
-  from dgjax import irm_benchmark, methods, reproduce
+  from dgjax import compilation_cache, irm_benchmark, methods, reproduce
   from dgjax.data import DataError, load_mnist
   from dgjax.results import append_jsonl, read_jsonl
 
   try:
+    compilation_cache.setup(args.compilation_cache)  # before anything compiles
     for m in args.methods:
       methods.get_method(m)
     if args.n_restarts < 1 or args.steps < 2:
@@ -167,7 +174,7 @@ def run_domainbed(args) -> int:
     str(args.max_parallel),
     "--quiet",
   ]
-  for flag in ("steps", "checkpoint_freq", "data_dir"):
+  for flag in ("steps", "checkpoint_freq", "data_dir", "compilation_cache"):
     if getattr(args, flag) is not None:
       argv += [f"--{flag}", str(getattr(args, flag))]
   if args.test_envs is not None:
