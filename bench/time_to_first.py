@@ -22,7 +22,9 @@ the entry point imported; ``data`` loading the dataset and building the task; ``
 step`` trace + lowering + XLA compile (or cache read) outside evaluation: the step, the
 init and the small start-up programs; ``compile eval`` the same inside the first evaluation;
 ``eval`` the first evaluation's wall time (its compile included); ``first record`` from the
-process start to the first line of ``results.jsonl``; ``ms/step`` the steady step time the
+process start to the first line of ``results.jsonl``, ``its CPU s`` the CPU time the
+process spent until then, all threads (on a shared machine the wall times stretch with the
+other load, this much less); ``ms/step`` the steady step time the
 last record reports (the engine's timer, steps after the first evaluation). Evaluations
 after the first return the first one's numbers (their records are not real results; this
 measures start-up, and spares the second full evaluation). ``hits/misses``: persistent
@@ -50,6 +52,7 @@ COLUMNS = (
   ("compile eval", "compile_eval_s"),
   ("eval", "eval_s"),
   ("first record", "first_record_s"),
+  ("its CPU s", "first_record_cpu_s"),
   ("ms/step", "step_ms"),
   ("total", "total_s"),
 )
@@ -73,9 +76,12 @@ def write_synthetic_pacs(root: Path, per_class: int = 2, seed: int = 0) -> Path:
   return root
 
 
-def scenario_argv(scenario: str, data_dir: str, out: str, steps: int) -> list[str]:
+def scenario_argv(
+  scenario: str, data_dir: str, out: str, steps: int, extra: list[str] | None = None
+) -> list[str]:
   """The entry point's command line (after ``python -m ...``) of ``scenario``."""
   common = [f"--steps={steps}", f"--output_dir={out}", "--overwrite", "--noprogress"]
+  common += extra or []
   if scenario == "cmnist":
     return ["--method=erm", f"--data_dir={data_dir}", *common]
   if scenario == "pacs":
@@ -116,9 +122,13 @@ def child(scenario: str, argv: list[str], spawn_time: float) -> dict:
     "/jax/core/compile/backend_compile_duration",
   }
 
+  detail = {}  # (phase, event, function) -> seconds, for --detail
+
   def on_duration(event, secs, **kw):
     if event in events:
       compile_s[phase[0]] += secs
+      key = f"{phase[0]} {event.rsplit('/', 1)[-1]} {kw.get('fun_name')}"
+      detail[key] = detail.get(key, 0.0) + secs
 
   def on_event(event, **kw):
     if event == "/jax/compilation_cache/cache_hits":
@@ -164,6 +174,7 @@ def child(scenario: str, argv: list[str], spawn_time: float) -> dict:
     append(path, record)
     if "first_record_s" not in out:
       out["first_record_s"] = time.time() - spawn_time
+      out["first_record_cpu_s"] = time.process_time()  # every thread, since the start
 
   results_lib.append_jsonl = stamped_append
 
@@ -187,6 +198,7 @@ def child(scenario: str, argv: list[str], spawn_time: float) -> dict:
   out["steps"] = records[-1]["step"] + 1
   out.update(cache_hits=cache["hits"], cache_misses=cache["misses"])
   out["total_s"] = time.time() - spawn_time
+  out["detail"] = sorted(detail.items(), key=lambda kv: -kv[1])[:12]
   return out
 
 
@@ -230,7 +242,9 @@ def format_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def run_all(scenarios, modes, data_dir: str | None, steps: int, log=print) -> list[dict]:
+def run_all(
+  scenarios, modes, data_dir: str | None, steps: int, extra=None, detail=False, log=print
+) -> list[dict]:
   """Every scenario in every mode (``off``, ``cold``, ``warm``: cold fills a fresh cache
   directory that warm then reads); the rows of :func:`format_table`."""
   rows = []
@@ -245,7 +259,8 @@ def run_all(scenarios, modes, data_dir: str | None, steps: int, log=print) -> li
       for mode in modes:
         if mode == "cold" and Path(cache_dir).exists():
           raise ValueError("'cold' must come before 'warm' (and once)")
-        argv = scenario_argv(scenario, scenario_data, str(tmp / f"run-{scenario}-{mode}"), steps)
+        out = str(tmp / f"run-{scenario}-{mode}")
+        argv = scenario_argv(scenario, scenario_data, out, steps, extra)
         r = measure(scenario, argv, None if mode == "off" else cache_dir)
         files, mb = cache_size(None if mode == "off" else cache_dir)
         rows.append({"scenario": scenario, "mode": mode, "cache_files": files, "cache_mb": mb, **r})
@@ -253,8 +268,12 @@ def run_all(scenarios, modes, data_dir: str | None, steps: int, log=print) -> li
           f"{scenario} {mode}: first record {r['first_record_s']:.1f} s "
           f"(import {r['import_s']:.1f}, data {r['data_s']:.1f}, compile step "
           f"{r['compile_step_s']:.1f}, eval {r['eval_s']:.1f} of which compile "
-          f"{r['compile_eval_s']:.1f}), {r['step_ms']:.0f} ms/step"
+          f"{r['compile_eval_s']:.1f}), {r['step_ms']:.0f} ms/step",
+          flush=True,
         )
+        if detail:
+          for key, secs in r["detail"]:
+            log(f"    {secs:6.2f} s  {key}")
   return rows
 
 
@@ -279,6 +298,15 @@ def main(argv=None) -> int:
     help="MNIST IDX files for cmnist (default $DGJAX_DATA_DIR/mnist-first10k)",
   )
   p.add_argument("--steps", type=int, default=6, help="training steps per run")
+  p.add_argument(
+    "--entry_arg",
+    action="append",
+    default=[],
+    help="another flag for the entry point, e.g. --entry_arg=--max_examples=2000",
+  )
+  p.add_argument(
+    "--detail", action="store_true", help="print the costliest trace / lower / compile events"
+  )
   args = p.parse_args(argv)
   scenarios = [s for s in args.scenarios.split(",") if s]
   modes = [m for m in args.modes.split(",") if m]
@@ -288,12 +316,13 @@ def main(argv=None) -> int:
       p.error("cmnist needs --data_dir or DGJAX_DATA_DIR")
     data_dir = str(Path(os.environ["DGJAX_DATA_DIR"]) / "mnist-first10k")
   load = os.getloadavg()
-  rows = run_all(scenarios, modes, data_dir, args.steps)
+  rows = run_all(scenarios, modes, data_dir, args.steps, args.entry_arg, args.detail)
   print()
   print(format_table(rows))
   print(
     f"\n{os.cpu_count()} CPUs, load average {load[0]:.1f} before the runs; "
     f"cmnist data {data_dir}; {args.steps} steps per run"
+    + (f"; entry point flags {' '.join(args.entry_arg)}" if args.entry_arg else "")
   )
   return 0
 

@@ -15,10 +15,12 @@ Where (first that applies):
 3. the default, ``$XDG_CACHE_HOME/dgjax/jax`` (``~/.cache/dgjax/jax`` without
    ``XDG_CACHE_HOME``).
 
-Every program that takes at least :data:`MIN_COMPILE_TIME_SECS` to compile is written
-(JAX's default threshold, 1 s, would skip the evaluation programs and the small jitted
-helpers of start-up, which together cost seconds on CPU); JAX keys an entry by the program,
-the compile options, the backend and the jax / jaxlib versions, so a stale entry is never
+Every compiled program is written, however quick its compile (:data:`MIN_COMPILE_TIME_SECS`;
+JAX's default threshold, 1 s, would skip the evaluation program and the small programs of
+start-up, which together cost a second or more on CPU; the whole Colored MNIST run is 18
+files, 0.4 MB). What the cache cannot skip is tracing and lowering (about a second for the
+Colored MNIST step on CPU). JAX keys an entry by the program, the compile options, the backend
+and the jax / jaxlib versions, so a stale entry is never
 used. The directory only grows (delete it to reclaim the space; JAX's LRU eviction is off
 by default). The cache is trusted code: do not point it at a directory others can write.
 """
@@ -32,8 +34,8 @@ from typing import Mapping
 ENV_VAR = "DGJAX_COMPILATION_CACHE"
 #: Values of the flag or the environment variable that turn the cache off (case-insensitive).
 OFF = ("", "off", "none", "false", "0")
-#: Programs compiled in at least this many seconds are written to the cache.
-MIN_COMPILE_TIME_SECS = 0.1
+#: Programs compiled in at least this many seconds are written to the cache (all of them).
+MIN_COMPILE_TIME_SECS = 0.0
 
 FLAG_HELP = (
   "directory of JAX's persistent compilation cache, which makes a second run (and every job "
