@@ -28,7 +28,8 @@ until then, all threads (on a shared machine the wall times stretch with the oth
 the CPU times much less); ``ms/step`` the steady step time the last record reports (the
 engine's timer, steps after the first evaluation). Evaluations after the first return the
 first one's numbers (their records are not real results; this measures start-up, and spares
-the second full evaluation). ``hits/misses``: persistent cache lookups. Benchmarks are scripts, not tests.
+the second full evaluation). ``hits/misses``: persistent cache lookups. Benchmarks are
+scripts, not tests.
 """
 
 from __future__ import annotations
