@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import math
 import os
 import statistics
 import sys
@@ -211,12 +212,18 @@ def section_resnet(sz: Sizes):
     "x": jax.device_put(rng.integers(0, 256, (d, b, size, size, 3), dtype=np.uint8)),
     "y": jax.device_put(rng.integers(0, 7, (d, b)).astype(np.int32)),
   }
+  from dgjax import resnet
+
+  # one initialisation for every variant (float32 params whatever the compute dtype or remat)
+  variables = resnet.init_variables(
+    _resnet_model(sz.resnet_arch, jnp.float32, False), jax.random.key(0), size
+  )
   variants, programs = [], []
   for method in sz.resnet_methods:
     for dtype, remat in sz.resnet_settings:
       model = _resnet_model(sz.resnet_arch, jnp.dtype(dtype), remat)
       step, state = resnet_step.build_with_model(
-        method, model, d, b, size, jnp.dtype(dtype), augment=sz.augment
+        method, model, d, b, size, jnp.dtype(dtype), sz.augment, variables
       )
       variants.append((f"{method} {dtype}{' remat' if remat else ''}", state))
       programs.append((step, state, data))
@@ -372,7 +379,7 @@ RUNNERS = {
 
 # --------------------------------------------------------------------------- output
 def _mb(x):
-  return "-" if x != x else f"{x:.0f}"
+  return "-" if math.isnan(x) else f"{x:.0f}"
 
 
 def table(title, head, rows) -> str:

@@ -43,10 +43,11 @@ class AugmentTask(TaskBase):
   and its batch rule on a fixed uint8 batch (on-device ColorJitter / RandomGrayscale /
   normalisation with the step's key)."""
 
-  def __init__(self, model, domains, size, dtype, augment=True):
+  def __init__(self, model, domains, size, dtype, augment=True, variables=None):
     self.model, self.num_domains, self.dtype = model, domains, dtype
     self.augment = augment  # False: the evaluation preprocessing only (a cheaper compile)
-    variables = resnet.init_variables(model, jax.random.key(0), size)
+    if variables is None:  # (variants of one architecture can share them: float32 params)
+      variables = resnet.init_variables(model, jax.random.key(0), size)
     self._params, self.variables = variables["params"], {"batch_stats": variables["batch_stats"]}
 
   def init_params(self, key):
@@ -71,11 +72,13 @@ def build(method, arch, num_classes, domains, batch, size, freeze_bn, dtype, rem
   return build_with_model(method, model, domains, batch, size, dtype)
 
 
-def build_with_model(method, model, domains, batch, size, dtype, augment=True):
+def build_with_model(method, model, domains, batch, size, dtype, augment=True, variables=None):
   """:func:`build`'s step on any image classifier ``model`` (e.g. a smaller ResNet);
-  ``augment=False``: without the colour augmentation (its compile alone is seconds on CPU)."""
+  ``augment=False``: without the colour augmentation (its compile alone is seconds on CPU);
+  ``variables``: the model's initial variables (default: a fresh initialisation)."""
   hp = methods.resolve_hparams(method, 0, {"batch_size": batch}, dataset="PACS")
-  return train_lib.build_run(method, AugmentTask(model, domains, size, dtype, augment), hp)
+  task = AugmentTask(model, domains, size, dtype, augment, variables)
+  return train_lib.build_run(method, task, hp)
 
 
 def main(argv=None) -> int:
