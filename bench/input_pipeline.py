@@ -54,61 +54,61 @@ def rate(fn, n, min_s=1.0):
   return count / (time.perf_counter() - t0)
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(
-    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-  )
-  p.add_argument("--sizes", default="300", help="comma list of WxH or S (square) image sizes")
-  p.add_argument("--per_class", type=int, default=40)
-  p.add_argument("--domains", type=int, default=3)
-  p.add_argument("--batch", type=int, default=32)
-  p.add_argument("--workers", default="0,1,2", help="comma list of grain worker counts")
-  p.add_argument("--steps", type=int, default=6, help="timed steps per grain configuration")
-  p.add_argument("--read_threads", type=int, default=1)
-  args = p.parse_args(argv)
-
+def measure(
+  sizes, per_class, domains, batch, workers, steps, read_threads=1, image_size=224, device_aug=True
+):
+  """Writes the synthetic tree (``sizes``: ``(w, h)`` pairs) and times each stage; returns
+  ``(rows, mean_kb, n_domains)``, rows ``(stage, images/s, note)``: single-process decode,
+  grain with each worker count in ``workers``, the on-device colour augmentation (unless not
+  ``device_aug``)."""
   import jax
   from dgjax import augment
   from dgjax.data import image_folder as imf
   from dgjax.data import image_pipeline as pipe
 
-  sizes = []
-  for s in args.sizes.split(","):
-    w, _, h = s.partition("x")
-    sizes.append((int(w), int(h or w)))
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     root = Path(tmp)
-    write_tree(root, sizes, args.per_class)
-    envs = imf.ImageFolderDomains(root)[: args.domains]
+    write_tree(root, sizes, per_class)
+    envs = imf.ImageFolderDomains(root)[:domains]
     paths = [str(x) for e in envs for x in e.x]
     mean_kb = np.mean([os.path.getsize(x) for x in paths]) / 1024
+    n = 100 if steps > 2 else 2
     rows.append(
       (
         "decode+resize (1 process)",
-        rate(lambda i: pipe.decode_eval(paths[i % len(paths)]), 100),
+        rate(lambda i: pipe.decode_eval(paths[i % len(paths)], image_size), n, min_s=n / 100),
         "",
       )
     )
     rows.append(
       (
         "decode+crop+flip (1 process)",
-        rate(lambda i: pipe.decode_train(paths[i % len(paths)], pipe.example_rng((0,), i)), 100),
+        rate(
+          lambda i: pipe.decode_train(paths[i % len(paths)], pipe.example_rng((0,), i), image_size),
+          n,
+          min_s=n / 100,
+        ),
         "",
       )
     )
-    per_step = len(envs) * args.batch
-    for w in [int(v) for v in args.workers.split(",")]:
+    per_step = len(envs) * batch
+    for w in workers:
       t0 = time.perf_counter()
       it = iter(
         pipe.train_batches(
-          envs, jax.random.key(0), args.batch, num_workers=w, read_threads=args.read_threads
+          envs,
+          jax.random.key(0),
+          batch,
+          size=image_size,
+          num_workers=w,
+          read_threads=read_threads,
         )
       )
       next(it)
       first = time.perf_counter() - t0
       t0 = time.perf_counter()
-      for _ in range(args.steps):
+      for _ in range(steps):
         next(it)
       elapsed = time.perf_counter() - t0
       if hasattr(it, "close"):
@@ -116,13 +116,15 @@ def main(argv=None) -> int:
       rows.append(
         (
           f"grain train_batches, {w} worker(s)",
-          args.steps * per_step / elapsed,
-          f"first batch {first:.1f} s; {1000 * elapsed / args.steps:.0f} ms/step",
+          steps * per_step / elapsed,
+          f"first batch {first:.1f} s; {1000 * elapsed / steps:.0f} ms/step",
         )
       )
+    if not device_aug:
+      return rows, mean_kb, len(envs)
     x = jax.device_put(
       np.random.default_rng(0).integers(
-        0, 256, (len(envs), args.batch, 224, 224, 3), dtype=np.uint8
+        0, 256, (len(envs), batch, image_size, image_size, 3), dtype=np.uint8
       )
     )
     f = jax.jit(augment.train_augment)
@@ -138,10 +140,33 @@ def main(argv=None) -> int:
         "",
       )
     )
+  return rows, mean_kb, len(envs)
 
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  p.add_argument("--sizes", default="300", help="comma list of WxH or S (square) image sizes")
+  p.add_argument("--per_class", type=int, default=40)
+  p.add_argument("--domains", type=int, default=3)
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--workers", default="0,1,2", help="comma list of grain worker counts")
+  p.add_argument("--steps", type=int, default=6, help="timed steps per grain configuration")
+  p.add_argument("--read_threads", type=int, default=1)
+  args = p.parse_args(argv)
+
+  sizes = []
+  for s in args.sizes.split(","):
+    w, _, h = s.partition("x")
+    sizes.append((int(w), int(h or w)))
+  workers = [int(v) for v in args.workers.split(",")]
+  rows, mean_kb, n_domains = measure(
+    sizes, args.per_class, args.domains, args.batch, workers, args.steps, args.read_threads
+  )
   print(
     f"images {', '.join(f'{w}x{h}' for w, h in sizes)} JPEG (mean {mean_kb:.0f} KiB), "
-    f"{len(envs)} domains x {args.batch}, {os.cpu_count()} CPU cores"
+    f"{n_domains} domains x {args.batch}, {os.cpu_count()} CPU cores"
   )
   print(f"| {'stage':<38} | {'images/s':>9} | notes")
   print(f"| {'-' * 38} | {'-' * 9} | -----")

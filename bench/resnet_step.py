@@ -43,9 +43,11 @@ class AugmentTask(TaskBase):
   and its batch rule on a fixed uint8 batch (on-device ColorJitter / RandomGrayscale /
   normalisation with the step's key)."""
 
-  def __init__(self, model, domains, size, dtype):
+  def __init__(self, model, domains, size, dtype, augment=True, variables=None):
     self.model, self.num_domains, self.dtype = model, domains, dtype
-    variables = resnet.init_variables(model, jax.random.key(0), size)
+    self.augment = augment  # False: the evaluation preprocessing only (a cheaper compile)
+    if variables is None:  # (variants of one architecture can share them: float32 params)
+      variables = resnet.init_variables(model, jax.random.key(0), size)
     self._params, self.variables = variables["params"], {"batch_stats": variables["batch_stats"]}
 
   def init_params(self, key):
@@ -53,6 +55,8 @@ class AugmentTask(TaskBase):
     return self._params
 
   def batch(self, data, key, batch_size):
+    if not self.augment:
+      return {"x": augment.eval_preprocess(data["x"]).astype(self.dtype), "y": data["y"]}
     return {"x": augment.train_augment(key, data["x"], dtype=self.dtype), "y": data["y"]}
 
   def evaluate(self, model_state, run, predict, *, step=0, mesh=None):
@@ -65,8 +69,16 @@ def build(method, arch, num_classes, domains, batch, size, freeze_bn, dtype, rem
   model = resnet.resnet_classifier(
     arch, num_classes, dropout=0.0, freeze_bn=freeze_bn, dtype=dtype, remat=remat
   )
+  return build_with_model(method, model, domains, batch, size, dtype)
+
+
+def build_with_model(method, model, domains, batch, size, dtype, augment=True, variables=None):
+  """:func:`build`'s step on any image classifier ``model`` (e.g. a smaller ResNet);
+  ``augment=False``: without the colour augmentation (its compile alone is seconds on CPU);
+  ``variables``: the model's initial variables (default: a fresh initialisation)."""
   hp = methods.resolve_hparams(method, 0, {"batch_size": batch}, dataset="PACS")
-  return train_lib.build_run(method, AugmentTask(model, domains, size, dtype), hp)
+  task = AugmentTask(model, domains, size, dtype, augment, variables)
+  return train_lib.build_run(method, task, hp)
 
 
 def main(argv=None) -> int:

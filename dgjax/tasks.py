@@ -62,10 +62,32 @@ def sample_batch(key: jax.Array, data: TrainData, batch_size: int) -> dict[str, 
   return {"x": data.x[idx], "y": data.y[idx]}
 
 
-def _chunked_sum(fn, params, x, y, eval_batch_size: int, mesh=None) -> float:
+def eval_chunk_size(split_sizes: Sequence[int], eval_batch_size: int, mesh=None) -> int:
+  """One chunk size for every split of a task, so one evaluation program serves them all:
+  the size in ``[eval_batch_size / 2, eval_batch_size]`` (a multiple of 8 when
+  ``eval_batch_size >= 64``; rounded up to a multiple of ``mesh``'s device count) that pads the splits, each cut into whole chunks, with the fewest
+  rows (the largest on a tie); smaller when every split is. E.g. DomainBed's Colored MNIST on
+  10,000 digits (splits of 2668, 2667 and 666 examples) with 1000: 672, 0.8% padding where a
+  1000-chunk with 128-rounded tails pads 6%."""
+  sizes = [int(n) for n in split_sizes if n > 0]
+  if not sizes:
+    return sharding.round_up_to_devices(max(1, eval_batch_size), mesh)
+  step = 8 if eval_batch_size >= 64 else 1
+  hi = min(eval_batch_size, -(-max(sizes) // step) * step)
+  lo = min(-(-max(1, eval_batch_size // 2) // step) * step, hi)
+  candidates = {sharding.round_up_to_devices(c, mesh) for c in (*range(lo, hi + 1, step), hi)}
+
+  def padded(c):
+    return sum(-(-n // c) * c for n in sizes)
+
+  return min(candidates, key=lambda c: (padded(c), -c))
+
+
+def _chunked_sum(fn, params, x, y, eval_batch_size: int, mesh=None, fixed_shape=False) -> float:
   """``sum_chunks fn(params, x_chunk, y_chunk, valid)`` over host arrays, in chunks of
-  ``eval_batch_size``; a last partial chunk is padded to a multiple of 128 and masked by
-  ``valid`` (so few shapes compile).
+  ``eval_batch_size``; a last partial chunk is padded and masked by ``valid``: to
+  ``eval_batch_size`` with ``fixed_shape`` (one compiled shape), else to a multiple of 128
+  (so few shapes compile).
 
   With a ``mesh`` (``fn`` from :func:`dgjax.sharding.jit_eval`, ``params`` on the mesh) each
   chunk is split over all its devices: ``eval_batch_size`` and the padded tail are rounded up
@@ -76,7 +98,11 @@ def _chunked_sum(fn, params, x, y, eval_batch_size: int, mesh=None) -> float:
   for start in range(0, len(y), eval_batch_size):
     xb, yb = x[start : start + eval_batch_size], y[start : start + eval_batch_size]
     m = len(yb)
-    size = min(eval_batch_size, sharding.round_up_to_devices(-(-m // 128) * 128, mesh))
+    size = (
+      eval_batch_size
+      if fixed_shape
+      else min(eval_batch_size, sharding.round_up_to_devices(-(-m // 128) * 128, mesh))
+    )
     if m < size:
       xb = np.concatenate([xb, np.zeros((size - m,) + xb.shape[1:], xb.dtype)])
       yb = np.concatenate([yb, np.zeros((size - m,), yb.dtype)])
@@ -88,10 +114,11 @@ def _chunked_sum(fn, params, x, y, eval_batch_size: int, mesh=None) -> float:
   return total
 
 
-def make_accuracy_fn(predict, eval_batch_size: int = 1000, mesh=None):
+def make_accuracy_fn(predict, eval_batch_size: int = 1000, mesh=None, *, fixed_shape=False):
   """``accuracy(model_state, x, y) -> float``: argmax accuracy (a single logit: ``> 0``) of
   ``predict(model_state, x) -> logits``, in jitted chunks of ``eval_batch_size`` (a last
-  partial chunk is padded to a multiple of 128 and masked, so few shapes compile).
+  partial chunk is padded and masked: to ``eval_batch_size`` with ``fixed_shape``, so one
+  program serves every split, else to a multiple of 128, so few shapes compile).
 
   With a ``mesh`` every chunk is split over its devices (``eval_batch_size`` rounded up to a
   multiple of the device count; see :func:`_chunked_sum`) and the model state is replicated
@@ -109,13 +136,14 @@ def make_accuracy_fn(predict, eval_batch_size: int = 1000, mesh=None):
 
   def accuracy(params, x, y):
     params = params if mesh is None else sharding.on_mesh(params, mesh)
-    return _chunked_sum(correct, params, x, y, eval_batch_size, mesh) / max(len(y), 1)
+    total = _chunked_sum(correct, params, x, y, eval_batch_size, mesh, fixed_shape)
+    return total / max(len(y), 1)
 
   accuracy.correct = correct  # the jitted chunk function (tests inspect its shardings)
   return accuracy
 
 
-def make_loss_fn(predict, eval_batch_size: int = 1000, mesh=None):
+def make_loss_fn(predict, eval_batch_size: int = 1000, mesh=None, *, fixed_shape=False):
   """``loss(model_state, x, y) -> float``: the mean cross-entropy (:func:`dgjax.losses.cross_entropy`,
   per example) of ``predict(model_state, x) -> logits``, chunked, padded and (with a
   ``mesh``) sharded as :func:`make_accuracy_fn` (up to float summation order)."""
@@ -129,7 +157,7 @@ def make_loss_fn(predict, eval_batch_size: int = 1000, mesh=None):
 
   def loss(params, x, y):
     params = params if mesh is None else sharding.on_mesh(params, mesh)
-    return _chunked_sum(loss_sum, params, x, y, eval_batch_size, mesh) / len(y)
+    return _chunked_sum(loss_sum, params, x, y, eval_batch_size, mesh, fixed_shape) / len(y)
 
   loss.loss_sum = loss_sum  # the jitted chunk function (image tasks feed it their own batches)
   return loss
@@ -143,8 +171,9 @@ class DomainBedTask(TaskBase):
       params).
     splits_in, splits_out: per environment (index = environment), its in and out splits.
     test_envs: environments not trained on.
-    eval_batch_size: examples per jitted evaluation chunk (with a mesh, rounded up to a
-      multiple of its device count).
+    eval_batch_size: at most this many examples per jitted evaluation chunk: every split is
+      cut into chunks of one size (:func:`eval_chunk_size`; with a mesh, a multiple of its
+      device count), the last padded and masked, so one program evaluates them all.
   """
 
   has_val_loss = True
@@ -205,9 +234,16 @@ class DomainBedTask(TaskBase):
       out[f"env{e}_out_acc"] = accuracy(model_state, self.splits_out[e].x, self.splits_out[e].y)
     return out
 
+  def _chunk_size(self, mesh=None) -> int:
+    """The one evaluation chunk size of every split (:func:`eval_chunk_size`)."""
+    sizes = [len(s.y) for s in self.splits_in + self.splits_out]
+    return eval_chunk_size(sizes, self._eval_batch_size, mesh)
+
   def _accuracy_fn(self, predict, mesh=None):
     if (predict, mesh) not in self._accuracy:
-      self._accuracy[predict, mesh] = make_accuracy_fn(predict, self._eval_batch_size, mesh)
+      self._accuracy[predict, mesh] = make_accuracy_fn(
+        predict, self._chunk_size(mesh), mesh, fixed_shape=True
+      )
     return self._accuracy[predict, mesh]
 
   def val_loss(self, model_state, predict, *, mesh=None) -> float:
@@ -222,7 +258,9 @@ class DomainBedTask(TaskBase):
         "examples (holdout_fraction must be > 0)"
       )
     if (predict, mesh) not in self._loss:
-      self._loss[predict, mesh] = make_loss_fn(predict, self._eval_batch_size, mesh)
+      self._loss[predict, mesh] = make_loss_fn(
+        predict, self._chunk_size(mesh), mesh, fixed_shape=True
+      )
     loss = self._loss[predict, mesh]
     if mesh is not None:
       model_state = sharding.on_mesh(model_state, mesh)

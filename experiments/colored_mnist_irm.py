@@ -24,6 +24,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from dgjax import compilation_cache
 from dgjax import irm_benchmark
 from dgjax.data import DataError, load_mnist
 from experiments import cli
@@ -31,6 +32,7 @@ from experiments import cli
 FLAGS = flags.FLAGS
 cli.define_flags(irm_benchmark.IRMConfig)  # one flag per IRMConfig field (dgjax.config)
 flags.DEFINE_string("output", None, "append each method's result as one JSON line to this file")
+flags.DEFINE_string("compilation_cache", None, compilation_cache.FLAG_HELP)
 
 
 def fail(message: str) -> None:
@@ -50,6 +52,10 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   if len(argv) > 1:
     fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:  # before anything compiles: JAX opens the cache once
+    compilation_cache.setup(FLAGS.compilation_cache)
+  except compilation_cache.CompilationCacheError as e:
+    fail(str(e))
   try:
     configs = configs_from_flags()
   except ValueError as e:

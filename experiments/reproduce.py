@@ -28,6 +28,10 @@ from dgjax import config as config_lib
 from experiments import cli
 
 DEFAULT_IRM_METHODS = ("erm", "irm", "vrex", "fishr", "hgp", "hutchinson")
+CACHE_HELP = (
+  "directory of JAX's persistent compilation cache, 'off' to disable (default: "
+  "$DGJAX_COMPILATION_CACHE, else ~/.cache/dgjax/jax; see dgjax.compilation_cache)"
+)
 
 
 def parse_args(argv):
@@ -54,6 +58,7 @@ def parse_args(argv):
     "already there with the same config (its identity fields) is not run again",
   )
   irm.add_argument("--output", default=None, help="write the Markdown report here")
+  irm.add_argument("--compilation_cache", default=None, help=CACHE_HELP)
   db = sub.add_parser(
     "domainbed",
     help="DomainBed's sweep protocol and selection",
@@ -85,11 +90,12 @@ def write(report: str, output: str | None) -> None:
 
 
 def run_irm_cmnist(args) -> int:
-  from dgjax import irm_benchmark, reproduce
+  from dgjax import compilation_cache, irm_benchmark, reproduce
   from dgjax.data import DataError, load_mnist
   from dgjax.results import append_jsonl, read_jsonl
 
   try:
+    compilation_cache.setup(args.compilation_cache)  # before anything compiles
     fields = cli.argument_fields(args, irm_benchmark.IRMConfig, skip=("method",))
     configs = irm_benchmark.method_configs(args.methods, **fields)
     mnist = load_mnist(fields["data_dir"])

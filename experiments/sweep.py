@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
+from dgjax import compilation_cache
 from dgjax import config as config_lib
 from dgjax import sweep
 from experiments import cli
@@ -71,6 +73,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     default="resume",
     help="what launch does with incomplete jobs: resume them from their last "
     "checkpoint (--resume), restart them (--overwrite) or skip them",
+  )
+  p.add_argument(
+    "--compilation_cache",
+    default=None,
+    help=compilation_cache.FLAG_HELP + "; every job of the sweep reads and fills it",
   )
   p.add_argument("--python", default=sys.executable, help="interpreter in the commands")
   p.add_argument(
@@ -151,6 +158,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"Deleted {len(sweep.delete_incomplete(jobs))} jobs.")
     return 0
 
+  if args.launcher != "dry_run":
+    try:  # this process (vmap) and every job it starts (they inherit the variable)
+      cache = compilation_cache.setup(args.compilation_cache)
+    except compilation_cache.CompilationCacheError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    os.environ[compilation_cache.ENV_VAR] = str(cache) if cache is not None else "off"
   if args.launcher == "dry_run":
     for line in sweep.dry_run_commands(jobs, args.incomplete, args.python, args.module):
       print(line)

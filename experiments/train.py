@@ -22,6 +22,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from dgjax import compilation_cache
 from dgjax import config as config_lib
 from dgjax import results as results_lib
 from dgjax import runs
@@ -45,6 +46,7 @@ flags.DEFINE_bool(
   "continue the run in output_dir from its last checkpoint "
   "(refused if the checkpoint was trained with other data, model or numbers)",
 )
+flags.DEFINE_string("compilation_cache", None, compilation_cache.FLAG_HELP)
 flags.DEFINE_bool(
   "distributed",
   None,
@@ -90,9 +92,13 @@ def main(argv):
 
 def _main(argv):
   logging.set_verbosity(logging.WARNING)
-  sharding.maybe_initialize_distributed(FLAGS.distributed)
   if len(argv) > 1:
     fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:  # before anything compiles: JAX opens the cache once
+    compilation_cache.setup(FLAGS.compilation_cache)
+  except compilation_cache.CompilationCacheError as e:
+    fail(str(e))
+  sharding.maybe_initialize_distributed(FLAGS.distributed)
   try:
     config = config_from_flags()
     mesh = runs.make_mesh(config)

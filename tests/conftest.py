@@ -3,6 +3,11 @@ from pathlib import Path
 
 import pytest
 
+# The command lines turn JAX's persistent compilation cache on by default
+# (dgjax.compilation_cache): the tests that run them, in this process or as subprocesses,
+# compile as before and leave ~/.cache alone unless the environment names a cache.
+os.environ.setdefault("DGJAX_COMPILATION_CACHE", "off")
+
 
 # --- real data (dgjax.data) -------------------------------------------------
 @pytest.fixture(scope="session")

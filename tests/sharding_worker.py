@@ -214,7 +214,7 @@ def eval_equal(tmpdir):
 
   assert len(jax.devices()) == 8, jax.devices()
   out = {}
-  # --- DomainBedTask: split sizes giving full chunks, tails padded to 128 then to the devices
+  # --- DomainBedTask: split sizes giving full chunks and padded tails
   rng = np.random.default_rng(1)
   ins, outs = [], []
   for e, (n_in, n_out) in enumerate([(37, 150), (301, 5), (64, 1)]):
@@ -252,11 +252,12 @@ def eval_equal(tmpdir):
     assert sharded == single, (label, sharded, single)  # counts: exact
     np.testing.assert_allclose(sharded_loss, single_loss, rtol=1e-6, err_msg=label)
     _assert_split_over(seen, mesh)
-    # chunks: eval_batch_size rounded up to the devices (50 -> 56 or 51), tails padded further
-    assert {a.shape[0] for a in seen} <= {56, 51}, {a.shape[0] for a in seen}
+    # chunks: one size for every split (tails padded to it), a multiple of the devices
+    size = task._chunk_size(mesh)
+    assert {a.shape[0] for a in seen} == {size} and size % mesh.devices.size == 0, (label, size)
+    assert 25 <= size <= sharding.round_up_to_devices(50, mesh), (label, size)
     # the jitted chunk function compiles with the batch split over the mesh
     correct = task._accuracy_fn(predict, mesh).correct
-    size = sharding.round_up_to_devices(50, mesh)
     args = (
       sharding.on_mesh(state, mesh),
       np.zeros((size, 4, 4, 2), np.float32),

@@ -67,6 +67,7 @@ def test_the_command_line_is_the_fields():
     "overwrite",
     "resume",
     "distributed",
+    "compilation_cache",
   }
   for spec in C.flag_specs():
     assert flags.FLAGS[spec.name].help.endswith(spec.help)  # enums: "<a|b>: " first

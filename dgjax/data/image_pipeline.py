@@ -43,13 +43,15 @@ import io
 import math
 import queue
 import threading
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple, Sequence
 
-import grain
 import numpy as np
 from PIL import Image, ImageFile
 
 from dgjax.data.idx import DataError
+
+if TYPE_CHECKING:  # imported where used: a slow import (~0.6 s) only image runs need
+  import grain
 
 __all__ = [
   "CROP_RATIO",
@@ -252,6 +254,8 @@ class _EvalExample:
 def _workers(
   dataset: grain.MapDataset, num_workers: int, buffer: int, read_threads: int
 ) -> grain.IterDataset:
+  import grain  # a slow import (~0.6 s): only where images stream
+
   # grain reads absl flags in its worker machinery; a program without absl.app has not parsed
   # them (grain then raises UnparsedFlagAccessError): accept the defaults.
   from absl import flags
@@ -294,6 +298,8 @@ def train_batches(
   ``num_workers`` grain worker processes (0: in this process) each build whole batches;
   ``read_threads`` threads per worker decode the examples of a batch.
   """
+  import grain  # a slow import (~0.6 s): only where images stream
+
   if not envs:
     raise ValueError("train_batches needs at least one environment")
   for i, env in enumerate(envs):
@@ -327,6 +333,8 @@ def eval_batches(
   """One ordered pass over ``split`` (``x`` paths, ``y`` labels) in batches of
   ``batch_size``: ``{"x": uint8[B, size, size, 3], "y": int32[B], "mask": bool[B]}``; the
   last batch is padded with ``mask`` False."""
+  import grain  # a slow import (~0.6 s): only where images stream
+
   n = len(split.y)
   if n == 0:
     raise DataError(f"split {getattr(split, 'name', '?')} is empty")

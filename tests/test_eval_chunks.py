@@ -1,0 +1,77 @@
+"""DomainBedTask evaluates every split with one compiled program: one chunk size for all
+splits (dgjax.tasks.eval_chunk_size), the tails padded to it and masked; the accuracies and
+the validation loss are those of one unchunked pass per split."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dgjax import tasks
+from dgjax.models import mlp
+
+
+def padded_rows(sizes, c):
+  total = 0
+  for n in sizes:
+    chunks = 0
+    while chunks * c < n:
+      chunks += 1
+    total += chunks * c
+  return total
+
+
+def test_chunk_size_pads_least_among_the_allowed_sizes():
+  # DomainBed's Colored MNIST on the 10,000-digit subset: in/out splits of each environment
+  cmnist = [2668, 2667, 2667, 666, 666, 666]
+  assert tasks.eval_chunk_size(cmnist, 1000) == 672
+  assert padded_rows(cmnist, 672) == 10080  # 0.8% padding; 1000 + 128-rounded tails: 10608
+  for sizes, b in [
+    (cmnist, 1000),
+    ([18667, 18666, 18667, 4667, 4667, 4666], 1000),
+    ([37, 150, 301, 5, 64, 1], 200),
+    ([37, 150, 301, 5, 64, 1], 50),
+    ([10, 3], 1000),
+  ]:
+    c = tasks.eval_chunk_size(sizes, b)
+    step = 8 if b >= 64 else 1
+    top = min(b, max(sizes))
+    allowed = [k for k in range(1, b + 1) if k % step == 0 and 2 * k >= min(b, 2 * top)] + [
+      min(b, -(-max(sizes) // step) * step)
+    ]
+    assert c in allowed, (sizes, b, c)
+    assert padded_rows(sizes, c) == min(padded_rows(sizes, k) for k in allowed), (sizes, b, c)
+
+
+def test_one_program_evaluates_every_split_and_equals_an_unchunked_pass():
+  rng = np.random.default_rng(0)
+  ins, outs = [], []
+  for e, (n_in, n_out) in enumerate([(37, 150), (301, 5), (64, 1)]):
+    x = rng.normal(size=(n_in + n_out, 6)).astype(np.float32)
+    y = rng.integers(0, 3, n_in + n_out).astype(np.int32)
+    ins.append(tasks.Split(f"env{e}_in", x[:n_in], y[:n_in]))
+    outs.append(tasks.Split(f"env{e}_out", x[n_in:], y[n_in:]))
+  model = mlp(3, (8,))
+  # 200: the former chunking compiled 200 and 128 (the tails); now one size for all
+  task = tasks.DomainBedTask(model, ins, outs, test_envs=[2], eval_batch_size=200)
+  state = (task.init_params(jax.random.key(0)), ())
+  predict = lambda ms, x: model.apply({"params": ms[0]}, x)  # noqa: E731
+  acc = task.evaluate(state, 0, predict)
+  loss = task.val_loss(state, predict)
+  assert task._accuracy_fn(predict).correct._cache_size() == 1
+  assert task._loss[predict, None].loss_sum._cache_size() == 1
+  splits = [s for e in range(3) for s in (ins[e], outs[e])]  # one unchunked pass, sliced
+  every = np.asarray(predict(state, jnp.asarray(np.concatenate([s.x for s in splits]))))
+  ends = np.cumsum([len(s.y) for s in splits])
+  logits_of = {
+    s.name: every[end - len(s.y) : end].astype(np.float64) for s, end in zip(splits, ends)
+  }
+  losses = []
+  for e in range(3):
+    for split, key in ((ins[e], f"env{e}_in_acc"), (outs[e], f"env{e}_out_acc")):
+      logits = logits_of[split.name]
+      assert acc[key] == np.mean(np.argmax(logits, -1) == split.y), key
+      if split is outs[e] and e in task.train_envs:
+        z = logits - logits.max(-1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        losses.append(-np.mean(logp[np.arange(len(split.y)), split.y]))
+  np.testing.assert_allclose(loss, np.mean(losses), rtol=1e-5)
