@@ -115,7 +115,7 @@ class ImageDatasetSpec:
   augments: bool = True
   reader: Callable[[Any, int], list[ImageEnvironment]] | None = None
   layout: str = ""
-  fetch: str = "python -m domainbed.scripts.download --data_dir {data_dir}"
+  fetch: str = ""
 
   def fetch_command(self, data_dir) -> str:
     """The command that puts this dataset under ``data_dir``."""
@@ -158,10 +158,12 @@ SVIRO_VEHICLES = (
 
 
 def _domainbed_download(function: str) -> str:
-  """DomainBed's ``download.py`` function for one dataset (its ``__main__`` runs only
-  ``download_terra_incognita``; the others are commented out there)."""
+  """DomainBed's ``download.py`` function for one dataset, run in a DomainBed checkout (some
+  read files of it; its ``__main__`` runs only ``download_terra_incognita``, the others are
+  commented out there)."""
   return (
-    f"python -c \"from domainbed.scripts.download import {function}; {function}('{{data_dir}}')\""
+    "in a DomainBed checkout: python -c \"from domainbed.scripts.download import "
+    f"{function}; {function}('{{data_dir}}')\""
   )
 
 
@@ -201,6 +203,7 @@ IMAGE_DATASETS: dict[str, ImageDatasetSpec] = {
       ("Caltech101", "LabelMe", "SUN09", "VOC2007"),
       ("C", "L", "S", "V"),
       num_classes=5,
+      fetch=_domainbed_download("download_vlcs"),
     ),
     ImageDatasetSpec(
       "PACS",
@@ -208,6 +211,7 @@ IMAGE_DATASETS: dict[str, ImageDatasetSpec] = {
       ("art_painting", "cartoon", "photo", "sketch"),
       ("A", "C", "P", "S"),
       num_classes=7,
+      fetch=_domainbed_download("download_pacs"),
     ),
     ImageDatasetSpec(
       "OfficeHome",
@@ -215,6 +219,7 @@ IMAGE_DATASETS: dict[str, ImageDatasetSpec] = {
       ("Art", "Clipart", "Product", "Real World"),
       ("A", "C", "P", "R"),
       num_classes=65,
+      fetch=_domainbed_download("download_office_home"),
     ),
     ImageDatasetSpec(
       "TerraIncognita",
@@ -222,6 +227,7 @@ IMAGE_DATASETS: dict[str, ImageDatasetSpec] = {
       ("location_100", "location_38", "location_43", "location_46"),
       ("L100", "L38", "L43", "L46"),
       num_classes=10,
+      fetch=_domainbed_download("download_terra_incognita"),
     ),
     ImageDatasetSpec(
       "DomainNet",
@@ -230,6 +236,7 @@ IMAGE_DATASETS: dict[str, ImageDatasetSpec] = {
       ("clip", "info", "paint", "quick", "real", "sketch"),
       num_classes=345,
       checkpoint_freq=1000,
+      fetch=_domainbed_download("download_domain_net"),
     ),
     ImageDatasetSpec(
       "SVIRO",
