@@ -42,6 +42,7 @@ without hospitals). Not run on the real data here: the tests use small trees in 
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -220,11 +221,12 @@ def camelyon_environments(data_dir) -> list[ImageEnvironment]:
   path = root / "metadata.csv"
   columns = ("patient", "node", "x_coord", "y_coord", "tumor", "center")
   paths, labels, hospitals = [], [], []
+  patches = os.path.join(root, "patches")
   for i, row in _rows(name, path, columns):
     patient = row["patient"]
     node, x, y = (_int(name, path, i, c, row[c]) for c in ("node", "x_coord", "y_coord"))
     folder = f"patient_{patient}_node_{node}"
-    paths.append(str(root / "patches" / folder / f"patch_{folder}_x_{x}_y_{y}.png"))
+    paths.append(os.path.join(patches, folder, f"patch_{folder}_x_{x}_y_{y}.png"))
     labels.append(_int(name, path, i, "tumor", row["tumor"]))
     hospitals.append(_int(name, path, i, "center", row["center"]))
   y = np.asarray(labels, dtype=np.int32)
@@ -266,6 +268,7 @@ def fmow_environments(data_dir) -> list[ImageEnvironment]:
   category = {c: i for i, c in enumerate(FMOW_CATEGORIES)}
   keep = np.asarray([r["split"] != "seq" for r in rows], dtype=bool)
   paths, labels = [], []
+  images = os.path.join(root, "images")
   for i in np.flatnonzero(keep):
     c = rows[i]["category"]
     if c not in category:
@@ -273,7 +276,7 @@ def fmow_environments(data_dir) -> list[ImageEnvironment]:
         f"{name}: {path} row {i + 1} (after the header): unknown category {c!r} "
         f"(the wilds package's 62 are dgjax.data.wilds.FMOW_CATEGORIES)"
       )
-    paths.append(str(root / "images" / f"rgb_img_{i}.png"))
+    paths.append(os.path.join(images, f"rgb_img_{i}.png"))
     labels.append(category[c])
   if not paths:
     raise DataError(f"{name}: {path} has no rows outside the 'seq' split")
