@@ -218,7 +218,9 @@ class TrainConfig:
     None,
     "where the dataset is read from: MNIST IDX files (Fashion-MNIST ones for "
     "ColoredFashionMNIST; default: TFDS), DomainBed's download.py folder for the image "
-    "datasets, your <environment>/<class>/<image> tree for ImageFolder; Spirals needs none",
+    "datasets (the wilds package's folders for WILDSCamelyon/WILDSFMoW, the one holding "
+    "spawrious224/ for Spawrious), your <environment>/<class>/<image> tree for ImageFolder; "
+    "Spirals, Debug28 and Debug224 need none",
     record="domainbed",
     sweep="--data_dir",
   )

@@ -10,6 +10,11 @@
 | ``ColoredFashionMNIST`` | the same construction on Fashion-MNIST | 28x28x2 | 2 | ``MNIST_CNN`` |
 | ``RotatedMNIST`` | ``0`` ... ``75`` degrees | 28x28x1 | 10 | ``MNIST_CNN`` |
 | ``Spirals`` | ``train0`` ... ``train15``, ``test`` | 10 | 2 (one logit) | MLP 256x3 |
+| ``Debug28`` | ``0``, ``1``, ``2`` (16 random inputs each) | 28x28x3 | 2 | ``MNIST_CNN`` |
+
+The image benchmarks (VLCS, PACS, OfficeHome, TerraIncognita, DomainNet, SVIRO, Debug224,
+WILDSCamelyon, WILDSFMoW, the six Spawrious ones, ImageFolder) stream from disk through
+:mod:`dgjax.image_task`; their facts are :data:`dgjax.data.image_folder.IMAGE_DATASETS`.
 
 Colored Fashion-MNIST uses the partition of Ahuja et al. ("Invariant Risk Minimization
 Games", ICML 2020): classes 0-4 (t-shirt, trouser, pullover, dress, coat) against 5-9
@@ -123,6 +128,13 @@ def _colored(tfds_name: str, name: str):
   return environments
 
 
+def _debug28(data_dir=None, trial_seed=0, max_examples=None):
+  del data_dir
+  from dgjax.data.debug import EXAMPLES, debug28_environments
+
+  return debug28_environments(trial_seed, EXAMPLES if max_examples is None else max_examples)
+
+
 def _rotated(data_dir=None, trial_seed=0, max_examples=None):
   data = load_mnist(data_dir)
   return rotated_mnist(*_pooled(data, max_examples), seed=trial_seed)
@@ -169,10 +181,10 @@ def _image_dataset(name: str, description: str):
   spec = IMAGE_DATASETS.get(name)
 
   def environments(data_dir=None, trial_seed=0, max_examples=None, data_source="folder"):
-    del trial_seed, max_examples
+    del max_examples
     from dgjax.image_task import image_environments
 
-    return image_environments(name, data_dir, data_source)
+    return image_environments(name, data_dir, data_source, trial_seed)
 
   def make_task(config):
     from dgjax.image_task import make_task as make
@@ -190,11 +202,7 @@ def _image_dataset(name: str, description: str):
     environments,
     model=lambda conv_impl="auto": None,
     default_test_env=0,
-    data=(
-      f"DomainBed's download.py layout: <data_dir>/{spec.folder}/<env>/<class>/<image>"
-      if spec
-      else "<data_dir>/<environment>/<class>/<image> (your own images)"
-    ),
+    data=spec.data_layout if spec else "<data_dir>/<environment>/<class>/<image> (your own images)",
     small_images=False,
     env_names=spec.env_names if spec else (),
     steps=spec.n_steps if spec else 5001,
@@ -207,6 +215,26 @@ def _image_dataset(name: str, description: str):
 
 # In DomainBed's ``datasets.DATASETS`` order, then dgjax's own: tables list datasets in this
 # order (:func:`dgjax.domainbed_format.dataset_order`).
+register(
+  Dataset(
+    "Debug28",
+    "DomainBed's smoke test: 3 environments of 16 random N(0, 1) 28x28x3 inputs, random "
+    "binary labels (dgjax.data.debug)",
+    _debug28,
+    _cnn(2),
+    default_test_env=0,
+    data="nothing (random inputs drawn from the trial seed)",
+    small_images=True,
+    env_names=("0", "1", "2"),
+  )
+)
+register(
+  _image_dataset(
+    "Debug224",
+    "DomainBed's smoke test: 3 environments of 16 random 224x224 images, random binary "
+    "labels, through the image pipeline (dgjax.data.debug)",
+  )
+)
 register(
   Dataset(
     "ColoredMNIST",
@@ -259,6 +287,36 @@ register(
     "sketch; 345 classes (Peng et al., 2019)",
   )
 )
+register(
+  _image_dataset(
+    "SVIRO",
+    "SVIRO: rear-seat occupancy in 10 vehicles (aclass ... zoe), grayscale seat "
+    "rectangles; 7 classes (Dias Da Cruz et al., 2020)",
+  )
+)
+register(
+  _image_dataset(
+    "WILDSCamelyon",
+    "Camelyon17-WILDS: tissue patches from 5 hospitals, tumor or not (Bandi et al., 2018; "
+    "Koh et al., 2021)",
+  )
+)
+register(
+  _image_dataset(
+    "WILDSFMoW",
+    "FMoW-WILDS: satellite images from 6 regions, 62 land-use classes (Christie et al., "
+    "2018; Koh et al., 2021)",
+  )
+)
+for _kind, _what in (("O2O", "one-to-one"), ("M2M", "many-to-many")):
+  for _level in ("easy", "medium", "hard"):
+    register(
+      _image_dataset(
+        f"Spawrious{_kind}_{_level}",
+        f"Spawrious {_what} {_level}: 4 dog breeds on backgrounds spuriously tied to them; "
+        "environments Test, SC_group_1, SC_group_2 (Lynch et al., 2023)",
+      )
+    )
 register(
   Dataset(
     "ColoredFashionMNIST",

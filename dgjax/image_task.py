@@ -97,6 +97,8 @@ class ImageTask(TaskBase):
     batch_size: examples per training domain per step.
     seed: the run's seed (the stream's randomness derives from it).
     augment: DomainBed's ``data_augmentation``.
+    train_transform: the dataset's host-side training transform
+      (:data:`dgjax.data.image_pipeline.TRAIN_TRANSFORMS`).
   """
 
   streams = True
@@ -116,6 +118,7 @@ class ImageTask(TaskBase):
     num_workers: int = 2,
     image_size: int = image_pipeline.IMAGE_SIZE,
     prefetch: int = 2,
+    train_transform: str = "crop",
   ):
     n = len(splits_in)
     self.model = model
@@ -126,6 +129,7 @@ class ImageTask(TaskBase):
       raise ValueError("every environment is a test environment: nothing to train on")
     self.num_domains = len(self.train_envs)
     self.batch_size, self.seed, self.augment = batch_size, seed, augment
+    self.train_transform = train_transform
     self.eval_batch_size, self.num_workers = eval_batch_size, num_workers
     self.image_size, self.prefetch = image_size, prefetch
     self.pretrained = pretrained
@@ -157,6 +161,7 @@ class ImageTask(TaskBase):
       jax.random.fold_in(jax.random.key(self.seed), 0x696D67),
       self.batch_size,
       augment=self.augment,
+      transform=self.train_transform,
       start_step=start_step,
       size=self.image_size,
       num_workers=self.num_workers,
@@ -297,11 +302,12 @@ class ImageTask(TaskBase):
     self._streams.clear()
 
 
-def image_environments(name: str, data_dir, data_source: str = "folder"):
+def image_environments(name: str, data_dir, data_source: str = "folder", trial_seed: int = 0):
   """The environments of DomainBed image dataset ``name`` (or ``ImageFolder``: ``data_dir`` is
   the ``<env>/<class>/<image>`` root). ``data_source="tfds"``: from a TensorFlow Datasets copy
   prepared as array_record in ``data_dir`` (default ``$TFDS_DATA_DIR`` or
-  ``~/tensorflow_datasets``; DomainNet only, see :mod:`dgjax.data.tfds_images`)."""
+  ``~/tensorflow_datasets``; DomainNet only, see :mod:`dgjax.data.tfds_images`).
+  ``trial_seed``: the draws of Debug224's random images."""
   if data_source == "tfds":
     from dgjax.data.tfds_images import tfds_image_environments
 
@@ -314,7 +320,7 @@ def image_environments(name: str, data_dir, data_source: str = "folder"):
         "ImageFolder needs --data_dir: a folder of <environment>/<class>/<image>"
       )
     return image_folder.ImageFolderDomains(data_dir)
-  return image_folder.image_dataset_environments(name, data_dir)
+  return image_folder.image_dataset_environments(name, data_dir, trial_seed)
 
 
 def make_task(config, envs=None):
@@ -325,10 +331,13 @@ def make_task(config, envs=None):
   envs = (
     envs
     if envs is not None
-    else image_environments(config.dataset, config.data_dir, config.data_source)
+    else image_environments(config.dataset, config.data_dir, config.data_source, config.trial_seed)
   )
   if config.data_source == "folder":  # every file an image, before any compiling
-    image_check.check_image_files(path for env in envs for path in env.x)
+    image_check.check_image_files(
+      path for env in envs if isinstance(env.x, np.ndarray) for path in env.x
+    )
+  spec = image_folder.IMAGE_DATASETS.get(config.dataset)  # None: ImageFolder
   splits_in, splits_out = image_folder.image_splits(
     envs, config.holdout_fraction, config.trial_seed
   )
@@ -344,8 +353,9 @@ def make_task(config, envs=None):
     config.test_envs,
     int(hp["batch_size"]),
     config.seed,
-    augment=bool(hp["data_augmentation"]),
+    augment=bool(hp["data_augmentation"]) and (spec is None or spec.augments),
     image_size=config.image_size,
     num_workers=config.data_workers,
+    train_transform=spec.train_transform if spec is not None else "crop",
   )
   return task, envs

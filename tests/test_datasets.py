@@ -148,8 +148,10 @@ def test_dataset_registry_errors_are_clear():
   with pytest.raises(
     ValueError,
     match="unknown dataset 'MNISTT'; valid datasets: ColoredFashionMNIST, "
-    "ColoredMNIST, DomainNet, ImageFolder, OfficeHome, PACS, "
-    "RotatedMNIST, Spirals, TerraIncognita, VLCS",
+    "ColoredMNIST, Debug224, Debug28, DomainNet, ImageFolder, OfficeHome, PACS, "
+    "RotatedMNIST, SVIRO, SpawriousM2M_easy, SpawriousM2M_hard, SpawriousM2M_medium, "
+    "SpawriousO2O_easy, SpawriousO2O_hard, SpawriousO2O_medium, Spirals, TerraIncognita, "
+    "VLCS, WILDSCamelyon, WILDSFMoW",
   ):
     datasets.get_dataset("MNISTT")
   with pytest.raises(ValueError, match="takes no option"):

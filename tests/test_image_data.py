@@ -39,17 +39,27 @@ def make_tree(root, env_folders, classes, per_class=3, real=False, seed=0):
 
 
 # --------------------------------------------------------------------------- discovery
-@pytest.mark.parametrize("name", sorted(imf.IMAGE_DATASETS))
+FOLDER_DATASETS = sorted(n for n, s in imf.IMAGE_DATASETS.items() if s.reader is None)
+
+
+def test_folder_datasets_are_domainbeds_image_folders():
+  assert FOLDER_DATASETS == sorted(
+    ["VLCS", "PACS", "OfficeHome", "TerraIncognita", "DomainNet", "SVIRO"]
+  )
+
+
+@pytest.mark.parametrize("name", FOLDER_DATASETS)
 def test_domainbed_layout_discovery_order_and_constants(tmp_path, name):
   spec = imf.IMAGE_DATASETS[name]
-  classes = [f"class_{i:03d}" for i in range(spec.num_classes)][::-1]  # written unsorted
+  num_classes = spec.num_classes or 7  # SVIRO: read from the folders
+  classes = [f"class_{i:03d}" for i in range(num_classes)][::-1]  # written unsorted
   make_tree(tmp_path / spec.folder, spec.env_folders, classes, per_class=1)
   envs = imf.image_dataset_environments(name, tmp_path)
   assert [e.name for e in envs] == list(spec.env_names)
   assert [e.root.name for e in envs] == sorted(spec.env_folders) == list(spec.env_folders)
   for env in envs:
     assert env.classes == tuple(sorted(classes))
-    np.testing.assert_array_equal(env.y, np.arange(spec.num_classes))
+    np.testing.assert_array_equal(env.y, np.arange(num_classes))
     assert Path(env.x[0]).parent.name == "class_000"
   expected = {
     "VLCS": ("C", "L", "S", "V", 5),
@@ -57,6 +67,10 @@ def test_domainbed_layout_discovery_order_and_constants(tmp_path, name):
     "OfficeHome": ("A", "C", "P", "R", 65),
     "TerraIncognita": ("L100", "L38", "L43", "L46", 10),
     "DomainNet": ("clip", "info", "paint", "quick", "real", "sketch", 345),
+    "SVIRO": (
+      *("aclass", "escape", "hilux", "i3", "lexus", "tesla", "tiguan", "tucson", "x5", "zoe"),
+      None,
+    ),
   }[name]
   assert (*spec.env_names, spec.num_classes) == expected
   assert spec.checkpoint_freq == (1000 if name == "DomainNet" else 300)

@@ -1,4 +1,5 @@
-"""DomainBed's image benchmarks as file lists: VLCS, PACS, OfficeHome, TerraIncognita, DomainNet.
+"""DomainBed's image benchmarks as file lists: VLCS, PACS, OfficeHome, TerraIncognita, DomainNet,
+SVIRO; the table of every image benchmark (:data:`IMAGE_DATASETS`).
 
 Each dataset is read from the directory layout DomainBed's ``domainbed/scripts/download.py``
 produces under ``data_dir`` (Gulrajani & Lopez-Paz, "In Search of Lost Domain
@@ -15,6 +16,20 @@ Generalization", ICLR 2021; ``domainbed/datasets.py``: ``MultipleEnvironmentImag
 | ``OfficeHome`` | ``office_home`` | A: Art, C: Clipart, P: Product, R: Real World | 65 | 300 |
 | ``TerraIncognita`` | ``terra_incognita`` | L100, L38, L43, L46: location_<n> | 10 | 300 |
 | ``DomainNet`` | ``domain_net`` | clip, info, paint, quick, real, sketch: clipart, ... | 345 | 1000 |
+| ``SVIRO`` | ``sviro`` | aclass, escape, hilux, i3, lexus, tesla, tiguan, tucson, x5, zoe | 7 | 300 |
+
+SVIRO (Dias Da Cruz et al., WACV 2020): DomainBed's subset of the grayscale seat rectangles
+(``download_sviro`` renames the archive's ``SVIRO_DOMAINBED`` to ``sviro``), one environment
+per vehicle; its environment folders are assumed to carry the names of DomainBed's
+``ENVIRONMENTS`` (which DomainBed takes as the sorted folder list). Its class count is read
+from the folders, as DomainBed does (SVIRO's classification lists 7 classes: background,
+infant seat, child seat, person, everyday object, empty infant seat, empty child seat); not
+checked against a real copy.
+
+The other image benchmarks of DomainBed are read by their own modules, listed here with a
+``reader``: :mod:`dgjax.data.wilds` (``WILDSCamelyon``, ``WILDSFMoW``),
+:mod:`dgjax.data.spawrious` (the six ``Spawrious*``) and :mod:`dgjax.data.debug`
+(``Debug224``).
 
 Every dataset trains ``N_STEPS = 5001`` steps by default: DomainBed's base class value, which
 no image dataset overrides (DomainNet included; DomainBed has never had a 15001 default).
@@ -48,7 +63,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -76,20 +91,46 @@ class ImageDatasetSpec:
   """One of DomainBed's image benchmarks: where it lives and how DomainBed trains it.
 
   ``env_folders`` are the environment folders in DomainBed's (sorted) order and
-  ``env_names`` DomainBed's ``ENVIRONMENTS`` for them; ``checkpoint_freq`` and ``n_steps``
-  are DomainBed's ``CHECKPOINT_FREQ`` and ``N_STEPS``.
+  ``env_names`` DomainBed's ``ENVIRONMENTS`` for them; ``num_classes`` ``None``: read from
+  the folders (checked otherwise); ``checkpoint_freq`` and ``n_steps`` are DomainBed's
+  ``CHECKPOINT_FREQ`` and ``N_STEPS``. ``train_transform`` is the host part of DomainBed's
+  training transform (:data:`dgjax.data.image_pipeline.TRAIN_TRANSFORMS`); ``augments``
+  false: DomainBed transforms nothing, whatever ``data_augmentation`` says (Debug224).
+
+  ``reader(data_dir, trial_seed)``, if given, returns the environments (a dataset not in
+  the ``<folder>/<env>/<class>/<image>`` layout; ``env_folders`` then unused) and
+  ``layout`` says what ``data_dir`` must hold; ``fetch`` is the command that fetches it
+  (``{data_dir}`` filled in), named by the errors for missing data.
   """
 
   name: str
   folder: str
   env_folders: tuple[str, ...]
   env_names: tuple[str, ...]
-  num_classes: int
+  num_classes: int | None
   checkpoint_freq: int = 300
   n_steps: int = 5001
   input_shape: tuple[int, int, int] = (224, 224, 3)
+  train_transform: str = "crop"
+  augments: bool = True
+  reader: Callable[[Any, int], list[ImageEnvironment]] | None = None
+  layout: str = ""
+  fetch: str = ""
+
+  def fetch_command(self, data_dir) -> str:
+    """The command that puts this dataset under ``data_dir``."""
+    return self.fetch.format(data_dir=data_dir)
+
+  @property
+  def data_layout(self) -> str:
+    """What ``data_dir`` must hold, in words."""
+    return self.layout or (
+      f"DomainBed's download.py layout: <data_dir>/{self.folder}/<env>/<class>/<image>"
+    )
 
   def __post_init__(self):
+    if self.reader is not None:
+      return
     if len(self.env_folders) != len(self.env_names):
       raise ValueError(
         f"{self.name}: {len(self.env_folders)} folders for {len(self.env_names)} environment names"
@@ -101,6 +142,58 @@ class ImageDatasetSpec:
       )
 
 
+#: SVIRO's vehicles, DomainBed's ``ENVIRONMENTS`` (and, sorted, its environment folders).
+SVIRO_VEHICLES = (
+  "aclass",
+  "escape",
+  "hilux",
+  "i3",
+  "lexus",
+  "tesla",
+  "tiguan",
+  "tucson",
+  "x5",
+  "zoe",
+)
+
+
+def _domainbed_download(function: str) -> str:
+  """DomainBed's ``download.py`` function for one dataset, run in a DomainBed checkout (some
+  read files of it; its ``__main__`` runs only ``download_terra_incognita``, the others are
+  commented out there)."""
+  return (
+    "in a DomainBed checkout: python -c \"from domainbed.scripts.download import "
+    f"{function}; {function}('{{data_dir}}')\""
+  )
+
+
+def _read_with(module: str, name: str):
+  """The ``reader`` of dataset ``name``: ``dgjax.data.<module>.environments(name, data_dir,
+  trial_seed)``, the module imported when first read (it imports this one)."""
+
+  def read(data_dir, trial_seed=0):
+    import importlib
+
+    return importlib.import_module(f"dgjax.data.{module}").environments(name, data_dir, trial_seed)
+
+  return read
+
+
+def _spawrious(name: str) -> ImageDatasetSpec:
+  return ImageDatasetSpec(
+    name,
+    "spawrious224",
+    (),
+    ("Test", "SC_group_1", "SC_group_2"),
+    num_classes=4,
+    checkpoint_freq=100,
+    train_transform="resize_flip",
+    reader=_read_with("spawrious", name),
+    layout="the Spawrious archive: <data_dir>/spawrious224/{0,1}/<location>/<breed>/<image>",
+    fetch=_domainbed_download("download_spawrious"),
+  )
+
+
 IMAGE_DATASETS: dict[str, ImageDatasetSpec] = {
   spec.name: spec
   for spec in (
@@ -110,6 +203,7 @@ IMAGE_DATASETS: dict[str, ImageDatasetSpec] = {
       ("Caltech101", "LabelMe", "SUN09", "VOC2007"),
       ("C", "L", "S", "V"),
       num_classes=5,
+      fetch=_domainbed_download("download_vlcs"),
     ),
     ImageDatasetSpec(
       "PACS",
@@ -117,6 +211,7 @@ IMAGE_DATASETS: dict[str, ImageDatasetSpec] = {
       ("art_painting", "cartoon", "photo", "sketch"),
       ("A", "C", "P", "S"),
       num_classes=7,
+      fetch=_domainbed_download("download_pacs"),
     ),
     ImageDatasetSpec(
       "OfficeHome",
@@ -124,6 +219,7 @@ IMAGE_DATASETS: dict[str, ImageDatasetSpec] = {
       ("Art", "Clipart", "Product", "Real World"),
       ("A", "C", "P", "R"),
       num_classes=65,
+      fetch=_domainbed_download("download_office_home"),
     ),
     ImageDatasetSpec(
       "TerraIncognita",
@@ -131,6 +227,7 @@ IMAGE_DATASETS: dict[str, ImageDatasetSpec] = {
       ("location_100", "location_38", "location_43", "location_46"),
       ("L100", "L38", "L43", "L46"),
       num_classes=10,
+      fetch=_domainbed_download("download_terra_incognita"),
     ),
     ImageDatasetSpec(
       "DomainNet",
@@ -139,6 +236,58 @@ IMAGE_DATASETS: dict[str, ImageDatasetSpec] = {
       ("clip", "info", "paint", "quick", "real", "sketch"),
       num_classes=345,
       checkpoint_freq=1000,
+      fetch=_domainbed_download("download_domain_net"),
+    ),
+    ImageDatasetSpec(
+      "SVIRO",
+      "sviro",
+      SVIRO_VEHICLES,
+      SVIRO_VEHICLES,
+      num_classes=None,
+      fetch=_domainbed_download("download_sviro"),
+    ),
+    ImageDatasetSpec(
+      "Debug224",
+      "",
+      (),
+      ("0", "1", "2"),
+      num_classes=2,
+      checkpoint_freq=100,
+      augments=False,
+      reader=_read_with("debug", "Debug224"),
+      layout="nothing (random images drawn from the trial seed)",
+      fetch="",
+    ),
+    ImageDatasetSpec(
+      "WILDSCamelyon",
+      "camelyon17_v1.0",
+      (),
+      tuple(f"hospital_{i}" for i in range(5)),
+      num_classes=2,
+      checkpoint_freq=100,
+      train_transform="resize_crop",
+      reader=_read_with("wilds", "WILDSCamelyon"),
+      fetch="python -m wilds.download_datasets --root_dir {data_dir} --datasets camelyon17",
+      layout="the wilds package's layout: <data_dir>/camelyon17_v1.0/metadata.csv and "
+      "patches/patient_<p>_node_<n>/patch_patient_<p>_node_<n>_x_<x>_y_<y>.png",
+    ),
+    ImageDatasetSpec(
+      "WILDSFMoW",
+      "fmow_v1.1",
+      (),
+      tuple(f"region_{i}" for i in range(6)),
+      num_classes=62,
+      checkpoint_freq=100,
+      train_transform="resize_crop",
+      reader=_read_with("wilds", "WILDSFMoW"),
+      fetch="python -m wilds.download_datasets --root_dir {data_dir} --datasets fmow",
+      layout="the wilds package's layout: <data_dir>/fmow_v1.1/rgb_metadata.csv, "
+      "country_code_mapping.csv and images/rgb_img_<i>.png",
+    ),
+    *(
+      _spawrious(f"Spawrious{kind}_{level}")
+      for kind in ("O2O", "M2M")
+      for level in ("easy", "medium", "hard")
     ),
   )
 }
@@ -288,13 +437,16 @@ def get_image_dataset(name: str) -> ImageDatasetSpec:
     ) from None
 
 
-def image_dataset_environments(name: str, data_dir) -> list[ImageEnvironment]:
+def image_dataset_environments(name: str, data_dir, trial_seed: int = 0) -> list[ImageEnvironment]:
   """The environments of DomainBed image dataset ``name`` under ``data_dir``.
 
   Reads ``data_dir/<folder>/<env folder>/<class>/<image>`` (see the module table); checks
-  that the number of classes is DomainBed's.
+  that the number of classes is DomainBed's. A dataset with a ``reader`` is read by it
+  (``trial_seed``: the random Debug224 images).
   """
   spec = get_image_dataset(name)
+  if spec.reader is not None:
+    return spec.reader(data_dir, trial_seed)
   if data_dir is None:
     raise DataError(
       f"{name} needs a data directory holding {spec.folder}/ (DomainBed's download.py layout)"
@@ -304,11 +456,11 @@ def image_dataset_environments(name: str, data_dir) -> list[ImageEnvironment]:
     raise DataError(
       f"{name}: folder {root} does not exist; expected DomainBed's layout "
       f"{root}/{{{','.join(spec.env_folders)}}}/<class>/<image> "
-      f"(python -m domainbed.scripts.download --data_dir {data_dir})"
+      f"({spec.fetch_command(data_dir)})"
     )
   envs = ImageFolderDomains(root, spec.env_folders, spec.env_names)
   found = len(envs[0].classes)
-  if found != spec.num_classes:
+  if spec.num_classes is not None and found != spec.num_classes:
     raise DataError(
       f"{name}: {root} has {found} class folders per environment, "
       f"DomainBed's {name} has {spec.num_classes}"

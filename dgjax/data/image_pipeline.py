@@ -12,6 +12,13 @@ train: ``RandomResizedCrop(224, (0.7, 1))``  ImageNet mean/std normalisation
 train: ``RandomHorizontalFlip()``
 =========================================  ===========================================
 
+The host part of the training transform differs between DomainBed's datasets
+(:data:`TRAIN_TRANSFORMS`, the ``transform`` argument of :func:`decode_train`):
+``"crop"`` is the table above (``MultipleEnvironmentImageFolder``: VLCS, PACS, ...);
+``"resize_crop"`` first resizes to 224x224, then crops and flips (``WILDSDataset``: the
+crop box is drawn on the resized image); ``"resize_flip"`` resizes and flips, no crop
+(``SpawriousBenchmark``). The device part is the same for all three.
+
 Decoding and resampling are irregular, per-image work that PIL does well on CPU cores; the
 colour operations are dense elementwise maths on the fixed-size batch, cheap on an
 accelerator, and they move 1 byte per pixel to the device instead of 4.
@@ -57,6 +64,7 @@ __all__ = [
   "CROP_RATIO",
   "CROP_SCALE",
   "IMAGE_SIZE",
+  "TRAIN_TRANSFORMS",
   "DevicePrefetch",
   "EncodedImage",
   "ImageDecodeError",
@@ -76,6 +84,9 @@ IMAGE_SIZE = 224
 CROP_SCALE = (0.7, 1.0)
 #: torchvision's default aspect-ratio range of ``RandomResizedCrop``.
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+#: The host part of DomainBed's training transforms (see the module docstring): ``crop``
+#: (image folders), ``resize_crop`` (WILDS), ``resize_flip`` (Spawrious).
+TRAIN_TRANSFORMS = ("crop", "resize_crop", "resize_flip")
 
 
 class ImageDecodeError(DataError):
@@ -175,17 +186,29 @@ def decode_eval(path: str, size: int = IMAGE_SIZE) -> np.ndarray:
 
 
 def decode_train(
-  path: str, rng: np.random.Generator, size: int = IMAGE_SIZE, scale=CROP_SCALE
+  path: str,
+  rng: np.random.Generator,
+  size: int = IMAGE_SIZE,
+  scale=CROP_SCALE,
+  transform: str = "crop",
 ) -> np.ndarray:
-  """``RandomResizedCrop(size, scale)`` then ``RandomHorizontalFlip()``, uint8 HWC.
+  """DomainBed's host-side training transform ``transform`` (:data:`TRAIN_TRANSFORMS`),
+  uint8 HWC.
 
-  Crop box from :func:`random_resized_crop_box`, ``crop`` then bilinear ``resize`` (PIL,
-  as torchvision on PIL images), then a left-right flip with probability 1/2, all drawn
-  from ``rng``.
+  ``"crop"``: ``RandomResizedCrop(size, scale)`` then ``RandomHorizontalFlip()``: crop box
+  from :func:`random_resized_crop_box`, ``crop`` then bilinear ``resize`` (PIL, as
+  torchvision on PIL images), then a left-right flip with probability 1/2, all drawn from
+  ``rng``. ``"resize_crop"``: the same after ``Resize((size, size))`` (the box is drawn on
+  the resized image). ``"resize_flip"``: ``Resize((size, size))`` and the flip.
   """
+  if transform not in TRAIN_TRANSFORMS:
+    raise ValueError(f"unknown transform {transform!r}; valid: {', '.join(TRAIN_TRANSFORMS)}")
   image = load_rgb(path)
-  top, left, h, w = random_resized_crop_box(image.height, image.width, rng, scale)
-  image = image.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
+  if transform != "crop":
+    image = image.resize((size, size), Image.BILINEAR)
+  if transform != "resize_flip":
+    top, left, h, w = random_resized_crop_box(image.height, image.width, rng, scale)
+    image = image.crop((left, top, left + w, top + h)).resize((size, size), Image.BILINEAR)
   if rng.random() < 0.5:
     image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
   return np.asarray(image, dtype=np.uint8)
@@ -206,13 +229,14 @@ def _image(images, j: int):
 class _TrainExample:
   """Flat example index ``i = (s * D + d) * B + b`` -> one augmented (or resized) example."""
 
-  def __init__(self, paths, labels, batch_size, entropy, size, augment):
+  def __init__(self, paths, labels, batch_size, entropy, size, augment, transform="crop"):
     self.paths = [_images(p) for p in paths]
     self.labels = [np.asarray(y, dtype=np.int32) for y in labels]
     self.batch_size = batch_size
     self.entropy = tuple(entropy)
     self.size = size
     self.augment = augment
+    self.transform = transform
 
   def __call__(self, i: int):
     i = int(i)
@@ -222,7 +246,10 @@ class _TrainExample:
     rng = example_rng(self.entropy, step, domain, slot)
     j = int(rng.integers(0, len(self.labels[domain])))
     path = _image(self.paths[domain], j)
-    x = decode_train(path, rng, self.size) if self.augment else decode_eval(path, self.size)
+    if self.augment:
+      x = decode_train(path, rng, self.size, transform=self.transform)
+    else:
+      x = decode_eval(path, self.size)
     return {"x": x, "y": self.labels[domain][j]}
 
 
@@ -278,6 +305,7 @@ def train_batches(
   batch_size: int,
   *,
   augment: bool = True,
+  transform: str = "crop",
   start_step: int = 0,
   num_steps: int | None = None,
   size: int = IMAGE_SIZE,
@@ -290,8 +318,9 @@ def train_batches(
   ``envs``: the training environments (or their in-splits), each with ``x`` (image paths,
   or a random-access sequence of :class:`EncodedImage`) and ``y`` (labels). Domain ``d``
   of every step samples ``batch_size`` examples of ``envs[d]`` uniformly with replacement
-  (DomainBed's ``InfiniteDataLoader``); ``augment`` applies ``RandomResizedCrop`` + flip
-  (DomainBed's ``data_augmentation``), otherwise ``Resize``. All draws come from ``key`` (see the module docstring): the stream
+  (DomainBed's ``InfiniteDataLoader``); ``augment`` applies the dataset's training
+  ``transform`` (:func:`decode_train`; DomainBed's ``data_augmentation``), otherwise
+  ``Resize``. All draws come from ``key`` (see the module docstring): the stream
   is a function of ``(key, step)`` only. Steps ``start_step, start_step + 1, ...``;
   infinite unless ``num_steps`` is given.
 
@@ -302,6 +331,8 @@ def train_batches(
 
   if not envs:
     raise ValueError("train_batches needs at least one environment")
+  if transform not in TRAIN_TRANSFORMS:
+    raise ValueError(f"unknown transform {transform!r}; valid: {', '.join(TRAIN_TRANSFORMS)}")
   for i, env in enumerate(envs):
     if len(env.y) == 0:
       raise DataError(f"training environment {i} ({getattr(env, 'name', '?')}) is empty")
@@ -310,7 +341,13 @@ def train_batches(
   first = start_step * per_step
   last = 2**62 if stop is None else stop * per_step
   example = _TrainExample(
-    [e.x for e in envs], [e.y for e in envs], batch_size, key_entropy(key), size, augment
+    [e.x for e in envs],
+    [e.y for e in envs],
+    batch_size,
+    key_entropy(key),
+    size,
+    augment,
+    transform,
   )
   ds = (
     grain.MapDataset.range(first, last)

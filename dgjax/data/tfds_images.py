@@ -252,8 +252,9 @@ def tfds_image_environments(
   if spec is None:
     raise DataError(
       f"TFDS has no {name!r}; of DomainBed's image datasets it has only "
-      f"{', '.join(TFDS_IMAGE_DATASETS)}. Read {name} from DomainBed's folder layout "
-      f"instead (python -m domainbed.scripts.download)"
+      f"{', '.join(TFDS_IMAGE_DATASETS)}. Read {name} from its folders instead "
+      f"(--data_source=folder; fetch them with: "
+      f"{IMAGE_DATASETS[name].fetch_command('<data_dir>') if name in IMAGE_DATASETS else 'python -m domainbed.scripts.download'})"
     )
   data_dir = Path(
     os.path.expanduser(str(data_dir if data_dir is not None else default_tfds_data_dir()))
