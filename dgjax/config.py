@@ -34,6 +34,8 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from dgjax.backbones import BACKBONES, DTYPES
+
 #: Where an image dataset is read from: DomainBed's folders, or a prepared TFDS copy.
 DATA_SOURCES = ("folder", "tfds")
 PER_DOMAIN_IMPLS = ("auto", "vmap", "unrolled")
@@ -248,6 +250,30 @@ class TrainConfig:
     record="dgjax",
     minimum=1,
   )
+  backbone: str = config_field(
+    "auto",
+    "the featurizer: auto (image datasets: DomainBed's choice from the hparams resnet18 / "
+    "resnet50_augmix / vit / dinov2; the in-memory datasets: their own network) or one of "
+    + ", ".join(BACKBONES)
+    + " (sets DomainBed's selecting hparams; see dgjax.backbones)",
+    identity=True,
+    record="dgjax",
+    choices=("auto", *BACKBONES),
+  )
+  compute_dtype: str = config_field(
+    "float32",
+    "the backbone's compute dtype; bfloat16: mixed precision (parameters, BatchNorm "
+    "statistics, features and the head stay float32)",
+    identity=True,
+    record="dgjax",
+    choices=tuple(DTYPES),
+  )
+  remat: bool = config_field(
+    False,
+    "recompute each backbone block's activations in the backward pass (jax.checkpoint): "
+    "less memory for about one more forward pass",
+    record="dgjax",
+  )
   data_workers: int = config_field(
     2,
     "image datasets: grain worker processes decoding the JPEGs (0: in this process; "
@@ -309,13 +335,23 @@ class TrainConfig:
     from dgjax import methods  # the dataset (a registered name) gives small- or large-image
 
     # values and its own hparams (e.g. the ResNets' resnet_dropout)
+    from dgjax.backbones import hparam_overrides
+
+    # --backbone writes DomainBed's hparams that select it (those the dataset has)
+    overrides = hparam_overrides(
+      self.backbone, self.hparams, methods.hparam_specs(self.method, self.dataset)
+    )
     object.__setattr__(
       self,
       "resolved_hparams",
       methods.resolve_hparams(
-        self.method, self.hparams_seed, self.hparams, self.trial_seed, self.dataset, self.preset
+        self.method, self.hparams_seed, overrides, self.trial_seed, self.dataset, self.preset
       ),
     )
+    if self.backbone == "auto" and "vit" in self.resolved_hparams:  # e.g. vit without dinov2
+      from dgjax.backbones import select
+
+      select(self.resolved_hparams)
 
   def identity(self) -> dict[str, Any]:
     """What a checkpoint must match to be resumed by this run: every ``identity`` field (the
