@@ -300,9 +300,12 @@ def read_weights(path) -> dict:
   return payload
 
 
-def convert_file(arch: str, input_path, output_path, include_head: bool = False) -> dict:
+def convert_file(
+  arch: str, input_path, output_path, include_head: bool = False, sizes: Mapping | None = None
+) -> dict:
   """Read ``input_path``, convert, check every shape against backbone ``arch``'s model
-  (:mod:`dgjax.backbones`), write ``output_path``; returns the converted variables."""
+  (:mod:`dgjax.backbones`; ``sizes``: its architecture fields overridden, e.g. the tests'
+  tiny ViTs), write ``output_path``; returns the converted variables."""
   import jax
   from dgjax import backbones
 
@@ -318,8 +321,10 @@ def convert_file(arch: str, input_path, output_path, include_head: bool = False)
     if include_head and "classifier" in converted["params"]
     else 1
   )
-  model = backbones.make_classifier(arch, num_classes)
+  model = backbones.make_classifier(arch, num_classes, **(sizes or {}))
   size = 64 if backbone.family in ("resnet", "wrn") else backbone.input_size
+  if sizes and "grid" in sizes:  # CLIP's input must fit its position grid
+    size = sizes["grid"] * sizes.get("patch", 16)
   shapes = jax.eval_shape(lambda: backbones.init_variables(model, jax.random.key(0), size))
   _check(converted, shapes, str(input_path), head=include_head)
   save_weights(output_path, converted, model_arch, source=f"{arch}:{Path(input_path).name}")
