@@ -248,6 +248,12 @@ class Context:
   :func:`domain_logits` and :func:`domain_features_and_logits` run the network once on the
   concatenated ``[D * B]`` batch or once per domain (DomainBed's method calls it per
   minibatch), which decides unfrozen BatchNorm's statistics.
+
+  A model whose ``frozen_params`` is a predicate on parameter paths (the ViTs under
+  ``vit_attn_tune``, :class:`dgjax.backbones.BackboneClassifier`) has those parameters behind
+  ``jax.lax.stop_gradient`` in every forward here (torch's ``requires_grad=False``), and
+  :func:`build_step` keeps them out of the optimizer (:func:`trainable_only`). Its
+  ``batch_norm_momentum`` may be one number or ``path -> number`` (per BatchNorm layer).
   """
 
   model: Any  # a flax module with ``features`` and ``head`` methods
@@ -719,7 +725,8 @@ class Method:
 
 
 def build_step(method: Method, ctx: Context) -> MethodStep:
-  """The one assembly of a method's step: gradients, then ``combine``, then ``optimizer``;
+  """The one assembly of a method's step: gradients, then ``combine``, then ``optimizer``
+  (on the parameters that train: :func:`trainable_only` when the model has ``frozen_params``);
   then the model's running statistics (:meth:`Context.updated_variables`)."""
   ctx = dataclasses.replace(ctx, forward_per_domain=method.forward_per_domain)
   optimizer = method.optimizer(ctx)
