@@ -291,6 +291,10 @@ class DinoV2(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    if not 1 <= self.last_layers <= self.depth:
+      raise ValueError(
+        f"DinoV2: last_layers must be in 1..depth={self.depth}, got {self.last_layers}"
+      )
     tokens, grid = _patches(self, x, self.width, self.patch, True, "patch_embed")
     cls = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, self.width), jnp.float32)
     pos = self.param("pos_embed", _normal002, (1, 1 + self.pos_grid**2, self.width), jnp.float32)
