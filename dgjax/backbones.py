@@ -34,6 +34,10 @@ resizes them to); the in-memory datasets keep their own network (``MNIST_CNN``, 
 Hparams each backbone reads: ResNets ``resnet_dropout``, ``freeze_bn``; ViTs
 ``vit_dropout``, ``vit_attn_tune``; the Wide-ResNet none (DomainBed's takes none: dropout 0,
 BatchNorm always in training mode). Missing hparams take DomainBed's defaults.
+
+Known difference: DomainBed's URM replaces the featurizer's ``activation``, which its ResNet,
+Wide-ResNet, MNIST CNN and MLP apply to their output and its ``DinoV2`` never does (it has
+none); dgjax's URM applies its activation to every backbone's features.
 """
 
 from __future__ import annotations

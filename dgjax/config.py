@@ -352,6 +352,14 @@ class TrainConfig:
       from dgjax.backbones import select
 
       select(self.resolved_hparams)
+    own_network = self.dataset is not None and (
+      getattr(methods.dataset_facts(self.dataset), "make_task", None) is None
+    )
+    if self.backbone == "auto" and own_network and (self.compute_dtype != "float32" or self.remat):
+      raise ValueError(
+        f"--compute_dtype and --remat apply to the backbones; dataset {self.dataset} trains its "
+        f"own network under --backbone auto (pass a --backbone to use them)"
+      )
 
   def identity(self) -> dict[str, Any]:
     """What a checkpoint must match to be resumed by this run: every ``identity`` field (the

@@ -684,7 +684,9 @@ def test_domainbeds_choice_and_the_backbone_flag():
   with pytest.raises(ValueError, match="backbone must be one of"):
     config(backbone="vit_huge")
   # the in-memory datasets keep their network under auto; a backbone must fit their inputs
-  spirals = config_lib.TrainConfig(dataset="Spirals", backbone="wrn16_2")
+  with pytest.raises(ValueError, match="own network"):
+    config_lib.TrainConfig(dataset="Spirals", remat=True)
+  spirals = config_lib.TrainConfig(dataset="Spirals", backbone="wrn16_2", remat=True)
   assert "vit" not in spirals.resolved_hparams  # only the hparams the dataset has
   with pytest.raises(ValueError, match=r"needs image inputs \[H, W, C\]"):
     backbones.in_memory_model(spirals, None, (10,))
