@@ -47,6 +47,8 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from dgjax.backbones import BACKBONES, DTYPES
+
 #: Where an image dataset is read from: DomainBed's folders, or a prepared TFDS copy.
 DATA_SOURCES = ("folder", "tfds")
 PER_DOMAIN_IMPLS = ("auto", "vmap", "unrolled")
@@ -265,6 +267,30 @@ class TrainConfig:
     record="dgjax",
     minimum=1,
   )
+  backbone: str = config_field(
+    "auto",
+    "the featurizer: auto (image datasets: DomainBed's choice from the hparams resnet18 / "
+    "resnet50_augmix / vit / dinov2; the in-memory datasets: their own network) or one of "
+    + ", ".join(BACKBONES)
+    + " (sets DomainBed's selecting hparams; see dgjax.backbones)",
+    identity=True,
+    record="dgjax",
+    choices=("auto", *BACKBONES),
+  )
+  compute_dtype: str = config_field(
+    "float32",
+    "the backbone's compute dtype; bfloat16: mixed precision (parameters, BatchNorm "
+    "statistics, features and the head stay float32)",
+    identity=True,
+    record="dgjax",
+    choices=tuple(DTYPES),
+  )
+  remat: bool = config_field(
+    False,
+    "recompute each backbone block's activations in the backward pass (jax.checkpoint): "
+    "less memory for about one more forward pass",
+    record="dgjax",
+  )
   data_workers: int = config_field(
     2,
     "image datasets: grain worker processes decoding the JPEGs (0: in this process; "
@@ -346,15 +372,28 @@ class TrainConfig:
         raise ValueError(
           "swad reads the training-domain validation loss: holdout_fraction must be > 0"
         )
-    # the dataset gives small- or large-image values and its own hparams (e.g. the ResNets'
-    # resnet_dropout)
+    from dgjax.backbones import hparam_overrides
+
+    # --backbone writes DomainBed's hparams that select it (those the dataset has); the
+    # dataset gives small- or large-image values and its own hparams (e.g. resnet_dropout)
+    overrides = hparam_overrides(self.backbone, self.hparams, core.hparam_specs(method, dataset))
     object.__setattr__(
       self,
       "resolved_hparams",
       core.resolve_hparams(
-        method, self.hparams_seed, self.hparams, self.trial_seed, dataset, self.preset
+        method, self.hparams_seed, overrides, self.trial_seed, dataset, self.preset
       ),
     )
+    if self.backbone == "auto" and "vit" in self.resolved_hparams:  # e.g. vit without dinov2
+      from dgjax.backbones import select
+
+      select(self.resolved_hparams)
+    own_network = dataset is not None and dataset.make_task is None
+    if self.backbone == "auto" and own_network and (self.compute_dtype != "float32" or self.remat):
+      raise ValueError(
+        f"--compute_dtype and --remat apply to the backbones; dataset {self.dataset} trains its "
+        f"own network under --backbone auto (pass a --backbone to use them)"
+      )
 
   def identity(self) -> dict[str, Any]:
     """What a checkpoint must match to be resumed by this run: every ``identity`` field (the

@@ -1,7 +1,7 @@
-"""ImageNet ResNet weights (torchvision / timm state dicts) -> a Flax variables file, and back
-into a model for training.
+"""Pretrained backbone weights (torchvision / timm / DINOv2 / CLIP state dicts) -> a Flax
+variables file, and back into a model for training.
 
-Sources (what DomainBed's ``networks.ResNet`` loads):
+Sources (what DomainBed's ``networks.ResNet`` and ``networks.DinoV2`` load, and CLIP):
 
 ==================  =================================================================  =====
 ``--arch``          file                                                               origin
@@ -9,7 +9,12 @@ Sources (what DomainBed's ``networks.ResNet`` loads):
 ``resnet18``        ``resnet18-f37072fd.pth``                                          torchvision ``ResNet18_Weights.IMAGENET1K_V1`` (``pretrained=True``)
 ``resnet50``        ``resnet50-0676ba61.pth``                                          torchvision ``ResNet50_Weights.IMAGENET1K_V1`` (``pretrained=True``)
 ``resnet50_augmix`` ``model.safetensors`` of ``timm/resnet50.ram_in1k``                 timm (DomainBed hparam ``resnet50_augmix``, its current default)
+``dinov2_vitb14``   ``dinov2_vitb14_pretrain.pth``                                     ``torch.hub.load('facebookresearch/dinov2', 'dinov2_vitb14')`` (DomainBed's ``DinoV2``)
+``clip_vitb16``     ``ViT-B-16.pt``                                                    OpenAI CLIP ``clip.load('ViT-B/16')`` (a TorchScript archive; image tower only)
 ==================  =================================================================  =====
+
+The ViT key mappings are in :mod:`dgjax.convert_backbones`; the Wide-ResNet (no published
+weights) converts from DomainBed's layout with ``--arch wrn16_2``.
 
 A ``.safetensors`` file is read with safetensors' numpy API (no torch); a ``.pth`` / ``.pt`` /
 ``.bin`` (pickled torch) file needs torch (``pip install 'dgjax[convert]'``). Training never
@@ -51,9 +56,9 @@ __all__ = [
   "torch_to_flax",
 ]
 
-FORMAT = "dgjax-resnet-weights-v1"
+FORMAT = "dgjax-resnet-weights-v1"  # the name predates the ViTs; the layout is unchanged
 
-#: arch -> (model arch, file name, where to download it)
+#: backbone (:data:`dgjax.backbones.BACKBONES`) -> (model arch, file name, where to download it)
 SOURCES = {
   "resnet18": (
     "resnet18",
@@ -74,6 +79,18 @@ SOURCES = {
     "model.safetensors (timm hub name 'resnet50.ram_in1k', DomainBed's "
     "resnet50_augmix)",
   ),
+  "dinov2_vitb14": (
+    "dinov2_vitb14",
+    "dinov2_vitb14_pretrain.pth",
+    "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth "
+    "(torch.hub facebookresearch/dinov2 'dinov2_vitb14', DomainBed's DinoV2)",
+  ),
+  "clip_vitb16": (
+    "clip_vitb16",
+    "ViT-B-16.pt",
+    "https://openaipublic.azureedge.net/clip/models/5806e77cd80f8b59890b7e101eabd078d9fb84e"
+    "6937f9e85e4ecb61988df416f/ViT-B-16.pt (OpenAI CLIP 'ViT-B/16')",
+  ),
 }
 
 
@@ -83,6 +100,14 @@ class WeightsError(ValueError):
 
 def missing_weights_message(arch: str) -> str:
   """What to download and run when no converted weights file is given for ``arch``."""
+  from dgjax import backbones
+
+  if arch in backbones.BACKBONES and arch not in SOURCES:
+    return (
+      f"{arch} has no published pretrained weights (DomainBed trains it from scratch): pass "
+      f"--pretrained=none, or a file converted with python -m experiments.convert_weights "
+      f"--arch {arch}"
+    )
   if arch not in SOURCES:
     raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(SOURCES)}")
   model_arch, fname, url = SOURCES[arch]
@@ -119,7 +144,10 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
     try:
       obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
-      raise WeightsError(f"cannot read {path} with torch.load: {e}") from None
+      try:  # OpenAI's CLIP files are TorchScript archives
+        obj = torch.jit.load(str(path), map_location="cpu").state_dict()
+      except Exception:  # noqa: BLE001
+        raise WeightsError(f"cannot read {path} with torch.load: {e}") from None
     for wrapper in ("state_dict", "model"):
       if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
         obj = obj[wrapper]
@@ -137,7 +165,7 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
   }
 
 
-_BLOCK = re.compile(r"^layer(\d)\.(\d+)\.(.+)$")
+_BLOCK = re.compile(r"^layer(\d)\.(\d+)\.(.+)$")  # the ResNets' mapping
 _BN_FIELDS = {
   "weight": ("params", "scale"),
   "bias": ("params", "bias"),
@@ -177,14 +205,37 @@ def _target(key: str, include_head: bool):
   raise KeyError(key)
 
 
-def torch_to_flax(state_dict: Mapping[str, np.ndarray], include_head: bool = False) -> dict:
-  """torchvision/timm ResNet state dict -> ``{"params": ..., "batch_stats": ...}`` (numpy,
-  float32) in :mod:`dgjax.resnet`'s layout (module docstring); unknown keys raise."""
+#: weights family -> the network its keys name (for error messages)
+_FAMILY_NAMES = {
+  "resnet": "torchvision ResNet",
+  "wrn": "DomainBed Wide_ResNet",
+  "dinov2": "DINOv2 ViT",
+  "clip": "OpenAI CLIP ViT",
+}
+
+
+def torch_to_flax(
+  state_dict: Mapping[str, np.ndarray], include_head: bool = False, family: str = "resnet"
+) -> dict:
+  """A ``family`` (``resnet``: torchvision/timm; ``wrn``, ``dinov2``, ``clip``:
+  :mod:`dgjax.convert_backbones`) state dict -> ``{"params": ..., "batch_stats": ...}``
+  (numpy, float32) in dgjax's layout (module docstring); unknown keys raise.
+  ``include_head``: the ResNets' ``fc`` too."""
+  from dgjax.convert_backbones import FAMILY_TARGETS
+
+  if family == "resnet":
+    target_of = lambda key: _target(key, include_head)  # noqa: E731
+  elif family in FAMILY_TARGETS:
+    if include_head:
+      raise WeightsError(f"{family} weights have no classification head to convert")
+    target_of = FAMILY_TARGETS[family](state_dict)
+  else:
+    raise ValueError(f"unknown weights family {family!r}; valid: {', '.join(_FAMILY_NAMES)}")
   out: dict[str, dict] = {"params": {}, "batch_stats": {}}
   unknown = []
   for key, value in state_dict.items():
     try:
-      target = _target(key, include_head)
+      target = target_of(key)
     except KeyError:
       unknown.append(key)
       continue
@@ -192,7 +243,7 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], include_head: bool = Fal
       continue
     collection, path, kind = target
     value = np.asarray(value, dtype=np.float32)
-    if kind == "conv":
+    if kind == "conv" and value.ndim == 4:
       value = value.transpose(2, 3, 1, 0)
     elif kind == "linear" and value.ndim == 2:
       value = value.T
@@ -202,8 +253,8 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], include_head: bool = Fal
     node[path[-1]] = np.ascontiguousarray(value)
   if unknown:
     raise WeightsError(
-      f"{len(unknown)} state-dict key(s) that are not part of a torchvision "
-      f"ResNet: {', '.join(unknown[:10])}"
+      f"{len(unknown)} state-dict key(s) that are not part of a {_FAMILY_NAMES[family]}: "
+      f"{', '.join(unknown[:10])}"
     )
   return out
 
@@ -218,7 +269,7 @@ def save_weights(path, variables: Mapping[str, Any], arch: str, source: str = ""
     "arch": arch,
     "source": source,
     "params": variables["params"],
-    "batch_stats": variables["batch_stats"],
+    "batch_stats": variables.get("batch_stats", {}),
   }
   Path(path).parent.mkdir(parents=True, exist_ok=True)
   tmp = f"{path}.tmp"
@@ -249,23 +300,32 @@ def read_weights(path) -> dict:
   return payload
 
 
-def convert_file(arch: str, input_path, output_path, include_head: bool = False) -> dict:
-  """Read ``input_path``, convert, check every shape against :mod:`dgjax.resnet`'s ``arch``
-  model, write ``output_path``; returns the converted variables."""
+def convert_file(
+  arch: str, input_path, output_path, include_head: bool = False, sizes: Mapping | None = None
+) -> dict:
+  """Read ``input_path``, convert, check every shape against backbone ``arch``'s model
+  (:mod:`dgjax.backbones`; ``sizes``: its architecture fields overridden, e.g. the tests'
+  tiny ViTs), write ``output_path``; returns the converted variables."""
   import jax
-  from dgjax import resnet
+  from dgjax import backbones
 
-  if arch not in SOURCES:
-    raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(SOURCES)}")
-  model_arch = SOURCES[arch][0]
-  converted = torch_to_flax(read_state_dict(input_path), include_head=include_head)
+  if arch not in SOURCES and arch not in backbones.BACKBONES:
+    raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(backbones.BACKBONES)}")
+  backbone = backbones.get_backbone(arch)
+  model_arch = backbone.arch
+  converted = torch_to_flax(
+    read_state_dict(input_path), include_head=include_head, family=backbone.family
+  )
   num_classes = (
     converted["params"]["classifier"]["bias"].shape[0]
     if include_head and "classifier" in converted["params"]
     else 1
   )
-  model = resnet.resnet_classifier(model_arch, num_classes)
-  shapes = jax.eval_shape(lambda: resnet.init_variables(model, jax.random.key(0), 64))
+  model = backbones.make_classifier(arch, num_classes, **(sizes or {}))
+  size = 64 if backbone.family in ("resnet", "wrn") else backbone.input_size
+  if sizes and "grid" in sizes:  # CLIP's input must fit its position grid
+    size = sizes["grid"] * sizes.get("patch", 16)
+  shapes = jax.eval_shape(lambda: backbones.init_variables(model, jax.random.key(0), size))
   _check(converted, shapes, str(input_path), head=include_head)
   save_weights(output_path, converted, model_arch, source=f"{arch}:{Path(input_path).name}")
   return converted
@@ -323,12 +383,14 @@ def load_pretrained(path, model_variables: Mapping[str, Any]) -> dict:
 
   payload = read_weights(path)
   found = {
-    "params": {"featurizer": payload["params"].get("featurizer", {})},
-    "batch_stats": {"featurizer": payload["batch_stats"].get("featurizer", {})},
+    c: {"featurizer": (payload.get(c) or {}).get("featurizer", {})}
+    for c in ("params", "batch_stats")
   }
   _check(found, model_variables, f"weights file {path} (arch {payload.get('arch')})", head=False)
   out = {k: dict(v) for k, v in model_variables.items()}
   for collection in ("params", "batch_stats"):
+    if "featurizer" not in model_variables.get(collection, {}):
+      continue  # no BatchNorm (the ViTs): _check saw the file has none either
     dtypes = {k: v.dtype for k, v in _flatten(model_variables[collection]["featurizer"]).items()}
     flat = {
       k: jnp.asarray(v, dtypes[k]) for k, v in _flatten(found[collection]["featurizer"]).items()

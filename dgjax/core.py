@@ -258,6 +258,12 @@ class Context:
   :func:`domain_logits` and :func:`domain_features_and_logits` run the network once on the
   concatenated ``[D * B]`` batch or once per domain (DomainBed's method calls it per
   minibatch), which decides unfrozen BatchNorm's statistics.
+
+  A model whose ``frozen_params`` is a predicate on parameter paths (the ViTs under
+  ``vit_attn_tune``, :class:`dgjax.backbones.BackboneClassifier`) has those parameters behind
+  ``jax.lax.stop_gradient`` in every forward here (torch's ``requires_grad=False``), and
+  :func:`build_step` keeps them out of the optimizer (:func:`trainable_only`). Its
+  ``batch_norm_momentum`` may be one number or ``path -> number`` (per BatchNorm layer).
   """
 
   model: Any  # a flax module with ``features`` and ``head`` methods
@@ -270,6 +276,9 @@ class Context:
   forward_per_domain: bool = False
 
   def apply(self, params, x, method=None):
+    frozen = getattr(self.model, "frozen_params", None)
+    if frozen is not None and method != "head":  # no gradient reaches frozen parameters
+      params = stop_frozen_gradients(params, frozen)
     kwargs = {}
     if self.train and getattr(self.model, "takes_train", False) and method != "head":
       kwargs["train"] = True
@@ -326,11 +335,13 @@ class Context:
         (x, jnp.arange(d)),
         self.per_domain_impl,
       )
-      a = 1.0 - momentum
-      weights = a ** jnp.arange(d - 1, -1, -1, dtype=jnp.float32)
-      new = jax.tree.map(
-        lambda r, u: a**d * r + jnp.tensordot(weights, u - a * r[None], axes=1), old, stacked
-      )
+
+      def fold(path, r, u):  # momentum: one number, or per BatchNorm layer (path -> number)
+        a = 1.0 - (momentum(path) if callable(momentum) else momentum)
+        weights = a ** jnp.arange(d - 1, -1, -1, dtype=jnp.float32)
+        return a**d * r + jnp.tensordot(weights, u - a * r[None], axes=1)
+
+      new = jax.tree_util.tree_map_with_path(fold, old, stacked)
     return {**self.variables, "batch_stats": new}
 
   def logits(self, params, x):
@@ -347,6 +358,23 @@ class Context:
   def loss(self, params, batch):
     """Mean cross-entropy on one domain's batch (``F.cross_entropy``)."""
     return cross_entropy(self.logits(params, batch["x"]), batch["y"])
+
+
+def stop_frozen_gradients(params, frozen):
+  """``params`` with ``jax.lax.stop_gradient`` on every leaf whose path ``frozen(path)`` says
+  must not train (a model's ``frozen_params``: torch's ``requires_grad=False``)."""
+  return jax.tree_util.tree_map_with_path(
+    lambda path, v: jax.lax.stop_gradient(v) if frozen(path) else v, params
+  )
+
+
+def trainable_only(tx: optax.GradientTransformation, frozen) -> optax.GradientTransformation:
+  """``tx`` on the parameters that train, zero updates (no weight decay, no Adam state) for
+  those ``frozen(path)`` names: torch's optimizers skip a parameter whose ``grad`` is None."""
+  labels = lambda tree: jax.tree_util.tree_map_with_path(  # noqa: E731
+    lambda path, _: "frozen" if frozen(path) else "train", tree
+  )
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 def flatten_domains(x):
@@ -727,10 +755,15 @@ class Method:
 
 
 def build_step(method: Method, ctx: Context) -> MethodStep:
-  """The one assembly of a method's step: gradients, then ``combine``, then ``optimizer``;
+  """The one assembly of a method's step: gradients, then ``combine``, then ``optimizer``
+  (on the parameters that train: :func:`trainable_only` when the model has ``frozen_params``);
   then the model's running statistics (:meth:`Context.updated_variables`)."""
   ctx = dataclasses.replace(ctx, forward_per_domain=method.forward_per_domain)
-  parts = ([method.combine(ctx)] if method.combine is not None else []) + [method.optimizer(ctx)]
+  optimizer = method.optimizer(ctx)
+  frozen = getattr(ctx.model, "frozen_params", None)
+  if frozen is not None:  # e.g. the ViTs' vit_attn_tune: only attention parameters train
+    optimizer = trainable_only(optimizer, frozen)
+  parts = ([method.combine(ctx)] if method.combine is not None else []) + [optimizer]
   tx = optax.chain(*parts)
   source = method.gradients
 

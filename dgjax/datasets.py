@@ -107,9 +107,10 @@ class Dataset:
     options = {"downsample": True} if config.downsample else {}
     envs = self.load(config.data_dir, config.trial_seed, config.max_examples, **options)
     splits_in, splits_out = make_splits(envs, config.holdout_fraction, config.trial_seed)
-    task = DomainBedTask(
-      self.model(config.conv_impl), splits_in, splits_out, config.test_envs, config.eval_batch_size
-    )
+    from dgjax.backbones import in_memory_model  # --backbone other than auto
+
+    model = in_memory_model(config, self.model(config.conv_impl), np.shape(envs[0].x)[1:])
+    task = DomainBedTask(model, splits_in, splits_out, config.test_envs, config.eval_batch_size)
     return task, envs
 
 

@@ -11,10 +11,12 @@ Evaluation: every environment's in and out split, resized to 224x224 and normali
 batches of ``eval_batch_size`` through one jitted, masked accuracy step; SWAD's validation loss
 (:meth:`ImageTask.val_loss`) the same way through a masked cross-entropy sum.
 
-The model is DomainBed's ``ResNet`` featurizer (``resnet18`` hparam: ResNet-18 instead of
-ResNet-50) with ``resnet_dropout`` and a new linear head, from ImageNet weights converted by
-``python -m experiments.convert_weights`` (``--pretrained FILE``; ``--pretrained none`` trains
-from scratch). BatchNorm follows DomainBed's ``freeze_bn`` hparam. ``false`` (current
+The model is a backbone of :mod:`dgjax.backbones` with a new linear head: ``--backbone``, or
+DomainBed's choice from the hparams (``resnet18``, ``resnet50_augmix``, ``vit``, ``dinov2``):
+by default DomainBed's ``ResNet`` featurizer (ResNet-50 with timm's AugMix weights) with
+``resnet_dropout``; ``DinoV2`` with ``vit_dropout`` / ``vit_attn_tune``. The weights are
+converted by ``python -m experiments.convert_weights`` (``--pretrained FILE``; ``--pretrained
+none`` trains from scratch). The ResNets' BatchNorm follows DomainBed's ``freeze_bn`` hparam. ``false`` (current
 DomainBed's default): training normalises with batch statistics (pooled or per domain, as
 the method's DomainBed forward: :attr:`dgjax.core.Method.forward_per_domain`) and moves the
 running statistics, which the train state carries and evaluation uses. ``true`` (the DomainBed
@@ -32,7 +34,7 @@ import jax
 import numpy as np
 
 from dgjax import augment
-from dgjax import resnet
+from dgjax import backbones
 from dgjax import sharding
 from dgjax.core import HParam
 from dgjax.data import image_check
@@ -70,19 +72,55 @@ IMAGE_HPARAMS: dict[str, HParam] = {
     kind="bool",
     structural=True,
   ),
+  "resnet50_augmix": HParam(
+    True,
+    lambda r: True,
+    "ResNet-50 with timm's AugMix weights (resnet50.ram_in1k; DomainBed's default) rather "
+    "than torchvision's; resnet18=true overrides it here (dgjax.backbones)",
+    kind="bool",
+    structural=True,
+  ),
+  "vit": HParam(
+    False, lambda r: False, "a ViT featurizer (with dinov2: DinoV2)", kind="bool", structural=True
+  ),
+  "dinov2": HParam(
+    False,
+    lambda r: False,
+    "with vit: DINOv2 ViT-B/14 (DomainBed's DinoV2)",
+    kind="bool",
+    structural=True,
+  ),
+  "vit_attn_tune": HParam(
+    False,
+    lambda r: False,
+    "ViTs: train only the attention parameters (and the head)",
+    kind="bool",
+    structural=True,
+  ),
+  "vit_dropout": HParam(
+    0.0,
+    lambda r: float(r.choice([0.0, 0.1, 0.5])),
+    "dropout on the ViT features",
+    kind="choice",
+    choices=(0.0, 0.1, 0.5),
+    structural=True,
+  ),
 }
 
 
-def arch_of(hparams: Mapping[str, Any]) -> str:
-  return "resnet18" if hparams["resnet18"] else "resnet50"
+def backbone_of(config) -> str:
+  """The run's backbone: ``--backbone``, or DomainBed's choice from the resolved hparams
+  (an image dataset's input is 224x224 to DomainBed whatever ``--image_size`` resizes it to)."""
+  if config.backbone != "auto":
+    return config.backbone
+  return backbones.select(config.resolved_hparams)
 
 
-def make_model(num_classes: int, hparams: Mapping[str, Any]):
-  return resnet.resnet_classifier(
-    arch_of(hparams),
-    num_classes,
-    dropout=float(hparams["resnet_dropout"]),
-    freeze_bn=bool(hparams["freeze_bn"]),
+def make_model(num_classes: int, hparams: Mapping[str, Any], backbone: str | None = None, **kw):
+  """Backbone ``backbone`` (default: DomainBed's choice from ``hparams``) with a
+  ``num_classes`` head; ``kw``: :func:`dgjax.backbones.featurizer`'s options."""
+  return backbones.make_classifier(
+    backbone or backbones.select(hparams), num_classes, hparams, **kw
   )
 
 
@@ -90,7 +128,7 @@ class ImageTask(TaskBase):
   """Training and evaluation on image file splits (see the module docstring).
 
   Args:
-    model: a :class:`dgjax.resnet.ResNetClassifier`.
+    model: a backbone classifier (:func:`dgjax.backbones.make_classifier`).
     pretrained: a converted weights file, or ``None`` for a fresh (torchvision-style) init.
     splits_in, splits_out: per environment, its in / out :class:`FileSplit`.
     test_envs: environments not trained on.
@@ -133,7 +171,7 @@ class ImageTask(TaskBase):
     self.eval_batch_size, self.num_workers = eval_batch_size, num_workers
     self.image_size, self.prefetch = image_size, prefetch
     self.pretrained = pretrained
-    like = resnet.init_variables(model, jax.random.key(0), image_size)
+    like = backbones.init_variables(model, jax.random.key(0), image_size)
     if pretrained is not None:
       from dgjax.convert_weights import load_pretrained
 
@@ -147,7 +185,7 @@ class ImageTask(TaskBase):
     self._streams: list[Any] = []
 
   def init_params(self, key):
-    params = resnet.init_variables(self.model, key, self.image_size)["params"]
+    params = backbones.init_variables(self.model, key, self.image_size)["params"]
     if (
       self._pretrained_featurizer is not None
     ):  # DomainBed: a new head on the pretrained featurizer
@@ -341,10 +379,17 @@ def make_task(config, envs=None):
   splits_in, splits_out = image_folder.image_splits(
     envs, config.holdout_fraction, config.trial_seed
   )
+  backbone = backbone_of(config)
   if config.pretrained is None:
-    raise ValueError(missing_weights_message(arch_of(hp)))
+    raise ValueError(missing_weights_message(backbone))
   pretrained = None if str(config.pretrained).lower() == "none" else config.pretrained
-  model = make_model(len(envs[0].classes), hp)
+  model = make_model(
+    len(envs[0].classes),
+    hp,
+    backbone,
+    dtype=backbones.DTYPES[config.compute_dtype],
+    remat=config.remat,
+  )
   task = ImageTask(
     model,
     pretrained,

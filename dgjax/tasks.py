@@ -200,7 +200,7 @@ class DomainBedTask(TaskBase):
     if empty:
       raise ValueError(f"training split(s) {empty} hold no examples")
     self.num_domains = len(self.train_envs)
-    self.variables: Mapping[str, Any] = {}
+    self.variables: Mapping[str, Any] = self._initial_variables()
     self.data = make_train_data(
       [(self.splits_in[e].x, self.splits_in[e].y) for e in self.train_envs]
     )
@@ -208,6 +208,18 @@ class DomainBedTask(TaskBase):
     self._eval_batch_size = eval_batch_size
     self._accuracy = {}
     self._loss = {}
+
+  def _initial_variables(self) -> Mapping[str, Any]:
+    """The model's collections other than ``params`` (BatchNorm's running statistics, e.g. a
+    Wide-ResNet's), as initialised; ``{}`` for models without any. Only models that take
+    ``train`` (:class:`dgjax.core.Context`: the backbones) can have them."""
+    if not getattr(self.model, "takes_train", False):
+      return {}
+    x0 = jnp.asarray(self.splits_in[self.train_envs[0]].x[:1])
+    if set(jax.eval_shape(lambda: self.model.init(jax.random.key(0), x0))) <= {"params"}:
+      return {}
+    variables = jax.jit(self.model.init)(jax.random.key(0), x0)
+    return {k: v for k, v in variables.items() if k != "params"}
 
   def init_params(self, key):
     return self.model.init(key, jnp.asarray(self.splits_in[self.train_envs[0]].x[:1]))["params"]

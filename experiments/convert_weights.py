@@ -1,9 +1,14 @@
-r"""Convert ImageNet ResNet weights (torchvision / timm) to a dgjax weights file, once.
+r"""Convert pretrained backbone weights (torchvision / timm / DINOv2 / CLIP) to a dgjax
+weights file, once.
 
     python -m experiments.convert_weights --arch resnet50 \
         --input resnet50-0676ba61.pth --output resnet50.msgpack
     python -m experiments.convert_weights --arch resnet50_augmix \
         --input model.safetensors --output resnet50_augmix.msgpack   # timm resnet50.ram_in1k
+    python -m experiments.convert_weights --arch dinov2_vitb14 \
+        --input dinov2_vitb14_pretrain.pth --output dinov2_vitb14.msgpack
+    python -m experiments.convert_weights --arch clip_vitb16 \
+        --input ViT-B-16.pt --output clip_vitb16.msgpack
     python -m experiments.convert_weights --arch resnet18 --where    # what to download
 
 ``.safetensors`` needs no torch; ``.pth`` needs ``pip install 'dgjax[convert]'``. Training
@@ -15,16 +20,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dgjax import convert_weights
+from dgjax import backbones, convert_weights
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description="Convert torchvision/timm ResNet weights for dgjax.")
+  p = argparse.ArgumentParser(description="Convert pretrained backbone weights for dgjax.")
   p.add_argument(
     "--arch",
     required=True,
-    choices=sorted(convert_weights.SOURCES),
-    help="which network the weights are for",
+    choices=sorted(backbones.BACKBONES),
+    help="which backbone the weights are for (dgjax.backbones)",
   )
   p.add_argument("--input", help=".pth / .pt / .bin (torch) or .safetensors state dict")
   p.add_argument("--output", help="converted file to write (flax msgpack)")

@@ -1,6 +1,8 @@
 """The baselines in the registry: DomainBed's hparams, anneal switches and Adam resets at the
 configured step, and every registered method training 20 jitted steps on every dataset."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -230,3 +232,67 @@ def test_baselines_take_traced_hparams_in_vmapped_sweeps():
     )
     assert [r[-1]["hparams"][name] for r in runs] == [a, b]
     assert all(np.isfinite(r[-1]["loss"]) for r in runs), method
+
+
+# ------------------------------------------------------------------------------ backbones
+#: Methods run on each tiny backbone in CI (every registered method runs on both with
+#: DGJAX_BACKBONE_METHODS=all): ARM (its context channel enters the backbone's first layer:
+#: the ViT's patch embedding, the WRN's conv1), CORAL (per-domain forwards: the WRN's two
+#: BatchNorm momenta folded over domains), Fish (an inner loop on the model's parameters) on
+#: the ViT with vit_attn_tune.
+BACKBONE_METHODS = {"dinov2_vitb14": ("arm", "fish"), "wrn16_2": ("coral",)}
+if os.environ.get("DGJAX_BACKBONE_METHODS") == "all":
+  BACKBONE_METHODS = {b: tuple(sorted(methods.METHODS)) for b in BACKBONE_METHODS}
+MODEL_HPARAMS = {("fish", "dinov2_vitb14"): {"vit_attn_tune": True}}
+
+
+def run_backbone_steps(method, backbone, model_hparams=None, steps=3, batch_size=4, domains=2):
+  """``steps`` jitted train steps of ``method`` on a tiny ``backbone`` (tests/test_backbones.py,
+  ``model_hparams``: its dropout / attention-tuning hparams) and random images of its input
+  size, 3 classes; returns the metrics, the initial params and the final state."""
+  from test_backbones import CONTRACT_INPUT, tiny_backbone
+
+  hp = methods.resolve_hparams(method, 0, {"batch_size": batch_size})
+  model, params, variables = tiny_backbone(backbone, 3, model_hparams)
+  size = CONTRACT_INPUT[backbone]
+  rng = np.random.default_rng(0)
+  data = train_lib.make_train_data(
+    [
+      (rng.normal(size=(8, size, size, 3)).astype(np.float32), rng.integers(0, 3, 8))
+      for _ in range(domains)
+    ]
+  )
+  ms = methods.get_method(method).build(
+    methods.Context(model, hp, domains, per_domain_impl="vmap", variables=variables)
+  )
+  init = jax.jit(lambda p: train_lib.init_state(ms, p, 1)).lower(params).compile(FAST_COMPILE)
+  state = init(params)
+  step = train_lib.make_train_step(ms, batch_size).lower(state, data).compile(FAST_COMPILE)
+  history = []
+  for _ in range(steps):
+    state, metrics = step(state, data)
+    history.append(jax.device_get(metrics))
+  return history, params, state
+
+
+@pytest.mark.parametrize(
+  "method,backbone", [(m, b) for b, ms in BACKBONE_METHODS.items() for m in ms]
+)
+def test_methods_train_on_the_backbones(method, backbone):
+  """The methods' steps take the backbones (a tiny DINOv2 ViT, a tiny Wide-ResNet; the methods
+  of :data:`BACKBONE_METHODS`): 3 finite steps that move the parameters; with
+  ``vit_attn_tune`` only the attention parameters and the head move."""
+  model_hparams = MODEL_HPARAMS.get((method, backbone), {})
+  history, params, state = run_backbone_steps(method, backbone, model_hparams)
+  check_finite(history, method, backbone, 2)
+  moved = jax.tree_util.tree_map_with_path(
+    lambda path, a, b: (jax.tree_util.keystr(path), bool(np.any(np.asarray(a) != np.asarray(b)))),
+    params,
+    state.params,
+  )
+  moved = dict(jax.tree.leaves(moved, is_leaf=lambda x: isinstance(x, tuple)))
+  if model_hparams.get("vit_attn_tune"):
+    for name, m in moved.items():
+      assert m == ("attn" in name or "classifier" in name), name
+  else:  # (MLDG on 2 domains with its default n_meta_test=2 has no pair: zero gradient)
+    assert any(moved.values()) or method == "mldg", method

@@ -132,7 +132,9 @@ def test_cli_needs_weights_or_none(pacs_root, tmp_path):
     timeout=300,
   )
   assert proc.returncode == 2, proc.stderr[-2000:]
-  assert "resnet50 needs ImageNet weights" in proc.stderr and "--pretrained=none" in proc.stderr
+  # DomainBed's default backbone: ResNet-50 with timm's AugMix weights (resnet50_augmix=true)
+  assert "resnet50_augmix needs ImageNet weights" in proc.stderr
+  assert "resnet50.ram_in1k" in proc.stderr and "--pretrained=none" in proc.stderr
   assert "Traceback" not in proc.stderr
   bad = subprocess.run(
     [
