@@ -19,7 +19,7 @@ from dgjax import sweep
 from dgjax import train as train_lib
 
 METADATA = {"help", "identity", "per_run", "record", "sweep", "choices", "minimum"}
-BASE = dict(method="hgp", dataset="Spirals", test_envs=(16,))
+BASE = dict(method="hgp", dataset="PACS", test_envs=(3,))  # a backbone dataset: every field applies
 SPECIAL = {
   "method": "sand",
   "dataset": "ColoredMNIST",

@@ -485,7 +485,9 @@ def test_make_task_gives_each_dataset_its_transform(tmp_path, spawrious_tree, mo
       seen.update(kw, splits_in=splits_in, test_envs=test_envs)
 
   monkeypatch.setattr(image_task, "ImageTask", Recorder)
-  monkeypatch.setattr(image_task, "make_model", lambda num_classes, hp: num_classes)
+  monkeypatch.setattr(
+    image_task, "make_model", lambda num_classes, hp, *args, **kwargs: num_classes
+  )
   monkeypatch.setattr(spawrious, "FOLDER_IMAGES", TOTAL)
   common = {"method": "erm", "pretrained": "none", "image_size": 8, "output_dir": str(tmp_path)}
   config = runs.make_config("SpawriousM2M_easy", data_dir=str(spawrious_tree.parent), **common)
