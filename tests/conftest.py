@@ -8,6 +8,19 @@ import pytest
 # compile as before and leave ~/.cache alone unless the environment names a cache.
 os.environ.setdefault("DGJAX_COMPILATION_CACHE", "off")
 
+# The suite is mostly XLA compile time: XLA:CPU's cheaper code generation (the same programs,
+# unoptimised machine code) compiles them about 1.6x faster (tests/test_pinned_steps.py: 61 ->
+# 37 CPU-seconds) and reaches the subprocess workers through the environment. The numbers the
+# tests check do not depend on it; DGJAX_TEST_FULL_XLA=1 runs the suite as users compile.
+if not os.environ.get("DGJAX_TEST_FULL_XLA"):
+  os.environ["XLA_FLAGS"] = " ".join(
+    [
+      os.environ.get("XLA_FLAGS", ""),
+      "--xla_backend_optimization_level=0",
+      "--xla_llvm_disable_expensive_passes=true",
+    ]
+  ).strip()
+
 
 # --- real data (dgjax.data) -------------------------------------------------
 @pytest.fixture(scope="session")
