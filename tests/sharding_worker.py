@@ -69,10 +69,16 @@ def equal(method_names):
       finals[label] = (jax.device_get(sharding.local_copy(state.params)), float(metrics["loss"]))
     for label, _ in meshes:
       for a, b in zip(jax.tree.leaves(finals["single"][0]), jax.tree.leaves(finals[label][0])):
-        # ARM's CNN: a sharded convolution sums in another order; Adam turns that rounding on
-        # near-zero gradient entries into update differences of up to ~1e-4 after 3 steps.
-        atol = 2e-4 if name == "arm" else 2e-5
-        np.testing.assert_allclose(a, b, rtol=2e-4, atol=atol, err_msg=f"{name} {label}")
+        if name == "arm":
+          # ARM's CNN: a sharded convolution sums in another order, and Adam divides a
+          # near-zero gradient entry by its own magnitude, so rounding there moves that entry
+          # by up to a step's size (~lr per step; 3e-3 bounds 3 steps). A sharding error
+          # would move many entries: all but 1 in 10^4 must agree as tightly as the others.
+          np.testing.assert_allclose(a, b, rtol=0, atol=3 * hp["lr"], err_msg=f"{name} {label}")
+          loose = ~np.isclose(a, b, rtol=2e-4, atol=2e-5)
+          assert loose.mean() < 1e-4, f"{name} {label}: {loose.sum()} of {loose.size} differ"
+        else:
+          np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5, err_msg=f"{name} {label}")
       np.testing.assert_allclose(
         finals["single"][1], finals[label][1], rtol=1e-5, err_msg=f"{name} {label}"
       )
