@@ -17,7 +17,8 @@ compiled before timing. Each thread count gets fresh workers: ``torch.set_num_th
 and, for dgjax, ``XLA_FLAGS`` without the Eigen thread pool and ``intra_op_parallelism_threads=N``;
 with ``taskset`` both are pinned to the first N CPUs. Steps alternate between the sides
 (torch, jax, jax', ..., the order reversed every round) so the load of a shared machine hits
-both alike; cells are medians over ``--reps`` rounds.
+both alike; cells are medians over ``--reps`` rounds, of wall time and (the ``CPU time``
+ratio) of each process's CPU time, which time spent waiting for a core does not inflate.
 
 ``--jax_variant NAME=SPEC`` adds a dgjax worker: SPEC is ``;``-separated XLA flags
 (``--xla_...``) and ``conv:IMPL`` / ``per_domain:IMPL`` settings. The first dgjax column is
@@ -79,9 +80,9 @@ def torch_worker(threads: int) -> None:
       out = {"first_s": time.perf_counter() - t, "differ": differ}
     else:
       alg, mbs = live[cmd["method"]]
-      t = time.perf_counter()
+      t, c = time.perf_counter(), time.process_time()
       alg.update(mbs)
-      out = {"ms": 1e3 * (time.perf_counter() - t)}
+      out = {"ms": 1e3 * (time.perf_counter() - t), "cpu_ms": 1e3 * (time.process_time() - c)}
     print(json.dumps(out), flush=True)
 
 
@@ -115,10 +116,10 @@ def jax_worker(conv_impl: str, per_domain_impl: str) -> None:
       out["gflop"] = stats["flops"] / 1e9
     else:
       v = live[m]
-      t = time.perf_counter()
+      t, c = time.perf_counter(), time.process_time()
       v[1], metrics = v[0](v[1], v[2])
       jax.block_until_ready(metrics)
-      out = {"ms": 1e3 * (time.perf_counter() - t)}
+      out = {"ms": 1e3 * (time.perf_counter() - t), "cpu_ms": 1e3 * (time.process_time() - c)}
     print(json.dumps(out, default=float), flush=True)
 
 
@@ -181,6 +182,7 @@ def run_threads(args, methods, algorithms, hparams, threads, stubs):
     info[m] = {"torch": t, "jax": [j.ask(op="build", method=m) for j in jaxes]}
     print(f"  [{threads} thread(s)] built {m}: {json.dumps(info[m], default=str)}", flush=True)
   times = {m: [[] for _ in range(1 + len(jaxes))] for m in methods}
+  cpu = {m: [[] for _ in range(1 + len(jaxes))] for m in methods}
   sides = [torch, *jaxes]
   for r in range(args.reps):
     order = list(range(len(sides)))
@@ -188,18 +190,43 @@ def run_threads(args, methods, algorithms, hparams, threads, stubs):
       order.reverse()
     for m in methods:
       for i in order:
-        times[m][i].append(sides[i].ask(op="step", method=m)["ms"])
+        r = sides[i].ask(op="step", method=m)
+        times[m][i].append(r["ms"])
+        cpu[m][i].append(r["cpu_ms"])
   for w in sides:
     w.close()
   return {
     m: {
       "domainbed_ms": statistics.median(times[m][0]),
       "dgjax_ms": [statistics.median(t) for t in times[m][1:]],
+      "domainbed_cpu_ms": statistics.median(cpu[m][0]),
+      "dgjax_cpu_ms": [statistics.median(t) for t in cpu[m][1:]],
       "times": times[m],
+      "cpu_times": cpu[m],
       **info[m],
     }
     for m in methods
   }
+
+
+def print_table(n, rows, vnames):
+  """One thread count's markdown table: wall ms and dgjax / DomainBed ratios (wall, CPU time)."""
+  cols = " | ".join(f"{v} ms | {v} / DB | {v} / DB, CPU time" for v in vnames)
+  print(f"\n{n} thread(s) per side\n\n| method | DomainBed ms | {cols} |")
+  print("|---|---:|" + "---:|---:|---:|" * len(vnames))
+  ratios = [[] for _ in vnames]
+  cpu_ratios = [[] for _ in vnames]
+  for m, r in rows.items():
+    cells = []
+    for i, (ms, cms) in enumerate(zip(r["dgjax_ms"], r.get("dgjax_cpu_ms", r["dgjax_ms"]))):
+      ratios[i].append(ms / r["domainbed_ms"])
+      cpu_ratios[i].append(cms / r.get("domainbed_cpu_ms", r["domainbed_ms"]))
+      cells.append(f"{ms:.0f} | {ratios[i][-1]:.2f} | {cpu_ratios[i][-1]:.2f}")
+    print(f"| {m} | {r['domainbed_ms']:.0f} | " + " | ".join(cells) + " |")
+  med = " | ".join(
+    f"| {statistics.median(q):.2f} | {statistics.median(c):.2f}" for q, c in zip(ratios, cpu_ratios)
+  )
+  print(f"| median ratio | | {med} |")
 
 
 def main(argv=None):
@@ -258,19 +285,7 @@ def main(argv=None):
     + ", ".join(f"{a:.1f}" for a, _, _ in load)
   )
   for n, rows in results.items():
-    cols = " | ".join(f"{v} ms | {v} / DB" for v in vnames)
-    print(f"\n{n} thread(s) per side\n\n| method | DomainBed ms | {cols} |")
-    print("|---|---:|" + "---:|---:|" * len(vnames))
-    ratios = [[] for _ in vnames]
-    for m, r in rows.items():
-      cells = []
-      for i, ms in enumerate(r["dgjax_ms"]):
-        ratios[i].append(ms / r["domainbed_ms"])
-        cells.append(f"{ms:.0f} | {ms / r['domainbed_ms']:.2f}")
-      print(f"| {m} | {r['domainbed_ms']:.0f} | " + " | ".join(cells) + " |")
-    print(
-      "| median ratio | | " + " | ".join(f"| {statistics.median(q):.2f}" for q in ratios) + " |"
-    )
+    print_table(n, rows, vnames)
     differ = {m: r["torch"]["differ"] for m, r in rows.items() if r["torch"]["differ"]}
     if differ:
       print(f"hparam defaults that differ (DomainBed, dgjax; dgjax's used): {differ}")
