@@ -34,8 +34,11 @@ the same function (tested against ``"xla"`` in float32 and float64):
   ``"xla"`` with that fixed.
 
 ``"auto"``
-  ``"xla"`` on GPU/TPU, the fastest measured CPU lowering (:data:`CPU_DEFAULT`) on CPU.
-  The choice is made at trace time from ``jax.default_backend()``.
+  ``"xla"`` on GPU/TPU, the fastest measured CPU lowering (:data:`CPU_DEFAULT`) on CPU;
+  inside :func:`vmapped_runs` (the engine's step of K > 1 runs in one vmapped program, where
+  kernel and input are both batched and XLA:CPU lowers ``"xla"``'s forward, input and weight
+  gradients to grouped convolutions) :data:`CPU_VMAPPED_RUNS_DEFAULT` on CPU. The choice is
+  made at trace time from ``jax.default_backend()``.
 
 Measured (``bench/conv_lowering.py``; 2-core Sapphire Rapids VM shared with other jobs, so
 compare ratios; ``x floor(cpu)`` = CPU time / (55.95 GFLOP / in-process 2048^3 matmul rate)),
@@ -53,7 +56,14 @@ value_and_grad of MNIST_CNN on 2 domains x 64 images:
 ``shift_matmul`` ~15x.) No XLA:CPU flag (oneDNN, XNNPACK/YNNPACK fusion types, XNN graph
 fusion, no-XNNPACK, 512-bit vectors) moved these ratios by more than the noise.
 ``CPU_DEFAULT`` is ``"xla_mmdw"``: the fastest in every placement, and the only one that makes
-``vmap`` over domains as cheap as the unrolled loop. Accuracy note: in float32 on MNIST_CNN,
+``vmap`` over domains as cheap as the unrolled loop.
+
+Runs vmapped (jax 0.10.2, one thread, CPU time, MNIST_CNN, K = 2 runs x 128 images, each
+run its own params; ``bench/RESULTS.md``, "CPU parity"): value_and_grad ``"im2col"`` 2778 ms,
+``"xla_mmdw"`` 4879, ``"xla"`` 9301 (one run pooled: 1590 / 1224 / 1258); forward only,
+K = 2 x 256: ``"im2col"`` 1985, ``"xla_mmdw"`` 3850, ``"xla"`` 3815. Hence
+``CPU_VMAPPED_RUNS_DEFAULT = "im2col"``: batched matmuls where the others become grouped
+convolutions. Accuracy note: in float32 on MNIST_CNN,
 ``"xla"`` and ``"xla_mmdw"`` per-domain grads are ~3.5e-3 (relative to each leaf's max) from
 the float64 result, ``"im2col"`` ~2e-6 -- the difference comes from XLA's stride-2 convolution
 inside the whole graph (single-layer tests agree to 1e-6); use ``"im2col"`` if that matters.
@@ -61,8 +71,10 @@ inside the whole graph (single-layer tests agree to 1e-6); use ``"im2col"`` if t
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from typing import Callable, Dict
+from typing import Callable, Dict, Iterator
 
 import flax.linen as nn
 import jax
@@ -70,8 +82,24 @@ import jax.numpy as jnp
 
 ConvFn = Callable[[jax.Array, jax.Array, int, int], jax.Array]
 
-# The CPU lowering picked by impl="auto" (see the module docstring for the measurements).
+# The CPU lowerings picked by impl="auto" (see the module docstring for the measurements):
+# one run, and a step traced inside vmapped_runs().
 CPU_DEFAULT = "xla_mmdw"
+CPU_VMAPPED_RUNS_DEFAULT = "im2col"
+
+_VMAPPED_RUNS = contextvars.ContextVar("dgjax_conv_vmapped_runs", default=False)
+
+
+@contextlib.contextmanager
+def vmapped_runs() -> Iterator[None]:
+  """Within this context (at trace time), ``impl="auto"`` resolves as for a step mapped over
+  K > 1 runs, each with its own kernels (:data:`CPU_VMAPPED_RUNS_DEFAULT` on CPU). The
+  engine traces its K-run step inside it (:func:`dgjax.train.train_many`)."""
+  token = _VMAPPED_RUNS.set(True)
+  try:
+    yield
+  finally:
+    _VMAPPED_RUNS.reset(token)
 
 
 def _out_size(n: int, k: int, stride: int, padding: int) -> int:
@@ -202,9 +230,12 @@ CONV_IMPLS: Dict[str, ConvFn] = {
 
 
 def resolve_impl(impl: str) -> str:
-  """``"auto"`` -> ``"xla"`` on GPU/TPU, :data:`CPU_DEFAULT` on CPU; others unchanged."""
+  """``"auto"`` -> ``"xla"`` on GPU/TPU, :data:`CPU_DEFAULT` on CPU
+  (:data:`CPU_VMAPPED_RUNS_DEFAULT` inside :func:`vmapped_runs`); others unchanged."""
   if impl == "auto":
-    return CPU_DEFAULT if jax.default_backend() == "cpu" else "xla"
+    if jax.default_backend() != "cpu":
+      return "xla"
+    return CPU_VMAPPED_RUNS_DEFAULT if _VMAPPED_RUNS.get() else CPU_DEFAULT
   return impl
 
 

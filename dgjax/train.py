@@ -35,6 +35,7 @@ import optax
 
 from dgjax import checkpoints as checkpoints_lib
 from dgjax import config as config_lib
+from dgjax import conv as conv_lib
 from dgjax import core
 from dgjax import methods
 from dgjax import results as results_lib
@@ -490,9 +491,16 @@ def _make_run(configs, task: Task, dirs, run_args, checkpoint: bool, mesh, write
 
 def _over_runs(fn: Callable, in_axes, k_runs: int) -> Callable:
   """``fn`` mapped over the leading runs axis (a plain call on the squeezed axis when K = 1:
-  no vmap of one, so one run compiles as it would alone)."""
+  no vmap of one, so one run compiles as it would alone). K > 1 is traced inside
+  :func:`dgjax.conv.vmapped_runs` (``conv_impl="auto"`` picks its lowering for that case)."""
   if k_runs > 1:
-    return jax.vmap(fn, in_axes=in_axes)
+    mapped = jax.vmap(fn, in_axes=in_axes)
+
+    def runs(*xs):
+      with conv_lib.vmapped_runs():
+        return mapped(*xs)
+
+    return runs
 
   def one(*xs):
     squeezed = [x if ax is None else jax.tree.map(lambda a: a[0], x) for x, ax in zip(xs, in_axes)]

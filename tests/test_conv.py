@@ -129,6 +129,28 @@ def test_auto_resolves():
   )
   assert dconv.resolve_impl("im2col") == "im2col"
   assert Conv(4, impl="auto").impl == "auto"
+  with dconv.vmapped_runs():
+    assert dconv.resolve_impl("auto") == (
+      dconv.CPU_VMAPPED_RUNS_DEFAULT if jax.default_backend() == "cpu" else "xla"
+    )
+    assert dconv.resolve_impl("xla") == "xla"
+  assert dconv.resolve_impl("auto") == dconv.resolve_impl("auto")  # the context is left
+
+
+def test_the_engine_traces_k_runs_inside_vmapped_runs():
+  from dgjax import train as train_lib
+
+  seen = []
+
+  def fn(x):
+    seen.append(dconv.resolve_impl("auto"))
+    return x
+
+  train_lib._over_runs(fn, (0,), 2)(jnp.zeros((2, 3)))
+  train_lib._over_runs(fn, (0,), 1)(jnp.zeros((1, 3)))
+  with dconv.vmapped_runs():
+    k_runs_impl = dconv.resolve_impl("auto")
+  assert seen == [k_runs_impl, dconv.resolve_impl("auto")]
 
 
 # The CNN has a stride-2 layer (no shift_matmul); "auto" is one of the others.

@@ -47,10 +47,13 @@ def mldg_gradients() -> GradientSource:
   form), which the method's ``Adam(lr, weight_decay)`` applies. ``D`` is the number of
   training domains, not of pairs (DomainBed's ``num_mb``). With ``n_meta_test >= D`` there is
   no pair: the gradient is zero (e.g. DomainBed's default ``n_meta_test = 2`` on Colored
-  MNIST's two training domains; only weight decay moves the parameters).
+  MNIST's two training domains; only weight decay moves the parameters, through the optimizer
+  as DomainBed's ``optimizer.step()`` on zero gradients). As in DomainBed, that step runs no
+  forward pass at all: ``loss`` and ``env_losses`` are reported as zeros.
 
   ``loss`` is DomainBed's reported objective ``(1/D) sum_pairs (L_i + beta L_j)``;
-  ``env_losses`` are the per-domain losses at ``theta`` (one extra forward pass, for logging).
+  ``env_losses`` are the per-domain losses at ``theta`` (one extra forward pass, for logging;
+  zeros when there is no pair).
   The paper's second-order form (DomainBed's commented-out ``update``) is not implemented.
   """
 
@@ -60,12 +63,13 @@ def mldg_gradients() -> GradientSource:
     d = ctx.num_domains
     beta = hp["mldg_beta"]
     train_pos, test_pos = meta_split(d, int(hp["n_meta_test"]))
+    if not train_pos:  # DomainBed's update runs no forward pass: neither does this
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      loss = jnp.zeros((), batch["x"].dtype)
+      return zeros, Terms(jnp.zeros((d,), loss.dtype), None, {"loss": loss}, state)
     env_losses = env_losses_of(
       jax.lax.stop_gradient(domain_logits(ctx, params, batch["x"])), batch["y"]
     )
-    if not train_pos:
-      zeros = jax.tree.map(jnp.zeros_like, params)
-      return zeros, Terms(env_losses, None, {"loss": jnp.zeros((), env_losses.dtype)}, state)
     perm = jax.random.permutation(key, d)
     take = lambda idx: jax.tree.map(lambda a: a[idx], batch)
     pairs = (take(perm[jnp.asarray(train_pos)]), take(perm[jnp.asarray(test_pos)]))
