@@ -43,14 +43,14 @@ none); dgjax's URM applies its activation to every backbone's features.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from dgjax import resnet
-from dgjax.models import TorchDense
+from dgjax.models import BackboneClassifier
 
 __all__ = [
   "BACKBONES",
@@ -198,54 +198,6 @@ def hparam_overrides(
   return {**implied, **overrides}
 
 
-# ----------------------------------------------------------------------------- the model
-class BackboneClassifier(nn.Module):
-  """A featurizer + linear ``classifier`` head (``torch.nn.Linear`` init), with the interface
-  of :class:`dgjax.resnet.ResNetClassifier` (``features(x, train)``, ``head(z)``,
-  ``__call__(x, train)``; parameters ``{"featurizer", "classifier"}``).
-
-  ``batch_norm_momentum``: the featurizer's (the Wide-ResNet's BatchNorm trains), else
-  ``None``; ``frozen_params``: ``None`` (everything trains) or ``path -> bool`` for
-  parameters that must not train (the ViTs' ``vit_attn_tune``: :func:`dgjax.core.build_step`
-  stops their gradients and masks them out of the optimizer); ``copies_input_kernels``:
-  ARM's extra input channel starts as a copy of the first layer's kernel on image channel 0
-  (pretrained ViTs, as DomainBed's ResNet; DomainBed's DinoV2 refuses a 4th channel).
-  """
-
-  featurizer: nn.Module
-  num_classes: int
-  copies_input_kernels: bool = False
-
-  takes_train = True
-
-  @property
-  def batch_norm_momentum(self):
-    return getattr(self.featurizer, "batch_norm_momentum", None)
-
-  @property
-  def frozen_params(self) -> Callable | None:
-    if not getattr(self.featurizer, "attn_tune", False):
-      return None
-    trainable = self.featurizer.trainable
-
-    def frozen(path) -> bool:
-      return getattr(path[0], "key", path[0]) == "featurizer" and not trainable(path[1:])
-
-    return frozen
-
-  def setup(self):
-    self.classifier = TorchDense(self.num_classes)
-
-  def features(self, x, train: bool = False):
-    return self.featurizer(x, train)
-
-  def head(self, z):
-    return self.classifier(z)
-
-  def __call__(self, x, train: bool = False):
-    return self.classifier(self.featurizer(x, train))
-
-
 def featurizer(
   name: str,
   hparams: Mapping[str, Any] | None = None,
@@ -290,8 +242,8 @@ def make_classifier(
   **options: Any,
 ):
   """Backbone ``name`` + a ``num_classes`` linear head; ``options`` as :func:`featurizer`.
-  The ResNets are :class:`dgjax.resnet.ResNetClassifier` s, the others
-  :class:`BackboneClassifier` s."""
+  A :class:`dgjax.models.BackboneClassifier` (the ResNets as
+  :class:`dgjax.resnet.ResNetClassifier`)."""
   feat = featurizer(name, hparams, **options)
   if get_backbone(name).family == "resnet":
     return resnet.ResNetClassifier(featurizer=feat, num_classes=num_classes)

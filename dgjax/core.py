@@ -260,7 +260,7 @@ class Context:
   minibatch), which decides unfrozen BatchNorm's statistics.
 
   A model whose ``frozen_params`` is a predicate on parameter paths (the ViTs under
-  ``vit_attn_tune``, :class:`dgjax.backbones.BackboneClassifier`) has those parameters behind
+  ``vit_attn_tune``, :class:`dgjax.models.BackboneClassifier`) has those parameters behind
   ``jax.lax.stop_gradient`` in every forward here (torch's ``requires_grad=False``), and
   :func:`build_step` keeps them out of the optimizer (:func:`trainable_only`). Its
   ``batch_norm_momentum`` may be one number or ``path -> number`` (per BatchNorm layer).

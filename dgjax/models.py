@@ -7,7 +7,7 @@ Every model here is ``Classifier(featurizer, head)``: its params tree is
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -92,6 +92,57 @@ class Classifier(nn.Module):
 
   def __call__(self, x):
     return self.classifier(self.featurizer(x))
+
+
+class BackboneClassifier(nn.Module):
+  """An image backbone ``featurizer`` + linear ``classifier`` head (``torch.nn.Linear`` init):
+  :class:`Classifier`'s interface with ``train`` on ``features(x, train)`` /
+  ``__call__(x, train)``; parameters ``{"featurizer", "classifier"}``. Every backbone of
+  :mod:`dgjax.backbones` (the ResNets as :class:`dgjax.resnet.ResNetClassifier`) is one.
+
+  The engine reads (:class:`dgjax.core.Context`): ``takes_train`` (training steps call it
+  with ``train=True`` and a dropout key); ``batch_norm_momentum``: the featurizer's (torch's
+  momentum when its BatchNorm trains, a number or ``path -> number``), else ``None``;
+  ``frozen_params``: ``None`` (everything trains) or ``path -> bool`` for parameters that must
+  not train (the ViTs' ``vit_attn_tune``: :func:`dgjax.core.build_step` stops their gradients
+  and masks them out of the optimizer); ``copies_input_kernels``: ARM's extra input channel
+  starts as a copy of the first layer's kernel on image channel ``i mod 3``, as DomainBed's
+  ``ResNet`` adapts ``conv1`` (the ResNets and the pretrained ViTs; DomainBed's DinoV2 refuses
+  a 4th channel).
+  """
+
+  featurizer: nn.Module
+  num_classes: int
+  copies_input_kernels: bool = False
+
+  takes_train = True
+
+  @property
+  def batch_norm_momentum(self):
+    return getattr(self.featurizer, "batch_norm_momentum", None)
+
+  @property
+  def frozen_params(self) -> Callable | None:
+    if not getattr(self.featurizer, "attn_tune", False):
+      return None
+    trainable = self.featurizer.trainable
+
+    def frozen(path) -> bool:
+      return getattr(path[0], "key", path[0]) == "featurizer" and not trainable(path[1:])
+
+    return frozen
+
+  def setup(self):
+    self.classifier = TorchDense(self.num_classes)
+
+  def features(self, x, train: bool = False):
+    return self.featurizer(x, train)
+
+  def head(self, z):
+    return self.classifier(z)
+
+  def __call__(self, x, train: bool = False):
+    return self.classifier(self.featurizer(x, train))
 
 
 def mnist_cnn(num_classes: int = 2, conv_impl: str = "xla") -> Classifier:

@@ -44,7 +44,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dgjax.models import TorchDense
+from dgjax.models import BackboneClassifier
 
 __all__ = [
   "ARCHS",
@@ -177,6 +177,11 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
 
+  @property
+  def batch_norm_momentum(self):
+    """torch's momentum when BatchNorm trains (``freeze_bn=False``), else ``None``."""
+    return None if self.freeze_bn else TORCH_BN_MOMENTUM
+
   @nn.compact
   def __call__(self, x, train: bool = False):
     block_cls = {"basic": BasicBlock, "bottleneck": Bottleneck}[self.block]
@@ -197,38 +202,16 @@ class ResNet(nn.Module):
     return nn.Dropout(self.dropout, deterministic=not train)(z)
 
 
-class ResNetClassifier(nn.Module):
-  """ResNet ``featurizer`` + linear ``classifier`` head: :class:`dgjax.models.Classifier`'s
-  interface, with ``train`` on ``features`` / ``__call__``.
-
-  ``takes_train``: the engine calls it with ``train=True`` (and a dropout key) in training
-  steps (:class:`dgjax.core.Context`); ``batch_norm_momentum``: torch's 0.1 when BatchNorm
-  is unfrozen (the engine then updates the running statistics each step), ``None`` when frozen.
-  """
+class ResNetClassifier(BackboneClassifier):
+  """ResNet ``featurizer`` + linear ``classifier`` head (:class:`dgjax.models.BackboneClassifier`):
+  ``batch_norm_momentum`` is torch's 0.1 when BatchNorm is unfrozen (the engine then updates
+  the running statistics each step), ``None`` when frozen; an extra input channel (ARM's
+  context) starts as a copy of ``conv1``'s kernel on image channel ``i mod 3``, as DomainBed's
+  ``ResNet`` adapts it."""
 
   featurizer: ResNet
   num_classes: int
-
-  takes_train = True
-  #: an extra input channel (ARM's context) starts as a copy of the first convolution's
-  #: kernel on image channel ``i mod 3``, as DomainBed's ``ResNet`` adapts ``conv1``
-  copies_input_kernels = True
-
-  @property
-  def batch_norm_momentum(self):
-    return None if self.featurizer.freeze_bn else TORCH_BN_MOMENTUM
-
-  def setup(self):
-    self.classifier = TorchDense(self.num_classes)
-
-  def features(self, x, train: bool = False):
-    return self.featurizer(x, train)
-
-  def head(self, z):
-    return self.classifier(z)
-
-  def __call__(self, x, train: bool = False):
-    return self.classifier(self.featurizer(x, train))
+  copies_input_kernels: bool = True
 
 
 def resnet_classifier(
