@@ -381,6 +381,26 @@ def updates(cfg: IRMConfig) -> int:
   return cfg.steps - 1
 
 
+def restart_history(per_run: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
+  """The restarts' engine records side by side: one entry per evaluation, its ``step`` and
+  each metric as a list over the restarts."""
+  keys = [k for k in per_run[0][0] if k not in ("hparams", "args", "epoch", "step")]
+  return [
+    {"step": recs[0]["step"], **{k: [rec[k] for rec in recs] for k in keys}}
+    for recs in zip(*per_run)
+  ]
+
+
+def history_line(h: Mapping[str, Any]) -> str:
+  """One evaluation of :func:`restart_history`, averaged over the restarts, as a log line."""
+  return (
+    f"step {h['step']:4d}  loss {np.mean(h['loss']):.4f}  train {100 * np.mean(h['train_acc']):.1f}  "
+    f"test {100 * np.mean(h['test_acc']):.1f}  gray {100 * np.mean(h['gray_acc']):.1f}"
+    + (f"  penalty {np.mean(h['penalty']):.3g}" if "penalty" in h else "")
+    + (f"  hessian_gap {np.mean(h['hessian_gap']):.3g}" if "hessian_gap" in h else "")
+  )
+
+
 def run(
   cfg: IRMConfig, images: np.ndarray, labels: np.ndarray, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
@@ -437,21 +457,9 @@ def run(
     )
     for r, recs in zip(g, train_lib.train_many([configs[r] for r in g], task)):
       per_run[r] = recs
-  keys = [k for k, v in per_run[0][0].items() if k not in ("hparams", "args", "epoch")]
-  history = [
-    {
-      "step": recs[0]["step"],
-      **{k: [per_run[r][i][k] for r in range(cfg.n_restarts)] for k in keys if k != "step"},
-    }
-    for i, recs in enumerate(zip(*per_run))
-  ]
+  history = restart_history(per_run)
   for h in history:
-    log(
-      f"step {h['step']:4d}  loss {np.mean(h['loss']):.4f}  train {100 * np.mean(h['train_acc']):.1f}  "
-      f"test {100 * np.mean(h['test_acc']):.1f}  gray {100 * np.mean(h['gray_acc']):.1f}"
-      + (f"  penalty {np.mean(h['penalty']):.3g}" if "penalty" in h else "")
-      + (f"  hessian_gap {np.mean(h['hessian_gap']):.3g}" if "hessian_gap" in h else "")
-    )
+    log(history_line(h))
   final = {k: np.asarray(history[-1][k]) for k in ("train_acc", "test_acc", "gray_acc")}
   summary = {
     k: (100 * float(np.mean(v)), 100 * float(np.std(v)), 100 * float(np.std(v)) / math.sqrt(len(v)))
