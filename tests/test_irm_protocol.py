@@ -10,7 +10,7 @@ head gradients from a loop over examples, centred, squared, averaged over exampl
 environments, rex ``(nll_0 - nll_1)^2``, fishr the summed squared differences of the two
 variances from their mean, hgp (``cmnist_HGP.py``'s ``sad``) ``sum_e ||H_e g_e - H g||^2 +
 sum_e ||g_e - g||^2`` on the head (explicit Hessians here), with ``w = 1`` before the switch for
-every method. The steps cross
+every method; hutchinson (``cmnist_Hutchinson.py``'s ``sad``, random probes) in expectation. The steps cross
 the switch. dgjax's side is each method's step with the benchmark's hparams
 (:func:`dgjax.irm_benchmark.benchmark_hparams`: its roles and the ``irm_cmnist`` preset).
 """
@@ -265,3 +265,51 @@ def test_engine_trains_steps_minus_one_updates():
     irm_benchmark.run(
       irm_benchmark.IRMConfig(steps=1), np.zeros((20, 28, 28), np.uint8), np.arange(20) % 10
     )
+
+
+def test_hutchinson_penalty_is_the_scripts_in_expectation():
+  """cmnist_Hutchinson.py's ``sad_penalty``: ``sum_e ||g_e - g||^2 + sum_e ||D_e - D||^2``, ``D``
+  the Hutchinson estimate ``mean_s z_s * (H z_s)`` of the head Hessian's diagonal, independent
+  Rademacher probes per environment and for the mean. Its probes are random, so the benchmark's
+  hutchinson is checked against the exact diagonals (explicit head Hessians) with many probes:
+  the gradient term exactly, the Hessian term and the penalty within Monte Carlo error."""
+  with X64(True):
+    data = _data()
+    params = mlp(1, hidden=(HIDDEN,)).init(jax.random.key(1), jnp.zeros((1, F)))["params"]
+    params = jax.tree.map(lambda a: a.astype(jnp.float64) + 0.1, params)
+    cfg = irm_benchmark.IRMConfig(
+      method="hutchinson", lr=LR, l2_weight=L2, penalty_weight=WEIGHT, penalty_anneal_iters=ANNEAL
+    )
+    hp = irm_benchmark.benchmark_hparams("hutchinson", cfg, N)
+    assert hp["independent_probes"] and hp["rescale_loss"] and not hp["reset_optimizer"]
+    ctx = core.Context(
+      model=mlp(1, hidden=(HIDDEN,)),
+      hparams={**hp, "hutchinson_samples": 20000},
+      num_domains=2,
+    )
+    step = methods.get_method("hutchinson").build(ctx)
+    _, _, metrics = jax.jit(step.update)(
+      params, step.init(params, jax.random.key(0)), data, jnp.asarray(0), jax.random.key(3)
+    )
+
+    envs = []
+    for e in range(2):
+      z, _ = _net(params, data["x"][e])
+      envs.append({"z": z, "y": data["y"][e].astype(jnp.float64)[:, None]})
+    flat, unravel = jax.flatten_util.ravel_pytree(params["classifier"])
+
+    def nll(e, w):
+      h = unravel(w)
+      return _bce(envs[e]["z"] @ h["kernel"] + h["bias"], envs[e]["y"])
+
+    mean = lambda w: (nll(0, w) + nll(1, w)) / 2  # noqa: E731
+    g, d = jax.grad(mean)(flat), jnp.diag(jax.hessian(mean)(flat))
+    grad_term = sum(jnp.sum((jax.grad(lambda w: nll(e, w))(flat) - g) ** 2) for e in range(2))
+    hess_term = sum(
+      jnp.sum((jnp.diag(jax.hessian(lambda w: nll(e, w))(flat)) - d) ** 2) for e in range(2)
+    )
+    assert float(hess_term) > 0.05 * float(grad_term)  # the Hessian term counts here
+    # the terms are reported as means over the two environments (the script sums: alpha = beta = 2)
+    np.testing.assert_allclose(2 * float(metrics["gradient_term"]), float(grad_term), rtol=1e-9)
+    np.testing.assert_allclose(2 * float(metrics["hessian_term"]), float(hess_term), rtol=5e-2)
+    np.testing.assert_allclose(float(metrics["penalty"]), float(grad_term + hess_term), rtol=1e-2)
