@@ -19,15 +19,15 @@ import json
 import os
 import logging
 import shutil
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+
+from dgjax.interrupts import DeferredInterrupt
 
 
 #: The file in each checkpoint's directory holding the sha256 of its other files.
@@ -127,26 +127,6 @@ def latest_good_step(output_dir: str | Path) -> int | None:
 
 
 @contextlib.contextmanager
-def _interrupt_after():
-  """Ctrl-C in the block takes effect at its end: a save or restore is never cut in half (its
-  Orbax threads would go on writing, and log tracebacks, after the process began to exit)."""
-  if (
-    threading.current_thread() is not threading.main_thread()
-    or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-  ):
-    yield
-    return
-  received = []
-  signal.signal(signal.SIGINT, lambda *_: received.append(True))
-  try:
-    yield
-  finally:
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    if received:
-      raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
 def _quiet_orbax():
   """Orbax logs the tracebacks of failed reads (from its thread pool) before raising;
   our error says what failed, so mute them while restoring."""
@@ -202,7 +182,7 @@ class Checkpoints:
       tmp = self.meta_path.with_name(META_NAME + ".tmp")
       tmp.write_text(json.dumps(self.identity, sort_keys=True, indent=1))
       os.replace(tmp, self.meta_path)
-    with _interrupt_after():
+    with DeferredInterrupt():  # a save is never cut in half (Orbax's threads would go on)
       with _quiet_orbax():  # a failure (a full disk) is raised, not logged as tracebacks
         self.manager.save(step, args=self._ocp.args.StandardSave(tree), force=True)
         self.manager.wait_until_finished()
@@ -236,7 +216,7 @@ class Checkpoints:
         bad.append(step)
         continue
       try:
-        with _interrupt_after(), _quiet_orbax():
+        with DeferredInterrupt(), _quiet_orbax():
           tree = self.manager.restore(step, args=self._ocp.args.StandardRestore(target))
       except Exception as e:  # orbax raises many kinds: missing files, bad metadata, shapes
         errors.append(f"step {step}: {type(e).__name__}: {' '.join(str(e).split())[:300]}")

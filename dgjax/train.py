@@ -37,6 +37,7 @@ from dgjax import checkpoints as checkpoints_lib
 from dgjax import config as config_lib
 from dgjax import conv as conv_lib
 from dgjax import core
+from dgjax import interrupts
 from dgjax import methods
 from dgjax import results as results_lib
 from dgjax import sharding as sharding_lib
@@ -342,7 +343,8 @@ def train_many(
         ensure_writable(d)
         if writer and not results_lib.held_here(d):  # dgjax.runs takes it before any check
           locks.append(results_lib.RunLock(d).acquire())
-    return _train_locked(run, resume)
+    with interrupts.DeferredInterrupt() as interrupt:  # taken between steps, never lost
+      return _train_locked(run, resume, interrupt)
   except KeyboardInterrupt:
     raise RunInterrupted(f"interrupted (Ctrl-C); {kept_summary(dirs)}") from None
   except Exception as e:
@@ -840,6 +842,7 @@ class _Loop(NamedTuple):
   ckpt: CheckpointHook
   progress: Progress
   records: list[list[dict[str, Any]]]
+  interrupt: interrupts.DeferredInterrupt
 
 
 def _evaluate(run: Run, loop: _Loop, state: TrainState, data, step: int) -> TrainState:
@@ -866,6 +869,7 @@ def _evaluate(run: Run, loop: _Loop, state: TrainState, data, step: int) -> Trai
 def _run_chunks(run: Run, loop: _Loop, state: TrainState, data, batches, step: int, target: int):
   """Steps ``step .. target`` in chunks of up to ``scan_steps``; ``(state, data, step)``."""
   while step <= target:
+    loop.interrupt.check()  # Ctrl-C: here, between steps
     n = min(run.config.scan_steps, target - step + 1)
     if batches is not None:
       data = next(batches)
@@ -877,9 +881,12 @@ def _run_chunks(run: Run, loop: _Loop, state: TrainState, data, batches, step: i
   return state, data, step
 
 
-def _train_locked(run: Run, resume: bool) -> list[list[dict[str, Any]]]:
+def _train_locked(
+  run: Run, resume: bool, interrupt: interrupts.DeferredInterrupt
+) -> list[list[dict[str, Any]]]:
   """The loop over the locked output directories: init or restore, then chunks of steps up
-  to each evaluation step, evaluate (and save) there; ``done`` at the end."""
+  to each evaluation step, evaluate (and save) there; ``done`` at the end. Ctrl-C is taken
+  before a chunk (``interrupt``)."""
   config, task = run.config, run.task
   if task.streams and config.scan_steps != 1:
     raise ValueError(
@@ -896,7 +903,7 @@ def _train_locked(run: Run, resume: bool) -> list[list[dict[str, Any]]]:
   label = config.method if run.k_runs == 1 else f"{config.method} x{run.k_runs}"
   progress = Progress(label, config.steps, start, enabled=config.progress and run.writer)
   batches = task.stream(start) if task.streams else None  # resumes at the same batch
-  loop = _Loop(_chunk_fn(run), NanCheck(run), StepTimer(), swad, ckpt, progress, records)
+  loop = _Loop(_chunk_fn(run), NanCheck(run), StepTimer(), swad, ckpt, progress, records, interrupt)
   step = start
   try:
     for target in (s for s in range(start, config.steps) if is_eval_step(config, s)):

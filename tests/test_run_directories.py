@@ -509,7 +509,11 @@ def test_cli_ctrl_c_and_full_disk_end_in_one_line(tmp_path):
     assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
     time.sleep(0.1)
   proc.send_signal(signal.SIGINT)
-  _, err = proc.communicate(timeout=120)
+  try:
+    _, err = proc.communicate(timeout=120)
+  except subprocess.TimeoutExpired:  # the Ctrl-C was lost: stop the run, fail
+    proc.kill()
+    raise
   assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
   last = err.strip().splitlines()[-1]
   assert last.startswith(f"interrupted (Ctrl-C); {out} keeps ") and " records (last step " in last
