@@ -6,9 +6,9 @@ many), Python prints "Exception ignored in ..." and carries on: the Ctrl-C is lo
 run goes on (the likely cause of a run in the suite that kept training for 23 minutes after
 SIGINT). Inside :class:`DeferredInterrupt` the handler only records the request; :meth:`check`
 raises ``KeyboardInterrupt`` where the caller can stop cleanly (between steps), and leaving the
-block raises it if it was not taken. A second Ctrl-C raises at once (a long compilation can still be
-cut short). Outside the main thread, or when someone else's handler is installed (an outer
-block, a host program), the block changes nothing.
+block raises it if it was not taken. A second Ctrl-C raises at once (a long compilation can
+still be cut short). Outside the main thread, or when someone else's handler is installed (an
+outer block, a host program), the block changes nothing.
 """
 
 from __future__ import annotations
