@@ -2,13 +2,12 @@
 
 Python's default SIGINT handler raises ``KeyboardInterrupt`` in whatever Python code the main
 thread runs at that instant. When that is a finaliser or a weakref callback (JAX and Orbax run
-many), Python prints "Exception ignored in ..." and carries on: the Ctrl-C is lost and the
-run goes on (the likely cause of a run in the suite that kept training for 23 minutes after
-SIGINT). Inside :class:`DeferredInterrupt` the handler only records the request; :meth:`check`
-raises ``KeyboardInterrupt`` where the caller can stop cleanly (between steps), and leaving the
-block raises it if it was not taken. A second Ctrl-C raises at once (a long compilation can
-still be cut short). Outside the main thread, or when someone else's handler is installed (an
-outer block, a host program), the block changes nothing.
+many), Python prints "Exception ignored in ..." and carries on: the Ctrl-C is lost and the run
+goes on (``tests/test_interrupts.py`` shows it). Inside :class:`DeferredInterrupt` the handler
+only records the request; :meth:`check` raises ``KeyboardInterrupt`` where the caller can stop
+cleanly (between steps), and leaving the block raises it if it was not taken. A second Ctrl-C
+raises at once (a long compilation can still be cut short). Outside the main thread, or when
+someone else's handler is installed (an outer block, a host program), the block changes nothing.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 never lost in a finaliser; a second Ctrl-C raises at once. In a subprocess (its own main thread
 and Python's default SIGINT handler, which pytest's workers need not have)."""
 
+import signal
 import subprocess
 import sys
 import textwrap
@@ -67,7 +68,14 @@ SCRIPT = textwrap.dedent(
 
 def test_ctrl_c_is_deferred_to_safe_points_and_never_lost():
   proc = subprocess.run(
-    [sys.executable, "-c", SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=120
+    [sys.executable, "-c", SCRIPT],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    # Python's default SIGINT handler even when the suite runs with SIGINT ignored (a shell's
+    # `cmd &` without job control), which the child would inherit
+    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.strip().splitlines()[-1].split("|") == [

@@ -501,6 +501,9 @@ def test_cli_ctrl_c_and_full_disk_end_in_one_line(tmp_path):
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,
+    # Ctrl-C as in a terminal: a suite started in the background (a shell's `cmd &` without job
+    # control) hands its children SIGINT ignored, and Python then keeps it ignored
+    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
   )
   deadline = time.time() + 240
   while not (
