@@ -92,18 +92,24 @@ def _script_loss(method, p, data, weight):
   return jnp.where(weight > 1.0, loss / weight, loss)  # if penalty_weight > 1.0: loss /= ...
 
 
-def _script_hgp_penalty(head, envs):
-  """cmnist_HGP.py's ``sad_penalty`` with explicit head Hessians (``jax.hessian``):
-  ``sum_e ||H_e g_e - H g||^2 + sum_e ||g_e - g||^2``, ``g_e`` / ``H_e`` the gradient and
-  Hessian of environment ``e``'s nll in the head's parameters, ``g`` / ``H`` those of their
-  mean (the script's ``Hg_e = ||g_e|| grad ||g_e||`` is ``H_e g_e``)."""
+def _head_losses(head, envs):
+  """The head's parameters flattened, ``nll(e, w)`` (environment ``e``'s loss at flat head
+  ``w``, features ``envs[e]["z"]`` fixed) and their mean over the two environments."""
   flat, unravel = jax.flatten_util.ravel_pytree(head)
 
   def nll(e, w):
     h = unravel(w)
     return _bce(envs[e]["z"] @ h["kernel"] + h["bias"], envs[e]["y"])
 
-  mean = lambda w: (nll(0, w) + nll(1, w)) / 2  # noqa: E731
+  return flat, nll, lambda w: (nll(0, w) + nll(1, w)) / 2
+
+
+def _script_hgp_penalty(head, envs):
+  """cmnist_HGP.py's ``sad_penalty`` with explicit head Hessians (``jax.hessian``):
+  ``sum_e ||H_e g_e - H g||^2 + sum_e ||g_e - g||^2``, ``g_e`` / ``H_e`` the gradient and
+  Hessian of environment ``e``'s nll in the head's parameters, ``g`` / ``H`` those of their
+  mean (the script's ``Hg_e = ||g_e|| grad ||g_e||`` is ``H_e g_e``)."""
+  flat, nll, mean = _head_losses(head, envs)
   g, hg = jax.grad(mean)(flat), jax.hessian(mean)(flat) @ jax.grad(mean)(flat)
   penalty = 0.0
   for e in range(2):
@@ -296,13 +302,7 @@ def test_hutchinson_penalty_is_the_scripts_in_expectation():
     for e in range(2):
       z, _ = _net(params, data["x"][e])
       envs.append({"z": z, "y": data["y"][e].astype(jnp.float64)[:, None]})
-    flat, unravel = jax.flatten_util.ravel_pytree(params["classifier"])
-
-    def nll(e, w):
-      h = unravel(w)
-      return _bce(envs[e]["z"] @ h["kernel"] + h["bias"], envs[e]["y"])
-
-    mean = lambda w: (nll(0, w) + nll(1, w)) / 2  # noqa: E731
+    flat, nll, mean = _head_losses(params["classifier"], envs)
     g, d = jax.grad(mean)(flat), jnp.diag(jax.hessian(mean)(flat))
     grad_term = sum(jnp.sum((jax.grad(lambda w: nll(e, w))(flat) - g) ** 2) for e in range(2))
     hess_term = sum(
