@@ -138,10 +138,12 @@ class Worker:
   def ask(self, **cmd):
     self.p.stdin.write(json.dumps(cmd) + "\n")
     self.p.stdin.flush()
-    line = self.p.stdout.readline()
-    if not line:
-      raise RuntimeError(f"worker {self.p.args} died on {cmd}")
-    return json.loads(line)
+    while line := self.p.stdout.readline():
+      try:
+        return json.loads(line)
+      except json.JSONDecodeError:  # something the method itself printed (DomainBed's URM)
+        print(f"  [worker output] {line.rstrip()}", file=sys.stderr, flush=True)
+    raise RuntimeError(f"worker {self.p.args} died on {cmd}")
 
   def close(self):
     self.p.stdin.close()
