@@ -42,7 +42,6 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-DOMAINBED_NAMES = {"erm": "ERM", "sand": "SANDMask", "irm": "IRM", "vrex": "VREx", "coral": "CORAL"}
 
 # Modules DomainBed imports at the top of datasets.py / networks.py / scripts; only MNIST is real.
 STUBS = {
@@ -120,6 +119,8 @@ def timed(argv, env, cwd, log: Path) -> float:
 
 
 def count_jobs(out: Path) -> tuple[int, int]:
+  if not out.is_dir():
+    return 0, 0
   jobs = [d for d in out.iterdir() if d.is_dir() and not d.name.startswith(".")]
   return len(jobs), sum((d / "done").exists() for d in jobs)
 
@@ -143,7 +144,7 @@ def run_side(side: str, args, work: Path) -> dict:
     pythonpath = f"{stubs}{os.pathsep}{Path(args.domainbed).resolve()}"
     env = single_thread_env(PATH=path, PYTHONPATH=pythonpath)
     env["BENCH_MAX_EXAMPLES"] = str(args.max_examples or 0)
-    names = [DOMAINBED_NAMES[m] for m in args.methods]
+    names = args.domainbed_names
     argv = pin + [args.torch_python, "-m", "domainbed.scripts.sweep", "launch"]
     argv += ["--datasets", "ColoredMNIST", "--algorithms", *names, *common]
     argv += ["--command_launcher", "local", "--single_test_envs", "--skip_confirmation"]
@@ -193,7 +194,7 @@ def main(argv=None):
   p.add_argument("--torch_python", default=sys.executable, help="an interpreter with torch")
   p.add_argument("--data_dir", help="MNIST IDX files (train-*-idx*-ubyte.gz, optional t10k-*)")
   p.add_argument("--sides", default="domainbed,local,vmap")
-  p.add_argument("--methods", nargs="+", default=["erm", "sand"], choices=sorted(DOMAINBED_NAMES))
+  p.add_argument("--methods", nargs="+", default=["erm", "sand"], help="dgjax names")
   p.add_argument("--n_hparams", type=int, default=4)
   p.add_argument("--n_trials", type=int, default=2)
   p.add_argument("--steps", type=int, default=300)
@@ -213,6 +214,18 @@ def main(argv=None):
     p.error(f"--data_dir must hold train-images-idx3-ubyte.gz: {args.data_dir!r}")
   if "domainbed" in sides and not (Path(args.domainbed or "") / "domainbed" / "scripts").exists():
     p.error(f"--domainbed must be a DomainBed checkout (domainbed/scripts/): {args.domainbed!r}")
+  sys.path.insert(0, str(HERE.parent))
+  from dgjax import methods as registry
+
+  try:
+    args.domainbed_names = [registry.get_method(m).domainbed_name for m in args.methods]
+  except ValueError as e:
+    p.error(f"--methods: {e}")
+  if "domainbed" in sides:
+    text = (Path(args.domainbed) / "domainbed" / "algorithms.py").read_text()
+    lacking = [m for m, n in zip(args.methods, args.domainbed_names) if f"class {n}(" not in text]
+    if lacking:
+      p.error(f"--methods: {lacking} are not algorithms of this DomainBed ({args.domainbed})")
   args.data_dir = str(Path(args.data_dir).resolve())
   with tempfile.TemporaryDirectory() as tmp:
     work = Path(args.work_dir or tmp).resolve()
