@@ -42,70 +42,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-
-# Modules DomainBed imports at the top of datasets.py / networks.py / scripts; only MNIST is real.
-STUBS = {
-  "PIL/__init__.py": "__version__ = 'stub'\n",
-  "PIL/Image.py": "",
-  "PIL/ImageFile.py": "LOAD_TRUNCATED_IMAGES = False\n",
-  "tqdm/__init__.py": "def tqdm(it=None, *a, **k):\n  return it\n",
-  "timm.py": "",
-  "wilds/__init__.py": "",
-  "wilds/datasets/__init__.py": "",
-  "wilds/datasets/camelyon17_dataset.py": "Camelyon17Dataset = None\n",
-  "wilds/datasets/fmow_dataset.py": "FMoWDataset = None\n",
-  "torchvision/__init__.py": "__version__ = 'stub'\nfrom . import datasets, models, transforms\n",
-  "torchvision/models.py": "",
-  "torchvision/transforms/__init__.py": "",
-  "torchvision/transforms/functional.py": "def rotate(*a, **k):\n  raise NotImplementedError\n",
-  "torchvision/datasets/folder.py": "",
-  "torchvision/datasets/__init__.py": '''
-import gzip, os
-import numpy as np
-import torch
-from . import folder
-
-ImageFolder = None
-
-
-def _idx(path):
-  with gzip.open(path, "rb") as f:
-    raw = f.read()
-  dims = raw[3]
-  shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
-  return np.frombuffer(raw, np.uint8, offset=4 + 4 * dims).reshape(shape)
-
-
-class MNIST:
-  def __init__(self, root, train=True, download=False):
-    prefix = "train" if train else "t10k"
-    images = os.path.join(root, f"{prefix}-images-idx3-ubyte.gz")
-    if os.path.exists(images):
-      x = _idx(images)
-      y = _idx(os.path.join(root, f"{prefix}-labels-idx1-ubyte.gz"))
-    else:
-      x, y = np.zeros((0, 28, 28), np.uint8), np.zeros((0,), np.uint8)
-    n = int(os.environ.get("BENCH_MAX_EXAMPLES", "0")) or None
-    if not train and n is not None:
-      n = max(0, n - len(_idx(os.path.join(root, "train-labels-idx1-ubyte.gz"))))
-    self.data = torch.from_numpy(x[:n].copy())
-    self.targets = torch.from_numpy(y[:n].astype(np.int64))
-''',
-}
-
-
-def write_stubs(root: Path) -> Path:
-  for name, text in STUBS.items():
-    (root / name).parent.mkdir(parents=True, exist_ok=True)
-    (root / name).write_text(text)
-  return root
-
-
-def single_thread_env(**extra) -> dict:
-  env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-  env.update(extra)
-  return env
+sys.path.insert(0, str(HERE))
+from vs_domainbed import pinned, stub_dir, thread_env
 
 
 def timed(argv, env, cwd, log: Path) -> float:
@@ -128,13 +66,13 @@ def count_jobs(out: Path) -> tuple[int, int]:
 def run_side(side: str, args, work: Path) -> dict:
   out = work / side
   shutil.rmtree(out, ignore_errors=True)
-  pin = ["taskset", "-c", args.cpus] if args.cpus and shutil.which("taskset") else []
+  pin = pinned(args.cpus)
   hparams = json.dumps(args.hparams)
   common = ["--n_hparams", str(args.n_hparams), "--n_trials", str(args.n_trials)]
   common += ["--steps", str(args.steps), "--hparams", hparams, "--data_dir", args.data_dir]
   common += ["--output_dir", str(out)]
   if side == "domainbed":
-    stubs = write_stubs(work / "stubs")
+    stubs = stub_dir(work / "stubs")
     bin_dir = work / "bin"  # DomainBed's local launcher runs `python -m domainbed.scripts.train`
     bin_dir.mkdir(exist_ok=True)
     (bin_dir / "python").unlink(missing_ok=True)  # never write through an old link
@@ -142,14 +80,14 @@ def run_side(side: str, args, work: Path) -> dict:
     (bin_dir / "python").chmod(0o755)  # a wrapper, not a link: a venv's python finds its venv
     path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
     pythonpath = f"{stubs}{os.pathsep}{Path(args.domainbed).resolve()}"
-    env = single_thread_env(PATH=path, PYTHONPATH=pythonpath)
+    env = thread_env(1, PATH=path, PYTHONPATH=pythonpath)
     env["BENCH_MAX_EXAMPLES"] = str(args.max_examples or 0)
     names = args.domainbed_names
     argv = pin + [args.torch_python, "-m", "domainbed.scripts.sweep", "launch"]
     argv += ["--datasets", "ColoredMNIST", "--algorithms", *names, *common]
     argv += ["--command_launcher", "local", "--single_test_envs", "--skip_confirmation"]
   else:
-    env = single_thread_env()
+    env = thread_env(1)
     cache = work / f"cache-{side}"
     shutil.rmtree(cache, ignore_errors=True)
     argv = pin + [sys.executable, "-m", "experiments.sweep", "launch"]

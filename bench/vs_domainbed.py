@@ -44,7 +44,7 @@ DEFAULT_METHODS = "erm,sand,irm,coral,fish,mldg,arm"
 SKIP = {"TRM": "constructor calls .cuda()"}
 
 # DomainBed's networks.py imports torchvision.models and timm at the top (for ResNets/ViTs)
-MISSING = "def __getattr__(name):\n  raise ImportError(f'stubbed for the CNN benchmark: {name}')\n"
+MISSING = "def __getattr__(name):\n  raise ImportError(f'stubbed for the DomainBed side of bench/: {name}')\n"
 
 
 # --------------------------------------------------------------------------- workers
@@ -130,9 +130,8 @@ def jax_worker(conv_impl: str, per_domain_impl: str) -> None:
 # --------------------------------------------------------------------------- driver
 class Worker:
   def __init__(self, argv, env, cpus):
-    pin = ["taskset", "-c", cpus] if cpus and shutil.which("taskset") else []
     self.p = subprocess.Popen(
-      pin + argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+      pinned(cpus) + argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
 
   def ask(self, **cmd):
@@ -163,23 +162,87 @@ def parse_variant(text):
   return {"name": name, "flags": flags, "conv": conv, "per_domain": per_domain}
 
 
-def stub_dir(tmp: Path) -> Path:
-  (tmp / "torchvision").mkdir()
-  (tmp / "torchvision" / "__init__.py").write_text("")
-  (tmp / "torchvision" / "models.py").write_text(MISSING)
-  (tmp / "timm.py").write_text(MISSING)
-  return tmp
+# What DomainBed imports at the top of datasets.py / networks.py / its scripts, stubbed: an
+# environment with only torch runs its CNN, its update() and its sweep. Only MNIST is real: it
+# reads the IDX files dgjax reads (``BENCH_MAX_EXAMPLES``: the first N digits).
+STUBS = {
+  "PIL/__init__.py": "__version__ = 'stub'\n",
+  "PIL/Image.py": "",
+  "PIL/ImageFile.py": "LOAD_TRUNCATED_IMAGES = False\n",
+  "tqdm/__init__.py": "def tqdm(it=None, *a, **k):\n  return it\n",
+  "timm.py": MISSING,
+  "wilds/__init__.py": "",
+  "wilds/datasets/__init__.py": "",
+  "wilds/datasets/camelyon17_dataset.py": "Camelyon17Dataset = None\n",
+  "wilds/datasets/fmow_dataset.py": "FMoWDataset = None\n",
+  "torchvision/__init__.py": "__version__ = 'stub'\nfrom . import datasets, models, transforms\n",
+  "torchvision/models.py": MISSING,
+  "torchvision/transforms/__init__.py": "",
+  "torchvision/transforms/functional.py": "def rotate(*a, **k):\n  raise NotImplementedError\n",
+  "torchvision/datasets/folder.py": "",
+  "torchvision/datasets/__init__.py": '''
+import gzip, os
+import numpy as np
+import torch
+from . import folder
+
+ImageFolder = None
+
+
+def _idx(path):
+  with gzip.open(path, "rb") as f:
+    raw = f.read()
+  dims = raw[3]
+  shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
+  return np.frombuffer(raw, np.uint8, offset=4 + 4 * dims).reshape(shape)
+
+
+class MNIST:
+  def __init__(self, root, train=True, download=False):
+    prefix = "train" if train else "t10k"
+    images = os.path.join(root, f"{prefix}-images-idx3-ubyte.gz")
+    if os.path.exists(images):
+      x = _idx(images)
+      y = _idx(os.path.join(root, f"{prefix}-labels-idx1-ubyte.gz"))
+    else:
+      x, y = np.zeros((0, 28, 28), np.uint8), np.zeros((0,), np.uint8)
+    n = int(os.environ.get("BENCH_MAX_EXAMPLES", "0")) or None
+    if not train and n is not None:
+      n = max(0, n - len(_idx(os.path.join(root, "train-labels-idx1-ubyte.gz"))))
+    self.data = torch.from_numpy(x[:n].copy())
+    self.targets = torch.from_numpy(y[:n].astype(np.int64))
+''',
+}
+
+
+def stub_dir(root: Path) -> Path:
+  for name, text in STUBS.items():
+    (root / name).parent.mkdir(parents=True, exist_ok=True)
+    (root / name).write_text(text)
+  return root
+
+
+def pinned(cpus: str | None) -> list[str]:
+  """The ``taskset`` prefix pinning a command to ``cpus`` (none without taskset)."""
+  return ["taskset", "-c", cpus] if cpus and shutil.which("taskset") else []
+
+
+def thread_env(threads: int, *xla_flags: str, **extra) -> dict:
+  """The environment of a process computing with ``threads`` threads: torch's (OpenMP, MKL)
+  and XLA:CPU's (no Eigen pool, ``intra_op_parallelism_threads``), CPU only."""
+  env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+  base = f"--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={threads}"
+  env.update(XLA_FLAGS=" ".join([base, *xla_flags]), JAX_PLATFORMS="cpu", **extra)
+  return env
 
 
 def run_threads(args, methods, algorithms, hparams, threads, stubs, skipped):
   cpus = ",".join(str(c) for c in sorted(os.sched_getaffinity(0))[:threads])
-  tenv = dict(os.environ, PYTHONPATH=f"{stubs}{os.pathsep}{Path(args.domainbed).resolve()}")
-  tenv.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+  tenv = thread_env(threads, PYTHONPATH=f"{stubs}{os.pathsep}{Path(args.domainbed).resolve()}")
   torch = Worker([args.torch_python, __file__, "--worker", f"torch:{threads}"], tenv, cpus)
   jaxes = []
   for v in args.variants:
-    base = f"--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={threads}"
-    env = dict(os.environ, XLA_FLAGS=" ".join([base, *v["flags"]]), JAX_PLATFORMS="cpu")
+    env = thread_env(threads, *v["flags"])
     argv = [sys.executable, __file__, "--worker", f"jax:{v['conv']}:{v['per_domain']}"]
     jaxes.append(Worker(argv, env, cpus))
   info = {}
