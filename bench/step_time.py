@@ -4,12 +4,15 @@ r"""Train-step speed on the Colored MNIST CNN: ms/step, compile time, memory, vs
     python bench/step_time.py --all                 # every per-domain x conv lowering
     python bench/step_time.py --reps 20 --conv xla,auto --per_domain vmap,unrolled
     python bench/step_time.py --methods all         # every registered method
+    python bench/step_time.py --runs 4 --runs_impl vmap,unrolled   # K runs in one program
 
 The step is the one `dgjax.train` runs: sample 2 domains x 64 images (28x28x2) from
 device-resident data, per-domain losses and gradients, the method's transform, Adam. Its
 FLOP count comes from XLA's cost analysis of the compiled step; the floor is that count
 divided by the float32 matmul rate measured in the same process (a jitted 2048^3 matmul).
-Variants are timed interleaved (A, B, C, A, B, C, ...) and reported as medians, so the
+With ``--runs K`` each variant is the step of K runs trained as one program, as the vmap
+launcher builds it (:func:`dgjax.train.build_runs`; the runs differ in seed), with each
+``--runs_impl``; its ms are for all K runs, its FLOPs too. Variants are timed interleaved (A, B, C, A, B, C, ...) and reported as medians, so the
 ratios between them hold on a noisy machine.
 """
 
@@ -35,11 +38,37 @@ from dgjax import train as train_lib  # noqa: E402
 from dgjax.losses import cross_entropy  # noqa: E402
 
 
-def build(method, per_domain_impl, conv_impl, pooled=False, d=2, b=64, n=2000, seed=0):
+def build(
+  method,
+  per_domain_impl,
+  conv_impl,
+  pooled=False,
+  d=2,
+  b=64,
+  n=2000,
+  seed=0,
+  runs=1,
+  runs_impl=None,
+):
   """A jitted step, its initial state and data: the engine's (:func:`dgjax.train.build_run`
-  on :func:`hessian_step_time.cnn_task`), or with ``pooled`` one gradient of the mean loss
-  over all d*b images and plain Adam (the ERM lower bound: no per-domain split)."""
+  on :func:`hessian_step_time.cnn_task`; with ``runs_impl``, :func:`dgjax.train.build_runs`
+  of ``runs`` seeds), or with ``pooled`` one gradient of the mean loss over all d*b images and
+  plain Adam (the ERM lower bound: no per-domain split)."""
   task = cnn_task(d, n, seed, conv_impl)
+  if runs_impl is not None:
+    configs = [
+      train_lib.TrainConfig(
+        method=method,
+        seed=seed + k,
+        hparams={"batch_size": b},
+        per_domain_impl=per_domain_impl,
+        runs_impl=runs_impl,
+        progress=False,
+      )
+      for k in range(runs)
+    ]
+    step, state = train_lib.build_runs(configs, task)
+    return step, state, task.data
   hp = methods.resolve_hparams(method, 0, {"batch_size": b})
   step, state = train_lib.build_run(method, task, hp, seed, per_domain_impl)
   if pooled:
@@ -101,6 +130,10 @@ def main():
   p.add_argument(
     "--all", action="store_true", help="every per-domain x conv lowering, for sand and pooled erm"
   )
+  p.add_argument("--runs", type=int, default=1, help="K runs per program (the vmap launcher's)")
+  p.add_argument(
+    "--runs_impl", default="vmap,unrolled", help="with --runs K > 1: comma list of vmap,unrolled"
+  )
   p.add_argument("--json", help="also write the rows to this JSON file")
   args = p.parse_args()
   if args.methods == "all":
@@ -117,6 +150,17 @@ def main():
       )
       for pd in ("vmap", "unrolled"):
         variants.append((f"sand {pd} / {c}", dict(method="sand", per_domain_impl=pd, conv_impl=c)))
+  elif args.runs > 1:
+    for ri in args.runs_impl.split(","):
+      for c in args.conv.split(","):
+        for m in args.methods.split(","):
+          rpd = train_lib.resolve_per_domain_impl(args.per_domain.split(",")[0])
+          variants.append(
+            (
+              f"{m} K={args.runs} {ri} / {c}",
+              dict(method=m, per_domain_impl=rpd, conv_impl=c, runs=args.runs, runs_impl=ri),
+            )
+          )
   else:
     for pd in args.per_domain.split(","):
       for c in args.conv.split(","):
@@ -137,7 +181,8 @@ def main():
   rate = max(rate, rate_after)
   print(
     f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}; "
-    f"D=2 domains x 64 images 28x28x2, {args.reps} timed steps per variant (median)"
+    f"D=2 domains x 64 images 28x28x2, {args.runs} run(s) per step, {args.reps} timed steps "
+    "per variant (median)"
   )
   print(f"float32 matmul rate: {rate / 1e9:.0f} GFLOP/s (2048^3, best of before/after)")
   head = f"{'variant':34s} {'ms/step':>8s} {'GFLOP':>6s} {'floor ms':>8s} {'x floor':>7s} {'GFLOP/s':>7s} {'compile s':>9s} {'XLA temp MB':>11s}"

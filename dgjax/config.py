@@ -52,6 +52,9 @@ from dgjax.backbones import BACKBONES, DTYPES
 #: Where an image dataset is read from: DomainBed's folders, or a prepared TFDS copy.
 DATA_SOURCES = ("folder", "tfds")
 PER_DOMAIN_IMPLS = ("auto", "vmap", "unrolled")
+#: How K runs trained as one program (the vmap launcher) are mapped: ``jax.vmap``, or a
+#: trace-time loop (each run's operations as when it trains alone); ``auto`` picks per backend.
+RUNS_IMPLS = ("auto", "vmap", "unrolled")
 RECORD_KINDS = ("domainbed", "dgjax", None)
 _UNSET = object()
 
@@ -193,6 +196,14 @@ class TrainConfig:
     "picks the fastest for the backend)",
     record="dgjax",
     choices=PER_DOMAIN_IMPLS,
+  )
+  runs_impl: str = config_field(
+    "auto",
+    "how K runs in one program (the vmap launcher) are mapped: vmap, or unrolled (a "
+    "trace-time loop, each run's operations as when it trains alone); auto: unrolled on CPU "
+    "(faster there), vmap elsewhere. The same numbers up to rounding",
+    record="dgjax",
+    choices=RUNS_IMPLS,
   )
   progress: bool = config_field(
     True,

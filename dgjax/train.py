@@ -87,6 +87,16 @@ def resolve_per_domain_impl(impl: str) -> str:
   return "unrolled" if jax.default_backend() == "cpu" else "vmap"
 
 
+def resolve_runs_impl(impl: str) -> str:
+  """``"auto"``: a trace-time loop over the K runs of one program on CPU, where vmapping
+  the runs batches every kernel and XLA:CPU's convolutions (or the batched-matmul lowering
+  ``conv_impl="auto"`` picks for them) run slower than K copies of one run's step
+  (``bench/step_time.py --runs``); ``jax.vmap`` elsewhere."""
+  if impl != "auto":
+    return impl
+  return "unrolled" if jax.default_backend() == "cpu" else "vmap"
+
+
 def _step_body(
   method_step: core.MethodStep,
   batch_fn: Callable,
@@ -203,6 +213,20 @@ def build_run(
   init_key, _ = jax.random.split(jax.random.key(seed))
   state = init_state(method_step, task.init_params(init_key), seed)
   return make_task_step(method_step, task, int(hparams["batch_size"]), steps_per_call, mesh), state
+
+
+def build_runs(configs: Sequence[TrainConfig], task: Task) -> tuple[Callable, TrainState]:
+  """K runs trained as one program, built as :func:`train_many` builds them (no output, no
+  checkpoints): ``(step, state)``, ``step(state, data) -> (state, metrics)`` one jitted step
+  of every run (the state donated, metrics ``[K, 1, ...]``) and ``state`` their stacked
+  initial :class:`TrainState`. ``configs`` must be able to share a program
+  (:func:`dgjax.config.check_vmap_group`). For benchmarks (``bench/step_time.py --runs``) and
+  tests."""
+  _check_group(configs)
+  run = _make_run(configs, task, [None] * len(configs), [{}] * len(configs), False, None, True)
+  chunk = _chunk_fn(run)
+  step = jax.jit(lambda state, data: chunk(state, run.traced_hp, data, 1), donate_argnums=0)
+  return step, _init_state(run)
 
 
 def init_state(method_step: core.MethodStep, params, seed: int) -> TrainState:
@@ -426,6 +450,7 @@ class Run:
   traced_hp: dict[str, jax.Array]
   batch_size: int
   impl: str
+  runs_impl: str
   mesh: Any
   dirs: tuple[Path | None, ...]
   run_args: tuple[dict[str, Any], ...]
@@ -483,6 +508,7 @@ def _make_run(configs, task: Task, dirs, run_args, checkpoint: bool, mesh, write
     traced_hp={n: jnp.asarray([h[n] for h in hparams]) for n in varying},
     batch_size=int(hparams[0]["batch_size"]),
     impl=resolve_per_domain_impl(configs[0].per_domain_impl),
+    runs_impl=resolve_runs_impl(configs[0].runs_impl),
     mesh=mesh,
     dirs=tuple(dirs),
     run_args=tuple(run_args),
@@ -491,11 +517,14 @@ def _make_run(configs, task: Task, dirs, run_args, checkpoint: bool, mesh, write
   )
 
 
-def _over_runs(fn: Callable, in_axes, k_runs: int) -> Callable:
-  """``fn`` mapped over the leading runs axis (a plain call on the squeezed axis when K = 1:
-  no vmap of one, so one run compiles as it would alone). K > 1 is traced inside
-  :func:`dgjax.conv.vmapped_runs` (``conv_impl="auto"`` picks its lowering for that case)."""
-  if k_runs > 1:
+def _over_runs(fn: Callable, in_axes, k_runs: int, impl: str = "vmap") -> Callable:
+  """``fn`` mapped over the leading runs axis (``in_axes``: 0 or ``None`` per argument).
+
+  K = 1, or ``impl="unrolled"``: ``fn`` called on each run's slice in a trace-time loop and
+  the outputs stacked, so each run's operations are those of the run alone (K = 1 compiles as
+  it would alone). Otherwise ``jax.vmap``, traced inside :func:`dgjax.conv.vmapped_runs`
+  (``conv_impl="auto"`` picks its lowering for that case)."""
+  if k_runs > 1 and impl == "vmap":
     mapped = jax.vmap(fn, in_axes=in_axes)
 
     def runs(*xs):
@@ -504,11 +533,14 @@ def _over_runs(fn: Callable, in_axes, k_runs: int) -> Callable:
 
     return runs
 
-  def one(*xs):
-    squeezed = [x if ax is None else jax.tree.map(lambda a: a[0], x) for x, ax in zip(xs, in_axes)]
-    return jax.tree.map(lambda a: a[None], fn(*squeezed))
+  def each(*xs):
+    outs = [
+      fn(*[x if ax is None else jax.tree.map(lambda a: a[k], x) for x, ax in zip(xs, in_axes)])
+      for k in range(k_runs)
+    ]
+    return jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
-  return one
+  return each
 
 
 def _init_state(run: Run) -> TrainState:
@@ -527,7 +559,7 @@ def _init_state(run: Run) -> TrainState:
     )
 
   seed_keys = jnp.stack([jax.random.key(c.seed) for c in run.configs])
-  return jax.jit(_over_runs(init_one, (0, 0), run.k_runs))(seed_keys, run.traced_hp)
+  return jax.jit(_over_runs(init_one, (0, 0), run.k_runs, run.runs_impl))(seed_keys, run.traced_hp)
 
 
 def _chunk_fn(run: Run) -> Callable:
@@ -542,7 +574,7 @@ def _chunk_fn(run: Run) -> Callable:
 
   return jax.jit(
     lambda s, h, d, n: _over_runs(
-      lambda a, b, c: chunk_one(a, b, c, n), (0, 0, data_axis), run.k_runs
+      lambda a, b, c: chunk_one(a, b, c, n), (0, 0, data_axis), run.k_runs, run.runs_impl
     )(s, h, d),
     static_argnums=3,
     donate_argnums=0,
