@@ -38,7 +38,9 @@ the same function (tested against ``"xla"`` in float32 and float64):
   inside :func:`vmapped_runs` (the engine's step of K > 1 runs in one vmapped program, where
   kernel and input are both batched and XLA:CPU lowers ``"xla"``'s forward, input and weight
   gradients to grouped convolutions) :data:`CPU_VMAPPED_RUNS_DEFAULT` on CPU. The choice is
-  made at trace time from ``jax.default_backend()``.
+  made at trace time from ``jax.default_backend()``. (On CPU the engine maps K runs with a
+  trace-time loop by default, ``runs_impl="auto"``, faster still: each run's convolutions are
+  then one run's, and :func:`vmapped_runs` applies only with ``runs_impl="vmap"``.)
 
 Measured (``bench/conv_lowering.py``; 2-core Sapphire Rapids VM shared with other jobs, so
 compare ratios; ``x floor(cpu)`` = CPU time / (55.95 GFLOP / in-process 2048^3 matmul rate)),
@@ -63,7 +65,9 @@ run its own params; ``bench/RESULTS.md``, "CPU parity"): value_and_grad ``"im2co
 ``"xla_mmdw"`` 4879, ``"xla"`` 9301 (one run pooled: 1590 / 1224 / 1258); forward only,
 K = 2 x 256: ``"im2col"`` 1985, ``"xla_mmdw"`` 3850, ``"xla"`` 3815. Hence
 ``CPU_VMAPPED_RUNS_DEFAULT = "im2col"``: batched matmuls where the others become grouped
-convolutions. Accuracy note: in float32 on MNIST_CNN,
+convolutions. The loop over runs beats it (``bench/step_time.py --runs 4``, one thread, 4
+ERM runs of 2 x 64: 4308 ms unrolled with ``"xla_mmdw"`` against 5159 vmapped with
+``"im2col"``). Accuracy note: in float32 on MNIST_CNN,
 ``"xla"`` and ``"xla_mmdw"`` per-domain grads are ~3.5e-3 (relative to each leaf's max) from
 the float64 result, ``"im2col"`` ~2e-6 -- the difference comes from XLA's stride-2 convolution
 inside the whole graph (single-layer tests agree to 1e-6); use ``"im2col"`` if that matters.

@@ -223,8 +223,9 @@ def run_many(
   configs: Sequence[TrainConfig], resume: bool = False, **extra_args: Any
 ) -> list[list[dict[str, Any]]]:
   """Trains runs that share their data and program (seeds and non-structural hparams may
-  differ: :func:`dgjax.config.check_vmap_group`) as ONE vmapped program in this process, on
-  one device; each writes its own output directory, as if run alone."""
+  differ: :func:`dgjax.config.check_vmap_group`) as ONE program in this process, on one
+  device (vmapped, or a loop over the runs: ``runs_impl``); each writes its own output
+  directory, as if run alone."""
   config_lib.check_vmap_group(configs)
   with contextlib.ExitStack() as stack:
     for c in configs:

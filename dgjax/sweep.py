@@ -29,10 +29,11 @@ one sweep at once run every job once. Incomplete jobs are resumed (``--resume``)
 
 Launchers: :func:`launch_local` (processes ``python -m experiments.train``, at most
 ``max_parallel`` at once), :func:`launch_vmap` (jobs that differ only in seeds and
-non-structural hparams trained in this process as ONE vmapped program,
-:func:`dgjax.runs.run_many`), :func:`launch_submitit` (Slurm, or submitit's local executor)
-and :func:`dry_run_commands` (the shell commands, for any other scheduler). A process and the
-vmapped program train the same config to the same records.
+non-structural hparams trained in this process as ONE program, :func:`dgjax.runs.run_many`:
+the runs vmapped, or on CPU by default a trace-time loop over them, ``runs_impl``),
+:func:`launch_submitit` (Slurm, or submitit's local executor) and :func:`dry_run_commands`
+(the shell commands, for any other scheduler). A process and the one program train the same
+config to the same records.
 """
 
 from __future__ import annotations

@@ -62,7 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     choices=["local", "vmap", "submitit", "dry_run"],
     default="local",
     help="local: one process per job; vmap: jobs that differ only in seeds and "
-    "non-structural hparams train as ONE vmapped program in this process",
+    "non-structural hparams train as ONE program in this process (vmapped; on CPU by "
+    "default a loop over the runs: --train_arg runs_impl=...)",
   )
   p.add_argument(
     "--max_parallel", type=int, default=1, help="jobs at once (local; Slurm array parallelism)"
