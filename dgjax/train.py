@@ -52,6 +52,7 @@ from dgjax.tasks import (
   TrainData,
   make_accuracy_fn,
   make_train_data,
+  per_example,
   sample_batch,
 )  # noqa: F401
 from dgjax.types import PyTree
@@ -587,7 +588,10 @@ def _predict_fn(run: Run, k: int) -> Callable:
   slot = k if (run.method.predict is not None and run.traced_hp) else 0
   if slot not in run.predict_fns:
     step_k = run.method_step(run.hparams_of(k))
-    run.predict_fns[slot] = lambda model_state, x: step_k.predict(model_state[0], model_state[1], x)
+    predict = lambda model_state, x: step_k.predict(model_state[0], model_state[1], x)
+    # the network alone treats examples independently; a method's own predict may adapt to
+    # the evaluated batch (ARM, MTL), so only the former may be evaluated in sub-batches
+    run.predict_fns[slot] = per_example(predict) if run.method.predict is None else predict
   return run.predict_fns[slot]
 
 

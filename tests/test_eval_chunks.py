@@ -75,3 +75,42 @@ def test_one_program_evaluates_every_split_and_equals_an_unchunked_pass():
         logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
         losses.append(-np.mean(logp[np.arange(len(split.y)), split.y]))
   np.testing.assert_allclose(loss, np.mean(losses), rtol=1e-5)
+
+
+def test_per_example_predict_is_evaluated_in_sub_batches_with_the_same_results():
+  """On CPU a :func:`tasks.per_example` predict runs in sub-batches of CPU_EVAL_SUB_BATCH
+  inside each chunk (lax.map, a partial last sub-batch too): the same accuracies and loss as
+  the unmarked predict, which runs whole chunks. The engine marks only the network's own
+  prediction, not a method's (ARM and MTL adapt to the evaluated batch)."""
+  from dgjax import methods
+  from dgjax import train as train_lib
+
+  rng = np.random.default_rng(1)
+  ins, outs = [], []
+  for e, (n_in, n_out) in enumerate([(301, 77), (150, 150), (90, 5)]):
+    x = rng.normal(size=(n_in + n_out, 6)).astype(np.float32)
+    y = rng.integers(0, 3, n_in + n_out).astype(np.int32)
+    ins.append(tasks.Split(f"env{e}_in", x[:n_in], y[:n_in]))
+    outs.append(tasks.Split(f"env{e}_out", x[n_in:], y[n_in:]))
+  model = mlp(3, (8,))
+  task = tasks.DomainBedTask(model, ins, outs, test_envs=[2], eval_batch_size=200)
+  chunk = task._chunk_size()
+  assert chunk > tasks.CPU_EVAL_SUB_BATCH and chunk % tasks.CPU_EVAL_SUB_BATCH
+  state = (task.init_params(jax.random.key(0)), ())
+  whole = lambda ms, x: model.apply({"params": ms[0]}, x)  # noqa: E731
+  marked = tasks.per_example(lambda ms, x: model.apply({"params": ms[0]}, x))
+  sub = tasks._cpu_sub_batched(marked)
+  assert (sub is not marked) == (jax.default_backend() == "cpu")
+  assert tasks._cpu_sub_batched(whole) is whole
+  x = jnp.asarray(ins[0].x[:chunk])
+  np.testing.assert_allclose(sub(state, x), whole(state, x), rtol=1e-5, atol=1e-6)
+  assert task.evaluate(state, 0, marked) == task.evaluate(state, 0, whole)
+  np.testing.assert_allclose(task.val_loss(state, marked), task.val_loss(state, whole), rtol=1e-6)
+
+  # the engine marks the network's prediction (erm) and not a method's own (arm, mtl)
+  for name, marked_by_engine in (("erm", True), ("arm", False), ("mtl", False)):
+    cfg = train_lib.TrainConfig(method=name, test_envs=(2,), progress=False)
+    run = train_lib._make_run([cfg], task, [None], [{}], False, None, True)
+    predict = train_lib._predict_fn(run, 0)
+    assert getattr(predict, "per_example", False) == marked_by_engine, name
+    assert (methods.get_method(name).predict is None) == marked_by_engine
