@@ -40,6 +40,14 @@ def test_chunk_size_pads_least_among_the_allowed_sizes():
     ]
     assert c in allowed, (sizes, b, c)
     assert padded_rows(sizes, c) == min(padded_rows(sizes, k) for k in allowed), (sizes, b, c)
+  # evaluated in sub-batches (CPU), chunks may go down to the sub-batch: the first 2,000
+  # digits' splits pad 2% at 136 where the default floor (500) forces 536, 61%
+  small = [534, 533, 533, 133, 134, 133]
+  assert tasks.eval_chunk_size(small, 1000) == 536 and padded_rows(small, 536) == 3216
+  assert tasks.eval_chunk_size(small, 1000, smallest=64) == 136
+  assert padded_rows(small, 136) == 2040
+  assert padded_rows(small, 136) == min(padded_rows(small, k) for k in range(64, 1001, 8))
+  assert tasks.eval_chunk_size(cmnist, 1000, smallest=64) == 672  # ties: the largest
 
 
 def test_one_program_evaluates_every_split_and_equals_an_unchunked_pass():
@@ -94,14 +102,15 @@ def test_per_example_predict_is_evaluated_in_sub_batches_with_the_same_results()
     outs.append(tasks.Split(f"env{e}_out", x[n_in:], y[n_in:]))
   model = mlp(3, (8,))
   task = tasks.DomainBedTask(model, ins, outs, test_envs=[2], eval_batch_size=200)
-  chunk = task._chunk_size()
-  assert chunk > tasks.CPU_EVAL_SUB_BATCH and chunk % tasks.CPU_EVAL_SUB_BATCH
+  chunk = task._chunk_size(sub_batched=True)
+  assert chunk > tasks.CPU_EVAL_SUB_BATCH and chunk % tasks.CPU_EVAL_SUB_BATCH, chunk
   state = (task.init_params(jax.random.key(0)), ())
   whole = lambda ms, x: model.apply({"params": ms[0]}, x)  # noqa: E731
   marked = tasks.per_example(lambda ms, x: model.apply({"params": ms[0]}, x))
   sub = tasks._cpu_sub_batched(marked)
   assert (sub is not marked) == (jax.default_backend() == "cpu")
   assert tasks._cpu_sub_batched(whole) is whole
+  assert tasks._cpu_sub_batched(marked, mesh=object()) is marked  # a sharded chunk: whole
   x = jnp.asarray(ins[0].x[:chunk])
   np.testing.assert_allclose(sub(state, x), whole(state, x), rtol=1e-5, atol=1e-6)
   assert task.evaluate(state, 0, marked) == task.evaluate(state, 0, whole)

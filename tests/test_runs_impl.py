@@ -17,7 +17,7 @@ STEPS = 4
 
 
 def configs(runs_impl):
-  """Three sand runs that share a program: other seeds, lr and tau (traced hparams)."""
+  """Two sand runs that share a program: other seeds, lr and tau (traced hparams)."""
   return [
     train_lib.TrainConfig(
       method="sand",
@@ -26,7 +26,7 @@ def configs(runs_impl):
       runs_impl=runs_impl,
       progress=False,
     )
-    for seed, lr, tau in ((0, 1e-3, 0.5), (1, 3e-3, 0.2), (2, 1e-2, 0.8))
+    for seed, lr, tau in ((0, 1e-3, 0.5), (1, 1e-2, 0.2))
   ]
 
 
@@ -51,7 +51,7 @@ def test_unrolled_runs_equal_vmapped_runs_and_runs_alone():
     step, state = train_lib.build_runs(configs(impl), task)
     out[impl] = steps(step, state, task.data)
   (vmap_state, vmap_loss), (loop_state, loop_loss) = out["vmap"], out["unrolled"]
-  assert loop_loss.shape == (3, 1, STEPS)
+  assert loop_loss.shape == (2, 1, STEPS)
   # the runs really differ (seeds and hparams), and both mappings train each the same
   assert np.ptp(loop_loss[:, 0, -1]) > 1e-3
   np.testing.assert_allclose(loop_loss, vmap_loss, rtol=1e-5, atol=1e-7)
