@@ -91,9 +91,9 @@ def eval_chunk_size(
 
 #: Examples per sub-batch when :class:`DomainBedTask` evaluates a :func:`per_example` predict
 #: on CPU (:func:`in_sub_batches`). MNIST_CNN's forward pass, ms per example by chunk size
-#: (one thread / two; ``bench/RESULTS.md``, "Evaluation in sub-batches"): 32: 1.91 / 1.25,
-#: 64: 1.83 / 1.21, 136: 2.25 / 1.38, 672: 2.65 / 1.64; a 672-chunk in sub-batches of 64:
-#: 1.80 / 1.18 (of 32: 1.93, of 128: 1.91, one thread).
+#: (one thread / two; ``bench/eval_chunks.py``, ``bench/RESULTS.md``, "Evaluation in
+#: sub-batches"): 32: 1.76 / 1.16, 64: 1.81 / 1.19, 136: 1.99 / 1.30, 672: 2.56 / 1.71; a
+#: 672-chunk in sub-batches of 64: 1.80 / 1.15 (of 32: 1.80 / 1.12, of 128: 1.92 / 1.23).
 CPU_EVAL_SUB_BATCH = 64
 
 
