@@ -616,6 +616,7 @@ def test_three_jitted_steps_of_two_vmapped_runs_are_finite(name):
       seed=s,
       hparams={"batch_size": 4, hp_name: v, **SMALL.get(name, {})},
       progress=False,
+      runs_impl="vmap",  # what these check: the runs vmapped
     )
     for s, v in ((0, a), (1, b))
   ]

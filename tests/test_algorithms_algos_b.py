@@ -632,6 +632,7 @@ def test_three_jitted_steps_of_two_vmapped_runs(name):
       seed=s,
       hparams={"batch_size": 4, **switch, **({vary[0]: vary[1 + s]} if vary else {})},
       progress=False,
+      runs_impl="vmap",  # what these check: the runs vmapped
     )
     for s in (0, 1)
   ]

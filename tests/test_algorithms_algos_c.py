@@ -483,6 +483,7 @@ def test_three_jitted_steps_of_two_vmapped_runs(method, name, a, b, extra):
       seed=s,
       hparams={"batch_size": 4, name: v, **extra},
       progress=False,
+      runs_impl="vmap",  # what these check: the runs vmapped
     )
     for s, v in ((0, a), (1, b))
   ]

@@ -224,6 +224,7 @@ def test_baselines_take_traced_hparams_in_vmapped_sweeps():
         seed=s,
         hparams={"batch_size": 4, name: v, **extra},
         progress=False,
+        runs_impl="vmap",  # what these check: the runs vmapped
       )
       for s, v in ((0, a), (1, b))
     ]

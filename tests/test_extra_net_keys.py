@@ -61,9 +61,11 @@ def test_trials_of_different_seeds_start_the_extra_networks_from_different_weigh
     jax.tree.map(np.testing.assert_array_equal, first[field], again[field])
 
 
-def test_the_engines_vmapped_init_gives_each_run_its_seeds_method_key(monkeypatch):
-  """train_many's init (two runs, vmapped) passes each run's method ``method_key(key(seed))``
-  (the key the draws above use, and :func:`dgjax.train.init_state`'s)."""
+@pytest.mark.parametrize("runs_impl", ["vmap", "unrolled"])
+def test_the_engines_init_of_two_runs_gives_each_run_its_seeds_method_key(monkeypatch, runs_impl):
+  """train_many's init (two runs in one program, vmapped or looped) passes each run's method
+  ``method_key(key(seed))`` (the key the draws above use, and
+  :func:`dgjax.train.init_state`'s)."""
   seen = []
   real_build = core.build_step
 
@@ -71,7 +73,13 @@ def test_the_engines_vmapped_init_gives_each_run_its_seeds_method_key(monkeypatc
     step = real_build(method, ctx)
 
     def init(params, key):
-      jax.debug.callback(lambda k: seen.append(np.asarray(k)), jax.random.key_data(key))
+      # vmapped: one callback, called per run in order; looped: one per run, ordered so
+      # that they run in the program's order
+      jax.debug.callback(
+        lambda k: seen.append(np.asarray(k)),
+        jax.random.key_data(key),
+        ordered=runs_impl == "unrolled",
+      )
       return step.init(params, key)
 
     return step._replace(init=init)
@@ -92,6 +100,7 @@ def test_the_engines_vmapped_init_gives_each_run_its_seeds_method_key(monkeypatc
       checkpoint_freq=1,
       seed=s,
       hparams={"batch_size": 4},
+      runs_impl=runs_impl,
       progress=False,
     )
     for s in (4, 9)
