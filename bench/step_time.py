@@ -12,8 +12,9 @@ FLOP count comes from XLA's cost analysis of the compiled step; the floor is tha
 divided by the float32 matmul rate measured in the same process (a jitted 2048^3 matmul).
 With ``--runs K`` each variant is the step of K runs trained as one program, as the vmap
 launcher builds it (:func:`dgjax.train.build_runs`; the runs differ in seed), with each
-``--runs_impl``; its ms are for all K runs, its FLOPs too. Variants are timed interleaved (A, B, C, A, B, C, ...) and reported as medians, so the
-ratios between them hold on a noisy machine.
+``--runs_impl``; its ms are for all K runs, its FLOPs too. Variants are timed interleaved
+(A, B, C, A, B, C, ...) and reported as medians, so the ratios between them hold on a noisy
+machine.
 """
 
 from __future__ import annotations

@@ -298,12 +298,16 @@ class DomainBedTask(TaskBase):
     smallest = CPU_EVAL_SUB_BATCH if sub_batched else None
     return eval_chunk_size(sizes, self._eval_batch_size, mesh, smallest)
 
+  def _evaluated(self, predict, mesh=None):
+    """``(fn, chunk)``: ``predict`` as evaluated (in sub-batches where
+    :func:`_cpu_sub_batched` says) and the chunk size that goes with it."""
+    fn = _cpu_sub_batched(predict, mesh)
+    return fn, self._chunk_size(mesh, sub_batched=fn is not predict)
+
   def _accuracy_fn(self, predict, mesh=None):
     if (predict, mesh) not in self._accuracy:
-      fn = _cpu_sub_batched(predict, mesh)
-      self._accuracy[predict, mesh] = make_accuracy_fn(
-        fn, self._chunk_size(mesh, fn is not predict), mesh, fixed_shape=True
-      )
+      fn, chunk = self._evaluated(predict, mesh)
+      self._accuracy[predict, mesh] = make_accuracy_fn(fn, chunk, mesh, fixed_shape=True)
     return self._accuracy[predict, mesh]
 
   def val_loss(self, model_state, predict, *, mesh=None) -> float:
@@ -318,10 +322,8 @@ class DomainBedTask(TaskBase):
         "examples (holdout_fraction must be > 0)"
       )
     if (predict, mesh) not in self._loss:
-      fn = _cpu_sub_batched(predict, mesh)
-      self._loss[predict, mesh] = make_loss_fn(
-        fn, self._chunk_size(mesh, fn is not predict), mesh, fixed_shape=True
-      )
+      fn, chunk = self._evaluated(predict, mesh)
+      self._loss[predict, mesh] = make_loss_fn(fn, chunk, mesh, fixed_shape=True)
     loss = self._loss[predict, mesh]
     if mesh is not None:
       model_state = sharding.on_mesh(model_state, mesh)

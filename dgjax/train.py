@@ -79,13 +79,19 @@ class DiskFullError(OSError):
   kept."""
 
 
+def _unrolled_on_cpu(impl: str) -> str:
+  """``impl``, with ``"auto"`` resolved: ``"unrolled"`` (a trace-time loop) on CPU,
+  ``"vmap"`` elsewhere."""
+  if impl != "auto":
+    return impl
+  return "unrolled" if jax.default_backend() == "cpu" else "vmap"
+
+
 def resolve_per_domain_impl(impl: str) -> str:
   """``"auto"``: the trace-time unrolled loop on CPU, where XLA lowers vmapped convolution
   weight-gradients to slow grouped convolutions (see ``bench/step_time.py``); the vmap
   definition elsewhere."""
-  if impl != "auto":
-    return impl
-  return "unrolled" if jax.default_backend() == "cpu" else "vmap"
+  return _unrolled_on_cpu(impl)
 
 
 def resolve_runs_impl(impl: str) -> str:
@@ -93,9 +99,7 @@ def resolve_runs_impl(impl: str) -> str:
   the runs batches every kernel and XLA:CPU's convolutions (or the batched-matmul lowering
   ``conv_impl="auto"`` picks for them) run slower than K copies of one run's step
   (``bench/step_time.py --runs``); ``jax.vmap`` elsewhere."""
-  if impl != "auto":
-    return impl
-  return "unrolled" if jax.default_backend() == "cpu" else "vmap"
+  return _unrolled_on_cpu(impl)
 
 
 def _step_body(

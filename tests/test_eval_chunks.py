@@ -50,14 +50,20 @@ def test_chunk_size_pads_least_among_the_allowed_sizes():
   assert tasks.eval_chunk_size(cmnist, 1000, smallest=64) == 672  # ties: the largest
 
 
-def test_one_program_evaluates_every_split_and_equals_an_unchunked_pass():
-  rng = np.random.default_rng(0)
+def random_splits(sizes, seed):
+  """In and out splits of 6 random features and 3 classes, ``(n_in, n_out)`` per env."""
+  rng = np.random.default_rng(seed)
   ins, outs = [], []
-  for e, (n_in, n_out) in enumerate([(37, 150), (301, 5), (64, 1)]):
+  for e, (n_in, n_out) in enumerate(sizes):
     x = rng.normal(size=(n_in + n_out, 6)).astype(np.float32)
     y = rng.integers(0, 3, n_in + n_out).astype(np.int32)
     ins.append(tasks.Split(f"env{e}_in", x[:n_in], y[:n_in]))
     outs.append(tasks.Split(f"env{e}_out", x[n_in:], y[n_in:]))
+  return ins, outs
+
+
+def test_one_program_evaluates_every_split_and_equals_an_unchunked_pass():
+  ins, outs = random_splits([(37, 150), (301, 5), (64, 1)], seed=0)
   model = mlp(3, (8,))
   # 200: the former chunking compiled 200 and 128 (the tails); now one size for all
   task = tasks.DomainBedTask(model, ins, outs, test_envs=[2], eval_batch_size=200)
@@ -93,13 +99,7 @@ def test_per_example_predict_is_evaluated_in_sub_batches_with_the_same_results()
   from dgjax import methods
   from dgjax import train as train_lib
 
-  rng = np.random.default_rng(1)
-  ins, outs = [], []
-  for e, (n_in, n_out) in enumerate([(301, 77), (150, 150), (90, 5)]):
-    x = rng.normal(size=(n_in + n_out, 6)).astype(np.float32)
-    y = rng.integers(0, 3, n_in + n_out).astype(np.int32)
-    ins.append(tasks.Split(f"env{e}_in", x[:n_in], y[:n_in]))
-    outs.append(tasks.Split(f"env{e}_out", x[n_in:], y[n_in:]))
+  ins, outs = random_splits([(301, 77), (150, 150), (90, 5)], seed=1)
   model = mlp(3, (8,))
   task = tasks.DomainBedTask(model, ins, outs, test_envs=[2], eval_batch_size=200)
   chunk = task._chunk_size(sub_batched=True)
